@@ -1,0 +1,130 @@
+"""The batch-first multi-agent environment contract every shoal env implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ActionKind = Literal["discrete", "continuous"]
+
+
+@dataclass
+class Observation:
+    """What agents see after a reset or a step, batched over ``B`` sub-envs.
+
+    Shapes:
+        - obs: ``[B, N, D]`` per-agent observation vectors.
+        - state: ``[B, S]`` global state for centralised critics.
+        - alive: ``[B, N]`` bool; absent agents are padding and never reach a loss.
+        - action_mask: ``[B, N, A]`` bool (``True`` = legal) or ``None`` when every action is.
+        - nodes: ``[B, E, F]`` entity features (agents first, then other entities).
+        - node_pos: ``[B, E, 2]`` entity positions, used by policies to build edges.
+        - node_type: ``[B, E]`` int entity type (0 = agent).
+        - node_mask: ``[B, E]`` bool, ``False`` for padded entities.
+    """
+
+    obs: Tensor
+    state: Tensor
+    alive: Tensor
+    nodes: Tensor
+    node_pos: Tensor
+    node_type: Tensor
+    node_mask: Tensor
+    action_mask: Tensor | None = None
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """Tensors by name, skipping absent optional ones (the form policies consume)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+    def where(self, cond: Tensor, other: Observation) -> Observation:
+        """Per sub-env select: ``self`` where ``cond[B]`` is true, else ``other``."""
+        kw = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a is None or b is None:
+                kw[f.name] = a if b is None else b
+                continue
+            c = cond.view(-1, *([1] * (a.dim() - 1)))
+            kw[f.name] = torch.where(c, a, b)
+        return replace(self, **kw)
+
+
+@dataclass
+class StepResult:
+    """One vectorised step.
+
+    ``observation`` is already auto-reset for finished sub-envs; ``final`` holds what those
+    sub-envs saw at the end of their episode, so truncated episodes can be bootstrapped.
+
+    Shapes:
+        - reward: ``[B, N]``.
+        - terminated: ``[B, N]`` bool, the agent's episode ended for good (no bootstrap).
+        - truncated: ``[B]`` bool, the episode was cut by a time limit (bootstrap from final).
+    """
+
+    observation: Observation
+    reward: Tensor
+    terminated: Tensor
+    truncated: Tensor
+    final: Observation
+
+    @property
+    def done(self) -> Tensor:
+        """``[B]`` bool: the sub-env was reset after this step."""
+        return self.truncated | self.terminated.all(dim=-1)
+
+
+class VecMultiAgentEnv(abc.ABC):
+    """``B`` copies of an ``N``-agent environment stepped in one call.
+
+    Subclasses set the attributes below in ``__init__``. Every tensor is batch-first and lives
+    on ``device``; finished sub-envs reset themselves inside ``step``.
+    """
+
+    num_envs: int
+    n_agents: int
+    obs_dim: int
+    state_dim: int
+    node_dim: int
+    n_nodes: int
+    action_kind: ActionKind
+    #: Number of discrete actions, or the width of a continuous action vector.
+    action_dim: int
+    #: Bounds of continuous actions (ignored for discrete ones).
+    action_low: float = -1.0
+    action_high: float = 1.0
+    max_episode_steps: int | None = None
+    device: torch.device = torch.device("cpu")
+
+    @abc.abstractmethod
+    def reset(self, seed: int | None = None) -> Observation:
+        """Reset every sub-env and return the first observation."""
+
+    @abc.abstractmethod
+    def step(self, actions: Tensor) -> StepResult:
+        """Advance every sub-env by one step.
+
+        Args:
+            actions: ``[B, N]`` long for discrete actions, ``[B, N, action_dim]`` float for
+                continuous ones.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most envs hold nothing
+        """Release resources held by the env."""
+
+    def random_actions(self, generator: torch.Generator | None = None) -> Tensor:
+        """Uniformly random legal actions, ``[B, N]`` or ``[B, N, action_dim]``."""
+        b, n = self.num_envs, self.n_agents
+        if self.action_kind == "discrete":
+            return torch.randint(self.action_dim, (b, n), generator=generator, device=self.device)
+        u = torch.rand((b, n, self.action_dim), generator=generator, device=self.device)
+        return self.action_low + u * (self.action_high - self.action_low)

@@ -1,0 +1,206 @@
+"""``B`` PettingZoo ``ParallelEnv`` instances behind the ``VecMultiAgentEnv`` contract.
+
+This is the slow path: instances are stepped in a Python loop. It exists so any PettingZoo
+env trains and evaluates with the same rollout and policy code as the native scenarios, and
+so native ports can be checked against the real thing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from torch import Tensor
+
+from envs.base import Observation, StepResult, VecMultiAgentEnv
+
+EntityFn = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
+
+
+def load_parallel_env_factory(spec: str) -> Callable[..., Any]:
+    """Resolve ``"module.path"`` or ``"module.path:attr"`` to a ParallelEnv factory.
+
+    ``"mpe2.simple_spread_v3"`` resolves to the module's ``parallel_env``.
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"cannot import PettingZoo env module '{module_name}': {e}. "
+            "Install the package that provides it, or check the spelling."
+        ) from e
+    factory = getattr(module, attr or "parallel_env", None)
+    if factory is None:
+        raise ValueError(
+            f"'{module_name}' has no '{attr or 'parallel_env'}'; name the factory as "
+            "'module:function'"
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+class PettingZooVecEnv(VecMultiAgentEnv):
+    """``num_envs`` copies of a PettingZoo ``ParallelEnv`` stepped in a loop.
+
+    Agents are the env's ``possible_agents`` in order. Agents that leave an episode early are
+    marked not alive and see zeros. Observations of different widths are zero-padded to the
+    widest. Action masks come from dict observations (``{"observation", "action_mask"}``) or
+    from ``infos[agent]["action_mask"]``.
+
+    Args:
+        factory: callable returning a ``ParallelEnv``; called ``num_envs`` times.
+        num_envs: ``B``.
+        seed: seeds instance ``i`` with ``seed + i``.
+        entity_fn: maps ``obs [B, N, D]`` to ``(nodes, node_pos, node_type)``; by default each
+            agent is one node whose features are its observation.
+        device: where returned tensors live.
+        **kwargs: passed to ``factory``.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[..., Any],
+        num_envs: int = 1,
+        seed: int | None = None,
+        entity_fn: EntityFn | None = None,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> None:
+        self.envs = [factory(**kwargs) for _ in range(num_envs)]
+        first = self.envs[0]
+        self.agents: list[str] = list(first.possible_agents)
+        self.num_envs = num_envs
+        self.n_agents = len(self.agents)
+        self.device = torch.device(device)
+        self.entity_fn = entity_fn
+        self._seed = seed
+        obs_spaces = [first.observation_space(a) for a in self.agents]
+        self._dict_obs = isinstance(obs_spaces[0], gymnasium.spaces.Dict)
+        if self._dict_obs:
+            obs_spaces = [s["observation"] for s in obs_spaces]
+        self.obs_dim = max(int(np.prod(s.shape)) for s in obs_spaces)
+        act = first.action_space(self.agents[0])
+        if isinstance(act, gymnasium.spaces.Discrete):
+            self.action_kind, self.action_dim = "discrete", int(act.n)
+        elif isinstance(act, gymnasium.spaces.Box):
+            self.action_kind, self.action_dim = "continuous", int(np.prod(act.shape))
+            self.action_low = float(np.min(act.low))
+            self.action_high = float(np.max(act.high))
+        else:
+            raise ValueError(f"unsupported action space {act!r}: use Discrete or Box")
+        self.max_episode_steps = getattr(first.unwrapped, "max_cycles", None)
+        self._has_state = True  # probed on the first reset: ParallelEnv.state may raise
+        self._obs = np.zeros((num_envs, self.n_agents, self.obs_dim), np.float32)
+        self._alive = np.zeros((num_envs, self.n_agents), bool)
+        self._mask = np.ones((num_envs, self.n_agents, self.action_dim), bool)
+        self._state: list[np.ndarray] = [np.zeros(0, np.float32)] * num_envs
+        probe = self.reset(seed=seed)
+        self.state_dim = probe.state.shape[1]
+        self.node_dim = probe.nodes.shape[2]
+        self.n_nodes = probe.nodes.shape[1]
+
+    def _write(self, i: int, obs: dict[str, Any], infos: dict[str, Any], done: bool) -> None:
+        # An agent that just left still reports its last observation; it stays visible in the
+        # final view of a finished episode but is padding for the next action.
+        live = set(obs) if done else set(self.envs[i].agents)
+        self._obs[i] = 0.0
+        self._alive[i] = False
+        self._mask[i] = True
+        for j, agent in enumerate(self.agents):
+            if agent not in obs or agent not in live:
+                continue
+            o = obs[agent]
+            if self._dict_obs:
+                self._mask[i, j] = np.asarray(o["action_mask"], bool)
+                o = o["observation"]
+            elif isinstance(infos.get(agent), dict) and "action_mask" in infos[agent]:
+                self._mask[i, j] = np.asarray(infos[agent]["action_mask"], bool)
+            flat = np.asarray(o, np.float32).reshape(-1)
+            self._obs[i, j, : flat.size] = flat
+            self._alive[i, j] = True
+        if self._has_state:
+            try:
+                self._state[i] = np.asarray(self.envs[i].state(), np.float32).reshape(-1)
+                return
+            except (NotImplementedError, AttributeError):
+                self._has_state = False
+        self._state[i] = self._obs[i].reshape(-1).copy()
+
+    def _snapshot(self) -> Observation:
+        obs = torch.as_tensor(self._obs.copy(), device=self.device)
+        b, n = self.num_envs, self.n_agents
+        if self.entity_fn is not None:
+            nodes, node_pos, node_type = self.entity_fn(obs, n)
+        else:
+            nodes = obs
+            node_pos = torch.zeros(b, n, 2, device=self.device)
+            node_type = torch.zeros(b, n, dtype=torch.long, device=self.device)
+        alive = torch.as_tensor(self._alive.copy(), device=self.device)
+        node_mask = torch.ones(nodes.shape[:2], dtype=torch.bool, device=self.device)
+        node_mask[:, :n] = alive
+        mask = None
+        if self.action_kind == "discrete" and not self._mask.all():
+            mask = torch.as_tensor(self._mask.copy(), device=self.device)
+        return Observation(
+            obs=obs,
+            state=torch.as_tensor(np.stack(self._state), device=self.device),
+            alive=alive,
+            nodes=nodes,
+            node_pos=node_pos,
+            node_type=node_type,
+            node_mask=node_mask,
+            action_mask=mask,
+        )
+
+    def _reset_one(self, i: int, seed: int | None) -> None:
+        obs, infos = self.envs[i].reset(seed=seed)
+        self._write(i, obs, infos, done=False)
+
+    def reset(self, seed: int | None = None) -> Observation:
+        """Reset every instance; instance ``i`` gets ``seed + i`` when a seed is given."""
+        for i in range(self.num_envs):
+            self._reset_one(i, None if seed is None else seed + i)
+        return self._snapshot()
+
+    def step(self, actions: Tensor) -> StepResult:
+        """Step every instance; finished ones are reset and their final view kept."""
+        acts = actions.detach().cpu().numpy()
+        b, n = self.num_envs, self.n_agents
+        reward = np.zeros((b, n), np.float32)
+        terminated = np.zeros((b, n), bool)
+        truncated = np.zeros(b, bool)
+        done_envs = []
+        for i, env in enumerate(self.envs):
+            live = list(env.agents)
+            step_actions = {a: acts[i, self.agents.index(a)] for a in live}
+            obs, rew, term, trunc, infos = env.step(step_actions)
+            for j, agent in enumerate(self.agents):
+                reward[i, j] = float(rew.get(agent, 0.0))
+                terminated[i, j] = bool(term.get(agent, agent not in live))
+            truncated[i] = any(trunc.get(a, False) for a in live)
+            done = bool(truncated[i]) or not env.agents
+            self._write(i, obs, infos, done)
+            if done:
+                done_envs.append(i)
+        final = self._snapshot()
+        observation = final
+        if done_envs:
+            for i in done_envs:
+                self._reset_one(i, None)
+            observation = self._snapshot()
+        return StepResult(
+            observation=observation,
+            reward=torch.as_tensor(reward, device=self.device),
+            terminated=torch.as_tensor(terminated, device=self.device),
+            truncated=torch.as_tensor(truncated, device=self.device),
+            final=final,
+        )
+
+    def close(self) -> None:
+        """Close every instance."""
+        for env in self.envs:
+            env.close()
