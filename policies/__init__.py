@@ -1,1 +1,22 @@
-"""shoal policies."""
+"""shoal policies: pure ``nn.Module`` actors, critics and action distributions."""
+
+from policies.actor_critic import POLICY_KINDS, ActorCritic, PolicySpec, ValueNorm
+from policies.distributions import ActionHead, Categorical, DiagGaussian
+from policies.gnn import GNNActor, GNNCritic, GraphEncoder, build_edges
+from policies.mlp import MLPActor, MLPCritic
+
+__all__ = [
+    "POLICY_KINDS",
+    "ActionHead",
+    "ActorCritic",
+    "Categorical",
+    "DiagGaussian",
+    "GNNActor",
+    "GNNCritic",
+    "GraphEncoder",
+    "MLPActor",
+    "MLPCritic",
+    "PolicySpec",
+    "ValueNorm",
+    "build_edges",
+]

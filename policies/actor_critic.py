@@ -1,0 +1,159 @@
+"""Actor + critic + value normaliser in one module: what rollout workers and learners share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from policies.distributions import Distribution
+from policies.gnn import GNNActor, GNNCritic
+from policies.mlp import MLPActor, MLPCritic
+from policies.transformer import TransformerActor, TransformerCritic
+
+POLICY_KINDS = ("mlp", "gnn", "transformer")
+
+
+class ValueNorm(nn.Module):
+    """Running mean/std of value targets (debiased EMA), kept in buffers so it checkpoints.
+
+    Critics predict normalised values; the learner normalises targets with these statistics
+    and rollout workers de-normalise predictions with the same weights they act with.
+
+    Args:
+        beta: EMA decay per update.
+        eps: variance floor.
+    """
+
+    mean: Tensor
+    mean_sq: Tensor
+    debias: Tensor
+
+    def __init__(self, beta: float = 0.99999, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("mean_sq", torch.zeros(()))
+        self.register_buffer("debias", torch.zeros(()))
+
+    def _stats(self) -> tuple[Tensor, Tensor]:
+        d = self.debias.clamp(min=self.eps)
+        mean = self.mean / d
+        var = (self.mean_sq / d - mean.square()).clamp(min=1e-2)
+        return mean, var.sqrt()
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Fold a batch of raw targets into the statistics."""
+        self.update_from_moments(x.mean(), x.square().mean())
+
+    @torch.no_grad()
+    def update_from_moments(self, mean: Tensor, mean_sq: Tensor) -> None:
+        """Fold a batch given by its first two moments (already reduced over ranks)."""
+        b = self.beta
+        self.mean.mul_(b).add_(mean * (1 - b))
+        self.mean_sq.mul_(b).add_(mean_sq * (1 - b))
+        self.debias.mul_(b).add_(1 - b)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw -> normalised."""
+        mean, std = self._stats()
+        return (x - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised -> raw."""
+        mean, std = self._stats()
+        return x * std + mean
+
+
+@dataclass
+class PolicySpec:
+    """Everything needed to rebuild a policy: env dimensions plus architecture choices."""
+
+    kind: str
+    obs_dim: int
+    state_dim: int
+    node_dim: int
+    action_kind: str
+    action_dim: int
+    centralised: bool = True
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    edges: str = "complete"
+    radius: float = 1.0
+    k: int = 4
+
+
+class ActorCritic(nn.Module):
+    """A policy and its critic.
+
+    Args:
+        spec: dimensions and architecture.
+
+    Shapes:
+        - input: a batch dict as produced by ``envs.Observation.as_dict()`` (``[B, N, ...]``).
+        - output: actions ``[B, N]`` (or ``[B, N, A]``), log-probs and values ``[B, N]``.
+    """
+
+    def __init__(self, spec: PolicySpec) -> None:
+        super().__init__()
+        if spec.kind not in POLICY_KINDS:
+            raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
+        self.spec = spec
+        graph: dict[str, object] = {
+            "hidden": spec.hidden,
+            "layers": spec.layers,
+            "heads": spec.heads,
+            "edges": spec.edges,
+            "radius": spec.radius,
+            "k": spec.k,
+        }
+        self.actor: nn.Module
+        self.critic: nn.Module
+        if spec.kind == "mlp":
+            self.actor = MLPActor(
+                spec.obs_dim, spec.action_kind, spec.action_dim, spec.hidden, spec.layers
+            )
+            self.critic = MLPCritic(
+                spec.obs_dim, spec.state_dim, spec.centralised, spec.hidden, spec.layers
+            )
+        elif spec.kind == "gnn":
+            self.actor = GNNActor(spec.node_dim, spec.action_kind, spec.action_dim, **graph)
+            self.critic = GNNCritic(spec.node_dim, spec.centralised, **graph)
+        else:
+            tf = {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads}
+            self.actor = TransformerActor(spec.node_dim, spec.action_kind, spec.action_dim, **tf)
+            self.critic = TransformerCritic(spec.node_dim, spec.centralised, **tf)
+        self.value_norm = ValueNorm()
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
+        """Training pass: ``(action distribution, normalised values)``.
+
+        Learners call this (through ``DistributedDataParallel`` when K > 1) so gradient
+        all-reduce covers actor and critic in one backward.
+        """
+        return self.dist(batch), self.value(batch)
+
+    def dist(self, batch: dict[str, Tensor]) -> Distribution:
+        """Action distribution ``[B, N]``."""
+        return self.actor(batch)  # type: ignore[no-any-return]
+
+    def value(self, batch: dict[str, Tensor]) -> Tensor:
+        """Normalised values ``[B, N]`` (what the critic is trained on)."""
+        return self.critic(batch)  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def act(
+        self, batch: dict[str, Tensor], deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample actions; return ``(action, log_prob, raw value)``."""
+        d = self.dist(batch)
+        action = d.mode() if deterministic else d.sample()
+        return action, d.log_prob(action), self.value_norm.denormalize(self.value(batch))
+
+    @torch.no_grad()
+    def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
+        """De-normalised values ``[B, N]`` for bootstrapping."""
+        return self.value_norm.denormalize(self.value(batch))
