@@ -1,0 +1,214 @@
+"""Learning: GAE and the MAPPO/IPPO clipped objective, read top to bottom.
+
+MAPPO and IPPO share this loss; they differ only in the critic the policy was built with
+(centralised or per-agent), so there is one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from agents.rollout import RolloutBatch
+from policies.actor_critic import ActorCritic
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters (the ``train`` section of a shoal config)."""
+
+    lr: float = 3e-3
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 1.0
+    ent_coef: float = 0.01
+    epochs: int = 4
+    minibatches: int = 2
+    max_grad_norm: float = 10.0
+    adv_norm: bool = True
+    value_norm: bool = True
+    lr_decay: bool = False
+
+
+def compute_gae(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    done: Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over a time-major batch.
+
+    Termination and truncation differ: a terminated step has no future (``next_value`` is
+    ignored); a truncated step was cut by a time limit, so it bootstraps from ``next_value``
+    (the value of the final observation) but the λ-recursion still stops at the boundary.
+
+    Args:
+        rewards: ``[T, ...]``.
+        values: ``[T, ...]`` value of the state each step started from.
+        next_values: ``[T, ...]`` value of the state each step led to.
+        terminated: ``[T, ...]`` bool.
+        done: ``[T, ...]`` bool, episode ended after this step (terminated or truncated).
+        gamma: discount.
+        lam: GAE λ.
+
+    Returns:
+        ``(advantages, returns)``, both ``[T, ...]``.
+    """
+    not_term = (~terminated).to(rewards.dtype)
+    not_done = (~done).to(rewards.dtype)
+    deltas = rewards + gamma * next_values * not_term - values
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        last = deltas[t] + gamma * lam * not_done[t] * last
+        adv[t] = last
+    return adv, adv + values
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class Learner:
+    """Owns the trainable model and optimiser; turns ``RolloutBatch``es into updates.
+
+    Args:
+        model: the policy; may be wrapped (e.g. ``DistributedDataParallel``) as ``train_model``.
+        cfg: PPO settings.
+        train_model: the module whose ``forward`` is called in training (DDP wrapper or
+            ``model`` itself).
+        all_reduce_mean: averages a tensor over learner ranks (identity on one rank), so
+            advantage and value normalisation use global statistics and K ranks reproduce
+            one rank exactly.
+    """
+
+    def __init__(
+        self,
+        model: ActorCritic,
+        cfg: PPOConfig,
+        train_model: nn.Module | None = None,
+        all_reduce_mean: Callable[[Tensor], Tensor] = _identity,
+    ) -> None:
+        self.model = model
+        self.train_model = train_model if train_model is not None else model
+        self.cfg = cfg
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
+        self.all_reduce_mean = all_reduce_mean
+        self.updates = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live."""
+        return next(self.model.parameters()).device
+
+    def _global_mean_std(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        m = mask.to(x.dtype)
+        stats = self.all_reduce_mean(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]))
+        mean = stats[0] / stats[2].clamp(min=1.0)
+        var = stats[1] / stats[2].clamp(min=1.0) - mean.square()
+        return mean, var.clamp(min=0.0).sqrt()
+
+    def update(self, batch: RolloutBatch, lr_frac: float = 1.0) -> dict[str, float]:
+        """PPO epochs on one batch (this rank's shard); returns mean losses and diagnostics.
+
+        Args:
+            batch: a time-major rollout batch.
+            lr_frac: multiplies the configured learning rate (for linear decay).
+        """
+        cfg, model = self.cfg, self.model
+        batch = batch.to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_frac
+        alive = batch.obs["alive"]
+        done = batch.terminated | batch.truncated.unsqueeze(-1)
+        adv, returns = compute_gae(
+            batch.rewards,
+            batch.values,
+            batch.next_values,
+            batch.terminated,
+            done,
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
+        vn = model.value_norm
+        if cfg.value_norm:
+            # Fold global (all-rank) statistics into the normaliser, identically on every rank.
+            mean, std = self._global_mean_std(returns, alive)
+            vn.update_from_moments(mean, std.square() + mean.square())
+        target = vn.normalize(returns) if cfg.value_norm else returns
+        old_v = vn.normalize(batch.values) if cfg.value_norm else batch.values
+        if cfg.adv_norm:
+            mean, std = self._global_mean_std(adv, alive)
+            adv = (adv - mean) / (std + 1e-8)
+
+        t_len = batch.rewards.shape[0]
+        # Minibatches are sets of time steps across all envs: every rank takes the same
+        # steps of its own envs, so K ranks together see exactly one rank's minibatch.
+        gen = torch.Generator().manual_seed(1_000_003 * self.updates + 17)
+        stats: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
+        stats.update(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0)
+        n_mb = 0
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(t_len, generator=gen)
+            for idx in perm.tensor_split(min(cfg.minibatches, t_len)):
+                idx = idx.to(self.device)
+                mb_obs = {k: v[idx].flatten(0, 1) for k, v in batch.obs.items()}
+                mb_alive = mb_obs["alive"].to(adv.dtype)
+                count = mb_alive.sum().clamp(min=1.0)
+
+                dist, value = self.train_model(mb_obs)
+                act = batch.actions[idx].flatten(0, 1)
+                logp = dist.log_prob(act)
+                ratio = (logp - batch.logp[idx].flatten(0, 1)).exp()
+                a = adv[idx].flatten(0, 1)
+                pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+                policy_loss = (pg * mb_alive).sum() / count
+
+                v_old = old_v[idx].flatten(0, 1)
+                v_tgt = target[idx].flatten(0, 1)
+                v_clip = v_old + (value - v_old).clamp(-cfg.value_clip, cfg.value_clip)
+                v_loss = torch.max((value - v_tgt).square(), (v_clip - v_tgt).square())
+                value_loss = 0.5 * (v_loss * mb_alive).sum() / count
+                entropy = (dist.entropy() * mb_alive).sum() / count
+
+                loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+
+                with torch.no_grad():
+                    log_ratio = logp - batch.logp[idx].flatten(0, 1)
+                    kl = (((ratio - 1) - log_ratio) * mb_alive).sum() / count
+                    clipped = ((ratio - 1).abs() > cfg.clip).to(a.dtype)
+                    stats["policy_loss"] += policy_loss.item()
+                    stats["value_loss"] += value_loss.item()
+                    stats["entropy"] += entropy.item()
+                    stats["approx_kl"] += kl.item()
+                    stats["clip_frac"] += ((clipped * mb_alive).sum() / count).item()
+                    stats["grad_norm"] += float(grad_norm)
+                n_mb += 1
+        self.updates += 1
+        out = {k: v / max(n_mb, 1) for k, v in stats.items()}
+        out["lr"] = cfg.lr * lr_frac
+        if not all(math.isfinite(v) for v in out.values()):
+            raise FloatingPointError(f"non-finite training statistics: {out}")
+        return out
+
+    def state_dict(self) -> dict[str, object]:
+        """Optimiser state and counters for checkpoints (the model is saved separately)."""
+        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what ``state_dict`` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.updates = int(state["updates"])  # type: ignore[call-overload]

@@ -1,0 +1,190 @@
+"""Acting: step a vectorised env with batched policy inference, return a plain tensor batch.
+
+``RolloutWorker`` is a plain class. In-process runs call it directly; distributed runs wrap
+the same class as a Ray actor, so collection code is identical on both paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from envs.base import Observation, VecMultiAgentEnv
+from policies.actor_critic import ActorCritic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutBatch:
+    """``T`` steps of ``B`` sub-envs, time-major.
+
+    Shapes:
+        - obs: dict of ``[T, B, ...]`` tensors (``Observation.as_dict`` stacked over time).
+        - actions: ``[T, B, N]`` (discrete) or ``[T, B, N, A]``.
+        - logp, values, rewards, next_values: ``[T, B, N]``; values are raw (de-normalised).
+        - terminated: ``[T, B, N]`` bool; truncated: ``[T, B]`` bool.
+        - next_values: value of the state after step ``t``: the next observation's, or the
+          final observation's when the episode ended there (terminations are zeroed by GAE).
+        - episode_returns / episode_lengths: ``[K]`` team returns (sum over agents and steps)
+          and lengths of the episodes that finished inside this batch.
+    """
+
+    obs: dict[str, Tensor]
+    actions: Tensor
+    logp: Tensor
+    values: Tensor
+    rewards: Tensor
+    terminated: Tensor
+    truncated: Tensor
+    next_values: Tensor
+    episode_returns: Tensor
+    episode_lengths: Tensor
+    weights_version: int = 0
+
+    @property
+    def env_steps(self) -> int:
+        """Sub-env steps in the batch, ``T * B``."""
+        return int(self.rewards.shape[0] * self.rewards.shape[1])
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """Copy to ``device``."""
+        kw: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = v.to(device)
+            elif isinstance(v, dict):
+                v = {k: t.to(device) for k, t in v.items()}
+            kw[f.name] = v
+        return RolloutBatch(**kw)
+
+    def split_envs(self, parts: int) -> list[RolloutBatch]:
+        """Split along the env axis (one shard per learner rank)."""
+        b = self.rewards.shape[1]
+        if b % parts:
+            raise ValueError(f"{b} envs do not split evenly over {parts} learner ranks")
+        size = b // parts
+        shards = []
+        for p in range(parts):
+            s = slice(p * size, (p + 1) * size)
+            kw: dict[str, Any] = {}
+            for f in fields(self):
+                v = getattr(self, f.name)
+                if f.name in ("episode_returns", "episode_lengths"):
+                    v = v if p == 0 else v[:0]  # statistics travel with shard 0 only
+                elif isinstance(v, Tensor):
+                    v = v[:, s]
+                elif isinstance(v, dict):
+                    v = {k: t[:, s] for k, t in v.items()}
+                kw[f.name] = v
+            shards.append(RolloutBatch(**kw))
+        return shards
+
+    @staticmethod
+    def concat_envs(batches: list[RolloutBatch]) -> RolloutBatch:
+        """Join batches from several workers along the env axis."""
+        first = batches[0]
+        kw: dict[str, Any] = {}
+        for f in fields(first):
+            vals = [getattr(b, f.name) for b in batches]
+            if f.name in ("episode_returns", "episode_lengths"):
+                kw[f.name] = torch.cat(vals)
+            elif isinstance(vals[0], Tensor):
+                kw[f.name] = torch.cat(vals, dim=1)
+            elif isinstance(vals[0], dict):
+                kw[f.name] = {k: torch.cat([v[k] for v in vals], dim=1) for k in vals[0]}
+            else:
+                kw[f.name] = min(vals)  # the oldest weights version is the honest one
+        return RolloutBatch(**kw)
+
+
+class RolloutWorker:
+    """Owns one ``VecMultiAgentEnv`` and a copy of the policy; produces ``RolloutBatch``es.
+
+    Args:
+        env: the vectorised env (its ``num_envs`` is the batch width ``B``).
+        model: the policy used to act (weights are replaced by ``set_weights``).
+        rollout_len: ``T``, steps per batch.
+        seed: seeds the env and the sampling generator.
+    """
+
+    def __init__(
+        self, env: VecMultiAgentEnv, model: ActorCritic, rollout_len: int, seed: int = 0
+    ) -> None:
+        self.env = env
+        self.model = model.to(env.device)
+        self.model.eval()
+        self.rollout_len = rollout_len
+        self.weights_version = 0
+        torch.manual_seed(seed)
+        self._obs: Observation = env.reset(seed=seed)
+        b = env.num_envs
+        self._ep_return = torch.zeros(b, device=env.device)
+        self._ep_len = torch.zeros(b, dtype=torch.long, device=env.device)
+        self.total_env_steps = 0
+
+    def set_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
+        """Act with new weights from now on."""
+        self.model.load_state_dict(state_dict)
+        self.weights_version = version
+
+    @torch.no_grad()
+    def collect(self) -> RolloutBatch:
+        """Step ``T`` times and return the batch (on the env's device)."""
+        env, model, t_len = self.env, self.model, self.rollout_len
+        obs_steps: list[dict[str, Tensor]] = []
+        actions, logps, values, rewards, terms, truncs, next_values = [], [], [], [], [], [], []
+        ep_returns: list[Tensor] = []
+        ep_lengths: list[Tensor] = []
+        obs = self._obs
+        batch = obs.as_dict()
+        action, logp, value = model.act(batch)
+        for _ in range(t_len):
+            res = env.step(action)
+            obs_steps.append(batch)
+            actions.append(action)
+            logps.append(logp)
+            values.append(value)
+            rewards.append(res.reward)
+            terms.append(res.terminated)
+            truncs.append(res.truncated)
+            done = res.done
+            obs = res.observation
+            batch = obs.as_dict()
+            action, logp, value = model.act(batch)
+            next_value = value
+            if bool(done.any()):
+                # Bootstrap finished episodes from what they saw last, not the reset state.
+                final_value = model.raw_value(res.final.as_dict())
+                next_value = torch.where(done.unsqueeze(-1), final_value, value)
+            next_values.append(next_value)
+            alive = obs_steps[-1]["alive"]
+            self._ep_return += (res.reward * alive).sum(-1)
+            self._ep_len += 1
+            if bool(done.any()):
+                ep_returns.append(self._ep_return[done].clone())
+                ep_lengths.append(self._ep_len[done].clone())
+                self._ep_return[done] = 0.0
+                self._ep_len[done] = 0
+        self._obs = obs
+        self.total_env_steps += t_len * env.num_envs
+        obs_stacked = {k: torch.stack([o[k] for o in obs_steps]) for k in obs_steps[0]}
+        empty = torch.zeros(0, device=env.device)
+        return RolloutBatch(
+            obs=obs_stacked,
+            actions=torch.stack(actions),
+            logp=torch.stack(logps),
+            values=torch.stack(values),
+            rewards=torch.stack(rewards),
+            terminated=torch.stack(terms),
+            truncated=torch.stack(truncs),
+            next_values=torch.stack(next_values),
+            episode_returns=torch.cat(ep_returns) if ep_returns else empty,
+            episode_lengths=(torch.cat(ep_lengths) if ep_lengths else empty.long()),
+            weights_version=self.weights_version,
+        )
