@@ -1,0 +1,868 @@
+"""Redis as the run's shared memory: versioned weights, a replay stream and run state.
+
+Every key lives under ``shoal:{run_id}:``. Tensors travel as raw little-endian bytes behind a
+JSON header (:func:`encode_tensors`); nothing is ever pickled, so a payload from Redis can
+at worst fail validation, never run code. Every operation goes through
+:class:`ResilientRedis`, which rides out a Redis restart or network blip with exponential
+backoff and tells the trainer (``on_reconnect``) so it can republish what the restart lost.
+
+Example:
+    >>> client = connect("redis://:secret@127.0.0.1:6379/0")  # doctest: +SKIP
+    >>> store = WeightStore(client, "spread-1")  # doctest: +SKIP
+    >>> store.publish(policy.state_dict(), version=7)  # doctest: +SKIP
+    >>> store.fetch_if_newer(6)  # doctest: +SKIP
+    (7, {...})
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.connection import ConnectionPool, PythonRespSerializer, parse_url
+from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
+
+__all__ = [
+    "FORMAT",
+    "PASSWORD_ENV",
+    "PayloadError",
+    "RedisUnavailable",
+    "ReplayStream",
+    "ResilientRedis",
+    "RunState",
+    "WeightStore",
+    "connect",
+    "decode_tensors",
+    "encode_tensors",
+    "key",
+    "list_runs",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Chunk = dict[str, torch.Tensor]
+
+FORMAT = "shoal-tensors/1"
+PASSWORD_ENV = "SHOAL_REDIS_PASSWORD"
+RUNS_KEY = "shoal:runs"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_LEN_BYTES = 8
+# 64-byte alignment lets decoded tensors sit on cache-line boundaries inside one buffer.
+_ALIGN = 64
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class PayloadError(ValueError):
+    """A tensor payload is malformed, truncated, tampered with, or of an unknown format."""
+
+
+class RedisUnavailable(redis.RedisError):
+    """Redis stayed unreachable for longer than the client's ``outage_timeout``."""
+
+
+# ----------------------------------------------------------------------------- tensor codec
+
+
+def _align(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
+
+
+def _encode(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None,
+    reuse: bytearray | None = None,
+) -> bytearray:
+    if sys.byteorder != "little":
+        raise NotImplementedError(
+            "shoal-tensors/1 payloads are only produced on little-endian hosts"
+        )
+    entries: dict[str, dict[str, Any]] = {}
+    flats: list[tuple[int, torch.Tensor]] = []
+    size = 0
+    for name, tensor in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {name!r}")
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            raise TypeError(f"{name!r} must be a dense torch.Tensor, got {type(tensor).__name__}")
+        dtype = _DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise ValueError(
+                f"tensor {name!r} has dtype {tensor.dtype}; supported dtypes: {', '.join(_DTYPES)}"
+            )
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        size = _align(size)
+        entries[name] = {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "offset": size,
+            "nbytes": flat.numel(),
+        }
+        flats.append((size, flat))
+        size += flat.numel()
+    header = {"format": FORMAT, "meta": dict(meta or {}), "tensors": entries, "sha256": "0" * 64}
+    try:
+        text = json.dumps(header, separators=(",", ":")).encode()
+    except TypeError as err:
+        raise TypeError(f"payload meta must be JSON-serialisable: {err}") from err
+    start = _align(_LEN_BYTES + len(text))
+    # Writing into a buffer from the last publish skips faulting in fresh pages, which costs
+    # as much as the copy itself for multi-MB models.
+    buf = reuse if reuse is not None and len(reuse) == start + size else bytearray(start + size)
+    body = np.frombuffer(buf, dtype=np.uint8, offset=start)
+    end = 0
+    for offset, flat in flats:
+        body[end:offset] = 0  # padding must hash the same whatever the reused buffer held
+        # A plain memcpy: torch's threaded copy_ stalls for ms when the other cores are busy.
+        np.copyto(body[offset : offset + flat.numel()], flat.numpy())
+        end = offset + flat.numel()
+    del body
+    header["sha256"] = hashlib.sha256(memoryview(buf)[start:]).hexdigest()
+    # The placeholder digest has the final digest's length, so the layout does not move.
+    text = json.dumps(header, separators=(",", ":")).encode()
+    buf[:_LEN_BYTES] = (start - _LEN_BYTES).to_bytes(_LEN_BYTES, "little")
+    buf[_LEN_BYTES:start] = text.ljust(start - _LEN_BYTES)
+    return buf
+
+
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+) -> bytes:
+    """Serialise named tensors and JSON metadata without pickle.
+
+    Layout: 8-byte little-endian header length, a JSON header ``{"format":
+    "shoal-tensors/1", "meta", "tensors": {name: {dtype, shape, offset, nbytes}}, "sha256"}``,
+    then the body: each tensor's contiguous little-endian CPU bytes at its ``offset``.
+
+    Args:
+        tensors: Name to tensor; any device, any strides; one of the dtypes float32, float64,
+            float16, bfloat16, int64, int32, uint8, bool.
+        meta: JSON-serialisable metadata returned unchanged by :func:`decode_tensors`.
+
+    Returns:
+        The payload.
+
+    Raises:
+        TypeError: If a value is not a dense tensor or ``meta`` is not JSON-serialisable.
+        ValueError: If a tensor has an unsupported dtype.
+    """
+    return bytes(_encode(tensors, meta))
+
+
+def _fail(message: str) -> PayloadError:
+    return PayloadError(f"invalid {FORMAT} payload: {message}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def decode_tensors(
+    payload: bytes | bytearray | memoryview,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of :func:`encode_tensors`; validates everything before building a tensor.
+
+    The body is copied once into a fresh buffer that the returned tensors share, so they
+    are writable and independent of ``payload``.
+
+    Args:
+        payload: Bytes produced by :func:`encode_tensors`.
+
+    Returns:
+        ``(tensors, meta)``.
+
+    Raises:
+        PayloadError: If the format is unknown, the header is not valid JSON, the payload is
+            truncated, a dtype is not whitelisted, or the body's sha256 does not match.
+    """
+    view = memoryview(payload).cast("B")
+    if len(view) < _LEN_BYTES:
+        raise _fail(f"truncated: {len(view)} bytes, shorter than the header length field")
+    header_len = int.from_bytes(view[:_LEN_BYTES], "little")
+    start = _LEN_BYTES + header_len
+    if start > len(view):
+        raise _fail(f"truncated: header claims {header_len} bytes, payload has {len(view)}")
+    try:
+        header = json.loads(bytes(view[_LEN_BYTES:start]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(f"header is not valid JSON ({err})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise _fail(f"format is {found!r}, expected {FORMAT!r}")
+    meta, specs, digest = header.get("meta"), header.get("tensors"), header.get("sha256")
+    if not isinstance(meta, dict) or not isinstance(specs, dict) or not isinstance(digest, str):
+        raise _fail("header needs a 'meta' object, a 'tensors' object and a 'sha256' string")
+    body = view[start:]
+    layout: list[tuple[str, torch.dtype, list[int], int, int]] = []
+    for name, spec in specs.items():
+        if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES:
+            dtype = spec.get("dtype") if isinstance(spec, dict) else spec
+            raise _fail(f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+        dtype = _DTYPES[spec["dtype"]]
+        shape, offset, nbytes = spec.get("shape"), spec.get("offset"), spec.get("nbytes")
+        if not (
+            isinstance(shape, list)
+            and all(_is_count(dim) for dim in shape)
+            and _is_count(offset)
+            and _is_count(nbytes)
+        ):
+            raise _fail(f"tensor {name!r} needs a shape of non-negative ints, offset and nbytes")
+        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise _fail(f"tensor {name!r}: nbytes {nbytes} does not match shape {shape}")
+        if offset + nbytes > len(body):
+            raise _fail(
+                f"truncated: tensor {name!r} ends at body byte {offset + nbytes}, "
+                f"body has {len(body)}"
+            )
+        layout.append((str(name), dtype, list(shape), spec["offset"], spec["nbytes"]))
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise _fail("body sha256 does not match the header: the payload was corrupted or altered")
+    buf = bytearray(body)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, offset, nbytes in layout:
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            flat = torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+            tensors[name] = flat.view(shape)
+    return tensors, meta
+
+
+# ------------------------------------------------------------------------ resilient client
+
+
+def _describe(kwargs: Mapping[str, Any]) -> str:
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+class ResilientRedis:
+    """A ``redis.Redis`` whose operations outlast connection drops and server restarts.
+
+    An operation failing with ``ConnectionError``/``TimeoutError`` is retried with
+    exponential backoff (``initial_backoff`` doubling up to ``max_backoff``) for up to
+    ``outage_timeout`` seconds, then :class:`RedisUnavailable` is raised. A warning is logged
+    once per outage. When an outage ends, or a new connection finds a different server
+    (``run_id`` changed: a restart that happened between two calls), ``on_reconnect()`` runs
+    once, so the trainer can republish weights the restart lost.
+
+    Redis commands are available as methods (``client.get(k)``), each retried on its own.
+    Multi-command work (pipelines, scripts) goes through :meth:`call`, which retries the
+    whole function. A retried write may apply twice if the connection broke after Redis
+    executed it; every writer in this module is idempotent except ``ReplayStream.append``.
+
+    Args:
+        client: The underlying client; :func:`connect` builds one. Its pool's connections
+            get a handshake hook and no retries of their own, so wrap a client before it
+            opens connections.
+        outage_timeout: Seconds an operation keeps retrying before giving up.
+        on_reconnect: Called with no arguments after a reconnect; exceptions are logged.
+        initial_backoff: First retry delay in seconds.
+        max_backoff: Cap on the retry delay in seconds.
+    """
+
+    _UNWRAPPED = frozenset(
+        {"pipeline", "pubsub", "lock", "register_script", "monitor", "close"}
+        | {"scan_iter", "hscan_iter", "sscan_iter", "zscan_iter"}
+    )
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        outage_timeout: float = 30.0,
+        on_reconnect: Callable[[], None] | None = None,
+        initial_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.outage_timeout = outage_timeout
+        self.on_reconnect = on_reconnect
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        kwargs = client.connection_pool.connection_kwargs
+        kwargs["redis_connect_func"] = self._handshake
+        # redis-py's own retries (10 by default) would hide outages from the loop in call().
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        self._address = _describe(kwargs)
+        self._password = kwargs.get("password")
+        self._lock = threading.Lock()
+        self._outage_since: float | None = None
+        self._server_id: str | None = None
+        self._reconnected = False
+        self._in_hook = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the server, without credentials."""
+        return self._address
+
+    @property
+    def socket_timeout(self) -> float | None:
+        """Read timeout of the underlying connections in seconds."""
+        value = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        return None if value is None else float(value)
+
+    def call(self, fn: Callable[[redis.Redis], T]) -> T:
+        """Run ``fn(client)``, retrying all of it while Redis is unreachable.
+
+        Args:
+            fn: Work to do against the raw client; it may run more than once.
+
+        Returns:
+            What ``fn`` returns.
+
+        Raises:
+            RedisUnavailable: If Redis stays unreachable for ``outage_timeout`` seconds.
+        """
+        started = time.monotonic()
+        delay = self.initial_backoff
+        while True:
+            try:
+                result = fn(self.client)
+            except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError):
+                raise  # subclasses of ConnectionError that no amount of waiting fixes
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                now = time.monotonic()
+                since = self._note_failure(err, now)
+                remaining = self.outage_timeout - (now - started)
+                if remaining <= 0:
+                    raise RedisUnavailable(
+                        f"Redis at {self._address} unreachable for {now - since:.1f} s "
+                        f"(outage_timeout={self.outage_timeout:g} s); last error: "
+                        f"{self._scrub(str(err))}"
+                    ) from None
+                time.sleep(min(delay, remaining))
+                delay = min(2 * delay, self.max_backoff)
+                continue
+            self._note_success()
+            return result
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "client":  # not set yet (copy, unpickle): avoid recursing forever
+            raise AttributeError(name)
+        attr = getattr(self.client, name)
+        if name.startswith("_") or name in self._UNWRAPPED or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def retried(*args: Any, **kwargs: Any) -> Any:
+            return self.call(lambda _: attr(*args, **kwargs))
+
+        return retried
+
+    def close(self) -> None:
+        """Close the underlying connections."""
+        self.client.close()
+
+    def __enter__(self) -> ResilientRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResilientRedis({self._address})"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+    def _note_failure(self, err: Exception, now: float) -> float:
+        with self._lock:
+            if self._outage_since is None:
+                self._outage_since = now
+                logger.warning(
+                    "Redis at %s unreachable (%s); retrying for up to %g s",
+                    self._address,
+                    self._scrub(str(err)),
+                    self.outage_timeout,
+                )
+            return self._outage_since
+
+    def _note_success(self) -> None:
+        with self._lock:
+            if self._outage_since is None and not self._reconnected:
+                return
+            if self._outage_since is not None:
+                logger.warning(
+                    "Redis at %s reachable again after %.1f s",
+                    self._address,
+                    time.monotonic() - self._outage_since,
+                )
+            self._outage_since = None
+            self._reconnected = False
+            if self._in_hook or self.on_reconnect is None:
+                return
+            self._in_hook = True
+        try:
+            self.on_reconnect()
+        except Exception:
+            logger.exception("on_reconnect hook failed after Redis at %s came back", self._address)
+        finally:
+            with self._lock:
+                self._in_hook = False
+
+    def _handshake(self, conn: Any) -> None:
+        conn.on_connect()
+        try:
+            conn.send_command("INFO", "server")
+            info = conn.read_response()
+        except redis.ResponseError:
+            return  # some managed services disable INFO; outages are still detected
+        text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+        match = re.search(r"run_id:(\w+)", text)
+        if match is None:
+            return
+        with self._lock:
+            if self._server_id is not None and self._server_id != match.group(1):
+                self._reconnected = True
+            self._server_id = match.group(1)
+
+
+def connect(
+    url: str,
+    *,
+    password: str | None = None,
+    outage_timeout: float = 30.0,
+    on_reconnect: Callable[[], None] | None = None,
+    socket_timeout: float = 10.0,
+    socket_connect_timeout: float = 2.0,
+) -> ResilientRedis:
+    """Connect to Redis at ``url`` with retries around every operation.
+
+    Connecting is lazy: the first command opens the first connection.
+
+    Args:
+        url: ``redis://[:password@]host:port/db``, ``rediss://`` for TLS, or ``unix://``.
+        password: Wins over a password in ``url``; without either, the environment variable
+            ``SHOAL_REDIS_PASSWORD`` is used if set.
+        outage_timeout: Seconds an operation keeps retrying before :class:`RedisUnavailable`.
+        on_reconnect: Called after a reconnect; may also be set later as an attribute.
+        socket_timeout: Seconds before a read from the server times out.
+        socket_connect_timeout: Seconds before opening a connection times out.
+
+    Returns:
+        The wrapped client.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        **parse_url(url),
+    }
+    options["password"] = password or options.get("password") or os.environ.get(PASSWORD_ENV)
+    pool = ConnectionPool(**options)
+    if HIREDIS_AVAILABLE:
+        # hiredis speeds up reading big replies but packs a multi-MB argument by repeated
+        # reallocation (~10 ms for 4 MB); the Python packer sends it without copying.
+        encoder = pool.get_encoder()
+        pool.connection_kwargs["command_packer"] = PythonRespSerializer(6000, encoder.encode)
+    client = redis.Redis(connection_pool=pool)
+    return ResilientRedis(client, outage_timeout=outage_timeout, on_reconnect=on_reconnect)
+
+
+Client = ResilientRedis | redis.Redis
+
+
+def _caller(client: Client) -> Callable[[Callable[[redis.Redis], Any]], Any]:
+    if isinstance(client, ResilientRedis):
+        return client.call
+    return lambda fn: fn(client)
+
+
+def _raw(client: Client) -> redis.Redis:
+    return client.client if isinstance(client, ResilientRedis) else client
+
+
+def _get(r: redis.Redis, name: str) -> Any:
+    return r.get(name)
+
+
+def key(run_id: str, *parts: str | int) -> str:
+    """The Redis key ``shoal:{run_id}:{part}:...``.
+
+    Raises:
+        ValueError: If ``run_id`` is empty, too long, or has characters outside
+            ``[A-Za-z0-9._-]`` (a colon would make keys ambiguous).
+    """
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ValueError(
+            f"run_id {run_id!r} must be 1-128 characters from [A-Za-z0-9._-], starting "
+            "with a letter or digit"
+        )
+    return ":".join(("shoal", run_id, *map(str, parts)))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class WeightStore:
+    """Versioned policy weights: ``weights:{version}`` plus a ``weights:latest`` pointer.
+
+    Rank 0 publishes; rollout workers poll :meth:`fetch_if_newer`, which costs one small
+    read while nothing changed. Only the newest ``keep`` versions stay in Redis.
+
+    Args:
+        client: A client from :func:`connect` (or a plain ``redis.Redis``).
+        run_id: The run's id; keys live under ``shoal:{run_id}:weights:``.
+        keep: How many versions to keep.
+    """
+
+    def __init__(self, client: Client, run_id: str, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.run_id = run_id
+        self.keep = keep
+        self._call = _caller(client)
+        self._lock = threading.Lock()
+        self._buffer: bytearray | None = None
+        self._latest_key = key(run_id, "weights", "latest")
+        self._index_key = key(run_id, "weights", "versions")
+
+    def _version_key(self, version: int) -> str:
+        return key(self.run_id, "weights", version)
+
+    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Store ``state_dict`` as ``version`` and point ``latest`` at it in one transaction.
+
+        Versions beyond the newest ``keep`` are deleted in the same transaction.
+
+        Args:
+            state_dict: Name to tensor, e.g. ``policy.state_dict()``.
+            version: Non-negative int, normally increasing with every publish.
+        """
+        if not _is_count(version):
+            raise ValueError(f"version must be a non-negative int, got {version!r}")
+        with self._lock:
+            self._buffer = _encode(state_dict, {"version": version}, reuse=self._buffer)
+            self._write(version, memoryview(self._buffer))
+
+    def _write(self, version: int, payload: memoryview) -> None:
+        def write(r: redis.Redis) -> None:
+            known = {int(v) for v in cast(list[bytes], r.zrange(self._index_key, 0, -1))}
+            known.add(version)
+            stale = [v for v in sorted(known)[: -self.keep] if v != version]
+            pipe = r.pipeline(transaction=True)
+            pipe.set(self._version_key(version), payload)
+            pipe.set(self._latest_key, version)
+            pipe.zadd(self._index_key, {str(version): version})
+            if stale:
+                pipe.unlink(*(self._version_key(v) for v in stale))
+                pipe.zrem(self._index_key, *map(str, stale))
+            pipe.execute()
+
+        self._call(write)
+
+    def latest_version(self) -> int | None:
+        """The newest published version, or ``None`` before the first publish."""
+        value = self._call(lambda r: r.get(self._latest_key))
+        return None if value is None else int(value)
+
+    def versions(self) -> list[int]:
+        """Versions currently stored, oldest first."""
+        return [int(v) for v in self._call(lambda r: r.zrange(self._index_key, 0, -1))]
+
+    def fetch(self, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """Read a version (the latest by default).
+
+        Returns:
+            ``(version, state_dict)``.
+
+        Raises:
+            LookupError: If nothing was published yet or ``version`` is no longer kept.
+        """
+        for _ in range(5):
+            wanted = self.latest_version() if version is None else version
+            if wanted is None:
+                raise LookupError(f"no weights published yet for run {self.run_id!r}")
+            payload = self._call(functools.partial(_get, name=self._version_key(wanted)))
+            if payload is not None:
+                tensors, meta = decode_tensors(payload)
+                if meta.get("version") != wanted:
+                    raise PayloadError(
+                        f"weights:{wanted} of run {self.run_id!r} holds version "
+                        f"{meta.get('version')!r}"
+                    )
+                return wanted, tensors
+            if version is not None:
+                raise LookupError(
+                    f"weights version {version} of run {self.run_id!r} is not in Redis "
+                    f"(kept: {self.versions()})"
+                )
+            # A publisher pruned the version between our two reads; the pointer moved on.
+        raise LookupError(f"weights of run {self.run_id!r} kept changing while being read")
+
+    def fetch_if_newer(
+        self, current_version: int | None
+    ) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """Fetch the latest weights only if newer than ``current_version``.
+
+        Args:
+            current_version: The version held by the caller, ``None`` if it holds none.
+
+        Returns:
+            ``(version, state_dict)``, or ``None`` if nothing newer is published.
+        """
+        latest = self.latest_version()
+        if latest is None or (current_version is not None and latest <= current_version):
+            return None
+        try:
+            return self.fetch(latest)
+        except LookupError:
+            return self.fetch()
+
+
+# ----------------------------------------------------------------------------- replay
+
+# XADD and the id index must move together; the index lets sample() pick entries uniformly.
+_APPEND_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[2])
+redis.call('RPUSH', KEYS[2], id)
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
+return id
+"""
+
+_SAMPLE_LUA = """
+local size = redis.call('LLEN', KEYS[2])
+local out = {}
+if size == 0 then return out end
+for i = 1, #ARGV do
+  local idx = math.min(math.floor(tonumber(ARGV[i]) * size), size - 1)
+  local id = redis.call('LINDEX', KEYS[2], idx)
+  local entry = redis.call('XRANGE', KEYS[1], id, id)
+  if entry[1] then out[#out + 1] = entry[1][2][2] end
+end
+return out
+"""
+
+
+class ReplayStream:
+    """A capped Redis stream of trajectory chunks for world-model training.
+
+    Args:
+        client: A client from :func:`connect` (or a plain ``redis.Redis``).
+        run_id: The run's id; the stream is ``shoal:{run_id}:replay``.
+        maxlen: Approximate cap: Redis trims whole macro-nodes, so the stream holds at
+            least ``maxlen`` and a little more entries once full.
+    """
+
+    def __init__(self, client: Client, run_id: str, maxlen: int = 10000) -> None:
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        self.run_id = run_id
+        self.maxlen = maxlen
+        self.key = key(run_id, "replay")
+        self._index_key = key(run_id, "replay", "ids")
+        self._client = client
+        self._call = _caller(client)
+        self._append = Script(_raw(client), _APPEND_LUA)
+        self._sample = Script(_raw(client), _SAMPLE_LUA)
+
+    def append(
+        self, chunk: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+    ) -> str:
+        """Add a chunk; the oldest entries beyond ``maxlen`` are trimmed.
+
+        Returns:
+            The entry id, e.g. ``"1700000000000-0"``.
+        """
+        payload = memoryview(_encode(chunk, meta))
+        keys = [self.key, self._index_key]
+        entry_id = self._call(
+            lambda r: self._append(keys=keys, args=[self.maxlen, payload], client=r)
+        )
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def tail(
+        self, last_id: str = "0-0", count: int = 10, block_ms: int | None = None
+    ) -> list[tuple[str, Chunk, dict[str, Any]]]:
+        """Entries after ``last_id``, oldest first.
+
+        Args:
+            last_id: Return entries strictly after this id; ``"0-0"`` starts at the oldest.
+            count: Most entries to return.
+            block_ms: If set, wait up to this many milliseconds for an entry when none is
+                there; must be shorter than the client's socket timeout.
+
+        Returns:
+            ``[(entry_id, chunk, meta), ...]``; pass the last id back to continue.
+        """
+        if block_ms is not None:
+            timeout = (
+                self._client.socket_timeout if isinstance(self._client, ResilientRedis) else None
+            )
+            if block_ms <= 0 or (timeout is not None and block_ms >= 1000 * timeout):
+                raise ValueError(
+                    f"block_ms must be in (0, {1000 * timeout if timeout else 'inf'}) ms, the "
+                    f"client's socket timeout; got {block_ms}"
+                )
+        reply = self._call(lambda r: r.xread({self.key: last_id}, count=count, block=block_ms))
+        entries = (
+            next(iter(reply.values()))[0]
+            if isinstance(reply, dict)
+            else (reply[0][1] if reply else [])
+        )
+        out = []
+        for entry_id, fields in entries:
+            chunk, meta = decode_tensors(fields[b"data"])
+            out.append(
+                (entry_id.decode() if isinstance(entry_id, bytes) else entry_id, chunk, meta)
+            )
+        return out
+
+    def sample(self, n: int, rng: random.Random | np.random.Generator) -> list[Chunk]:
+        """Draw ``n`` of the newest ``maxlen`` chunks uniformly, with replacement, in one trip.
+
+        Args:
+            n: How many chunks.
+            rng: The caller's generator, so a seeded run samples reproducibly.
+
+        Returns:
+            Up to ``n`` chunks; empty if the stream is empty.
+        """
+        if n <= 0:
+            return []
+        draws = (
+            rng.random(n).tolist()
+            if isinstance(rng, np.random.Generator)
+            else [rng.random() for _ in range(n)]
+        )
+        keys = [self.key, self._index_key]
+        payloads = self._call(
+            lambda r: self._sample(keys=keys, args=[repr(u) for u in draws], client=r)
+        )
+        return [decode_tensors(p)[0] for p in payloads]
+
+    def length(self) -> int:
+        """Number of entries in the stream."""
+        return int(self._call(lambda r: r.xlen(self.key)))
+
+
+# ----------------------------------------------------------------------------- run state
+
+_STATE_FIELDS = frozenset({"status", "started", "updated", "metrics", "config", "stop_requested"})
+
+
+class RunState:
+    """Status, heartbeats, latest metrics and the stop flag of one run.
+
+    ``shoal status`` and ``shoal stop`` use this from any machine that reaches Redis.
+
+    Args:
+        client: A client from :func:`connect` (or a plain ``redis.Redis``).
+        run_id: The run's id; keys are ``shoal:{run_id}:state`` and ``:heartbeats``.
+    """
+
+    def __init__(self, client: Client, run_id: str) -> None:
+        self.run_id = run_id
+        self.key = key(run_id, "state")
+        self._heartbeats_key = key(run_id, "heartbeats")
+        self._call = _caller(client)
+
+    def _write(self, fields: Mapping[str, Any]) -> None:
+        mapping: dict[Any, Any] = {name: json.dumps(value) for name, value in fields.items()}
+        mapping["updated"] = json.dumps(time.time())
+
+        def write(r: redis.Redis) -> None:
+            pipe = r.pipeline(transaction=True)
+            pipe.hsetnx(self.key, "started", mapping["updated"])
+            pipe.hset(self.key, mapping=mapping)
+            pipe.sadd(RUNS_KEY, self.run_id)
+            pipe.execute()
+
+        self._call(write)
+
+    def set_status(self, status: str, **fields: Any) -> None:
+        """Set the status (e.g. ``"running"``) and any extra JSON-serialisable fields."""
+        clash = _STATE_FIELDS & fields.keys()
+        if clash:
+            raise ValueError(f"{sorted(clash)} are reserved run-state fields")
+        self._write({"status": status, **fields})
+
+    def set_config(self, summary: Mapping[str, Any]) -> None:
+        """Record a JSON-serialisable summary of the run's config."""
+        self._write({"config": dict(summary)})
+
+    def set_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Replace the latest metrics (a JSON-serialisable mapping)."""
+        self._write({"metrics": dict(metrics)})
+
+    def heartbeat(self, actor_name: str) -> None:
+        """Record that ``actor_name`` is alive now (unix time)."""
+        self._call(lambda r: r.hset(self._heartbeats_key, actor_name, time.time()))
+
+    def request_stop(self) -> None:
+        """Ask the run to stop at its next check."""
+        self._write({"stop_requested": True})
+
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` was called."""
+        value = self._call(lambda r: r.hget(self.key, "stop_requested"))
+        return value is not None and json.loads(value) is True
+
+    def get(self) -> dict[str, Any]:
+        """Everything known about the run.
+
+        Returns:
+            ``{"run_id", "status", "started", "updated", "config", "metrics",
+            "stop_requested", "heartbeats": {actor: unix_time}, **extra_fields}``.
+
+        Raises:
+            LookupError: If Redis holds nothing for this run.
+        """
+
+        def read(r: redis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.hgetall(self.key)
+            pipe.hgetall(self._heartbeats_key)
+            return pipe.execute()
+
+        state, beats = self._call(read)
+        if not state and not beats:
+            raise LookupError(f"no run {self.run_id!r} in Redis")
+        out: dict[str, Any] = {
+            "run_id": self.run_id,
+            "status": None,
+            "started": None,
+            "updated": None,
+            "config": {},
+            "metrics": {},
+            "stop_requested": False,
+        }
+        for name, value in state.items():
+            out[name.decode()] = json.loads(value)
+        out["heartbeats"] = {name.decode(): float(value) for name, value in beats.items()}
+        return out
+
+
+def list_runs(client: Client) -> list[str]:
+    """Ids of the runs that recorded state in this Redis, sorted."""
+    members = _caller(client)(lambda r: r.smembers(RUNS_KEY))
+    return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
