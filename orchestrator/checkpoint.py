@@ -1,0 +1,170 @@
+"""Checkpoints: directories written atomically, read back with ``torch.load(weights_only=True)``.
+
+A checkpoint is written to a temporary sibling directory, flushed, then renamed into place, so
+a crash mid-write leaves the previous checkpoint intact and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.actor_critic import ActorCritic, PolicySpec
+
+CKPT_PREFIX = "step-"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, in a form ``weights_only`` loading accepts."""
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            *[int(x) if isinstance(x, (int, np.integer)) else float(x) for x in np_state[2:]],
+        ],
+        "python": _py_state_to_lists(random.getstate()),
+    }
+
+
+def _py_state_to_lists(state: Any) -> Any:
+    if isinstance(state, tuple):
+        return [_py_state_to_lists(s) for s in state]
+    return state
+
+
+def _lists_to_tuple(state: Any) -> Any:
+    if isinstance(state, list):
+        return tuple(_lists_to_tuple(s) for s in state)
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_lists_to_tuple(state["python"]))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    *,
+    model: ActorCritic,
+    learner_state: dict[str, Any],
+    counters: dict[str, Any],
+    config_yaml: str,
+    keep: int = 3,
+) -> Path:
+    """Write ``ckpt_root/step-<env_steps>`` atomically and prune all but the newest ``keep``.
+
+    Args:
+        ckpt_root: the run's ``checkpoints`` directory.
+        model: the policy (its spec is stored so the checkpoint rebuilds it alone).
+        learner_state: optimiser state and learner counters.
+        counters: ``env_steps``, ``iteration``, ``wall_time`` and similar plain numbers.
+        config_yaml: the resolved run config.
+        keep: how many checkpoints to keep.
+
+    Returns:
+        The checkpoint directory.
+    """
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"{CKPT_PREFIX}{int(counters['env_steps']):012d}"
+    final = ckpt_root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
+    try:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save(learner_state, tmp / "learner.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        meta = {"counters": counters, "policy_spec": asdict(model.spec), "format": 1}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "config.yaml").write_text(config_yaml)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # same step saved twice (e.g. on stop right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, a run directory (its newest checkpoint) or a file in one.
+
+    Raises:
+        FileNotFoundError: with a message saying what was looked for.
+    """
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if (p / "meta.json").is_file():
+        return p
+    found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint at '{path}': expected a run directory with checkpoints/step-* "
+            "or a checkpoint directory holding meta.json"
+        )
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint: ``model`` (state dict), ``learner``, ``rng``, ``meta``, ``config``.
+
+    Everything tensor-valued is loaded with ``weights_only=True``: no code from the file runs.
+    """
+    ckpt = resolve_checkpoint(path)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    return {
+        "path": ckpt,
+        "meta": meta,
+        "model": torch.load(ckpt / "model.pt", map_location=device, weights_only=True),
+        "learner": torch.load(ckpt / "learner.pt", map_location=device, weights_only=True),
+        "rng": torch.load(ckpt / "rng.pt", weights_only=True),
+        "config": (ckpt / "config.yaml").read_text(),
+    }
+
+
+def policy_from_checkpoint(
+    ckpt: dict[str, Any], device: str | torch.device = "cpu", **spec_overrides: Any
+) -> ActorCritic:
+    """Rebuild the policy a checkpoint holds (``spec_overrides`` e.g. for a new obs size)."""
+    spec = PolicySpec(**{**ckpt["meta"]["policy_spec"], **spec_overrides})
+    model = ActorCritic(spec).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -1,0 +1,238 @@
+"""The ``shoal`` command line.
+
+``shoal run spread-gnn train.lr=1e-3``   train locally (or on Ray with workers/ranks set)
+``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2
+``shoal plot RUN_DIR``                   learning curve PNG
+``shoal presets``                        list shipped presets
+``shoal status`` / ``shoal stop RUN``    run state from Redis
+``shoal submit`` / ``shoal jobs ...``    Ray Jobs on a cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from orchestrator.config import Config, ConfigError, load_config, preset_names
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_FAIL) -> int:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _split_source(source: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    if source is not None and "=" in source:
+        return None, [source, *overrides]
+    return source, overrides
+
+
+def _load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """Config for ``shoal run``: a preset/file, or the resumed run's own config."""
+    source, overrides = _split_source(args.source, args.overrides)
+    resume_dir: Path | None = None
+    if args.resume:
+        from orchestrator.checkpoint import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.resume)
+        resume_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        if source is None:
+            source = str(resume_dir / "config.yaml")
+            if not Path(source).is_file():
+                source = str(ckpt / "config.yaml")
+    if source is None:
+        raise ConfigError("name a preset or config file (shoal presets lists them)")
+    cfg = load_config(source, overrides)
+    if args.address:
+        cfg.ray.address = args.address
+    return cfg, resume_dir
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train: in-process by default, on Ray when workers, ranks or an address are set."""
+    try:
+        cfg, resume_dir = _load_run_config(args)
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    from orchestrator.trainer import new_run_dir
+
+    run_dir = resume_dir or new_run_dir(cfg)
+    console.print(
+        f"[bold]shoal[/] run [cyan]{cfg.preset}[/]: {cfg.env.name} N={cfg.env.n_agents} "
+        f"B={cfg.env.num_envs} model={cfg.model.kind} -> {run_dir}",
+        highlight=False,
+    )
+    from orchestrator.driver import run_training
+
+    try:
+        summary = run_training(cfg, run_dir, resume=args.resume, console=err_console)
+    except (ValueError, RuntimeError) as e:
+        return _fail(str(e))
+    _print_summary(summary)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "checkpoints"}))  # noqa: T201
+    return EXIT_INTERRUPTED if summary["reason"] == "interrupted" else EXIT_OK
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    m, c = summary.get("metrics") or {}, summary["counters"]
+    table = Table(show_header=False, box=None)
+    table.add_row("stopped", summary["reason"])
+    table.add_row("env steps", f"{c['env_steps']:,}")
+    table.add_row("train time", f"{summary['train_seconds']:.1f} s")
+    if summary["train_seconds"] > 0 and c["env_steps"]:
+        table.add_row(
+            "throughput",
+            f"{summary.get('steps_this_session', 0) / summary['train_seconds']:,.0f} env-steps/s",
+        )
+    if m.get("episode_return") is not None:
+        table.add_row("team return (train)", f"{m['episode_return']:.2f}")
+    table.add_row("run dir", summary["run_dir"])
+    if summary.get("checkpoint"):
+        table.add_row("checkpoint", summary["checkpoint"])
+        table.add_row("next", f"shoal eval {summary['run_dir']}")
+    console.print(table)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint and print mean team return ± standard error."""
+    from orchestrator.evaluate import evaluate
+
+    try:
+        res = evaluate(
+            args.checkpoint,
+            env_name=args.env,
+            n_agents=args.n_agents,
+            episodes=args.episodes,
+            greedy=args.greedy,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    console.print(
+        f"team return {res['mean']:.2f} ± {res['stderr']:.2f} (stderr) over {res['episodes']} "
+        f"episodes, N={res['n_agents']}, env={res['env']}, checkpoint at "
+        f"{res['env_steps']:,} env steps",
+        highlight=False,
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "returns"}))  # noqa: T201
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Write the learning curve PNG of a run directory."""
+    from orchestrator.evaluate import plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        return _fail(str(e), EXIT_USAGE)
+    console.print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """List presets shipped with shoal."""
+    for name in preset_names():
+        cfg = load_config(name)
+        console.print(
+            f"[cyan]{name}[/]  env={cfg.env.name} N={cfg.env.n_agents} model={cfg.model.kind} "
+            f"critic={cfg.model.critic}",
+            highlight=False,
+        )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``shoal`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="shoal",
+        description="Multi-agent RL training: local runs, Ray clusters, Redis shared memory.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="train a preset or config file",
+        description="Train. Overrides are section.key=value, e.g. train.lr=1e-3 env.n_agents=4.",
+    )
+    run.add_argument("source", nargs="?", help=f"preset ({', '.join(preset_names())}) or .yaml")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument("--address", help="join a Ray cluster ('auto' or host:port)")
+    run.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (default: on real mpe2)")
+    ev.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
+    ev.add_argument("--env", default="mpe2-spread", help="env name (default mpe2-spread)")
+    ev.add_argument("--n-agents", type=int, help="team size (graph/transformer policies)")
+    ev.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    ev.add_argument("--greedy", action="store_true", help="most likely action, not sampled")
+    ev.add_argument("--seed", type=int, default=12345)
+    ev.add_argument("--json", action="store_true", help="also print a JSON line")
+    ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="write a PNG learning curve of a run")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png)")
+    pl.set_defaults(func=cmd_plot)
+
+    pr = sub.add_parser("presets", help="list shipped presets")
+    pr.set_defaults(func=cmd_presets)
+
+    for register in _optional_commands():
+        register(sub)
+    return p
+
+
+def _optional_commands() -> list[Any]:  # registrars: (subparsers) -> None
+    """Subcommands that live in their own modules (status/stop, submit/jobs)."""
+    out: list[Any] = []
+    try:
+        from orchestrator import runstate
+
+        out.append(runstate.register_cli)
+    except ImportError:
+        pass
+    try:
+        from orchestrator import jobs
+
+        out.append(jobs.register_cli)
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``shoal`` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

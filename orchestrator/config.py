@@ -1,0 +1,270 @@
+"""Typed, validated run configuration: presets shipped in the package, dotted overrides.
+
+``load_config("spread-gnn", ["train.lr=1e-3", "env.n_agents=4"])`` returns a ``Config`` or
+raises ``ConfigError`` whose message is one line naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agents.ppo import PPOConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who typed it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EnvConfig(_Section):
+    """Which environment, and how many copies per rollout worker."""
+
+    name: str = "spread"
+    """Registered env name (``spread``, ``mpe2-spread``) or ``pettingzoo:<module>``."""
+    n_agents: int = Field(3, ge=1, le=1024)
+    num_envs: int = Field(512, ge=1)
+    """Sub-envs stepped per call, per rollout worker (or in-process)."""
+    max_cycles: int = Field(25, ge=1)
+    local_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    continuous_actions: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra arguments passed to the env unchanged."""
+
+
+class ModelConfig(_Section):
+    """Policy architecture."""
+
+    kind: Literal["mlp", "gnn", "transformer"] = "gnn"
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    edges: Literal["complete", "radius", "knn"] = "complete"
+    radius: float = Field(1.0, gt=0)
+    k: int = Field(4, ge=1)
+    critic: Literal["centralised", "independent"] = "centralised"
+    """``centralised`` is MAPPO, ``independent`` is IPPO."""
+
+
+class TrainConfig(_Section):
+    """PPO and the length of the run."""
+
+    total_env_steps: int = Field(5_000_000, ge=1)
+    time_limit_s: float | None = Field(None, gt=0)
+    """Stop after this much wall time even if ``total_env_steps`` is not reached."""
+    rollout_len: int = Field(25, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    lr_decay: bool = False
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(1.0, ge=0)
+    ent_coef: float = Field(0.01, ge=0)
+    epochs: int = Field(4, ge=1)
+    minibatches: int = Field(2, ge=1)
+    max_grad_norm: float = Field(10.0, gt=0)
+    adv_norm: bool = True
+    value_norm: bool = True
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads (default: what torch picks)."""
+
+    def ppo(self) -> PPOConfig:
+        """The learner's view of these settings."""
+        keys = PPOConfig.__dataclass_fields__
+        return PPOConfig(**{k: getattr(self, k) for k in keys})
+
+
+class RolloutConfig(_Section):
+    """Rollout workers (Ray actors). ``num_workers=0`` steps envs inside the learner."""
+
+    num_workers: int = Field(0, ge=0)
+    max_staleness: int = Field(1, ge=0)
+    """Workers act with weights at most this many versions old."""
+
+
+class LearnerConfig(_Section):
+    """The learner group (Ray Train ``TorchTrainer`` ranks, DDP)."""
+
+    num_ranks: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: NCCL when CUDA is used, gloo otherwise."""
+    max_failures: int = Field(2, ge=0)
+
+
+class RedisConfig(_Section):
+    """The run's shared memory. With no URL a private server is started for the run."""
+
+    url: str | None = None
+    """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS."""
+    outage_timeout_s: float = Field(30.0, gt=0)
+    enabled: bool = True
+    """Local in-process runs may skip Redis entirely (``redis.enabled=false``)."""
+    replay_maxlen: int = Field(2000, ge=1)
+
+
+class RunConfig(_Section):
+    """Where results go and how often."""
+
+    dir: str = "runs"
+    name: str | None = None
+    """Run directory name; default ``<preset>-<timestamp>``."""
+    checkpoint_every_s: float = Field(30.0, gt=0)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every_s: float = Field(2.0, gt=0)
+    plot: bool = False
+    """Write ``learning_curve.png`` at the end of the run."""
+    progress: bool = True
+
+
+class RayConfig(_Section):
+    """How to start or join Ray."""
+
+    address: str | None = None
+    """``auto`` or ``host:port`` to join a cluster; none starts a local instance."""
+    num_cpus: int | None = Field(None, ge=1)
+    dashboard_port: int = Field(8265, ge=0)
+    include_dashboard: bool = True
+
+
+class Config(_Section):
+    """A whole shoal run."""
+
+    preset: str = "custom"
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        k, m = self.learner.num_ranks, self.rollout.num_workers
+        if m == 0 and self.env.num_envs % k:
+            raise ValueError(
+                f"env.num_envs ({self.env.num_envs}) must be divisible by learner.num_ranks "
+                f"({k}): each rank steps an equal share"
+            )
+        if m > 0 and m % k:
+            raise ValueError(
+                f"rollout.num_workers ({m}) must be a multiple of learner.num_ranks ({k}): "
+                "each rank drives an equal share of the workers"
+            )
+        if self.model.hidden % self.model.heads:
+            raise ValueError(
+                f"model.hidden ({self.model.hidden}) must be divisible by model.heads "
+                f"({self.model.heads})"
+            )
+        if self.train.minibatches > self.train.rollout_len:
+            raise ValueError(
+                f"train.minibatches ({self.train.minibatches}) cannot exceed train.rollout_len "
+                f"({self.train.rollout_len}): minibatches are sets of time steps"
+            )
+        return self
+
+
+def preset_names() -> list[str]:
+    """Presets shipped inside the package."""
+    files = resources.files("orchestrator").joinpath("presets")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str) -> tuple[dict[str, Any], str]:
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file '{source}' does not exist")
+        text, name = path.read_text(), path.stem
+    else:
+        files = resources.files("orchestrator").joinpath("presets", f"{source}.yaml")
+        if not files.is_file():
+            raise ConfigError(
+                f"unknown preset '{source}'; available: {', '.join(preset_names())} "
+                "(or give a path to a .yaml file)"
+            )
+        text, name = files.read_text(), source
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse '{source}': {e}".replace("\n", " ")) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{source}' must hold a mapping of sections, not {type(data).__name__}")
+    return data, name
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3e-4``, ``true``)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{p}' is a value, not a section")
+        node = child
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node[parts[-1]] = value
+
+
+def _format_error(e: ValidationError, model: type[BaseModel]) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section: Any = model
+        for p in err["loc"][:-1]:
+            section = section.model_fields[str(p)].annotation
+        valid = ", ".join(section.model_fields)
+        where = ".".join(str(p) for p in err["loc"][:-1]) or "the top level"
+        return f"{loc}: unknown key; valid keys in {where}: {valid}"
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        return f"{loc}: {msg} (got {err['input']!r})"
+    if err["loc"]:
+        return f"{loc}: {msg} (got {err['input']!r})"
+    return msg.removeprefix("Value error, ")
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> Config:
+    """Load a preset name or YAML path, apply ``key=value`` overrides, validate.
+
+    Environment variable ``SHOAL_REDIS_URL`` fills ``redis.url`` when the config leaves it
+    empty, so cluster deployments point every run at their Redis without editing presets.
+
+    Raises:
+        ConfigError: one line naming the offending key and what it accepts.
+    """
+    data, name = _read_source(source)
+    data.setdefault("preset", name)
+    for o in overrides or []:
+        apply_override(data, o)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, Config)) from None
+    if cfg.redis.url is None and os.environ.get("SHOAL_REDIS_URL"):
+        cfg.redis.url = os.environ["SHOAL_REDIS_URL"]
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

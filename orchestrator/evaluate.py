@@ -1,0 +1,146 @@
+"""Evaluate a checkpoint: mean team return ± standard error over K episodes.
+
+By default on the real mpe2 ``simple_spread_v3`` through the PettingZoo adapter, so numbers
+are comparable with any other library evaluated on the same env.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import envs
+from orchestrator.checkpoint import load_checkpoint, policy_from_checkpoint
+from orchestrator.config import Config
+
+
+def evaluate(
+    checkpoint: str | Path,
+    env_name: str = "mpe2-spread",
+    n_agents: int | None = None,
+    episodes: int = 100,
+    greedy: bool = False,
+    seed: int = 12345,
+    parallel: int = 100,
+) -> dict[str, Any]:
+    """Roll out ``episodes`` full episodes and report team returns.
+
+    Args:
+        checkpoint: checkpoint or run directory.
+        env_name: env to evaluate on; ``mpe2-spread`` is the real mpe2 package.
+        n_agents: evaluate with a different team size (graph and transformer policies only).
+        episodes: how many episodes.
+        greedy: act with the most likely action instead of sampling.
+        seed: seeds env resets and action sampling.
+        parallel: sub-envs stepped together.
+
+    Returns:
+        ``mean``, ``stderr``, ``episodes``, ``n_agents``, ``returns`` (list).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    cfg = Config.model_validate(_yaml(ckpt["config"]))
+    spec = ckpt["meta"]["policy_spec"]
+    n = n_agents or cfg.env.n_agents
+    if n != cfg.env.n_agents and spec["kind"] == "mlp":
+        raise ValueError(
+            f"this checkpoint's MLP policy was trained with {cfg.env.n_agents} agents and cannot "
+            f"act with {n}; graph (gnn) and transformer policies can"
+        )
+    width = min(parallel, episodes)
+    env = envs.make(
+        env_name,
+        num_envs=width,
+        n_agents=n,
+        max_cycles=cfg.env.max_cycles,
+        local_ratio=cfg.env.local_ratio,
+        continuous_actions=cfg.env.continuous_actions,
+        seed=seed,
+    )
+    model = policy_from_checkpoint(ckpt, obs_dim=env.obs_dim, state_dim=env.state_dim)
+    model.eval()
+    torch.manual_seed(seed)
+    returns: list[float] = []
+    obs = env.reset(seed=seed)
+    running = torch.zeros(width)
+    # Only the first episode of each sub-env counts until enough are done, so that short
+    # episodes never bias the sample.
+    counted = torch.zeros(width, dtype=torch.long)
+    quota = torch.full((width,), episodes // width)
+    quota[: episodes % width] += 1
+    while len(returns) < episodes:
+        with torch.no_grad():
+            action = model.dist(obs.as_dict())
+            act = action.mode() if greedy else action.sample()
+        res = env.step(act)
+        running += (res.reward.float() * obs.alive).sum(-1)
+        for i in res.done.nonzero().flatten().tolist():
+            if counted[i] < quota[i]:
+                returns.append(float(running[i]))
+                counted[i] += 1
+            running[i] = 0.0
+        obs = res.observation
+    env.close()
+    mean = sum(returns) / len(returns)
+    var = sum((r - mean) ** 2 for r in returns) / max(len(returns) - 1, 1)
+    return {
+        "mean": mean,
+        "stderr": math.sqrt(var / len(returns)),
+        "episodes": len(returns),
+        "n_agents": n,
+        "env": env_name,
+        "checkpoint": str(ckpt["path"]),
+        "env_steps": ckpt["meta"]["counters"]["env_steps"],
+        "wall_time": ckpt["meta"]["counters"].get("wall_time"),
+        "returns": returns,
+    }
+
+
+def _yaml(text: str) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write a PNG learning curve (team return and env-steps/s against env steps).
+
+    Raises:
+        FileNotFoundError: the run directory has no metrics.csv.
+    """
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.csv in '{run_dir}': is it a shoal run directory?")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise FileNotFoundError(f"'{path}' has no rows yet")
+    steps = [float(r["env_steps"]) for r in rows]
+    ret = [float(r["episode_return"]) if r.get("episode_return") else math.nan for r in rows]
+    wall = [float(r["wall_time"]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, ret, color="tab:blue")
+    ax1.set_xlabel("env steps")
+    ax1.set_ylabel("team return (sum over agents and steps)")
+    ax1.grid(alpha=0.3)
+    ax2.plot(wall, ret, color="tab:green")
+    ax2.set_xlabel("wall time (s)")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"shoal: {run_dir.name}")
+    fig.tight_layout()
+    out_path = Path(out) if out else run_dir / "learning_curve.png"
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

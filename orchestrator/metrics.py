@@ -1,0 +1,107 @@
+"""One call site, three destinations: the terminal, files in the run directory, Ray metrics."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+
+class MetricsSink(Protocol):
+    """Anything that accepts a row of metrics."""
+
+    def log(self, row: dict[str, float]) -> None:
+        """Record one row."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
+
+class CSVSink:
+    """``metrics.csv`` in the run directory; appends when resuming."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = None
+        self._writer: csv.DictWriter[str] | None = None
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if header:
+                self._fh = open(path, "a", newline="")  # noqa: SIM115 - kept open for the run
+                self._writer = csv.DictWriter(self._fh, fieldnames=header, extrasaction="ignore")
+
+    def log(self, row: dict[str, float]) -> None:
+        """Append one row (the first row fixes the columns)."""
+        if self._writer is None:
+            self._fh = open(self.path, "w", newline="")  # noqa: SIM115
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(row), extrasaction="ignore")
+            self._writer.writeheader()
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fh is not None:
+            self._fh.close()
+
+
+class ProgressSink:
+    """A rich progress bar: env steps, env-steps/s, team return, losses."""
+
+    def __init__(self, total_env_steps: int, start: int = 0, console: Console | None = None):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
+            TextColumn("{task.fields[sps]:>9,.0f} steps/s"),
+            TextColumn("return {task.fields[ret]:>8.2f}"),
+            TextColumn("π {task.fields[pl]:+.3f} v {task.fields[vl]:.3f}"),
+            TimeElapsedColumn(),
+            console=console,
+            refresh_per_second=4,
+        )
+        self.task: TaskID = self.progress.add_task(
+            "train", total=total_env_steps, completed=start, sps=0.0, ret=math.nan, pl=0.0, vl=0.0
+        )
+        self.progress.start()
+
+    def log(self, row: dict[str, float]) -> None:
+        """Move the bar."""
+        self.progress.update(
+            self.task,
+            completed=row["env_steps"],
+            sps=row.get("env_steps_per_s", 0.0),
+            ret=row.get("episode_return", math.nan),
+            pl=row.get("policy_loss", 0.0),
+            vl=row.get("value_loss", 0.0),
+        )
+
+    def close(self) -> None:
+        """Stop redrawing."""
+        self.progress.stop()
+
+
+class Metrics:
+    """Fan a row out to every sink and keep the latest values."""
+
+    def __init__(self, sinks: list[MetricsSink]) -> None:
+        self.sinks = sinks
+        self.latest: dict[str, float] = {}
+        self.t0 = time.monotonic()
+
+    def log(self, row: dict[str, float]) -> None:
+        """Send one row everywhere."""
+        self.latest = row
+        for s in self.sinks:
+            s.log(row)
+
+    def close(self) -> None:
+        """Close every sink."""
+        for s in self.sinks:
+            s.close()

@@ -1,0 +1,264 @@
+"""The driver loop: collect, learn, log, checkpoint, repeat.
+
+This module holds the in-process path (``rollout.num_workers=0``, one learner rank), which is
+also what every distributed piece reduces to: the Ray path swaps where batches come from and
+who applies the update, not the algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import envs
+from agents.ppo import Learner
+from agents.rollout import RolloutBatch, RolloutWorker
+from envs.base import VecMultiAgentEnv
+from orchestrator.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from orchestrator.config import Config, config_to_yaml
+from orchestrator.metrics import CSVSink, Metrics, MetricsSink, ProgressSink
+from policies.actor_critic import ActorCritic, PolicySpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={spec} but CUDA is not available; use train.device=cpu")
+    return device
+
+
+def build_env(cfg: Config, num_envs: int, seed: int, device: torch.device) -> VecMultiAgentEnv:
+    """The configured env with ``num_envs`` sub-envs."""
+    e = cfg.env
+    if e.name.startswith("pettingzoo:"):
+        return envs.make(e.name, num_envs=num_envs, seed=seed, device=device, **e.kwargs)
+    return envs.make(
+        e.name,
+        num_envs=num_envs,
+        n_agents=e.n_agents,
+        max_cycles=e.max_cycles,
+        local_ratio=e.local_ratio,
+        continuous_actions=e.continuous_actions,
+        seed=seed,
+        device=device,
+        **e.kwargs,
+    )
+
+
+def policy_spec(cfg: Config, env: VecMultiAgentEnv) -> PolicySpec:
+    """Policy dimensions from the env, architecture from the config."""
+    m = cfg.model
+    return PolicySpec(
+        kind=m.kind,
+        obs_dim=env.obs_dim,
+        state_dim=env.state_dim,
+        node_dim=env.node_dim,
+        action_kind=env.action_kind,
+        action_dim=env.action_dim,
+        centralised=m.critic == "centralised",
+        hidden=m.hidden,
+        layers=m.layers,
+        heads=m.heads,
+        edges=m.edges,
+        radius=m.radius,
+        k=m.k,
+    )
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """``<run.dir>/<run.name or preset-timestamp>``, created."""
+    name = cfg.run.name or f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.run.dir) / name
+    suffix = 1
+    while path.exists() and cfg.run.name is None:
+        path = Path(cfg.run.dir) / f"{name}-{suffix}"
+        suffix += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def batch_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Episode statistics of a batch (NaN when no episode finished in it)."""
+    r = batch.episode_returns
+    return {
+        "episode_return": float(r.mean()) if r.numel() else math.nan,
+        "episode_length": float(batch.episode_lengths.float().mean()) if r.numel() else math.nan,
+        "episodes": float(r.numel()),
+    }
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so the loop saves a checkpoint before exiting."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class LocalTrainer:
+    """In-process training: one ``RolloutWorker`` and one ``Learner`` sharing one model.
+
+    Args:
+        cfg: the run config.
+        run_dir: where config, metrics and checkpoints go.
+        resume: a checkpoint (or run directory) to continue from.
+        console: rich console for the progress bar.
+        extra_sinks: more metric destinations (e.g. Ray metrics, Redis run state).
+        should_stop: polled each iteration; true ends the run cleanly with a checkpoint.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        resume: str | Path | None = None,
+        console: Console | None = None,
+        extra_sinks: list[MetricsSink] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.console = console or Console(stderr=True)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.env = build_env(cfg, cfg.env.num_envs, cfg.train.seed, self.device)
+        self.model = ActorCritic(policy_spec(cfg, self.env)).to(self.device)
+        self.learner = Learner(self.model, cfg.train.ppo())
+        self.counters: dict[str, Any] = {"env_steps": 0, "iteration": 0, "wall_time": 0.0}
+        if resume is not None:
+            self._restore(resume)
+        self.worker = RolloutWorker(
+            self.env,
+            self.model,
+            cfg.train.rollout_len,
+            seed=cfg.train.seed + self.counters["iteration"],
+        )
+        self.config_yaml = config_to_yaml(cfg)
+        (run_dir / "config.yaml").write_text(self.config_yaml)
+        self.extra_sinks = extra_sinks or []
+        self.should_stop = should_stop or (lambda: False)
+
+    def _restore(self, resume: str | Path) -> None:
+        ckpt = load_checkpoint(resume, self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.learner.load_state_dict(ckpt["learner"])
+        set_rng_state(ckpt["rng"])
+        self.counters.update(ckpt["meta"]["counters"])
+        log.info("resumed from %s at %s env steps", ckpt["path"], self.counters["env_steps"])
+
+    def checkpoint(self) -> Path:
+        """Write a checkpoint of the current state."""
+        return save_checkpoint(
+            self.run_dir / "checkpoints",
+            model=self.model,
+            learner_state=self.learner.state_dict(),
+            counters=dict(self.counters),
+            config_yaml=self.config_yaml,
+            keep=self.cfg.run.keep_checkpoints,
+        )
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``train.total_env_steps``, ``train.time_limit_s``, a stop request or Ctrl-C.
+
+        Returns:
+            A summary: final counters, last metrics, checkpoint path, why it stopped.
+        """
+        cfg = self.cfg
+        total = cfg.train.total_env_steps
+        sinks: list[MetricsSink] = [CSVSink(self.run_dir / "metrics.csv"), *self.extra_sinks]
+        if cfg.run.progress:
+            sinks.append(ProgressSink(total, self.counters["env_steps"], self.console))
+        metrics = Metrics(sinks)
+        t_start = time.monotonic()
+        wall0 = float(self.counters["wall_time"])
+        start_steps = int(self.counters["env_steps"])
+        last_ckpt = last_log = t_start
+        window_steps, window_t = 0, t_start
+        reason = "total_env_steps reached"
+        ckpt_path: Path | None = None
+        pending: dict[str, float] | None = None
+        try:
+            with sigterm_as_interrupt():
+                while self.counters["env_steps"] < total:
+                    elapsed = time.monotonic() - t_start
+                    if cfg.train.time_limit_s is not None and elapsed >= cfg.train.time_limit_s:
+                        reason = "time limit reached"
+                        break
+                    if self.should_stop():
+                        reason = "stop requested"
+                        break
+                    batch = self.worker.collect()
+                    frac = 1.0 - self.counters["env_steps"] / total if cfg.train.lr_decay else 1.0
+                    stats = self.learner.update(batch, lr_frac=max(frac, 0.0))
+                    self.counters["env_steps"] += batch.env_steps
+                    self.counters["iteration"] += 1
+                    now = time.monotonic()
+                    self.counters["wall_time"] = wall0 + now - t_start
+                    window_steps += batch.env_steps
+                    row = {
+                        "iteration": float(self.counters["iteration"]),
+                        "env_steps": float(self.counters["env_steps"]),
+                        "wall_time": self.counters["wall_time"],
+                        "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
+                        **batch_metrics(batch),
+                        **stats,
+                    }
+                    pending = row
+                    if now - last_log >= cfg.run.log_every_s:
+                        metrics.log(row)
+                        pending = None
+                        last_log, window_steps, window_t = now, 0, now
+                    if now - last_ckpt >= cfg.run.checkpoint_every_s:
+                        ckpt_path = self.checkpoint()
+                        last_ckpt = now
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        finally:
+            if pending is not None:
+                metrics.log(pending)
+            if metrics.latest:
+                ckpt_path = self.checkpoint()
+            metrics.close()
+        elapsed = time.monotonic() - t_start
+        return {
+            "reason": reason,
+            "counters": dict(self.counters),
+            "metrics": metrics.latest,
+            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "run_dir": str(self.run_dir),
+            "train_seconds": elapsed,
+            "steps_this_session": int(self.counters["env_steps"]) - start_steps,
+            "checkpoints": [str(p) for p in list_checkpoints(self.run_dir / "checkpoints")],
+        }

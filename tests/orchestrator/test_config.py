@@ -1,0 +1,73 @@
+"""Config: presets load, overrides apply, every mistake is one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config, preset_names
+
+
+def test_presets_ship_and_default_is_gnn() -> None:
+    assert {"spread-gnn", "spread-mlp"} <= set(preset_names())
+    assert load_config("spread-gnn").model.kind == "gnn"
+    assert load_config("spread-mlp").model.kind == "mlp"
+
+
+def test_dotted_overrides_are_typed() -> None:
+    cfg = load_config("spread-gnn", ["train.lr=1e-3", "env.n_agents=4", "model.edges=knn"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.env.n_agents == 4 and cfg.model.edges == "knn"
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("train.lrr=1", r"^train\.lrr: unknown key; valid keys in train: .*\blr\b"),
+        ("trian.lr=1", r"^trian: unknown key; valid keys in the top level: .*train"),
+        ("train.lr=fast", r"^train\.lr: .*valid number.*'fast'"),
+        ("train.lr=-1", r"^train\.lr: .*greater than 0"),
+        ("model.kind=cnn", r"^model\.kind: .*'mlp', 'gnn' or 'transformer'.*'cnn'"),
+        ("env.local_ratio=2", r"^env\.local_ratio: .*less than or equal to 1"),
+        ("train.lr", r"must look like section\.key=value"),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_key(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config("spread-gnn", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_impossible_combination_names_both_keys() -> None:
+    with pytest.raises(ConfigError, match=r"env\.num_envs \(7\).*learner\.num_ranks \(2\)"):
+        load_config("spread-gnn", ["env.num_envs=7", "learner.num_ranks=2"])
+
+
+def test_unknown_preset_lists_presets(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'sprad'; available: .*spread-gnn"):
+        load_config("sprad")
+    f = tmp_path / "mine.yaml"
+    f.write_text("env:\n  n_agents: 5\n")
+    assert load_config(str(f)).env.n_agents == 5
+
+
+def test_cli_config_error_exits_2_and_starts_nothing(tmp_path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "run",
+            "spread-gnn",
+            "train.lrr=1",
+            f"run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.lrr: unknown key" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory was created

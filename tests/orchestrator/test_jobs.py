@@ -1,0 +1,364 @@
+"""shoal's Ray Jobs client against a real loopback Ray head running in token-auth mode.
+
+The head is private to this module: its own temp dir, free ports, one CPU. Every process it
+starts inherits a marker environment variable, which is how teardown finds (and then proves
+gone) exactly those processes, including job drivers that Ray moves to their own session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from orchestrator import jobs as jobs_module
+from orchestrator.jobs import JobsError, ShoalJobs, build_entrypoint, resolve_auth_headers
+
+JOB_TIMEOUT = 60.0
+ID_PATTERN = re.compile(r"^shoal-[a-z0-9-]+-\d{8}-\d{6}-[0-9a-f]{4}$")
+MARKER = "SHOAL_TEST_RAY_HEAD"
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+
+
+def on_cluster(test):
+    """Marks a test that needs the loopback Ray head."""
+    return pytest.mark.ray(pytest.mark.slow(needs_proc(test)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _python_c(code: str) -> str:
+    return shlex.join(["python", "-c", code])
+
+
+@dataclass
+class Head:
+    address: str
+    token: str | None
+    temp_dir: str
+    marker: str
+    session: int = -1  # session id of `ray start`, which every daemon it spawns inherits
+
+
+def _head_pids(head: Head) -> list[int]:
+    """Live processes of the head: its session, its marker or temp dir, and their children.
+
+    No single sign is enough: agents rewrite their argv and environ with setproctitle, and
+    job drivers start a session of their own, but each is a child of one the others catch.
+    """
+    marker, temp_dir = head.marker.encode(), head.temp_dir.encode()
+    parents, ours = {}, set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):  # exited meanwhile, or not ours to read
+            continue
+        if stat[0] == "Z":  # already dead, only waiting to be reaped
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(stat[1])
+        if int(stat[3]) == head.session or marker in environ or temp_dir in cmdline:
+            ours.add(pid)
+    while children := {pid for pid, ppid in parents.items() if ppid in ours} - ours:
+        ours |= children
+    return sorted(ours)
+
+
+def _stop_head(head: Head) -> None:
+    # Never `ray stop`: it kills every Ray process on the host, not just this head's.
+    # gcs_server can sit on SIGTERM for many seconds; a test head owes nothing to disk.
+    known: set[int] = set()
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+        deadline = time.monotonic() + grace
+        # Rescan while signalling: a parent's death hands its children to init.
+        while (alive := set(_head_pids(head))) and time.monotonic() < deadline:
+            for pid in alive - known if sig == signal.SIGTERM else alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            known |= alive
+            time.sleep(0.2)
+    leftover = _head_pids(head)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    assert not leftover, f"processes of the test Ray head survived teardown: {leftover}"
+
+
+@contextlib.contextmanager
+def _ray_head(*, auth: bool) -> Iterator[Head]:
+    temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
+    dashboard_port = _free_port()
+    token = secrets.token_hex(16) if auth else None
+    marker_value = uuid.uuid4().hex
+    head = Head(f"http://127.0.0.1:{dashboard_port}", token, temp_dir, f"{MARKER}={marker_value}")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token" if auth else "disabled", RAY_USAGE_STATS_ENABLED="0")
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    env[MARKER] = marker_value
+    # Job entrypoints run `python` from PATH: make it this interpreter, as an active venv would.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # Every listening port is explicit so this head never collides with another on the host.
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": dashboard_port,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--node-manager-port": _free_port(),
+        "--object-manager-port": _free_port(),
+    }
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=1",
+        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]  # fmt: skip
+    try:
+        starter = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        head.session = starter.pid
+        _, stderr = starter.communicate(timeout=120)
+        assert starter.returncode == 0, f"ray start failed:\n{stderr[-3000:]}"
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        deadline = time.monotonic() + 60.0
+        while True:
+            # The Jobs module loads after the dashboard itself answers.
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{head.address}/api/jobs/", headers=headers, timeout=2).ok:
+                    break
+            assert time.monotonic() < deadline, "Ray dashboard did not answer within 60 s"
+            time.sleep(0.5)
+        yield head
+    finally:
+        _stop_head(head)
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    with _ray_head(auth=True) as running:
+        yield running
+
+
+@pytest.fixture
+def client(head: Head) -> ShoalJobs:
+    return ShoalJobs(head.address, token=head.token)
+
+
+@pytest.fixture
+def clean_auth_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No token anywhere: no auth variables and a HOME without ~/.ray/auth_token."""
+    for name in (*AUTH_ENV, "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+# -- without a cluster ----------------------------------------------------------------------
+
+
+def test_token_sources_follow_rays_precedence(clean_auth_env: Path, monkeypatch) -> None:
+    assert resolve_auth_headers() == {}
+    default_file = clean_auth_env / ".ray" / "auth_token"
+    default_file.parent.mkdir()
+    default_file.write_text("from-default\n")
+    assert resolve_auth_headers() == {"authorization": "Bearer from-default"}
+    path_file = clean_auth_env / "token.txt"
+    path_file.write_text("  from-path \n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path_file))
+    assert resolve_auth_headers() == {"authorization": "Bearer from-path"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert resolve_auth_headers() == {"authorization": "Bearer from-env"}
+    assert resolve_auth_headers("explicit") == {"authorization": "Bearer explicit"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert resolve_auth_headers() == {}
+
+
+def test_a_broken_token_path_is_an_error_not_a_fallback(clean_auth_env: Path, monkeypatch) -> None:
+    (clean_auth_env / ".ray").mkdir()
+    (clean_auth_env / ".ray" / "auth_token").write_text("stale-default")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(clean_auth_env / "missing"))
+    with pytest.raises(JobsError, match="RAY_AUTH_TOKEN_PATH"):
+        resolve_auth_headers()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["spread-gnn"], ["my run.yaml", "train.lr=3e-4", "name=it's", "x=$(rm -rf /);`id`"]],
+)
+def test_entrypoint_quotes_every_argument(args: list[str]) -> None:
+    assert shlex.split(build_entrypoint(args)) == ["python", "-m", "orchestrator.cli", "run", *args]
+
+
+def test_submission_ids_are_readable_and_unique() -> None:
+    ids = {jobs_module.make_submission_id("configs/Spread GNN.yaml") for _ in range(50)}
+    assert all(ID_PATTERN.match(job_id) and "-spread-gnn-" in job_id for job_id in ids)
+    assert len(ids) > 40  # 4 random hex digits within one second
+
+
+def test_unreachable_address_fails_fast_naming_it(clean_auth_env: Path) -> None:
+    address = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    with pytest.raises(JobsError) as error:
+        ShoalJobs(address).list()
+    assert time.monotonic() - started < 5.0
+    message = str(error.value)
+    assert address in message and "ray start --head" in message and "\n" not in message
+
+
+def test_non_dashboard_address_is_a_usage_error(clean_auth_env: Path) -> None:
+    with pytest.raises(JobsError, match="dashboard") as error:
+        ShoalJobs("ray://127.0.0.1:10001")
+    assert error.value.exit_code == 2
+
+
+def test_config_file_must_be_inside_the_uploaded_dir(tmp_path: Path) -> None:
+    project, outside = tmp_path / "project", tmp_path / "elsewhere.yaml"
+    (project / "configs").mkdir(parents=True)
+    (project / "runs").mkdir()
+    outside.write_text("{}")
+    (project / "configs" / "a.yaml").write_text("{}")
+    (project / "runs" / "b.yaml").write_text("{}")
+    target = jobs_module._config_target
+    assert target(str(project / "configs" / "a.yaml"), str(project)) == "configs/a.yaml"
+    assert target("spread-gnn", str(project)) == "spread-gnn"
+    for bad in (outside, project / "runs" / "b.yaml", project / "missing.yaml"):
+        with pytest.raises(JobsError) as error:
+            target(str(bad), str(project))
+        assert error.value.exit_code == 2
+
+
+# -- against the loopback head --------------------------------------------------------------
+
+
+@on_cluster
+def test_job_runs_in_the_packaged_working_dir(client: ShoalJobs, tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("payload")
+    for skipped in (".venv", "runs", "__pycache__"):
+        (tmp_path / skipped).mkdir()
+        (tmp_path / skipped / "junk").write_text("x")
+    nonce = uuid.uuid4().hex
+    code = f"import os; print('hello shoal {nonce}', sorted(os.listdir('.')))"
+    job_id = client.submit(["hello"], entrypoint=_python_c(code), working_dir=tmp_path)
+    assert ID_PATTERN.match(job_id) and job_id.startswith("shoal-hello-")
+    assert client.wait(job_id, timeout=JOB_TIMEOUT, poll=0.2) == "SUCCEEDED"
+    logs = client.logs(job_id)
+    assert f"hello shoal {nonce} ['data.txt']" in logs
+    listed = {job.submission_id: str(job.status.value) for job in client.list()}
+    assert listed[job_id] == "SUCCEEDED"
+    assert client.dashboard_url(job_id) == f"{client.address}/#/jobs/{job_id}"
+
+
+@on_cluster
+def test_stop_ends_a_running_job(client: ShoalJobs) -> None:
+    job_id = client.submit(entrypoint=_python_c("import time; time.sleep(60)"))
+    assert client.wait(job_id, timeout=JOB_TIMEOUT, poll=0.2, until={"RUNNING"}) == "RUNNING"
+    assert client.stop(job_id) is True
+    assert client.wait(job_id, timeout=30, poll=0.2) == "STOPPED"
+    assert client.stop(job_id) is False
+
+
+@on_cluster
+def test_unknown_job_id_is_named_in_a_usage_error(client: ShoalJobs) -> None:
+    calls = {
+        "status": client.status,
+        "logs": client.logs,
+        "stop": client.stop,
+        "tail": lambda job_id: next(iter(client.tail_logs(job_id))),
+    }
+    for name, call in calls.items():
+        with pytest.raises(JobsError) as error:
+            call("shoal-no-such-job")
+        message = str(error.value)
+        assert "'shoal-no-such-job'" in message and "shoal jobs list" in message, name
+        assert error.value.exit_code == 2, name
+
+
+@on_cluster
+def test_wrong_or_missing_token_is_an_auth_error(head: Head, clean_auth_env: Path) -> None:
+    with pytest.raises(JobsError, match="rejected the auth token") as wrong:
+        ShoalJobs(head.address, token="not-the-token").list()
+    assert "RAY_AUTH_TOKEN" in str(wrong.value) and "not-the-token" not in str(wrong.value)
+    with pytest.raises(JobsError, match="requires an auth token"):
+        ShoalJobs(head.address).list()
+
+
+@on_cluster
+def test_token_from_env_alone_is_sent(head: Head, clean_auth_env: Path, monkeypatch) -> None:
+    # Ray's SDK would send nothing here: it attaches tokens only when RAY_AUTH_MODE=token.
+    monkeypatch.setenv("RAY_AUTH_TOKEN", str(head.token))
+    assert isinstance(ShoalJobs(head.address).list(), list)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    token_file = clean_auth_env / "token"
+    token_file.write_text(f"{head.token}\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert isinstance(ShoalJobs(head.address).list(), list)
+
+
+@on_cluster
+def test_cli_follow_streams_logs_and_returns_the_jobs_outcome(
+    head: Head, clean_auth_env: Path, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", str(head.token))
+    outcomes = {"ok": "print('cli says hi')", "bad": "import sys; print('cli fails'); sys.exit(3)"}
+    for name, code in outcomes.items():
+        monkeypatch.setattr(jobs_module, "build_entrypoint", lambda _args, c=code: _python_c(c))
+        argv = ["submit", f"cli-{name}", "a=1", "--follow", "--working-dir", str(tmp_path)]
+        code_returned = jobs_module.main([*argv, "--address", head.address])
+        out = capsys.readouterr().out
+        job_id = re.search(r"submitted (\S+)", out).group(1)
+        assert code_returned == (0 if name == "ok" else 1)
+        assert f"{head.address}/#/jobs/{job_id}" in out
+        assert ("cli says hi" if name == "ok" else "cli fails") in out
+
+    assert jobs_module.main(["jobs", "list", "--address", head.address]) == 0
+    listing = capsys.readouterr().out
+    assert job_id in listing and "FAILED" in listing
+    assert jobs_module.main(["jobs", "status", job_id, "--address", head.address]) == 0
+    assert "FAILED" in capsys.readouterr().out
+    assert jobs_module.main(["jobs", "status", "nope-123", "--address", head.address]) == 2
+    err = capsys.readouterr().err
+    assert "'nope-123'" in err and err.count("\n") == 1
+
+
+@on_cluster
+def test_a_stray_token_is_harmless_when_auth_is_off(clean_auth_env: Path, monkeypatch) -> None:
+    # shoal always sends a token it finds (e.g. left by a local ray.init); an auth-free
+    # cluster must still accept the request.
+    with _ray_head(auth=False) as open_head:
+        assert ShoalJobs(open_head.address).list() == []
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "left-over-token")
+        job_id = ShoalJobs(open_head.address).submit(entrypoint=_python_c("print(1)"))
+        assert ShoalJobs(open_head.address).wait(job_id, timeout=JOB_TIMEOUT) == "SUCCEEDED"
