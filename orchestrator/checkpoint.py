@@ -166,5 +166,19 @@ def policy_from_checkpoint(
     """Rebuild the policy a checkpoint holds (``spec_overrides`` e.g. for a new obs size)."""
     spec = PolicySpec(**{**ckpt["meta"]["policy_spec"], **spec_overrides})
     model = ActorCritic(spec).to(device)
-    model.load_state_dict(ckpt["model"])
+    state = ckpt["model"]
+    if spec_overrides:
+        # A size-agnostic actor may run with another team size while an MLP critic, which is
+        # tied to the training N, cannot: keep the actor, leave a mismatched critic untrained.
+        own = model.state_dict()
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if any(not k.startswith("critic.") for k in mismatched):
+            raise ValueError(
+                f"this checkpoint's policy cannot act with {spec_overrides}: parameters "
+                f"{mismatched[:3]} depend on the team size"
+            )
+        state = {k: v for k, v in state.items() if k not in mismatched}
+        model.load_state_dict(state, strict=not mismatched)
+        return model
+    model.load_state_dict(state)
     return model

@@ -52,6 +52,8 @@ class ModelConfig(_Section):
     k: int = Field(4, ge=1)
     critic: Literal["centralised", "independent"] = "centralised"
     """``centralised`` is MAPPO, ``independent`` is IPPO."""
+    critic_kind: Literal["mlp", "gnn", "transformer"] | None = None
+    """Critic architecture (default: same as ``kind``). ``mlp`` is cheapest but tied to N."""
 
 
 class TrainConfig(_Section):
@@ -91,16 +93,28 @@ class RolloutConfig(_Section):
 
     num_workers: int = Field(0, ge=0)
     max_staleness: int = Field(1, ge=0)
-    """Workers act with weights at most this many versions old."""
+    """Workers act with weights at most this many versions old; 0 alternates collecting and
+    learning, 1 lets workers collect the next batch while the learner updates."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Ray CPUs reserved by each rollout actor."""
+    max_restarts: int = Field(10, ge=-1)
+    """Ray restarts a dead rollout actor this many times (-1: without limit)."""
+    collect_timeout_s: float = Field(300.0, gt=0)
+    """A batch not back within this time counts as a dead worker: restarted and re-collected."""
 
 
 class LearnerConfig(_Section):
-    """The learner group (Ray Train ``TorchTrainer`` ranks, DDP)."""
+    """The learner group: ``num_ranks`` Ray actors (``shoal-learner-<rank>``) running DDP."""
 
     num_ranks: int = Field(1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``auto``: NCCL when CUDA is used, gloo otherwise."""
     max_failures: int = Field(2, ge=0)
+    """Restarts of the whole group from the last checkpoint before the run fails."""
+    cpus_per_rank: float = Field(1.0, gt=0)
+    """Ray CPUs reserved by each learner rank."""
+    placement: Literal["pack", "spread"] = "pack"
+    """``pack`` keeps ranks on as few nodes as possible, ``spread`` puts them on different ones."""
 
 
 class RedisConfig(_Section):
@@ -112,6 +126,10 @@ class RedisConfig(_Section):
     enabled: bool = True
     """Local in-process runs may skip Redis entirely (``redis.enabled=false``)."""
     replay_maxlen: int = Field(2000, ge=1)
+    replay: bool = True
+    """Rollout workers append one trajectory chunk per batch to the replay stream."""
+    replay_envs: int = Field(1, ge=1)
+    """Sub-envs of each batch copied into its replay chunk (keeps chunks small)."""
 
 
 class RunConfig(_Section):
@@ -134,8 +152,13 @@ class RayConfig(_Section):
     address: str | None = None
     """``auto`` or ``host:port`` to join a cluster; none starts a local instance."""
     num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local instance (default: what the run's actors reserve)."""
     dashboard_port: int = Field(8265, ge=0)
     include_dashboard: bool = True
+    log_to_driver: bool = True
+    """Show actor logs in the driver's terminal."""
+    object_store_mb: int = Field(512, ge=100)
+    """Object store size of a local instance."""
 
 
 class Config(_Section):

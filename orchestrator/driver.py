@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from rich.console import Console
 
 from orchestrator.config import Config
 from orchestrator.runstate import RunStateSink, SharedMemory, write_summary
 from orchestrator.trainer import LocalTrainer
+
+log = logging.getLogger(__name__)
 
 
 def is_distributed(cfg: Config) -> bool:
@@ -31,6 +35,16 @@ def throttled(check: Callable[[], bool], every_s: float = 0.5) -> Callable[[], b
         return bool(last[1])
 
     return wrapped
+
+
+def _record_failure(mem: SharedMemory, error: BaseException) -> None:
+    """Mark the run failed in Redis, without waiting out an outage that may be the failure."""
+    if mem.client is not None:
+        mem.client.outage_timeout = min(mem.client.outage_timeout, 5.0)
+    try:
+        mem.state.set_status("failed", error=f"{type(error).__name__}: {error}")
+    except redis.RedisError:
+        log.warning("could not record the failure in Redis at %s", mem.address)
 
 
 def run_training(
@@ -76,7 +90,7 @@ def run_training(
                 mem.state.set_status("running")
                 summary = trainer.train()
         except BaseException as e:
-            mem.state.set_status("failed", error=f"{type(e).__name__}: {e}")
+            _record_failure(mem, e)
             raise
         mem.state.set_status("finished", reason=summary["reason"])
     write_summary(run_dir, summary)

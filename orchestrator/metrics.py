@@ -45,6 +45,25 @@ class CSVSink:
         self._writer.writerow(row)
         self._fh.flush()
 
+    def truncate(self, max_env_steps: float) -> None:
+        """Drop rows past ``max_env_steps``: progress a crash lost and a resume will redo.
+
+        Keeps the file's ``env_steps`` column increasing when a run resumes from a checkpoint
+        older than its last logged row.
+        """
+        if self._writer is None or self._fh is None:
+            return
+        self._fh.close()
+        with open(self.path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        header = list(self._writer.fieldnames)
+        kept = [r for r in rows if float(r.get("env_steps") or 0.0) <= max_env_steps]
+        self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - kept open for the run
+        self._writer = csv.DictWriter(self._fh, fieldnames=header, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._fh.flush()
+
     def close(self) -> None:
         """Close the file."""
         if self._fh is not None:

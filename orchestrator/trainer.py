@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def policy_spec(cfg: Config, env: VecMultiAgentEnv) -> PolicySpec:
         action_kind=env.action_kind,
         action_dim=env.action_dim,
         centralised=m.critic == "centralised",
+        critic_kind=m.critic_kind,
         hidden=m.hidden,
         layers=m.layers,
         heads=m.heads,
@@ -125,6 +127,115 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+Step = Callable[[float], tuple[int, dict[str, float]]]
+"""One iteration: collect and learn with the learning rate scaled by the given fraction;
+returns the env steps it trained on (summed over learner ranks) and its statistics."""
+
+
+@dataclass
+class LoopResult:
+    """How a training loop ended."""
+
+    reason: str
+    checkpoint: Path | None
+    seconds: float
+    start_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _same(reason: str | None) -> str | None:
+    return reason
+
+
+def run_loop(
+    cfg: Config,
+    counters: dict[str, Any],
+    step: Step,
+    metrics: Metrics,
+    checkpoint: Callable[[], Path] | None,
+    should_stop: Callable[[], str | None] = lambda: None,
+    agree: Callable[[str | None], str | None] = _same,
+    time_limit_s: float | None = None,
+) -> LoopResult:
+    """Collect, learn, log, checkpoint, repeat: the loop every execution path runs.
+
+    In-process training calls it once; each learner rank of a distributed run calls it with
+    its own ``step``, so all ranks take the same decisions from the same counters.
+
+    Args:
+        cfg: the run config (``train.total_env_steps``, ``run.log_every_s``, ...).
+        counters: ``env_steps``, ``iteration``, ``wall_time`` and any extra counters; updated
+            in place and saved with every checkpoint.
+        step: one iteration (see :data:`Step`).
+        metrics: where rows go, at most every ``run.log_every_s``; closed at the end.
+        checkpoint: writes a checkpoint; ``None`` on ranks that do not write.
+        should_stop: polled every iteration; a reason string ends the run cleanly.
+        agree: turns this process's stop reason into the one every rank acts on (identity
+            in-process; a broadcast from rank 0 in a learner group).
+        time_limit_s: stop after this many seconds of this loop.
+
+    Returns:
+        Why it stopped, the last checkpoint written, the loop's duration and start counter.
+    """
+    total = cfg.train.total_env_steps
+    t_start = time.monotonic()
+    wall0 = float(counters["wall_time"])
+    start_steps = int(counters["env_steps"])
+    last_ckpt = last_log = t_start
+    window_steps, window_t = 0, t_start
+    reason = "total_env_steps reached"
+    ckpt_path: Path | None = None
+    pending: dict[str, float] | None = None
+    failed = False
+    try:
+        with sigterm_as_interrupt():
+            while counters["env_steps"] < total:
+                elapsed = time.monotonic() - t_start
+                local: str | None = None
+                if time_limit_s is not None and elapsed >= time_limit_s:
+                    local = "time limit reached"
+                else:
+                    local = should_stop()
+                stop = agree(local)
+                if stop is not None:
+                    reason = stop
+                    break
+                frac = 1.0 - counters["env_steps"] / total if cfg.train.lr_decay else 1.0
+                steps, stats = step(max(frac, 0.0))
+                counters["env_steps"] += steps
+                counters["iteration"] += 1
+                now = time.monotonic()
+                counters["wall_time"] = wall0 + now - t_start
+                window_steps += steps
+                row = {
+                    "iteration": float(counters["iteration"]),
+                    "env_steps": float(counters["env_steps"]),
+                    "wall_time": counters["wall_time"],
+                    "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
+                    **stats,
+                }
+                pending = row
+                if now - last_log >= cfg.run.log_every_s:
+                    metrics.log(row)
+                    pending = None
+                    last_log, window_steps, window_t = now, 0, now
+                if checkpoint is not None and now - last_ckpt >= cfg.run.checkpoint_every_s:
+                    ckpt_path = checkpoint()
+                    last_ckpt = now
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    except BaseException:
+        failed = True  # the state may be half-updated: keep the last good checkpoint
+        raise
+    finally:
+        if pending is not None:
+            metrics.log(pending)
+        if metrics.latest and checkpoint is not None and not failed:
+            ckpt_path = checkpoint()
+        metrics.close()
+    return LoopResult(reason, ckpt_path, time.monotonic() - t_start, start_steps, metrics.latest)
+
+
 class LocalTrainer:
     """In-process training: one ``RolloutWorker`` and one ``Learner`` sharing one model.
 
@@ -157,6 +268,7 @@ class LocalTrainer:
         self.model = ActorCritic(policy_spec(cfg, self.env)).to(self.device)
         self.learner = Learner(self.model, cfg.train.ppo())
         self.counters: dict[str, Any] = {"env_steps": 0, "iteration": 0, "wall_time": 0.0}
+        self.resumed = resume is not None
         if resume is not None:
             self._restore(resume)
         self.worker = RolloutWorker(
@@ -189,6 +301,12 @@ class LocalTrainer:
             keep=self.cfg.run.keep_checkpoints,
         )
 
+    def step(self, lr_frac: float) -> tuple[int, dict[str, float]]:
+        """Collect one batch and learn from it."""
+        batch = self.worker.collect()
+        stats = self.learner.update(batch, lr_frac=lr_frac)
+        return batch.env_steps, {**batch_metrics(batch), **stats}
+
     def train(self) -> dict[str, Any]:
         """Run until ``train.total_env_steps``, ``train.time_limit_s``, a stop request or Ctrl-C.
 
@@ -196,69 +314,30 @@ class LocalTrainer:
             A summary: final counters, last metrics, checkpoint path, why it stopped.
         """
         cfg = self.cfg
-        total = cfg.train.total_env_steps
-        sinks: list[MetricsSink] = [CSVSink(self.run_dir / "metrics.csv"), *self.extra_sinks]
+        csv_sink = CSVSink(self.run_dir / "metrics.csv")
+        if self.resumed:
+            csv_sink.truncate(self.counters["env_steps"])
+        sinks: list[MetricsSink] = [csv_sink, *self.extra_sinks]
         if cfg.run.progress:
-            sinks.append(ProgressSink(total, self.counters["env_steps"], self.console))
-        metrics = Metrics(sinks)
-        t_start = time.monotonic()
-        wall0 = float(self.counters["wall_time"])
-        start_steps = int(self.counters["env_steps"])
-        last_ckpt = last_log = t_start
-        window_steps, window_t = 0, t_start
-        reason = "total_env_steps reached"
-        ckpt_path: Path | None = None
-        pending: dict[str, float] | None = None
-        try:
-            with sigterm_as_interrupt():
-                while self.counters["env_steps"] < total:
-                    elapsed = time.monotonic() - t_start
-                    if cfg.train.time_limit_s is not None and elapsed >= cfg.train.time_limit_s:
-                        reason = "time limit reached"
-                        break
-                    if self.should_stop():
-                        reason = "stop requested"
-                        break
-                    batch = self.worker.collect()
-                    frac = 1.0 - self.counters["env_steps"] / total if cfg.train.lr_decay else 1.0
-                    stats = self.learner.update(batch, lr_frac=max(frac, 0.0))
-                    self.counters["env_steps"] += batch.env_steps
-                    self.counters["iteration"] += 1
-                    now = time.monotonic()
-                    self.counters["wall_time"] = wall0 + now - t_start
-                    window_steps += batch.env_steps
-                    row = {
-                        "iteration": float(self.counters["iteration"]),
-                        "env_steps": float(self.counters["env_steps"]),
-                        "wall_time": self.counters["wall_time"],
-                        "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
-                        **batch_metrics(batch),
-                        **stats,
-                    }
-                    pending = row
-                    if now - last_log >= cfg.run.log_every_s:
-                        metrics.log(row)
-                        pending = None
-                        last_log, window_steps, window_t = now, 0, now
-                    if now - last_ckpt >= cfg.run.checkpoint_every_s:
-                        ckpt_path = self.checkpoint()
-                        last_ckpt = now
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        finally:
-            if pending is not None:
-                metrics.log(pending)
-            if metrics.latest:
-                ckpt_path = self.checkpoint()
-            metrics.close()
-        elapsed = time.monotonic() - t_start
+            sinks.append(
+                ProgressSink(cfg.train.total_env_steps, self.counters["env_steps"], self.console)
+            )
+        res = run_loop(
+            cfg,
+            self.counters,
+            self.step,
+            Metrics(sinks),
+            self.checkpoint,
+            should_stop=lambda: "stop requested" if self.should_stop() else None,
+            time_limit_s=cfg.train.time_limit_s,
+        )
         return {
-            "reason": reason,
+            "reason": res.reason,
             "counters": dict(self.counters),
-            "metrics": metrics.latest,
-            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "metrics": res.metrics,
+            "checkpoint": str(res.checkpoint) if res.checkpoint else None,
             "run_dir": str(self.run_dir),
-            "train_seconds": elapsed,
-            "steps_this_session": int(self.counters["env_steps"]) - start_steps,
+            "train_seconds": res.seconds,
+            "steps_this_session": int(self.counters["env_steps"]) - res.start_steps,
             "checkpoints": [str(p) for p in list_checkpoints(self.run_dir / "checkpoints")],
         }

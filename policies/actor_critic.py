@@ -78,6 +78,9 @@ class PolicySpec:
     action_kind: str
     action_dim: int
     centralised: bool = True
+    #: Critic architecture; ``None`` uses ``kind``. An MLP critic on the global state is the
+    #: cheapest centralised critic but, unlike graph/transformer critics, is tied to N.
+    critic_kind: str | None = None
     hidden: int = 64
     layers: int = 2
     heads: int = 2
@@ -99,8 +102,10 @@ class ActorCritic(nn.Module):
 
     def __init__(self, spec: PolicySpec) -> None:
         super().__init__()
-        if spec.kind not in POLICY_KINDS:
-            raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
+        critic_kind = spec.critic_kind or spec.kind
+        for kind in (spec.kind, critic_kind):
+            if kind not in POLICY_KINDS:
+                raise ValueError(f"policy kind {kind!r} is not one of {POLICY_KINDS}")
         self.spec = spec
         graph: dict[str, object] = {
             "hidden": spec.hidden,
@@ -110,21 +115,24 @@ class ActorCritic(nn.Module):
             "radius": spec.radius,
             "k": spec.k,
         }
+        tf = {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads}
         self.actor: nn.Module
         self.critic: nn.Module
         if spec.kind == "mlp":
             self.actor = MLPActor(
                 spec.obs_dim, spec.action_kind, spec.action_dim, spec.hidden, spec.layers
             )
+        elif spec.kind == "gnn":
+            self.actor = GNNActor(spec.node_dim, spec.action_kind, spec.action_dim, **graph)
+        else:
+            self.actor = TransformerActor(spec.node_dim, spec.action_kind, spec.action_dim, **tf)
+        if critic_kind == "mlp":
             self.critic = MLPCritic(
                 spec.obs_dim, spec.state_dim, spec.centralised, spec.hidden, spec.layers
             )
-        elif spec.kind == "gnn":
-            self.actor = GNNActor(spec.node_dim, spec.action_kind, spec.action_dim, **graph)
+        elif critic_kind == "gnn":
             self.critic = GNNCritic(spec.node_dim, spec.centralised, **graph)
         else:
-            tf = {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads}
-            self.actor = TransformerActor(spec.node_dim, spec.action_kind, spec.action_dim, **tf)
             self.critic = TransformerCritic(spec.node_dim, spec.centralised, **tf)
         self.value_norm = ValueNorm()
 

@@ -91,15 +91,13 @@ def dense_transformer_conv(
     b, e, _ = x.shape
     h, c = conv.heads, conv.out_channels
     hc = h * c
-    # One matmul for query, key, value and skip instead of four.
-    weight = torch.cat(
-        [conv.lin_query.weight, conv.lin_key.weight, conv.lin_value.weight, conv.lin_skip.weight]
-    )
-    b_all = torch.cat(
-        [conv.lin_query.bias, conv.lin_key.bias, conv.lin_value.bias, conv.lin_skip.bias]
-    )
-    qkvs = torch.nn.functional.linear(x, weight, b_all)
-    q, k, v, skip = qkvs.split(hc, dim=-1)
+    # One matmul for query, key, value (and skip) instead of three or four.
+    lins = [conv.lin_query, conv.lin_key, conv.lin_value]
+    if conv.root_weight:
+        lins.append(conv.lin_skip)
+    weight = torch.cat([lin.weight for lin in lins])
+    b_all = torch.cat([lin.bias for lin in lins])
+    q, k, v, *skip = torch.nn.functional.linear(x, weight, b_all).split(hc, dim=-1)
     wp = torch.nn.functional.linear(pos, conv.lin_edge.weight)  # W_e pos, lin_edge has no bias
     kp, vp = k + wp, v + wp
     # Heads to the batch dim: [B*H, E, C] (a copy only when H > 1).
@@ -119,7 +117,7 @@ def dense_transformer_conv(
     out = out.view(b, h, e, c).transpose(1, 2).reshape(b, e, hc)
     # A receiver without senders gets zero from PyG; here softmax spread it over padding.
     out = out * adj.any(-1, keepdim=True)
-    return out + skip if conv.root_weight else out
+    return out + skip[0] if skip else out
 
 
 def attention_bias(adj: Tensor) -> Tensor:
@@ -169,7 +167,10 @@ class GraphEncoder(nn.Module):
         self.edges, self.radius, self.k = edges, radius, k
         self.embed = mlp(node_dim, hidden, 1)
         self.convs = nn.ModuleList(
-            TransformerConv(hidden, hidden // heads, heads=heads, edge_dim=pos_dim)
+            # No skip projection: the residual below already carries each node's own state.
+            TransformerConv(
+                hidden, hidden // heads, heads=heads, edge_dim=pos_dim, root_weight=False
+            )
             for _ in range(layers)
         )
 

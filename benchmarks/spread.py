@@ -1,0 +1,173 @@
+"""Spread benchmarks: training throughput, the raw env ceiling, and time to a team return.
+
+Run ``python -m benchmarks.spread`` (all) or ``python -m benchmarks.spread --only throughput``.
+Every result is one JSON line: ``name``, ``value``, ``unit`` plus context; references (raw env
+speed, random and no-op returns) are measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import envs
+from orchestrator.checkpoint import list_checkpoints
+from orchestrator.config import load_config
+from orchestrator.evaluate import evaluate
+from orchestrator.trainer import LocalTrainer
+
+TARGET_RETURN = -45.0
+
+
+def emit(name: str, value: float, unit: str, **context: Any) -> None:
+    """Print one result line."""
+    context.setdefault("host_cpus", os.cpu_count())
+    context.setdefault("torch", torch.__version__)
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **context}), flush=True)
+
+
+def raw_env_steps_per_s(num_envs: int, n_agents: int = 3, seconds: float = 3.0) -> float:
+    """Random-action env-steps/s of the native spread env at batch ``num_envs``."""
+    env = envs.make("spread", num_envs=num_envs, n_agents=n_agents, seed=0)
+    env.reset()
+    for _ in range(5):
+        env.step(env.random_actions())
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        env.step(env.random_actions())
+        steps += num_envs
+    return steps / (time.perf_counter() - t0)
+
+
+def baseline_returns(episodes: int = 100, seed: int = 12345) -> dict[str, float]:
+    """Random and no-op team returns on real mpe2 simple_spread_v3 (N=3)."""
+    out = {}
+    for name in ("random", "noop"):
+        env = envs.make("mpe2-spread", num_envs=episodes, n_agents=3, seed=seed)
+        env.reset(seed=seed)
+        total = torch.zeros(episodes)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(25):
+            if name == "random":
+                act = torch.randint(5, (episodes, 3), generator=gen)
+            else:
+                act = torch.zeros(episodes, 3, dtype=torch.long)
+            total += env.step(act).reward.sum(-1)
+        out[name] = float(total.mean())
+    return out
+
+
+def train_and_evaluate(
+    preset: str, time_limit: float, overrides: list[str], eval_episodes: int = 100
+) -> dict[str, Any]:
+    """Train ``preset`` for ``time_limit`` wall seconds, checkpointing every 10 s.
+
+    Evaluation happens afterwards, on real mpe2, so it never eats into training time.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+    try:
+        cfg = load_config(
+            preset,
+            [
+                f"train.time_limit_s={time_limit}",
+                "train.total_env_steps=1000000000",
+                "run.checkpoint_every_s=10",
+                "run.keep_checkpoints=1000",
+                "run.progress=false",
+                "redis.enabled=false",
+                *overrides,
+            ],
+        )
+        t0 = time.perf_counter()
+        trainer = LocalTrainer(cfg, tmp)
+        setup_s = time.perf_counter() - t0
+        summary = trainer.train()
+        evals = []
+        for ckpt in list_checkpoints(tmp / "checkpoints"):
+            res = evaluate(ckpt, episodes=eval_episodes)
+            evals.append(
+                {
+                    "wall_time": res["wall_time"],
+                    "env_steps": res["env_steps"],
+                    "mean": res["mean"],
+                    "stderr": res["stderr"],
+                }
+            )
+        reached = next((e for e in evals if e["mean"] >= TARGET_RETURN), None)
+        return {
+            "cfg": cfg,
+            "summary": summary,
+            "setup_s": setup_s,
+            "evals": evals,
+            "reached": reached,
+            "sps": summary["steps_this_session"] / summary["train_seconds"],
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the spread benchmarks."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--presets", nargs="+", default=["spread-mlp", "spread-gnn"])
+    p.add_argument("--time-limit", type=float, default=120.0)
+    p.add_argument("--only", choices=["throughput", "learning"], help="a subset")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides applied to every preset",
+    )
+    args = p.parse_args(argv)
+    ctx = {"machine": platform.machine()}
+
+    if args.only != "throughput":
+        for name, value in baseline_returns().items():
+            emit(f"mpe2_spread_{name}_team_return", value, "team_return", episodes=100, **ctx)
+
+    for preset in args.presets:
+        cfg = load_config(preset, args.overrides)
+        b = cfg.env.num_envs
+        ceiling = raw_env_steps_per_s(b, cfg.env.n_agents)
+        emit(f"{preset}_raw_env_steps_per_s", ceiling, "env_steps/s", num_envs=b, **ctx)
+        limit = 20.0 if args.only == "throughput" else args.time_limit
+        res = train_and_evaluate(preset, limit, args.overrides)
+        emit(
+            f"{preset}_train_env_steps_per_s",
+            res["sps"],
+            "env_steps/s",
+            num_envs=b,
+            fraction_of_raw_env=round(res["sps"] / ceiling, 4),
+            train_seconds=round(res["summary"]["train_seconds"], 1),
+            setup_seconds=round(res["setup_s"], 2),
+            **ctx,
+        )
+        if args.only == "throughput":
+            continue
+        for e in res["evals"]:
+            emit(f"{preset}_eval_team_return", e["mean"], "team_return", **e, **ctx)
+        reached = res["reached"]
+        emit(
+            f"{preset}_seconds_to_team_return_-45",
+            reached["wall_time"] if reached else float("nan"),
+            "s",
+            reached=reached is not None,
+            best_return=max(e["mean"] for e in res["evals"]),
+            time_limit_s=args.time_limit,
+            **ctx,
+        )
+
+
+if __name__ == "__main__":
+    main()
