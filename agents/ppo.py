@@ -161,7 +161,9 @@ class Learner:
             perm = torch.randperm(t_len, generator=gen)
             for idx in perm.tensor_split(min(cfg.minibatches, t_len)):
                 idx = idx.to(self.device)
-                mb_obs = {k: v[idx].flatten(0, 1) for k, v in batch.obs.items()}
+                mb_obs = {
+                    k: v[idx].flatten(0, 1) for k, v in batch.obs.items() if k in model.input_keys
+                }
                 mb_alive = mb_obs["alive"].to(adv.dtype)
                 count = mb_alive.sum().clamp(min=1.0)
 

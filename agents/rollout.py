@@ -141,12 +141,14 @@ class RolloutWorker:
         actions, logps, values, rewards, terms, truncs, next_values = [], [], [], [], [], [], []
         ep_returns: list[Tensor] = []
         ep_lengths: list[Tensor] = []
+        keys = model.input_keys
         obs = self._obs
         batch = obs.as_dict()
         action, logp, value = model.act(batch)
         for _ in range(t_len):
             res = env.step(action)
-            obs_steps.append(batch)
+            # Keep only what the learner's forward reads: less to stack, ship and index.
+            obs_steps.append({k: v for k, v in batch.items() if k in keys})
             actions.append(action)
             logps.append(logp)
             values.append(value)

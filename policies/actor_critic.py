@@ -13,6 +13,12 @@ from policies.mlp import MLPActor, MLPCritic
 from policies.transformer import TransformerActor, TransformerCritic
 
 POLICY_KINDS = ("mlp", "gnn", "transformer")
+# Observation fields each architecture reads (``alive`` and ``action_mask`` always).
+_INPUTS = {
+    "mlp": {"obs", "state"},
+    "gnn": {"nodes", "node_pos", "node_mask"},
+    "transformer": {"nodes", "node_mask"},
+}
 
 
 class ValueNorm(nn.Module):
@@ -135,6 +141,9 @@ class ActorCritic(nn.Module):
         else:
             self.critic = TransformerCritic(spec.node_dim, spec.centralised, **tf)
         self.value_norm = ValueNorm()
+        self.input_keys = frozenset(
+            {"alive", "action_mask"} | _INPUTS[spec.kind] | _INPUTS[critic_kind]
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """Training pass: ``(action distribution, normalised values)``.

@@ -84,7 +84,7 @@ def test_split_and_concat_round_trip() -> None:
     shards = batch.split_envs(2)
     assert shards[0].rewards.shape == (6, 4, 3)
     joined = RolloutBatch.concat_envs(shards)
-    torch.testing.assert_close(joined.obs["nodes"], batch.obs["nodes"])
+    torch.testing.assert_close(joined.obs["obs"], batch.obs["obs"])
     torch.testing.assert_close(joined.episode_returns, batch.episode_returns)
     with pytest.raises(ValueError, match="do not split evenly"):
         batch.split_envs(3)
