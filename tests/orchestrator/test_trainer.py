@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 
 from orchestrator.checkpoint import list_checkpoints, load_checkpoint
@@ -89,3 +91,29 @@ def test_eval_on_real_mpe2_and_more_agents(tmp_path) -> None:
     assert res6["n_agents"] == 6 and len(res6["returns"]) == 2
     png = plot_run(run_dir)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.critic=independent"],
+        ["env.continuous_actions=true"],
+        ["model.kind=transformer", "model.critic_kind=transformer"],
+        ["model.edges=knn", "model.k=2", "model.critic_kind=gnn"],
+    ],
+    ids=["ippo", "continuous", "transformer", "gnn-knn-critic"],
+)
+def test_variants_train_and_checkpoint(tmp_path, overrides) -> None:
+    cfg = load_config("spread-gnn", [*TINY, "train.minibatches=2", *overrides])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = LocalTrainer(cfg, run_dir).train()
+    m = summary["metrics"]
+    assert summary["counters"]["env_steps"] == 400
+    assert all(math.isfinite(m[k]) for k in ("policy_loss", "value_loss", "entropy"))
+    ckpt = load_checkpoint(run_dir)
+    spec = ckpt["meta"]["policy_spec"]
+    assert spec["centralised"] == ("model.critic=independent" not in overrides)
+    assert spec["action_kind"] == (
+        "continuous" if "env.continuous_actions=true" in overrides else "discrete"
+    )
