@@ -7,33 +7,18 @@ gone) exactly those processes, including job drivers that Ray moves to their own
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import secrets
 import shlex
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from orchestrator import jobs as jobs_module
 from orchestrator.jobs import JobsError, ShoalJobs, build_entrypoint, resolve_auth_headers
-
-JOB_TIMEOUT = 60.0
-ID_PATTERN = re.compile(r"^shoal-[a-z0-9-]+-\d{8}-\d{6}-[0-9a-f]{4}$")
-MARKER = "SHOAL_TEST_RAY_HEAD"
-AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+from tests.ray_head import AUTH_ENV, Head, free_port, ray_head
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 
@@ -43,132 +28,17 @@ def on_cluster(test):
     return pytest.mark.ray(pytest.mark.slow(needs_proc(test)))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _python_c(code: str) -> str:
     return shlex.join(["python", "-c", code])
 
 
-@dataclass
-class Head:
-    address: str
-    token: str | None
-    temp_dir: str
-    marker: str
-    session: int = -1  # session id of `ray start`, which every daemon it spawns inherits
-
-
-def _head_pids(head: Head) -> list[int]:
-    """Live processes of the head: its session, its marker or temp dir, and their children.
-
-    No single sign is enough: agents rewrite their argv and environ with setproctitle, and
-    job drivers start a session of their own, but each is a child of one the others catch.
-    """
-    marker, temp_dir = head.marker.encode(), head.temp_dir.encode()
-    parents, ours = {}, set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError):  # exited meanwhile, or not ours to read
-            continue
-        if stat[0] == "Z":  # already dead, only waiting to be reaped
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat[1])
-        if int(stat[3]) == head.session or marker in environ or temp_dir in cmdline:
-            ours.add(pid)
-    while children := {pid for pid, ppid in parents.items() if ppid in ours} - ours:
-        ours |= children
-    return sorted(ours)
-
-
-def _stop_head(head: Head) -> None:
-    # Never `ray stop`: it kills every Ray process on the host, not just this head's.
-    # gcs_server can sit on SIGTERM for many seconds; a test head owes nothing to disk.
-    known: set[int] = set()
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
-        deadline = time.monotonic() + grace
-        # Rescan while signalling: a parent's death hands its children to init.
-        while (alive := set(_head_pids(head))) and time.monotonic() < deadline:
-            for pid in alive - known if sig == signal.SIGTERM else alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            known |= alive
-            time.sleep(0.2)
-    leftover = _head_pids(head)
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
-    assert not leftover, f"processes of the test Ray head survived teardown: {leftover}"
-
-
-@contextlib.contextmanager
-def _ray_head(*, auth: bool) -> Iterator[Head]:
-    temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
-    dashboard_port = _free_port()
-    token = secrets.token_hex(16) if auth else None
-    marker_value = uuid.uuid4().hex
-    head = Head(f"http://127.0.0.1:{dashboard_port}", token, temp_dir, f"{MARKER}={marker_value}")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token" if auth else "disabled", RAY_USAGE_STATS_ENABLED="0")
-    if token:
-        env["RAY_AUTH_TOKEN"] = token
-    env[MARKER] = marker_value
-    # Job entrypoints run `python` from PATH: make it this interpreter, as an active venv would.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    # Every listening port is explicit so this head never collides with another on the host.
-    ports = {
-        "--port": _free_port(),
-        "--dashboard-port": dashboard_port,
-        "--ray-client-server-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(),
-    }
-    command = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=1",
-        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
-        *(f"{flag}={port}" for flag, port in ports.items()),
-    ]  # fmt: skip
-    try:
-        starter = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        head.session = starter.pid
-        _, stderr = starter.communicate(timeout=120)
-        assert starter.returncode == 0, f"ray start failed:\n{stderr[-3000:]}"
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        deadline = time.monotonic() + 60.0
-        while True:
-            # The Jobs module loads after the dashboard itself answers.
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{head.address}/api/jobs/", headers=headers, timeout=2).ok:
-                    break
-            assert time.monotonic() < deadline, "Ray dashboard did not answer within 60 s"
-            time.sleep(0.5)
-        yield head
-    finally:
-        _stop_head(head)
+JOB_TIMEOUT = 60.0
+ID_PATTERN = re.compile(r"^shoal-[a-z0-9-]+-\d{8}-\d{6}-[0-9a-f]{4}$")
 
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
-    with _ray_head(auth=True) as running:
+    with ray_head(auth=True) as running:
         yield running
 
 
@@ -229,7 +99,7 @@ def test_submission_ids_are_readable_and_unique() -> None:
 
 
 def test_unreachable_address_fails_fast_naming_it(clean_auth_env: Path) -> None:
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(JobsError) as error:
         ShoalJobs(address).list()
@@ -357,7 +227,7 @@ def test_cli_follow_streams_logs_and_returns_the_jobs_outcome(
 def test_a_stray_token_is_harmless_when_auth_is_off(clean_auth_env: Path, monkeypatch) -> None:
     # shoal always sends a token it finds (e.g. left by a local ray.init); an auth-free
     # cluster must still accept the request.
-    with _ray_head(auth=False) as open_head:
+    with ray_head(auth=False) as open_head:
         assert ShoalJobs(open_head.address).list() == []
         monkeypatch.setenv("RAY_AUTH_TOKEN", "left-over-token")
         job_id = ShoalJobs(open_head.address).submit(entrypoint=_python_c("print(1)"))
