@@ -1,8 +1,10 @@
-"""The driver loop: collect, learn, log, checkpoint, repeat.
+"""The training loop: collect, learn, log, checkpoint, repeat.
 
-This module holds the in-process path (``rollout.num_workers=0``, one learner rank), which is
-also what every distributed piece reduces to: the Ray path swaps where batches come from and
-who applies the update, not the algorithm.
+:func:`run_loop` is the one loop every path runs. This module also holds the in-process path
+(``rollout.num_workers=0``, one learner rank, no Ray); each rank of a distributed run calls
+the same loop with a ``step`` that gathers batches from rollout actors and updates through
+DDP, so the Ray path swaps where batches come from and who applies the update, not the
+algorithm or the bookkeeping.
 """
 
 from __future__ import annotations

@@ -1,0 +1,260 @@
+"""Distributed benchmarks: end-to-end throughput per topology, weight transport, all-reduce.
+
+Run ``python -m benchmarks.distributed`` (all) or ``--only throughput|weights|allreduce``.
+Every result is one JSON line: ``name``, ``value``, ``unit`` plus context. References are
+measured in the same run: the in-process trainer next to every Ray topology, ``ray.put`` /
+``ray.get`` next to the Redis weight store.
+
+* ``throughput``: ``spread-gnn`` trained for ``--seconds`` with (M rollout workers, K learner
+  ranks) in (0,1), (1,1), (2,1), (2,2) and in-process. env-steps/s counts the training loop
+  only (rank 0's loop time), not starting Ray or the actors, which is reported separately.
+  ``env.num_envs`` is per rollout worker, so M workers train on M times the batch.
+* ``weights``: publish by the driver + fetch by another process (a Ray actor), median over
+  repeats, for 1M and 10M float32 parameters.
+* ``allreduce``: share of a K=2 update spent in the gradient all-reduce. The timing hook runs
+  each bucket's all-reduce synchronously, so this is the communication time itself, without
+  the overlap with the backward pass DDP normally gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import nn
+
+from agents.memory import WeightStore, connect
+from agents.rollout import RolloutWorker
+from orchestrator.config import load_config
+from orchestrator.distributed import run_distributed
+from orchestrator.learner_group import LearnerGroup
+from orchestrator.runstate import SharedMemory
+from orchestrator.services import RedisServer
+from orchestrator.trainer import LocalTrainer, build_env, policy_spec
+from policies.actor_critic import ActorCritic
+
+TOPOLOGIES = ((0, 1), (1, 1), (2, 1), (2, 2))
+BASE = ["run.progress=false", "run.log_every_s=1", "train.total_env_steps=1000000000"]
+RAY_QUIET = ["ray.log_to_driver=false", "ray.include_dashboard=false"]
+
+
+def emit(name: str, value: float, unit: str, **context: Any) -> None:
+    """Print one result line."""
+    context.setdefault("host_cpus", os.cpu_count())
+    context.setdefault("torch", torch.__version__)
+    context.setdefault("ray", ray.__version__)
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **context}), flush=True)
+
+
+# -- throughput ---------------------------------------------------------------------------
+
+
+def in_process(seconds: float, num_envs: int) -> float:
+    """env-steps/s of ``LocalTrainer`` (no Ray, no Redis)."""
+    cfg = load_config(
+        "spread-gnn",
+        [*BASE, f"env.num_envs={num_envs}", f"train.time_limit_s={seconds}", "train.threads=1"],
+    )
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        summary = LocalTrainer(cfg, Path(tmp)).train()
+    return summary["steps_this_session"] / summary["train_seconds"]
+
+
+def on_ray(workers: int, ranks: int, seconds: float, num_envs: int) -> dict[str, float]:
+    """env-steps/s of one topology on the already-started Ray instance."""
+    total_envs = num_envs if workers else num_envs * ranks  # per-rank share when M=0
+    cfg = load_config(
+        "spread-gnn",
+        [
+            *BASE,
+            *RAY_QUIET,
+            f"env.num_envs={total_envs}",
+            f"train.time_limit_s={seconds}",
+            f"rollout.num_workers={workers}",
+            f"learner.num_ranks={ranks}",
+        ],
+    )
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        run_dir = Path(tmp) / f"bench-{workers}x{ranks}-{uuid.uuid4().hex[:6]}"
+        run_dir.mkdir()
+        t0 = time.monotonic()
+        with SharedMemory(cfg.redis, run_dir.name, run_dir) as mem:
+            summary = run_distributed(cfg, run_dir, memory=mem)
+        wall = time.monotonic() - t0
+    rate = summary["steps_this_session"] / summary["train_seconds"]
+    return {
+        "rate": rate,
+        "startup_s": wall - summary["train_seconds"],
+        "batch": summary["metrics"].get("env_steps", 0) / max(summary["counters"]["iteration"], 1),
+        "staleness": summary["metrics"].get("weights_staleness", 0.0),
+    }
+
+
+def bench_throughput(seconds: float, num_envs: int) -> None:
+    reference = in_process(seconds, num_envs)
+    emit(
+        "throughput_in_process",
+        reference,
+        "env_steps/s",
+        preset="spread-gnn",
+        num_envs=num_envs,
+        seconds=seconds,
+    )
+    for workers, ranks in TOPOLOGIES:
+        res = on_ray(workers, ranks, seconds, num_envs)
+        emit(
+            f"throughput_ray_m{workers}_k{ranks}",
+            res["rate"],
+            "env_steps/s",
+            preset="spread-gnn",
+            rollout_workers=workers,
+            learner_ranks=ranks,
+            env_steps_per_iteration=res["batch"],
+            weights_staleness=res["staleness"],
+            startup_s=round(res["startup_s"], 2),
+            vs_in_process=round(res["rate"] / reference, 3),
+            in_process=round(reference, 1),
+            seconds=seconds,
+        )
+
+
+# -- weight transport ---------------------------------------------------------------------
+
+
+def mlp_state(params: int, width: int = 1000) -> dict[str, torch.Tensor]:
+    """A ``width``-wide MLP with about ``params`` float32 parameters."""
+    layers = max(1, round(params / (width * width + width)))
+    net = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    return {k: v.detach() for k, v in net.state_dict().items()}
+
+
+class Fetcher:
+    """Another process reading weights, as a rollout worker does."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        torch.set_num_threads(1)
+        self.store = WeightStore(connect(url), run_id)
+
+    def redis(self, version: int) -> float:
+        t0 = time.perf_counter()
+        _, state = self.store.fetch(version)
+        assert state
+        return time.perf_counter() - t0
+
+    def ray(self, boxed: list[Any]) -> float:
+        t0 = time.perf_counter()
+        state = ray.get(boxed[0])
+        assert state
+        return time.perf_counter() - t0
+
+
+def bench_weights(repeats: int) -> None:
+    with RedisServer() as server:
+        client = connect(server.url)
+        store = WeightStore(client, "bench")
+        fetcher: Any = ray.remote(Fetcher).options(num_cpus=0).remote(server.url, "bench")
+        for params in (1_000_000, 10_000_000):
+            state = mlp_state(params)
+            n = sum(t.numel() for t in state.values())
+            redis_s, ray_s = [], []
+            for version in range(repeats):
+                t0 = time.perf_counter()
+                store.publish(state, version)
+                publish = time.perf_counter() - t0
+                redis_s.append(publish + ray.get(fetcher.redis.remote(version), timeout=120))
+                t0 = time.perf_counter()
+                ref = ray.put(state)
+                put = time.perf_counter() - t0
+                ray_s.append(put + ray.get(fetcher.ray.remote([ref]), timeout=120))
+                del ref
+            context = {"params": n, "megabytes": round(4 * n / 2**20, 1), "repeats": repeats}
+            emit(
+                f"weights_redis_publish_fetch_{params // 1_000_000}m",
+                1000 * statistics.median(redis_s),
+                "ms",
+                **context,
+            )
+            emit(
+                f"weights_ray_put_get_{params // 1_000_000}m",
+                1000 * statistics.median(ray_s),
+                "ms",
+                **context,
+                zero_copy_torch=os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "0"),
+            )
+        ray.kill(fetcher)
+        client.close()
+
+
+# -- all-reduce share ---------------------------------------------------------------------
+
+
+def bench_allreduce(num_envs: int, updates: int) -> None:
+    cfg = load_config("spread-gnn", [*RAY_QUIET, "learner.num_ranks=2", f"env.num_envs={num_envs}"])
+    env = build_env(cfg, num_envs, seed=0, device=torch.device("cpu"))
+    batch = RolloutWorker(env, ActorCritic(policy_spec(cfg, env)), cfg.train.rollout_len).collect()
+    shards = batch.split_envs(2)
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        group = LearnerGroup(cfg, Path(tmp), None, "bench", f"shoal-bench-{uuid.uuid4().hex[:6]}")
+        group.start()
+        try:
+            ray.get([h.setup_model.remote() for h in group.ranks], timeout=120)
+            # One untimed update lets DDP settle its static graph and buckets.
+            ray.get([h.update.remote(s) for h, s in zip(group.ranks, shards, strict=True)])
+            times = ray.get(
+                [
+                    h.time_updates.remote(s, updates)
+                    for h, s in zip(group.ranks, shards, strict=True)
+                ],
+                timeout=600,
+            )
+        finally:
+            group.shutdown()
+    # A rank's all-reduce time includes waiting for the slower rank: report the mean share
+    # and each rank's.
+    shares = [t["allreduce_s"] / t["update_s"] for t in times]
+    params = sum(p.numel() for p in ActorCritic(policy_spec(cfg, env)).parameters())
+    emit(
+        "allreduce_share_k2",
+        100 * statistics.mean(shares),
+        "%",
+        per_rank_percent=[round(100 * x, 1) for x in shares],
+        update_s=round(statistics.mean(t["update_s"] for t in times) / updates, 4),
+        allreduce_s=round(statistics.mean(t["allreduce_s"] for t in times) / updates, 4),
+        params=params,
+        env_steps_per_rank=shards[0].env_steps,
+        minibatches_per_update=cfg.train.epochs * cfg.train.minibatches,
+        backend="gloo",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["throughput", "weights", "allreduce"])
+    parser.add_argument("--seconds", type=float, default=20.0, help="training time per topology")
+    parser.add_argument("--num-envs", type=int, help="envs per rollout worker (preset's default)")
+    parser.add_argument("--repeats", type=int, default=7, help="weight transfers per size")
+    args = parser.parse_args()
+    num_envs = args.num_envs or load_config("spread-gnn").env.num_envs
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="shoal-bench")
+    try:
+        if args.only in (None, "throughput"):
+            bench_throughput(args.seconds, num_envs)
+        if args.only in (None, "weights"):
+            bench_weights(args.repeats)
+        if args.only in (None, "allreduce"):
+            bench_allreduce(num_envs, updates=3)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

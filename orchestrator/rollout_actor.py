@@ -1,0 +1,318 @@
+"""Rollout workers as Ray actors, and the learner rank's side of them.
+
+:class:`RolloutActor` is a plain class around :class:`agents.rollout.RolloutWorker`;
+``orchestrator.distributed`` wraps it with ``ray.remote`` and names it ``shoal-rollout-<i>``.
+It pulls weights from Redis and returns batches through the object store. Ray restarts it
+when its process dies; the restarted actor starts a fresh episode stream and pulls the
+current weights before its first batch.
+
+:class:`ActorRollouts` is how a learner rank drives its share of the actors: it requests
+batches, re-collects the batch a dead worker lost, and counts restarts. :class:`LocalRollouts`
+is the same interface over envs stepped inside the rank (``rollout.num_workers=0``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from torch import Tensor
+
+from agents.memory import RedisUnavailable, ReplayStream, RunState, WeightStore, connect
+from agents.rollout import RolloutBatch, RolloutWorker
+from orchestrator.config import Config
+from orchestrator.trainer import build_env, policy_spec
+from policies.actor_critic import ActorCritic
+
+log = logging.getLogger(__name__)
+
+# What the world model needs to learn dynamics; graph features are rebuilt from ``obs``.
+REPLAY_FIELDS = ("obs", "state", "alive")
+# A worker that dies this many times while one batch is owed is given up on.
+MAX_DEATHS_PER_BATCH = 3
+
+
+class FatalRunError(RuntimeError):
+    """A failure that restarting the learner group cannot fix (Redis gone, a worker lost)."""
+
+
+def rollout_name(index: int) -> str:
+    """The Ray actor name of rollout worker ``index``."""
+    return f"shoal-rollout-{index}"
+
+
+def replay_chunk(batch: RolloutBatch, num_envs: int) -> dict[str, Tensor]:
+    """The first ``num_envs`` sub-envs of a batch, time-major, as a replay-stream chunk.
+
+    Shapes:
+        - every entry: ``[T, num_envs, ...]`` (``obs``, ``state``, ``alive``, ``actions``,
+          ``rewards``, ``terminated``, ``truncated``).
+    """
+    envs = slice(0, num_envs)
+    chunk = {k: batch.obs[k][:, envs] for k in REPLAY_FIELDS if k in batch.obs}
+    chunk.update(
+        actions=batch.actions[:, envs],
+        rewards=batch.rewards[:, envs],
+        terminated=batch.terminated[:, envs],
+        truncated=batch.truncated[:, envs],
+    )
+    return chunk
+
+
+class RolloutActor:
+    """One ``VecMultiAgentEnv`` and a policy copy, fed with weights from Redis.
+
+    Calls to :meth:`collect` run one at a time even though the actor answers :meth:`info`
+    concurrently; a collect left over from a learner that died finishes before the next.
+
+    Args:
+        cfg_data: the run config as a JSON-able dict.
+        index: worker index (its name is ``shoal-rollout-<index>``).
+        redis_url: the run's Redis.
+        run_id: namespaces the Redis keys.
+        seed: seeds the env and action sampling; a restarted actor derives a new one.
+    """
+
+    def __init__(
+        self, cfg_data: dict[str, Any], index: int, redis_url: str, run_id: str, seed: int
+    ) -> None:
+        self.cfg = cfg = Config.model_validate(cfg_data)
+        torch.set_num_threads(cfg.train.threads or 1)
+        self.index, self.name = index, rollout_name(index)
+        with warnings.catch_warnings():  # the property reads a deprecated attribute inside
+            warnings.simplefilter("ignore")
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.restarted:
+            # Replaying the episodes the dead process already returned would bias the data.
+            seed = seed + 7919 * (1 + os.getpid() % 10007)
+            log.warning("%s restarted (pid %d)", self.name, os.getpid())
+        env = build_env(cfg, cfg.env.num_envs, seed, torch.device("cpu"))
+        self.worker = RolloutWorker(
+            env, ActorCritic(policy_spec(cfg, env)), cfg.train.rollout_len, seed
+        )
+        self.version: int | None = None
+        client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
+        self.client = client
+        self.weights = WeightStore(client, run_id)
+        self.state = RunState(client, run_id)
+        self.replay = (
+            ReplayStream(client, run_id, maxlen=cfg.redis.replay_maxlen)
+            if cfg.redis.replay
+            else None
+        )
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        """Where the actor runs: ``name``, ``pid``, ``node_id``, ``restarted``."""
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "restarted": self.restarted,
+        }
+
+    def pid(self) -> int:
+        """The actor's process id (tests kill it)."""
+        return os.getpid()
+
+    def _sync_weights(self, min_version: int) -> None:
+        """Follow the latest published weights; wait until they are at least ``min_version``.
+
+        The latest version is taken even when lower than ours: a restarted learner group
+        publishes from its checkpoint and weights from the lost timeline must not linger.
+        """
+        deadline = time.monotonic() + self.cfg.rollout.collect_timeout_s
+        while True:
+            latest = self.weights.latest_version()
+            if latest is not None and latest != self.version:
+                try:
+                    version, state = self.weights.fetch(latest)
+                except LookupError:
+                    version, state = self.weights.fetch()
+                self.worker.set_weights(state, version)
+                self.version = version
+            if self.version is not None and self.version >= min_version:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name}: weights version >= {min_version} did not appear in Redis "
+                    f"within rollout.collect_timeout_s={self.cfg.rollout.collect_timeout_s:g} s "
+                    f"(holding {self.version}, latest {latest})"
+                )
+            time.sleep(0.01)
+
+    def collect(self, min_version: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """One batch acted with weights of version ``min_version`` or newer.
+
+        Returns:
+            ``(batch, stats)``; ``batch.weights_version`` is the version it acted with and
+            ``stats`` holds ``worker``, ``weights_version``, ``fetch_s``, ``collect_s``,
+            ``restarted`` (1.0 on a restarted actor) and ``pid``, for metrics.
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            self._sync_weights(min_version)
+            t1 = time.perf_counter()
+            batch = self.worker.collect()
+            t2 = time.perf_counter()
+            if self.replay is not None:
+                chunk = replay_chunk(batch, min(self.cfg.redis.replay_envs, batch.rewards.shape[1]))
+                meta = {"worker": self.index, "weights_version": batch.weights_version}
+                self.replay.append(chunk, meta)
+            self.state.heartbeat(self.name)
+            stats = {
+                "worker": float(self.index),
+                "weights_version": float(batch.weights_version),
+                "fetch_s": t1 - t0,
+                "collect_s": t2 - t1,
+                "restarted": float(self.restarted),
+                "pid": float(os.getpid()),
+            }
+            return batch, stats
+
+
+class LocalRollouts:
+    """Envs stepped inside the rank with the learner's own model (``rollout.num_workers=0``)."""
+
+    def __init__(self, worker: RolloutWorker) -> None:
+        self.worker = worker
+
+    def next_batch(
+        self, version: int, idle: Callable[[], None]
+    ) -> tuple[RolloutBatch, dict[str, float]]:
+        """The next batch, acted with the current weights ``version``."""
+        self.worker.weights_version = version
+        return self.worker.collect(), {"rollout_restarts": 0.0, "batches_recollected": 0.0}
+
+
+class ActorRollouts:
+    """A learner rank's rollout actors: request batches, re-collect lost ones, count restarts.
+
+    With ``rollout.max_staleness >= 1`` the next batch is requested as soon as one arrives, so
+    workers step envs while the learner updates and act with weights one version old.
+
+    Args:
+        cfg: the run config.
+        names: the actors this rank drives.
+        namespace: their Ray namespace.
+    """
+
+    def __init__(self, cfg: Config, names: list[str], namespace: str) -> None:
+        self.cfg = cfg
+        self.names = names
+        self.handles = {n: ray.get_actor(n, namespace=namespace) for n in names}
+        # name -> (ref, min_version, submitted at)
+        self.pending: dict[str, tuple[Any, int, float]] = {}
+        self.pids: dict[str, float] = {}
+        self._recollected = 0
+
+    def submit(self, name: str, min_version: int) -> None:
+        """Ask ``name`` for a batch acted with weights of at least ``min_version``."""
+        ref: Any = self.handles[name].collect.remote(min_version)
+        self.pending[name] = (ref, min_version, time.monotonic())
+
+    def next_batch(
+        self, version: int, idle: Callable[[], None]
+    ) -> tuple[RolloutBatch, dict[str, float]]:
+        """One batch from every worker, joined along the env axis.
+
+        Args:
+            version: the learner's current weights version.
+            idle: called about every 0.2 s while waiting (rank 0 keeps Redis's weights fresh).
+
+        Returns:
+            ``(batch, stats)`` with ``rollout_restarts`` and ``batches_recollected`` of this
+            call, and the slowest worker's ``collect_s`` and ``weights_fetch_s``.
+
+        Raises:
+            FatalRunError: if Redis stayed unreachable or a worker does not come back.
+        """
+        if not self.pending:
+            for n in self.names:
+                self.submit(n, version)
+        results = self._gather(idle)
+        self.pending.clear()
+        if self.cfg.rollout.max_staleness >= 1:
+            for n in self.names:
+                self.submit(n, version + 1 - self.cfg.rollout.max_staleness)
+        infos = [results[n][1] for n in self.names]
+        restarts = 0
+        for n, info in zip(self.names, infos, strict=True):
+            # A new process behind a name is a restart, whether or not it cost a batch.
+            if self.pids.get(n, info["pid"]) != info["pid"]:
+                restarts += 1
+                log.warning("%s was restarted (pid %d -> %d)", n, self.pids[n], info["pid"])
+            self.pids[n] = info["pid"]
+        stats = {
+            "rollout_restarts": float(restarts),
+            "batches_recollected": float(self._recollected),
+            "collect_s": max(i["collect_s"] for i in infos),
+            "weights_fetch_s": max(i["fetch_s"] for i in infos),
+        }
+        return RolloutBatch.concat_envs([results[n][0] for n in self.names]), stats
+
+    def _gather(self, idle: Callable[[], None]) -> dict[str, tuple[RolloutBatch, dict[str, float]]]:
+        """Wait for every pending batch, re-requesting those a dead worker lost."""
+        results: dict[str, tuple[RolloutBatch, dict[str, float]]] = {}
+        lost_at: dict[str, float] = {}
+        retry_at: dict[str, float] = {}
+        backoff = dict.fromkeys(self.names, 0.2)
+        deaths = dict.fromkeys(self.names, 0)
+        timeout = self.cfg.rollout.collect_timeout_s
+        while len(results) < len(self.names):
+            waiting = {
+                ref: n
+                for n, (ref, _, _) in self.pending.items()
+                if n not in results and n not in retry_at
+            }
+            ready: list[Any] = []
+            if waiting:
+                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0.2)
+            else:
+                time.sleep(0.05)
+            idle()
+            now = time.monotonic()
+            for ref in ready:
+                name = waiting[ref]
+                try:
+                    results[name] = ray.get(ref)
+                except RayTaskError as err:
+                    if isinstance(err.cause, RedisUnavailable):
+                        raise FatalRunError(str(err.cause)) from None
+                    raise
+                except RayActorError as err:
+                    # The batch died with the process. Ray restarts the actor, which refuses
+                    # calls ("restarting") until it is back: retry with backoff.
+                    if name not in lost_at:
+                        lost_at[name] = now
+                        log.warning("%s lost a batch (%s); re-collecting", name, type(err).__name__)
+                    deaths[name] += isinstance(err, ActorDiedError)
+                    if deaths[name] >= MAX_DEATHS_PER_BATCH or now - lost_at[name] > timeout:
+                        raise FatalRunError(
+                            f"rollout worker {name} did not come back ({deaths[name]} deaths, "
+                            f"{now - lost_at[name]:.0f} s without a batch; rollout.max_restarts="
+                            f"{self.cfg.rollout.max_restarts}, rollout.collect_timeout_s="
+                            f"{timeout:g}): {str(err).splitlines()[0]}"
+                        ) from None
+                    retry_at[name] = now + backoff[name]
+                    backoff[name] = min(2 * backoff[name], 5.0)
+            for name, due in list(retry_at.items()):
+                if now >= due:
+                    del retry_at[name]
+                    self.submit(name, self.pending[name][1])
+            for name, (ref, min_version, since) in list(self.pending.items()):
+                if name not in results and name not in retry_at and now - since > timeout:
+                    # A hung worker is treated like a dead one: Ray restarts it.
+                    log.warning("%s returned nothing in %g s; restarting it", name, timeout)
+                    ray.kill(self.handles[name], no_restart=False)
+                    self.pending[name] = (ref, min_version, now)
+        self._recollected = len(lost_at)
+        return results

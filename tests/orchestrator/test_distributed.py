@@ -1,0 +1,371 @@
+"""The Ray topology against a real Ray instance and real redis-servers.
+
+One Ray instance serves the whole module (4 logical CPUs on whatever cores the machine has);
+every run uses tiny envs and models, every wait has a timeout, and only processes these
+tests started are ever killed, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from agents.memory import ReplayStream, RunState, WeightStore, connect
+from agents.ppo import Learner
+from agents.rollout import RolloutWorker
+from orchestrator.checkpoint import list_checkpoints, load_checkpoint
+from orchestrator.config import Config, load_config
+from orchestrator.driver import run_training
+from orchestrator.learner_group import LearnerGroup
+from orchestrator.services import RedisServer
+from orchestrator.trainer import build_env, policy_spec
+from policies.actor_critic import ActorCritic
+
+# Every run starts or uses a redis-server (the learner-group equality test alone does not).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed, pytest.mark.redis]
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "env.num_envs=8",
+    "train.rollout_len=10",
+    "model.hidden=16",
+    "run.progress=false",
+    "run.log_every_s=0.001",
+    "ray.log_to_driver=false",
+    "ray.include_dashboard=false",
+    "rollout.cpus_per_worker=0.5",
+    "learner.cpus_per_rank=0.5",
+]
+RUN_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[str]:
+    """A Ray instance shared by the module; yields its GCS address."""
+    assert not ray.is_initialized()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 2**20,
+        namespace="shoal-tests",
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def tiny(*overrides: str) -> Config:
+    return load_config("spread-gnn", [*TINY, *overrides])
+
+
+def new_run_dir(tmp_path: Path, stem: str) -> Path:
+    run_dir = tmp_path / f"{stem}-{uuid.uuid4().hex[:6]}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def rows(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return sorted(found)
+
+
+class Background:
+    """``run_training`` in a thread; ``result()`` re-raises what it raised."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.out: dict[str, Any] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(cfg, run_dir), daemon=True)
+        self.thread.start()
+
+    def _run(self, cfg: Config, run_dir: Path) -> None:
+        try:
+            self.out = run_training(cfg, run_dir)
+        except BaseException as e:  # noqa: BLE001 - surfaced by result()
+            self.error = e
+
+    def result(self, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"run did not finish within {timeout:g} s"
+        if self.error is not None:
+            raise self.error
+        return self.out
+
+
+def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int) -> None:
+    steps = [r["env_steps"] for r in table]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+    assert all(0 <= r["weights_staleness"] <= max_staleness for r in table)
+
+
+# -- the learner group: DDP over real processes -------------------------------------------
+
+
+def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path) -> None:
+    cfg = tiny("train.epochs=2", "train.minibatches=2")
+    env = build_env(cfg, 8, seed=5, device=torch.device("cpu"))
+    torch.manual_seed(5)
+    source = ActorCritic(policy_spec(cfg, env))
+    worker = RolloutWorker(env, source, rollout_len=10, seed=5)
+    batches = [worker.collect() for _ in range(3)]
+
+    groups = {}
+    for k in (1, 2):
+        kcfg = cfg.model_copy(deep=True)
+        kcfg.learner.num_ranks = k
+        group = LearnerGroup(kcfg, tmp_path, None, f"eq{k}", f"shoal-eq{k}-{uuid.uuid4().hex[:6]}")
+        groups[k] = group.start(timeout_s=120)
+    try:
+        for group in groups.values():
+            ray.get([h.setup_model.remote() for h in group.ranks], timeout=60)
+        init = ray.get(groups[1].ranks[0].state_dict.remote(), timeout=60)
+        init2 = ray.get(groups[2].ranks[1].state_dict.remote(), timeout=60)
+        for name, value in init.items():
+            assert torch.equal(value, init2[name]), name
+        for batch in batches:
+            ray.get(groups[1].ranks[0].update.remote(batch), timeout=60)
+            shards = batch.split_envs(2)
+            ray.get(
+                [h.update.remote(s) for h, s in zip(groups[2].ranks, shards, strict=True)],
+                timeout=60,
+            )
+        one = ray.get(groups[1].ranks[0].state_dict.remote(), timeout=60)
+        two = [ray.get(h.state_dict.remote(), timeout=60) for h in groups[2].ranks]
+    finally:
+        for group in groups.values():
+            group.shutdown()
+
+    assert set(one) == set(two[0]) and "value_norm.debias" in one
+    for name, value in one.items():
+        for replica in two:
+            torch.testing.assert_close(replica[name], value, atol=1e-6, rtol=0, msg=name)
+    moved = max((one[n] - init[n]).abs().max().item() for n in one if one[n].is_floating_point())
+    assert moved > 1e-3  # several real updates happened
+
+    # Without the all-reduce a rank would learn from half the data and end elsewhere.
+    alone = ActorCritic(source.spec)
+    alone.load_state_dict(init)
+    learner = Learner(alone, cfg.train.ppo())
+    for batch in batches:
+        learner.update(batch.split_envs(2)[0])
+    gap = max((alone.state_dict()[n] - one[n]).abs().max().item() for n in one)
+    assert gap > 1e-4
+
+
+# -- whole runs ----------------------------------------------------------------------------
+
+
+def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, tmp_path) -> None:
+    cfg = tiny("rollout.num_workers=2", "train.total_env_steps=3200")
+    run_dir = new_run_dir(tmp_path, "kill-worker")
+    run = Background(cfg, run_dir)
+    wait_for(lambda: len(rows(run_dir)) >= 2, 120, "the first iterations")
+    victim = ray.get_actor("shoal-rollout-1", namespace=f"shoal-{run_dir.name}")
+    pid = ray.get(victim.pid.remote(), timeout=30)
+    steps_at_kill = rows(run_dir)[-1]["env_steps"]
+    os.kill(pid, signal.SIGKILL)
+    new_pid = wait_for(lambda: _pid_if_changed(victim, pid), 120, "Ray to restart shoal-rollout-1")
+    summary = run.result()
+
+    assert new_pid != pid
+    assert summary["reason"] == "total_env_steps reached"
+    assert summary["counters"]["env_steps"] == 3200
+    assert summary["counters"]["rollout_restarts"] >= 1
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=1)
+    assert table[-1]["rollout_restarts"] >= 1
+    restarted_at = next(r["env_steps"] for r in table if r["rollout_restarts"] >= 1)
+    assert restarted_at > steps_at_kill
+    assert sum(r["env_steps"] > restarted_at for r in table) >= 2  # progress after the restart
+
+
+def test_killed_learner_rank_restarts_the_group_from_the_checkpoint(ray_instance, tmp_path) -> None:
+    # No rollout actors: each of the two ranks steps its half of the envs itself.
+    cfg = tiny("learner.num_ranks=2", "train.total_env_steps=2400", "run.checkpoint_every_s=0.3")
+    run_dir = new_run_dir(tmp_path, "kill-learner")
+    run = Background(cfg, run_dir)
+    wait_for(lambda: list_checkpoints(run_dir / "checkpoints"), 120, "a checkpoint")
+    rank1 = ray.get_actor("shoal-learner-1", namespace=f"shoal-{run_dir.name}")
+    os.kill(ray.get(rank1.info.remote(), timeout=30)["pid"], signal.SIGKILL)
+    summary = run.result()
+
+    assert summary["reason"] == "total_env_steps reached"
+    assert summary["counters"]["env_steps"] == 2400
+    assert summary["counters"]["learner_restarts"] == 1
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=0)  # in-rank envs act with current weights
+    assert table[-1]["learner_restarts"] == 1
+    assert load_checkpoint(run_dir)["meta"]["counters"]["learner_restarts"] == 1
+
+
+def _pid_if_changed(actor: Any, old: int) -> int | None:
+    try:
+        pid = ray.get(actor.pid.remote(), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+    return pid if pid != old else None
+
+
+def test_redis_restart_mid_run_reconnects_and_completes(
+    ray_instance, tmp_path, private_redis: RedisServer
+) -> None:
+    cfg = tiny(
+        "rollout.num_workers=1",
+        "train.total_env_steps=2400",
+        f"redis.url={private_redis.url}",
+        "redis.outage_timeout_s=60",
+    )
+    run_dir = new_run_dir(tmp_path, "redis-restart")
+    run = Background(cfg, run_dir)
+    wait_for(lambda: len(rows(run_dir)) >= 2, 120, "the first iterations")
+    steps_at_restart = rows(run_dir)[-1]["env_steps"]
+    private_redis.restart()
+    summary = run.result()
+
+    assert summary["reason"] == "total_env_steps reached"
+    assert summary["counters"]["env_steps"] == 2400
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=1)
+    assert table[-1]["env_steps"] > steps_at_restart
+    client = connect(private_redis.url)
+    try:
+        # Everything below was written after the restart wiped the server.
+        store = WeightStore(client, run_dir.name)
+        assert store.latest_version() == int(table[-1]["weights_version"])
+        assert ReplayStream(client, run_dir.name).length() >= 1
+        state = RunState(client, run_dir.name).get()
+        assert state["status"] == "finished"
+        assert "shoal-rollout-0" in state["heartbeats"]
+    finally:
+        client.close()
+
+
+def test_lasting_redis_outage_stops_the_run_naming_redis(
+    ray_instance, tmp_path, private_redis: RedisServer
+) -> None:
+    cfg = tiny(
+        "rollout.num_workers=1",
+        "train.total_env_steps=1000000",
+        f"redis.url={private_redis.url}",
+        "redis.outage_timeout_s=2",
+    )
+    run_dir = new_run_dir(tmp_path, "redis-gone")
+    run = Background(cfg, run_dir)
+    wait_for(lambda: len(rows(run_dir)) >= 2, 120, "the first iterations")
+    private_redis.stop()
+    with pytest.raises(RuntimeError, match=private_redis.address.replace(".", r"\.")):
+        run.result(timeout=120)
+
+
+def test_killed_driver_resumes_from_its_last_checkpoint(
+    ray_instance, tmp_path, redis_server: RedisServer
+) -> None:
+    run_dir = new_run_dir(tmp_path, "kill-driver")
+    common = [
+        *TINY,
+        "rollout.num_workers=1",
+        f"redis.url={redis_server.url}",
+        f"run.dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        "run.checkpoint_every_s=0.5",
+    ]
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", "--address", ray_instance]
+    log = open(tmp_path / "first-driver.log", "wb")  # noqa: SIM115 - closed below
+    first = subprocess.Popen(
+        [*cmd, "spread-gnn", *common, "train.total_env_steps=10000000"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: killpg reaches only what it started
+    )
+    try:
+        wait_for(
+            lambda: list_checkpoints(run_dir / "checkpoints") or first.poll() is not None,
+            180,
+            "a checkpoint of the first driver",
+        )
+        assert first.poll() is None, (tmp_path / "first-driver.log").read_text()[-3000:]
+        children = descendants(first.pid)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            children = descendants(first.pid)
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        log.close()
+    # The driver joined a running Ray and Redis, so it should have started nothing of its own;
+    # whatever it did start (and a new session would hide from killpg) goes too.
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    ckpt = load_checkpoint(run_dir)  # the newest complete checkpoint loads
+    before = ckpt["meta"]["counters"]
+    assert before["env_steps"] > 0 and ckpt["learner"]["updates"] == before["iteration"]
+    target = int(before["env_steps"]) + 800
+    resumed = subprocess.run(
+        [*cmd, "--resume", str(run_dir), f"train.total_env_steps={target}", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    after = summary["counters"]
+    assert after["env_steps"] == target and summary["steps_this_session"] == 800
+    assert after["iteration"] == before["iteration"] + 10  # 80 env steps per iteration
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=1)
+    assert table[-1]["env_steps"] == target
+    newest = load_checkpoint(run_dir)
+    assert newest["meta"]["counters"]["env_steps"] == target
+    assert newest["learner"]["updates"] == after["iteration"]
