@@ -477,7 +477,10 @@ def connect(
         "socket_connect_timeout": socket_connect_timeout,
         **parse_url(url),
     }
-    options["password"] = password or options.get("password") or os.environ.get(PASSWORD_ENV)
+    from_url = options.get("password")
+    if from_url == "***":  # a URL redacted for a run file: the real password is elsewhere
+        from_url = None
+    options["password"] = password or from_url or os.environ.get(PASSWORD_ENV)
     pool = ConnectionPool(**options)
     if HIREDIS_AVAILABLE:
         # hiredis speeds up reading big replies but packs a multi-MB argument by repeated

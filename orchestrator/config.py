@@ -10,6 +10,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -288,6 +289,23 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (``redis://user:***@host``): run files never hold secrets."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def config_to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (written into every run directory)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (written into every run directory), secrets redacted.
+
+    A redacted ``redis.url`` is read back on ``--resume`` without its password; the password
+    then comes from ``SHOAL_REDIS_PASSWORD``.
+    """
+    data = cfg.model_dump(mode="json")
+    if data["redis"]["url"]:
+        data["redis"]["url"] = redact_url(data["redis"]["url"])
+    return yaml.safe_dump(data, sort_keys=False)

@@ -41,6 +41,7 @@ from orchestrator.learner_group import (
     wait_name_free,
 )
 from orchestrator.metrics import CSVSink, Metrics, MetricsSink, ProgressSink
+from orchestrator.ray_metrics import RayMetricsSink
 from orchestrator.rollout_actor import FatalRunError, RolloutActor, rollout_name
 from orchestrator.runstate import RunStateSink, SharedMemory
 from orchestrator.trainer import sigterm_as_interrupt
@@ -273,6 +274,8 @@ def run_distributed(
     client.on_reconnect = lambda: memory.state.set_status("running")
     try:
         with ray_session(cfg, namespace) as dashboard:
+            # Rows come from learner rank 0 and are relayed here, once Ray is up.
+            metrics.sinks.append(RayMetricsSink(memory.run_id, "learner"))
             workers: list[Any] = []
             try:
                 workers, infos = start_rollout_actors(

@@ -559,8 +559,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     jobs.connect()
     excludes = ", ".join(WORKING_DIR_EXCLUDES[:4])
     _out.print(f"uploading {escape(args.working_dir)} (without {excludes}, ...)")
+    # The job's driver must join the cluster it runs on, not start a Ray of its own.
     job_id = jobs.submit(
-        [target, *args.overrides], working_dir=args.working_dir, submission_id=args.submission_id
+        [target, *args.overrides, "--address", "auto"],
+        working_dir=args.working_dir,
+        submission_id=args.submission_id,
     )
     _out.print(f"submitted [bold]{job_id}[/]")
     _out.print(f"dashboard: {jobs.dashboard_url(job_id)}")

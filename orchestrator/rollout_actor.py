@@ -29,6 +29,7 @@ from torch import Tensor
 from agents.memory import RedisUnavailable, ReplayStream, RunState, WeightStore, connect
 from agents.rollout import RolloutBatch, RolloutWorker
 from orchestrator.config import Config
+from orchestrator.ray_metrics import RayMetricsSink
 from orchestrator.trainer import build_env, policy_spec
 from policies.actor_critic import ActorCritic
 
@@ -109,6 +110,9 @@ class RolloutActor:
             else None
         )
         self._lock = threading.Lock()
+        self.metrics = RayMetricsSink(run_id, "rollout")
+        # A restarted actor counts itself once, so the cluster-wide counter adds up restarts.
+        self._metric_row: dict[str, float] = {"rollout_restarts": float(self.restarted)}
 
     def info(self) -> dict[str, Any]:
         """Where the actor runs: ``name``, ``pid``, ``node_id``, ``restarted``."""
@@ -167,7 +171,15 @@ class RolloutActor:
                 chunk = replay_chunk(batch, min(self.cfg.redis.replay_envs, batch.rewards.shape[1]))
                 meta = {"worker": self.index, "weights_version": batch.weights_version}
                 self.replay.append(chunk, meta)
+            t_rtt = time.perf_counter()
             self.state.heartbeat(self.name)
+            rtt_ms = (time.perf_counter() - t_rtt) * 1e3
+            row = self._metric_row
+            row["env_steps"] = row.get("env_steps", 0.0) + batch.env_steps
+            row["weights_version"] = float(batch.weights_version)
+            row["redis_rtt_ms"] = rtt_ms
+            row["env_steps_per_s"] = batch.env_steps / max(t2 - t1, 1e-9)
+            self.metrics.log(row)
             stats = {
                 "worker": float(self.index),
                 "weights_version": float(batch.weights_version),

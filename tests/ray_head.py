@@ -91,7 +91,9 @@ def _stop_head(head: Head) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(*, auth: bool, num_cpus: int = 1) -> Iterator[Head]:
+def ray_head(
+    *, auth: bool, num_cpus: int = 1, extra_env: dict[str, str] | None = None
+) -> Iterator[Head]:
     """Start a loopback head (token auth on or off) and stop it, by PID, on exit."""
     temp_dir = tempfile.mkdtemp(prefix="shoal-ray-")
     dashboard_port = free_port()
@@ -103,6 +105,7 @@ def ray_head(*, auth: bool, num_cpus: int = 1) -> Iterator[Head]:
     if token:
         env["RAY_AUTH_TOKEN"] = token
     env[MARKER] = marker_value
+    env.update(extra_env or {})
     # Job entrypoints run `python` from PATH: make it this interpreter, as an active venv would.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     # Every listening port is explicit so this head never collides with another on the host.

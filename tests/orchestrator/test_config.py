@@ -71,3 +71,15 @@ def test_cli_config_error_exits_2_and_starts_nothing(tmp_path) -> None:
     assert proc.returncode == 2
     assert "train.lrr: unknown key" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no run directory was created
+
+
+def test_run_files_never_hold_the_redis_password() -> None:
+    from orchestrator.config import config_to_yaml
+
+    cfg = load_config("spread-gnn", ["redis.url=redis://shoal:s3cret@10.0.0.5:6379/0"])
+    text = config_to_yaml(cfg)
+    assert "s3cret" not in text
+    assert "redis://shoal:***@10.0.0.5:6379/0" in text
+    assert load_config("spread-gnn", ["redis.url=redis://127.0.0.1:6379/0"]).redis.url == (
+        "redis://127.0.0.1:6379/0"
+    )
