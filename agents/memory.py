@@ -480,6 +480,11 @@ def connect(
     from_url = options.get("password")
     if from_url == "***":  # a URL redacted for a run file: the real password is elsewhere
         from_url = None
+        if not (password or os.environ.get(PASSWORD_ENV)):
+            raise ValueError(
+                f"the Redis URL's password was redacted from the run's config.yaml; set "
+                f"{PASSWORD_ENV} or pass redis.url=redis://:PASSWORD@host:port/0 again"
+            )
     options["password"] = password or from_url or os.environ.get(PASSWORD_ENV)
     pool = ConnectionPool(**options)
     if HIREDIS_AVAILABLE:

@@ -10,7 +10,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -286,7 +286,17 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
         raise ConfigError(_format_error(e, Config)) from None
     if cfg.redis.url is None and os.environ.get("SHOAL_REDIS_URL"):
         cfg.redis.url = os.environ["SHOAL_REDIS_URL"]
+    password = os.environ.get("SHOAL_REDIS_PASSWORD")
+    if cfg.redis.url and password and urlsplit(cfg.redis.url).password == "***":
+        # A resumed run's config.yaml holds a redacted URL; actors need the real one.
+        cfg.redis.url = _with_password(cfg.redis.url, password)
     return cfg
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}:{quote(password, safe='')}@{parts.hostname}"
+    return urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
 
 
 def redact_url(url: str) -> str:

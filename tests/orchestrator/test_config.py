@@ -83,3 +83,9 @@ def test_run_files_never_hold_the_redis_password() -> None:
     assert load_config("spread-gnn", ["redis.url=redis://127.0.0.1:6379/0"]).redis.url == (
         "redis://127.0.0.1:6379/0"
     )
+
+
+def test_resumed_config_gets_its_password_back_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SHOAL_REDIS_PASSWORD", "s3cret")
+    cfg = load_config("spread-gnn", ["redis.url=redis://shoal:***@10.0.0.5:6379/0"])
+    assert cfg.redis.url == "redis://shoal:s3cret@10.0.0.5:6379/0"

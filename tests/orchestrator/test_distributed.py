@@ -350,8 +350,10 @@ def test_killed_driver_resumes_from_its_last_checkpoint(
     before = ckpt["meta"]["counters"]
     assert before["env_steps"] > 0 and ckpt["learner"]["updates"] == before["iteration"]
     target = int(before["env_steps"]) + 800
+    # config.yaml keeps no secrets: like a user, hand the password over in the environment.
     resumed = subprocess.run(
         [*cmd, "--resume", str(run_dir), f"train.total_env_steps={target}", "--json"],
+        env={**os.environ, "SHOAL_REDIS_PASSWORD": redis_server.password},
         cwd=ROOT,
         capture_output=True,
         text=True,
