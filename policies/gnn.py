@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import TransformerConv
 
-from policies.distributions import ActionHead, Distribution
+from policies.entity import EntityActor, EntityCritic
 from policies.mlp import mlp
 
 EDGE_MODES = ("complete", "radius", "knn")
@@ -193,57 +193,24 @@ class GraphEncoder(nn.Module):
         return h.reshape(b, e, -1) * mask.unsqueeze(-1)
 
 
-class GNNActor(nn.Module):
-    """Per-agent actions from agent-node embeddings; agents are the first ``N`` nodes.
+class GNNActor(EntityActor):
+    """Per-agent actions from ``GraphEncoder`` embeddings (agents are the first ``N`` nodes).
 
     Args:
         node_dim: node feature width.
         action_kind: ``"discrete"`` or ``"continuous"``.
         action_dim: ``A``.
         **encoder: ``GraphEncoder`` options (hidden, layers, heads, edges, radius, k).
-
-    Shapes:
-        - input: ``nodes [B, E, F]``, ``node_pos``, ``node_mask``, ``alive [B, N]``.
-        - output: a distribution over ``[B, N]`` actions.
     """
 
     def __init__(self, node_dim: int, action_kind: str, action_dim: int, **encoder: object) -> None:
-        super().__init__()
-        self.encoder = GraphEncoder(node_dim, **encoder)  # type: ignore[arg-type]
-        self.head = ActionHead(self.encoder.hidden, action_kind, action_dim)
-
-    def forward(self, batch: dict[str, Tensor]) -> Distribution:
-        """Action distribution for every agent."""
-        n = batch["alive"].shape[-1]
-        h = self.encoder(batch)[:, :n]
-        return self.head(h, batch.get("action_mask"))
+        enc = GraphEncoder(node_dim, **encoder)  # type: ignore[arg-type]
+        super().__init__(enc, enc.hidden, action_kind, action_dim)
 
 
-class GNNCritic(nn.Module):
-    """Per-agent value from the agent's embedding, plus a pooled view of the whole graph.
-
-    With ``centralised=True`` (MAPPO) each value also sees the masked mean of every node
-    embedding, so the critic is centralised yet independent of the number of agents.
-
-    Shapes:
-        - input: as ``GNNActor``.
-        - output: ``[B, N]``.
-    """
+class GNNCritic(EntityCritic):
+    """Per-agent values from ``GraphEncoder`` embeddings (see ``EntityCritic``)."""
 
     def __init__(self, node_dim: int, centralised: bool = True, **encoder: object) -> None:
-        super().__init__()
-        self.encoder = GraphEncoder(node_dim, **encoder)  # type: ignore[arg-type]
-        hidden = self.encoder.hidden
-        self.centralised = centralised
-        self.out = mlp(hidden * (2 if centralised else 1), hidden, 1, 1)
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Values ``[B, N]``."""
-        n = batch["alive"].shape[-1]
-        h = self.encoder(batch)
-        x = h[:, :n]
-        if self.centralised:
-            mask = batch["node_mask"].unsqueeze(-1).to(h.dtype)
-            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            x = torch.cat([x, pooled.unsqueeze(1).expand_as(x)], dim=-1)
-        return self.out(x).squeeze(-1)
+        enc = GraphEncoder(node_dim, **encoder)  # type: ignore[arg-type]
+        super().__init__(enc, enc.hidden, centralised)

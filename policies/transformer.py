@@ -6,10 +6,9 @@ permutation-equivariant over agents and runs on any number of entities.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from policies.distributions import ActionHead, Distribution
+from policies.entity import EntityActor, EntityCritic
 from policies.mlp import mlp
 
 
@@ -43,37 +42,17 @@ class EntityTransformer(nn.Module):
         return h * mask.unsqueeze(-1)
 
 
-class TransformerActor(nn.Module):
+class TransformerActor(EntityActor):
     """Per-agent actions from the agent tokens (the first ``N`` entities)."""
 
     def __init__(self, node_dim: int, action_kind: str, action_dim: int, **kw: int) -> None:
-        super().__init__()
-        self.encoder = EntityTransformer(node_dim, **kw)
-        self.head = ActionHead(self.encoder.hidden, action_kind, action_dim)
-
-    def forward(self, batch: dict[str, Tensor]) -> Distribution:
-        """Action distribution ``[B, N]``."""
-        n = batch["alive"].shape[-1]
-        return self.head(self.encoder(batch)[:, :n], batch.get("action_mask"))
+        enc = EntityTransformer(node_dim, **kw)
+        super().__init__(enc, enc.hidden, action_kind, action_dim)
 
 
-class TransformerCritic(nn.Module):
-    """Per-agent values; centralised critics add a pooled view of every entity."""
+class TransformerCritic(EntityCritic):
+    """Per-agent values from entity-transformer embeddings (see ``EntityCritic``)."""
 
     def __init__(self, node_dim: int, centralised: bool = True, **kw: int) -> None:
-        super().__init__()
-        self.encoder = EntityTransformer(node_dim, **kw)
-        h = self.encoder.hidden
-        self.centralised = centralised
-        self.out = mlp(h * (2 if centralised else 1), h, 1, 1)
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Values ``[B, N]``."""
-        n = batch["alive"].shape[-1]
-        h = self.encoder(batch)
-        x = h[:, :n]
-        if self.centralised:
-            m = batch["node_mask"].unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-            x = torch.cat([x, pooled.unsqueeze(1).expand_as(x)], dim=-1)
-        return self.out(x).squeeze(-1)
+        enc = EntityTransformer(node_dim, **kw)
+        super().__init__(enc, enc.hidden, centralised)
