@@ -19,7 +19,7 @@ EDGE_MODES = ("complete", "radius", "knn")
 
 def build_adjacency(
     node_pos: Tensor, node_mask: Tensor, mode: str = "complete", radius: float = 1.0, k: int = 4
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> Tensor:
     """Dense adjacency ``adj[b, i, j]`` = "node ``j`` sends to node ``i``".
 
     Args:
@@ -31,22 +31,21 @@ def build_adjacency(
         k: neighbours for ``"knn"``.
 
     Returns:
-        ``adj [B, E, E]`` bool, ``rel [B, E, E, P]`` (``pos_j - pos_i``), ``dist [B, E, E]``.
+        ``adj [B, E, E]`` bool.
     """
     if mode not in EDGE_MODES:
         raise ValueError(f"edge mode {mode!r} is not one of {EDGE_MODES}")
     e = node_pos.shape[1]
-    rel = node_pos.unsqueeze(1) - node_pos.unsqueeze(2)  # [B, i, j, P]: pos_j - pos_i
-    dist = rel.norm(dim=-1)
     eye = torch.eye(e, dtype=torch.bool, device=node_pos.device)
     valid = node_mask.unsqueeze(2) & node_mask.unsqueeze(1) & ~eye
+    if mode == "complete" or (mode == "knn" and k >= e - 1):
+        return valid  # distances are only needed to prune edges
+    dist = torch.cdist(node_pos, node_pos)  # [B, i, j]
     if mode == "radius":
-        valid = valid & (dist <= radius)
-    elif mode == "knn" and k < e - 1:
-        d = dist.masked_fill(~valid, float("inf"))
-        kth = d.topk(k, dim=-1, largest=False).values[..., -1:]
-        valid = valid & (d <= kth)
-    return valid, rel, dist
+        return valid & (dist <= radius)
+    d = dist.masked_fill(~valid, float("inf"))
+    kth = d.topk(k, dim=-1, largest=False).values[..., -1:]
+    return valid & (d <= kth)
 
 
 def build_edges(
@@ -60,11 +59,11 @@ def build_edges(
         ``edge_index [2, M]`` over the flattened ``B * E`` nodes (row 0 senders, row 1
         receivers) and ``edge_attr [M, P]`` (sender position relative to receiver).
     """
-    valid, rel, _ = build_adjacency(node_pos, node_mask, mode, radius, k)
+    valid = build_adjacency(node_pos, node_mask, mode, radius, k)
     e = node_pos.shape[1]
     bi, i, j = valid.nonzero(as_tuple=True)
     edge_index = torch.stack([bi * e + j, bi * e + i])
-    return edge_index, rel[bi, i, j]
+    return edge_index, node_pos[bi, j] - node_pos[bi, i]
 
 
 def dense_transformer_conv(
@@ -180,7 +179,7 @@ class GraphEncoder(nn.Module):
         b, e, _ = nodes.shape
         h = self.embed(nodes)
         if e <= self.dense:
-            adj, _, _ = build_adjacency(pos, mask, self.edges, self.radius, self.k)
+            adj = build_adjacency(pos, mask, self.edges, self.radius, self.k)
             bias = attention_bias(adj)
             for conv in self.convs:
                 # Residual keeps a node's own features when it has no neighbours.
