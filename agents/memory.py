@@ -1,8 +1,10 @@
 """Redis as the run's shared memory: versioned weights, a replay stream and run state.
 
 Every key lives under ``shoal:{run_id}:``. Tensors travel as raw little-endian bytes behind a
-JSON header (:func:`encode_tensors`); nothing is ever pickled, so a payload from Redis can
-at worst fail validation, never run code. Every operation goes through
+JSON header (:mod:`agents.codec`); nothing is ever pickled, so a payload from Redis can
+at worst fail validation, never run code. Weights, the one multi-MB payload on the hot
+path, are written from the tensors' own memory and read straight into the buffer the
+fetched tensors live in (:func:`bulk_set`, :func:`bulk_get`). Every operation goes through
 :class:`ResilientRedis`, which rides out a Redis restart or network blip with exponential
 backoff and tells the trainer (``on_reconnect``) so it can republish what the restart lost.
 
@@ -16,14 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
 import random
 import re
-import sys
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +40,17 @@ from redis.connection import ConnectionPool, PythonRespSerializer, parse_url
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
+from agents.codec import (
+    FORMAT,
+    Encoded,
+    PayloadError,
+    decode,
+    decode_tensors,
+    encode,
+    encode_tensors,
+    is_count,
+)
+
 __all__ = [
     "FORMAT",
     "PASSWORD_ENV",
@@ -47,6 +60,8 @@ __all__ = [
     "ResilientRedis",
     "RunState",
     "WeightStore",
+    "bulk_get",
+    "bulk_set",
     "connect",
     "decode_tensors",
     "encode_tensors",
@@ -59,200 +74,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Chunk = dict[str, torch.Tensor]
 
-FORMAT = "shoal-tensors/1"
 PASSWORD_ENV = "SHOAL_REDIS_PASSWORD"
 RUNS_KEY = "shoal:runs"
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_LEN_BYTES = 8
-# 64-byte alignment lets decoded tensors sit on cache-line boundaries inside one buffer.
-_ALIGN = 64
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class PayloadError(ValueError):
-    """A tensor payload is malformed, truncated, tampered with, or of an unknown format."""
 
 
 class RedisUnavailable(redis.RedisError):
     """Redis stayed unreachable for longer than the client's ``outage_timeout``."""
-
-
-# ----------------------------------------------------------------------------- tensor codec
-
-
-def _align(offset: int) -> int:
-    return -(-offset // _ALIGN) * _ALIGN
-
-
-def _encode(
-    tensors: Mapping[str, torch.Tensor],
-    meta: Mapping[str, Any] | None,
-    reuse: bytearray | None = None,
-) -> bytearray:
-    if sys.byteorder != "little":
-        raise NotImplementedError(
-            "shoal-tensors/1 payloads are only produced on little-endian hosts"
-        )
-    entries: dict[str, dict[str, Any]] = {}
-    flats: list[tuple[int, torch.Tensor]] = []
-    size = 0
-    for name, tensor in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}")
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-            raise TypeError(f"{name!r} must be a dense torch.Tensor, got {type(tensor).__name__}")
-        dtype = _DTYPE_NAMES.get(tensor.dtype)
-        if dtype is None:
-            raise ValueError(
-                f"tensor {name!r} has dtype {tensor.dtype}; supported dtypes: {', '.join(_DTYPES)}"
-            )
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        size = _align(size)
-        entries[name] = {
-            "dtype": dtype,
-            "shape": list(tensor.shape),
-            "offset": size,
-            "nbytes": flat.numel(),
-        }
-        flats.append((size, flat))
-        size += flat.numel()
-    header = {"format": FORMAT, "meta": dict(meta or {}), "tensors": entries, "sha256": "0" * 64}
-    try:
-        text = json.dumps(header, separators=(",", ":")).encode()
-    except TypeError as err:
-        raise TypeError(f"payload meta must be JSON-serialisable: {err}") from err
-    start = _align(_LEN_BYTES + len(text))
-    # Writing into a buffer from the last publish skips faulting in fresh pages, which costs
-    # as much as the copy itself for multi-MB models.
-    buf = reuse if reuse is not None and len(reuse) == start + size else bytearray(start + size)
-    body = np.frombuffer(buf, dtype=np.uint8, offset=start)
-    end = 0
-    for offset, flat in flats:
-        body[end:offset] = 0  # padding must hash the same whatever the reused buffer held
-        # A plain memcpy: torch's threaded copy_ stalls for ms when the other cores are busy.
-        np.copyto(body[offset : offset + flat.numel()], flat.numpy())
-        end = offset + flat.numel()
-    del body
-    header["sha256"] = hashlib.sha256(memoryview(buf)[start:]).hexdigest()
-    # The placeholder digest has the final digest's length, so the layout does not move.
-    text = json.dumps(header, separators=(",", ":")).encode()
-    buf[:_LEN_BYTES] = (start - _LEN_BYTES).to_bytes(_LEN_BYTES, "little")
-    buf[_LEN_BYTES:start] = text.ljust(start - _LEN_BYTES)
-    return buf
-
-
-def encode_tensors(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
-) -> bytes:
-    """Serialise named tensors and JSON metadata without pickle.
-
-    Layout: 8-byte little-endian header length, a JSON header ``{"format":
-    "shoal-tensors/1", "meta", "tensors": {name: {dtype, shape, offset, nbytes}}, "sha256"}``,
-    then the body: each tensor's contiguous little-endian CPU bytes at its ``offset``.
-
-    Args:
-        tensors: Name to tensor; any device, any strides; one of the dtypes float32, float64,
-            float16, bfloat16, int64, int32, uint8, bool.
-        meta: JSON-serialisable metadata returned unchanged by :func:`decode_tensors`.
-
-    Returns:
-        The payload.
-
-    Raises:
-        TypeError: If a value is not a dense tensor or ``meta`` is not JSON-serialisable.
-        ValueError: If a tensor has an unsupported dtype.
-    """
-    return bytes(_encode(tensors, meta))
-
-
-def _fail(message: str) -> PayloadError:
-    return PayloadError(f"invalid {FORMAT} payload: {message}")
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def decode_tensors(
-    payload: bytes | bytearray | memoryview,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Inverse of :func:`encode_tensors`; validates everything before building a tensor.
-
-    The body is copied once into a fresh buffer that the returned tensors share, so they
-    are writable and independent of ``payload``.
-
-    Args:
-        payload: Bytes produced by :func:`encode_tensors`.
-
-    Returns:
-        ``(tensors, meta)``.
-
-    Raises:
-        PayloadError: If the format is unknown, the header is not valid JSON, the payload is
-            truncated, a dtype is not whitelisted, or the body's sha256 does not match.
-    """
-    view = memoryview(payload).cast("B")
-    if len(view) < _LEN_BYTES:
-        raise _fail(f"truncated: {len(view)} bytes, shorter than the header length field")
-    header_len = int.from_bytes(view[:_LEN_BYTES], "little")
-    start = _LEN_BYTES + header_len
-    if start > len(view):
-        raise _fail(f"truncated: header claims {header_len} bytes, payload has {len(view)}")
-    try:
-        header = json.loads(bytes(view[_LEN_BYTES:start]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _fail(f"header is not valid JSON ({err})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        found = header.get("format") if isinstance(header, dict) else type(header).__name__
-        raise _fail(f"format is {found!r}, expected {FORMAT!r}")
-    meta, specs, digest = header.get("meta"), header.get("tensors"), header.get("sha256")
-    if not isinstance(meta, dict) or not isinstance(specs, dict) or not isinstance(digest, str):
-        raise _fail("header needs a 'meta' object, a 'tensors' object and a 'sha256' string")
-    body = view[start:]
-    layout: list[tuple[str, torch.dtype, list[int], int, int]] = []
-    for name, spec in specs.items():
-        if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES:
-            dtype = spec.get("dtype") if isinstance(spec, dict) else spec
-            raise _fail(f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
-        dtype = _DTYPES[spec["dtype"]]
-        shape, offset, nbytes = spec.get("shape"), spec.get("offset"), spec.get("nbytes")
-        if not (
-            isinstance(shape, list)
-            and all(_is_count(dim) for dim in shape)
-            and _is_count(offset)
-            and _is_count(nbytes)
-        ):
-            raise _fail(f"tensor {name!r} needs a shape of non-negative ints, offset and nbytes")
-        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise _fail(f"tensor {name!r}: nbytes {nbytes} does not match shape {shape}")
-        if offset + nbytes > len(body):
-            raise _fail(
-                f"truncated: tensor {name!r} ends at body byte {offset + nbytes}, "
-                f"body has {len(body)}"
-            )
-        layout.append((str(name), dtype, list(shape), spec["offset"], spec["nbytes"]))
-    if hashlib.sha256(body).hexdigest() != digest:
-        raise _fail("body sha256 does not match the header: the payload was corrupted or altered")
-    buf = bytearray(body)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, offset, nbytes in layout:
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            flat = torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
-            tensors[name] = flat.view(shape)
-    return tensors, meta
 
 
 # ------------------------------------------------------------------------ resilient client
@@ -509,8 +338,135 @@ def _raw(client: Client) -> redis.Redis:
     return client.client if isinstance(client, ResilientRedis) else client
 
 
-def _get(r: redis.Redis, name: str) -> Any:
-    return r.get(name)
+# --------------------------------------------------------------------------- bulk values
+# redis-py builds a reply in 64 KB reads into the parser's growing buffer, then copies it
+# into a bytes object; for a 4 MB value that is ~4 ms of a ~1.5 ms transfer. These two
+# functions move a large value with one syscall stream each way and no extra copy, on a
+# connection borrowed from the client's pool (so auth, TLS and timeouts are the pool's).
+
+
+def _release_after(r: redis.Redis, conn: Any, fn: Callable[[], T]) -> T:
+    pool = r.connection_pool
+    try:
+        return fn()
+    except BaseException:
+        conn.disconnect()  # a half-sent or half-read exchange leaves the stream unusable
+        raise
+    finally:
+        pool.release(conn)
+
+
+def bulk_set(r: redis.Redis, name: str, payload: Encoded, *then: tuple[Any, ...]) -> list[Any]:
+    """``SET name payload`` sending each piece of ``payload`` straight from its memory.
+
+    Args:
+        r: The client whose pool lends the connection.
+        name: The key.
+        payload: The value, as pieces.
+        *then: Commands (``("EVAL", script, ...)``) sent in the same write, run after the
+            SET in order; saves a round trip per command.
+
+    Returns:
+        The replies of ``then``.
+
+    Raises:
+        redis.ConnectionError, redis.TimeoutError: As for any command; nothing is retried.
+        redis.ResponseError: If the SET or a command of ``then`` fails.
+    """
+    name_bytes = name.encode()
+    prefix = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (
+        len(name_bytes),
+        name_bytes,
+        payload.nbytes,
+    )
+    conn = r.connection_pool.get_connection()
+
+    def exchange() -> list[Any]:
+        tail = [b"\r\n"] + [chunk for command in then for chunk in conn.pack_command(*command)]
+        conn.send_packed_command([prefix, *payload.pieces, *tail])
+        reply = conn.read_response()
+        if reply not in (b"OK", "OK", True):
+            raise redis.ResponseError(f"SET {name} answered {reply!r}")
+        return [conn.read_response() for _ in then]
+
+    return _release_after(r, conn, exchange)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> int:
+    try:
+        n = sock.recv_into(view)
+    except TimeoutError:  # socket.timeout
+        raise redis.TimeoutError("Timeout reading a bulk reply") from None
+    except OSError as err:
+        raise redis.ConnectionError(f"Error while reading a bulk reply: {err}") from None
+    if n == 0:
+        raise redis.ConnectionError("Redis closed the connection during a bulk reply")
+    return n
+
+
+def _read_bulk(sock: socket.socket, into: bytearray | None) -> memoryview | None:
+    head = bytearray(64)
+    view = memoryview(head)
+    got = _recv_into(sock, view)
+    while (eol := head.find(b"\r\n", 0, got)) < 0:
+        if got == len(head):  # a long error line: keep reading it
+            view.release()
+            head.extend(bytes(len(head)))
+            view = memoryview(head)
+        got += _recv_into(sock, view[got:])
+    line = bytes(head[:eol])
+    kind = line[:1]
+    if kind == b"-":
+        raise redis.ResponseError(line[1:].decode(errors="replace"))
+    if line == b"_":  # RESP3 null
+        return None
+    if kind not in (b"$", b"!") or not line[1:].lstrip(b"-").isdigit():
+        raise redis.ConnectionError(f"unexpected reply to a bulk read: {line[:40]!r}")
+    length = int(line[1:])
+    if length < 0:  # RESP2 null
+        return None
+    # The value and its trailing CRLF; a reused buffer saves faulting in fresh pages.
+    out = into if into is not None and len(into) >= length + 2 else bytearray(length + 2)
+    target = memoryview(out)[: length + 2]
+    have = min(got - eol - 2, len(target))
+    target[:have] = view[eol + 2 : eol + 2 + have]
+    while have < len(target):
+        have += _recv_into(sock, target[have:])
+    if target[length:] != b"\r\n":
+        raise redis.ConnectionError("bulk reply not terminated by CRLF")
+    if kind == b"!":  # RESP3 blob error
+        raise redis.ResponseError(bytes(target[:length]).decode(errors="replace"))
+    return target[:length]
+
+
+def bulk_get(r: redis.Redis, name: str, into: bytearray | None = None) -> memoryview | None:
+    """``GET name`` read straight from the socket into one buffer, without copies.
+
+    Args:
+        r: The client whose pool lends the connection.
+        name: The key.
+        into: A buffer to read into if it is large enough (at least the value plus 2
+            bytes); otherwise a fresh ``bytearray`` is used.
+
+    Returns:
+        A writable view of the value (``view.obj`` is the buffer it lives in), or ``None``
+        if the key is absent.
+
+    Raises:
+        redis.ConnectionError, redis.TimeoutError: As for any command; nothing is retried.
+        redis.ResponseError: If the key holds something other than a string.
+    """
+    # The pool hands out a connected connection with nothing pending on it.
+    conn = r.connection_pool.get_connection()
+
+    def exchange() -> memoryview | None:
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            raise redis.ConnectionError(f"no socket to read GET {name} from")
+        conn.send_command("GET", name)
+        return _read_bulk(sock, into)
+
+    return _release_after(r, conn, exchange)
 
 
 def key(run_id: str, *parts: str | int) -> str:
@@ -529,6 +485,23 @@ def key(run_id: str, *parts: str | int) -> str:
 
 
 # ----------------------------------------------------------------------------- weights
+
+
+# Move the pointer, index the version, drop all but the newest `keep` (never the new one).
+_POINT_LUA = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[1])
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[2])
+if excess > 0 then
+  for _, v in ipairs(redis.call('ZRANGE', KEYS[2], 0, excess - 1)) do
+    if v ~= ARGV[1] then
+      redis.call('UNLINK', ARGV[3] .. v)
+      redis.call('ZREM', KEYS[2], v)
+    end
+  end
+end
+return 1
+"""
 
 
 class WeightStore:
@@ -550,43 +523,38 @@ class WeightStore:
         self.keep = keep
         self._call = _caller(client)
         self._lock = threading.Lock()
-        self._buffer: bytearray | None = None
+        self._recv_lock = threading.Lock()
+        self._recv: bytearray | None = None
         self._latest_key = key(run_id, "weights", "latest")
         self._index_key = key(run_id, "weights", "versions")
 
-    def _version_key(self, version: int) -> str:
+    def _version_key(self, version: int | str) -> str:
         return key(self.run_id, "weights", version)
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Store ``state_dict`` as ``version`` and point ``latest`` at it in one transaction.
+        """Store ``state_dict`` as ``version`` and point ``latest`` at it, in one round trip.
 
-        Versions beyond the newest ``keep`` are deleted in the same transaction.
+        The payload is sent from the tensors' memory: do not modify them from another
+        thread meanwhile. Versions beyond the newest ``keep`` are deleted atomically with
+        the pointer's move.
 
         Args:
             state_dict: Name to tensor, e.g. ``policy.state_dict()``.
             version: Non-negative int, normally increasing with every publish.
         """
-        if not _is_count(version):
+        if not is_count(version):
             raise ValueError(f"version must be a non-negative int, got {version!r}")
         with self._lock:
-            self._buffer = _encode(state_dict, {"version": version}, reuse=self._buffer)
-            self._write(version, memoryview(self._buffer))
+            payload = encode(state_dict, {"version": version})
+            self._call(lambda r: self._write(r, version, payload))
 
-    def _write(self, version: int, payload: memoryview) -> None:
-        def write(r: redis.Redis) -> None:
-            known = {int(v) for v in cast(list[bytes], r.zrange(self._index_key, 0, -1))}
-            known.add(version)
-            stale = [v for v in sorted(known)[: -self.keep] if v != version]
-            pipe = r.pipeline(transaction=True)
-            pipe.set(self._version_key(version), payload)
-            pipe.set(self._latest_key, version)
-            pipe.zadd(self._index_key, {str(version): version})
-            if stale:
-                pipe.unlink(*(self._version_key(v) for v in stale))
-                pipe.zrem(self._index_key, *map(str, stale))
-            pipe.execute()
-
-        self._call(write)
+    def _write(self, r: redis.Redis, version: int, payload: Encoded) -> None:
+        # One round trip. The version's key is written before the pointer moves to it, so
+        # a reader that follows the pointer always finds a complete payload.
+        keys = (self._latest_key, self._index_key)
+        prefix = self._version_key("")
+        script = ("EVAL", _POINT_LUA, 2, *keys, version, self.keep, prefix)
+        bulk_set(r, self._version_key(version), payload, script)
 
     def latest_version(self) -> int | None:
         """The newest published version, or ``None`` before the first publish."""
@@ -597,34 +565,52 @@ class WeightStore:
         """Versions currently stored, oldest first."""
         return [int(v) for v in self._call(lambda r: r.zrange(self._index_key, 0, -1))]
 
-    def fetch(self, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    def fetch(
+        self, version: int | None = None, *, reuse_buffer: bool = False
+    ) -> tuple[int, dict[str, torch.Tensor]]:
         """Read a version (the latest by default).
+
+        The payload is read from the socket into one buffer and the returned tensors are
+        views into it, so a fetch costs one transfer and one checksum pass.
+
+        Args:
+            version: The version to read; ``None`` for the latest.
+            reuse_buffer: Read into a buffer this store keeps for the next such fetch,
+                which skips allocating (and faulting in) a fresh one. The returned tensors
+                are then only valid until the next ``fetch(reuse_buffer=True)``: copy them
+                first, as ``load_state_dict`` does.
 
         Returns:
             ``(version, state_dict)``.
 
         Raises:
             LookupError: If nothing was published yet or ``version`` is no longer kept.
+            PayloadError: If the stored payload fails validation or holds another version.
         """
-        for _ in range(5):
-            wanted = self.latest_version() if version is None else version
-            if wanted is None:
-                raise LookupError(f"no weights published yet for run {self.run_id!r}")
-            payload = self._call(functools.partial(_get, name=self._version_key(wanted)))
-            if payload is not None:
-                tensors, meta = decode_tensors(payload)
-                if meta.get("version") != wanted:
-                    raise PayloadError(
-                        f"weights:{wanted} of run {self.run_id!r} holds version "
-                        f"{meta.get('version')!r}"
+        with self._recv_lock if reuse_buffer else contextlib.nullcontext():
+            for _ in range(5):
+                wanted = self.latest_version() if version is None else version
+                if wanted is None:
+                    raise LookupError(f"no weights published yet for run {self.run_id!r}")
+                into = self._recv if reuse_buffer else None
+                read = functools.partial(bulk_get, name=self._version_key(wanted), into=into)
+                payload = self._call(read)
+                if payload is not None:
+                    if reuse_buffer:
+                        self._recv = cast(bytearray, payload.obj)
+                    tensors, meta = decode(payload, copy=False)  # the buffer is ours alone
+                    if meta.get("version") != wanted:
+                        raise PayloadError(
+                            f"weights:{wanted} of run {self.run_id!r} holds version "
+                            f"{meta.get('version')!r}"
+                        )
+                    return wanted, tensors
+                if version is not None:
+                    raise LookupError(
+                        f"weights version {version} of run {self.run_id!r} is not in Redis "
+                        f"(kept: {self.versions()})"
                     )
-                return wanted, tensors
-            if version is not None:
-                raise LookupError(
-                    f"weights version {version} of run {self.run_id!r} is not in Redis "
-                    f"(kept: {self.versions()})"
-                )
-            # A publisher pruned the version between our two reads; the pointer moved on.
+                # A publisher pruned the version between our two reads; the pointer moved on.
         raise LookupError(f"weights of run {self.run_id!r} kept changing while being read")
 
     def fetch_if_newer(
@@ -701,7 +687,7 @@ class ReplayStream:
         Returns:
             The entry id, e.g. ``"1700000000000-0"``.
         """
-        payload = memoryview(_encode(chunk, meta))
+        payload = encode_tensors(chunk, meta)
         keys = [self.key, self._index_key]
         entry_id = self._call(
             lambda r: self._append(keys=keys, args=[self.maxlen, payload], client=r)

@@ -146,7 +146,7 @@ class Fetcher:
 
     def redis(self, version: int) -> float:
         t0 = time.perf_counter()
-        _, state = self.store.fetch(version)
+        _, state = self.store.fetch(version, reuse_buffer=True)  # as rollout workers do
         assert state
         return time.perf_counter() - t0
 
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["throughput", "weights", "allreduce"])
     parser.add_argument("--seconds", type=float, default=20.0, help="training time per topology")
     parser.add_argument("--num-envs", type=int, help="envs per rollout worker (preset's default)")
-    parser.add_argument("--repeats", type=int, default=7, help="weight transfers per size")
+    parser.add_argument("--repeats", type=int, default=21, help="weight transfers per size")
     args = parser.parse_args()
     num_envs = args.num_envs or load_config("spread-gnn").env.num_envs
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="shoal-bench")

@@ -137,10 +137,11 @@ class RolloutActor:
         while True:
             latest = self.weights.latest_version()
             if latest is not None and latest != self.version:
+                # The fetched tensors live in a reused buffer: load_state_dict copies them.
                 try:
-                    version, state = self.weights.fetch(latest)
+                    version, state = self.weights.fetch(latest, reuse_buffer=True)
                 except LookupError:
-                    version, state = self.weights.fetch()
+                    version, state = self.weights.fetch(reuse_buffer=True)
                 self.worker.set_weights(state, version)
                 self.version = version
             if self.version is not None and self.version >= min_version:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -17,8 +16,9 @@ import numpy as np
 import pytest
 import redis
 import torch
+import xxhash
 
-from agents import memory
+from agents import codec, memory
 from agents.memory import (
     FORMAT,
     PayloadError,
@@ -86,10 +86,10 @@ def state_dict(seed: int = 0, n: int = 64) -> dict[str, torch.Tensor]:
     }
 
 
-def forge(header: dict, body: bytes, *, fix_sha: bool = True) -> bytes:
+def forge(header: dict, body: bytes, *, fix_checksum: bool = True) -> bytes:
     """Builds a payload by hand, so the decoder is tested against the documented layout."""
-    if fix_sha:
-        header = {**header, "sha256": hashlib.sha256(body).hexdigest()}
+    if fix_checksum:
+        header = {**header, "xxh3_64": xxhash.xxh3_64_hexdigest(body)}
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + body
 
@@ -135,9 +135,10 @@ def test_layout_matches_the_documented_format() -> None:
     header_len = int.from_bytes(payload[:8], "little")
     header = json.loads(payload[8 : 8 + header_len])
     body = payload[8 + header_len :]
-    assert header["format"] == FORMAT == "shoal-tensors/1"
+    assert header["format"] == FORMAT == "shoal-tensors/2"
     assert header["meta"] == {"step": 3}
-    assert header["sha256"] == hashlib.sha256(body).hexdigest()
+    assert header["xxh3_64"] == xxhash.xxh3_64_hexdigest(body)
+    assert (8 + header_len) % 64 == 0  # the body starts on a cache line
     spec = header["tensors"]["t"]
     assert spec["dtype"] == "float32" and spec["shape"] == [2, 3] and spec["nbytes"] == 24
     raw = np.frombuffer(body, dtype="<f4", count=6, offset=spec["offset"])
@@ -151,7 +152,7 @@ def test_tampered_body_byte_is_rejected() -> None:
     for pos in rng.sample(range(8 + header_len, len(payload)), 25):
         tampered = bytearray(payload)
         tampered[pos] ^= 1 << rng.randrange(8)
-        with pytest.raises(PayloadError, match="sha256"):
+        with pytest.raises(PayloadError, match="xxh3_64"):
             decode_tensors(bytes(tampered))
 
 
@@ -209,11 +210,50 @@ def test_bad_header_json_is_rejected() -> None:
 )
 def test_invalid_headers_are_rejected(header: object, message: str) -> None:
     body = bytes(16)
-    text = json.dumps(header).encode()
     if isinstance(header, dict):
-        text = json.dumps({**header, "sha256": hashlib.sha256(body).hexdigest()}).encode()
+        payload = forge(header, body)
+    else:
+        text = json.dumps(header).encode()
+        payload = len(text).to_bytes(8, "little") + text + body
     with pytest.raises(PayloadError, match=message):
-        decode_tensors(len(text).to_bytes(8, "little") + text + body)
+        decode_tensors(payload)
+
+
+def test_a_payload_built_by_hand_from_the_documented_layout_decodes() -> None:
+    # No alignment padding and an unpadded header: the layout allows any offsets.
+    a = np.array([[1.5, -2.0], [0.25, 8.0]], dtype="<f4")
+    b = np.array([7, -9], dtype="<i8")
+    body = a.tobytes() + b"\x00\x00\x00" + b.tobytes()
+    header = {
+        "format": "shoal-tensors/2",
+        "meta": {"version": 4},
+        "tensors": {
+            "a": {"dtype": "float32", "shape": [2, 2], "offset": 0, "nbytes": 16},
+            "b": {"dtype": "int64", "shape": [2], "offset": 19, "nbytes": 16},
+        },
+    }
+    out, meta = decode_tensors(forge(header, body))
+    assert meta == {"version": 4}
+    assert out["a"].tolist() == a.tolist() and out["b"].tolist() == b.tolist()
+    with pytest.raises(PayloadError, match="xxh3_64"):
+        decode_tensors(forge({**header, "xxh3_64": "0" * 16}, body, fix_checksum=False))
+
+
+def test_encoding_sends_tensor_memory_without_copying_it() -> None:
+    weight = torch.randn(64, 64)
+    encoded = codec.encode({"w": weight, "b": torch.zeros(3)}, {"version": 1})
+    assert encoded.tobytes() == encode_tensors({"w": weight, "b": torch.zeros(3)}, {"version": 1})
+    assert encoded.nbytes == sum(len(memoryview(p).cast("B")) for p in encoded.pieces)
+    assert any(np.shares_memory(np.asarray(p), weight.numpy()) for p in encoded.pieces[1:])
+
+
+def test_decode_without_copy_returns_views_of_a_writable_payload() -> None:
+    payload = bytearray(encode_tensors({"x": torch.arange(4.0)}))
+    out, _ = codec.decode(payload, copy=False)
+    out["x"] += 1
+    assert torch.equal(torch.frombuffer(payload, dtype=torch.float32)[-4:], out["x"])
+    with pytest.raises(ValueError, match="writable"):
+        codec.decode(bytes(payload), copy=False)
 
 
 def test_encode_rejects_what_it_cannot_represent() -> None:
@@ -226,8 +266,9 @@ def test_encode_rejects_what_it_cannot_represent() -> None:
 
 
 def test_no_unpickling_code_path_exists() -> None:
-    source = inspect.getsource(memory)
-    assert "import pickle" not in source and "torch.load" not in source
+    for module in (memory, codec):
+        source = inspect.getsource(module)
+        assert "import pickle" not in source and "torch.load" not in source
 
 
 def test_key_namespace_and_run_id_validation() -> None:
@@ -307,13 +348,66 @@ def test_weight_versions_latest_pointer_and_pruning(client, redis_server) -> Non
 
 
 @redis_test
-def test_weights_survive_a_change_of_size_between_publishes(client) -> None:
+def test_reused_fetch_buffer_follows_changes_of_size(client) -> None:
     store = WeightStore(client, run_id())
-    store.publish(state_dict(0, n=32), 0)
-    store.publish(state_dict(1, n=8), 1)  # reused encode buffer no longer fits
-    store.publish(state_dict(2, n=8), 2)  # same size: the buffer is reused
-    assert torch.equal(store.fetch()[1]["layer.weight"], state_dict(2, n=8)["layer.weight"])
-    assert torch.equal(store.fetch(0)[1]["layer.weight"], state_dict(0, n=32)["layer.weight"])
+    for version, n in enumerate([8, 32, 8, 8]):
+        store.publish(state_dict(version, n=n), version)
+        got, fetched = store.fetch(reuse_buffer=True)
+        assert got == version
+        for name, tensor in state_dict(version, n=n).items():
+            assert_bit_equal(fetched[name], tensor)
+    # Same size twice in a row: the second fetch lands in the first one's memory.
+    first = store.fetch(2, reuse_buffer=True)[1]["layer.weight"].data_ptr()
+    assert store.fetch(3, reuse_buffer=True)[1]["layer.weight"].data_ptr() == first
+    # Without reuse every fetch owns its memory.
+    assert store.fetch(3)[1]["layer.weight"].data_ptr() != first
+
+
+@redis_test
+@pytest.mark.parametrize("size", [0, 1, 61, 62, 63, 64, 65_534, 65_536, 1_000_003])
+def test_bulk_set_and_get_round_trip_any_size(client, size: int) -> None:
+    data = np.random.default_rng(size).bytes(size)
+    name = key(run_id(), "blob")
+    pieces = [data[: size // 3], memoryview(data)[size // 3 :]]
+    client.call(lambda r: memory.bulk_set(r, name, codec.Encoded(pieces, size)))
+    assert client.get(name) == data  # what redis-py sees is what was sent
+    assert bytes(client.call(lambda r: memory.bulk_get(r, name))) == data
+    spare = bytearray(size + 10)
+    view = client.call(lambda r: memory.bulk_get(r, name, into=spare))
+    assert view.obj is spare and bytes(view) == data
+    small = bytearray(1)
+    view = client.call(lambda r: memory.bulk_get(r, name, into=small))
+    assert (view.obj is small) == (size + 2 <= 1) and bytes(view) == data
+    assert client.ping()  # the connection is in a clean state afterwards
+
+
+@redis_test
+def test_bulk_get_of_a_missing_key_or_a_wrong_type(client) -> None:
+    name = key(run_id(), "nothing")
+    assert client.call(lambda r: memory.bulk_get(r, name)) is None
+    client.rpush(name, "x")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        client.call(lambda r: memory.bulk_get(r, name))
+    assert client.lrange(name, 0, -1) == [b"x"]
+
+
+@redis_test
+def test_a_bulk_read_broken_midway_is_retried_on_a_fresh_connection(client, monkeypatch) -> None:
+    store = WeightStore(client, run_id())
+    store.publish(state_dict(5, n=256), 5)
+    real, calls = memory._recv_into, []
+
+    def flaky(sock, view):
+        calls.append(1)
+        if len(calls) == 2:  # after the header, before the body is in
+            raise redis.ConnectionError("connection reset")
+        return real(sock, view)
+
+    monkeypatch.setattr(memory, "_recv_into", flaky)
+    version, fetched = store.fetch(reuse_buffer=True)
+    assert version == 5 and len(calls) > 2
+    for name, tensor in state_dict(5, n=256).items():
+        assert_bit_equal(fetched[name], tensor)
 
 
 @redis_test
