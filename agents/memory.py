@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from agents.codec import (
     FORMAT,
+    Digest,
     Encoded,
     PayloadError,
     decode,
@@ -383,7 +385,8 @@ def bulk_set(r: redis.Redis, name: str, payload: Encoded, *then: tuple[Any, ...]
 
     def exchange() -> list[Any]:
         tail = [b"\r\n"] + [chunk for command in then for chunk in conn.pack_command(*command)]
-        conn.send_packed_command([prefix, *payload.pieces, *tail])
+        # Each chunk is hashed for the trailer just before it is sent, while in cache.
+        conn.send_packed_command(itertools.chain([prefix], payload.chunks(), tail))
         reply = conn.read_response()
         if reply not in (b"OK", "OK", True):
             raise redis.ResponseError(f"SET {name} answered {reply!r}")
@@ -404,7 +407,11 @@ def _recv_into(sock: socket.socket, view: memoryview) -> int:
     return n
 
 
-def _read_bulk(sock: socket.socket, into: bytearray | None) -> memoryview | None:
+def _read_bulk(
+    sock: socket.socket,
+    into: bytearray | None,
+    on_data: Callable[[memoryview, int], None] | None = None,
+) -> memoryview | None:
     head = bytearray(64)
     view = memoryview(head)
     got = _recv_into(sock, view)
@@ -430,16 +437,26 @@ def _read_bulk(sock: socket.socket, into: bytearray | None) -> memoryview | None
     target = memoryview(out)[: length + 2]
     have = min(got - eol - 2, len(target))
     target[:have] = view[eol + 2 : eol + 2 + have]
-    while have < len(target):
+    value = target[:length]
+    while True:
+        if on_data is not None:
+            on_data(value, min(have, length))
+        if have == len(target):
+            break
         have += _recv_into(sock, target[have:])
     if target[length:] != b"\r\n":
         raise redis.ConnectionError("bulk reply not terminated by CRLF")
     if kind == b"!":  # RESP3 blob error
         raise redis.ResponseError(bytes(target[:length]).decode(errors="replace"))
-    return target[:length]
+    return value
 
 
-def bulk_get(r: redis.Redis, name: str, into: bytearray | None = None) -> memoryview | None:
+def bulk_get(
+    r: redis.Redis,
+    name: str,
+    into: bytearray | None = None,
+    on_data: Callable[[memoryview, int], None] | None = None,
+) -> memoryview | None:
     """``GET name`` read straight from the socket into one buffer, without copies.
 
     Args:
@@ -447,6 +464,8 @@ def bulk_get(r: redis.Redis, name: str, into: bytearray | None = None) -> memory
         name: The key.
         into: A buffer to read into if it is large enough (at least the value plus 2
             bytes); otherwise a fresh ``bytearray`` is used.
+        on_data: Called after every read with the value's buffer and how many of its
+            bytes have arrived, e.g. a :class:`agents.codec.Digest`.
 
     Returns:
         A writable view of the value (``view.obj`` is the buffer it lives in), or ``None``
@@ -464,7 +483,7 @@ def bulk_get(r: redis.Redis, name: str, into: bytearray | None = None) -> memory
         if sock is None:
             raise redis.ConnectionError(f"no socket to read GET {name} from")
         conn.send_command("GET", name)
-        return _read_bulk(sock, into)
+        return _read_bulk(sock, into, on_data)
 
     return _release_after(r, conn, exchange)
 
@@ -592,13 +611,12 @@ class WeightStore:
                 wanted = self.latest_version() if version is None else version
                 if wanted is None:
                     raise LookupError(f"no weights published yet for run {self.run_id!r}")
-                into = self._recv if reuse_buffer else None
-                read = functools.partial(bulk_get, name=self._version_key(wanted), into=into)
-                payload = self._call(read)
+                payload, digest = self._read(wanted, self._recv if reuse_buffer else None)
                 if payload is not None:
                     if reuse_buffer:
                         self._recv = cast(bytearray, payload.obj)
-                    tensors, meta = decode(payload, copy=False)  # the buffer is ours alone
+                    # The buffer is ours alone; it was hashed as it arrived.
+                    tensors, meta = decode(payload, copy=False, digest=digest)
                     if meta.get("version") != wanted:
                         raise PayloadError(
                             f"weights:{wanted} of run {self.run_id!r} holds version "
@@ -612,6 +630,16 @@ class WeightStore:
                     )
                 # A publisher pruned the version between our two reads; the pointer moved on.
         raise LookupError(f"weights of run {self.run_id!r} kept changing while being read")
+
+    def _read(self, version: int, into: bytearray | None) -> tuple[memoryview | None, Digest]:
+        digest = Digest()
+
+        def read(r: redis.Redis) -> memoryview | None:
+            nonlocal digest
+            digest = Digest()  # afresh on every attempt
+            return bulk_get(r, self._version_key(version), into, on_data=digest)
+
+        return self._call(read), digest
 
     def fetch_if_newer(
         self, current_version: int | None

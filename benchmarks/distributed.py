@@ -10,7 +10,8 @@ measured in the same run: the in-process trainer next to every Ray topology, ``r
   only (rank 0's loop time), not starting Ray or the actors, which is reported separately.
   ``env.num_envs`` is per rollout worker, so M workers train on M times the batch.
 * ``weights``: publish by the driver + fetch by another process (a Ray actor), median over
-  repeats, for 1M and 10M float32 parameters.
+  repeats, for 1M and 10M float32 parameters; next to ``ray.put``/``ray.get`` and a raw TCP
+  round trip of the same bytes between the same two processes (the floor for two transfers).
 * ``allreduce``: share of a K=2 update spent in the gradient all-reduce. The timing hook runs
   each bucket's all-reduce synchronously, so this is the communication time itself, without
   the overlap with the backward pass DDP normally gets.
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -143,6 +146,21 @@ class Fetcher:
     def __init__(self, url: str, run_id: str) -> None:
         torch.set_num_threads(1)
         self.store = WeightStore(connect(url), run_id)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._echo, daemon=True).start()
+
+    def echo_port(self) -> int:
+        return int(self.listener.getsockname()[1])
+
+    def _echo(self) -> None:
+        """Receive a length-prefixed message into one buffer and send it back."""
+        conn, _ = self.listener.accept()
+        buf = bytearray()
+        while True:
+            n = int.from_bytes(_recv_exactly(conn, memoryview(bytearray(8))), "little")
+            if len(buf) < n:
+                buf = bytearray(n)
+            conn.sendall(_recv_exactly(conn, memoryview(buf)[:n]))
 
     def redis(self, version: int) -> float:
         t0 = time.perf_counter()
@@ -157,20 +175,46 @@ class Fetcher:
         return time.perf_counter() - t0
 
 
+def _recv_exactly(sock: socket.socket, view: memoryview) -> memoryview:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+    return view
+
+
+def _echo_time(sock: socket.socket, state: dict[str, torch.Tensor], buf: bytearray) -> float:
+    """Raw TCP, no Redis: send the tensors' bytes to the other process and get them back."""
+    t0 = time.perf_counter()
+    n = sum(t.numel() * t.element_size() for t in state.values())
+    sock.sendall(n.to_bytes(8, "little"))
+    for t in state.values():
+        sock.sendall(t.reshape(-1).view(torch.uint8).numpy().data)
+    _recv_exactly(sock, memoryview(buf)[:n])
+    return time.perf_counter() - t0
+
+
 def bench_weights(repeats: int) -> None:
     with RedisServer() as server:
         client = connect(server.url)
         store = WeightStore(client, "bench")
         fetcher: Any = ray.remote(Fetcher).options(num_cpus=0).remote(server.url, "bench")
+        echo = socket.create_connection(("127.0.0.1", ray.get(fetcher.echo_port.remote())))
+        echo.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for params in (1_000_000, 10_000_000):
             state = mlp_state(params)
             n = sum(t.numel() for t in state.values())
-            redis_s, ray_s = [], []
+            redis_s, ray_s, publish_s, fetch_s, floor_s = [], [], [], [], []
+            echo_buf = bytearray(4 * n)
             for version in range(repeats):
+                floor_s.append(_echo_time(echo, state, echo_buf))
                 t0 = time.perf_counter()
                 store.publish(state, version)
-                publish = time.perf_counter() - t0
-                redis_s.append(publish + ray.get(fetcher.redis.remote(version), timeout=120))
+                publish_s.append(time.perf_counter() - t0)
+                fetch_s.append(ray.get(fetcher.redis.remote(version), timeout=120))
+                redis_s.append(publish_s[-1] + fetch_s[-1])
                 t0 = time.perf_counter()
                 ref = ray.put(state)
                 put = time.perf_counter() - t0
@@ -182,6 +226,17 @@ def bench_weights(repeats: int) -> None:
                 1000 * statistics.median(redis_s),
                 "ms",
                 **context,
+                publish_ms=round(1000 * statistics.median(publish_s), 2),
+                fetch_ms=round(1000 * statistics.median(fetch_s), 2),
+                fastest_ms=round(1000 * min(redis_s), 2),
+            )
+            emit(
+                f"weights_raw_tcp_round_trip_{params // 1_000_000}m",
+                1000 * statistics.median(floor_s),
+                "ms",
+                **context,
+                what="the same bytes sent to the fetcher's process and back over a plain "
+                "loopback socket: two transfers, no Redis, no checksum",
             )
             emit(
                 f"weights_ray_put_get_{params // 1_000_000}m",
@@ -190,6 +245,7 @@ def bench_weights(repeats: int) -> None:
                 **context,
                 zero_copy_torch=os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "0"),
             )
+        echo.close()
         ray.kill(fetcher)
         client.close()
 

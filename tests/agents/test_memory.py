@@ -86,12 +86,13 @@ def state_dict(seed: int = 0, n: int = 64) -> dict[str, torch.Tensor]:
     }
 
 
-def forge(header: dict, body: bytes, *, fix_checksum: bool = True) -> bytes:
+def forge(header: object, body: bytes, *, checksum: int | None = None) -> bytes:
     """Builds a payload by hand, so the decoder is tested against the documented layout."""
-    if fix_checksum:
-        header = {**header, "xxh3_64": xxhash.xxh3_64_hexdigest(body)}
     text = json.dumps(header).encode()
-    return len(text).to_bytes(8, "little") + text + body
+    payload = len(text).to_bytes(8, "little") + text + body
+    if checksum is None:
+        checksum = xxhash.xxh3_64_intdigest(payload)
+    return payload + checksum.to_bytes(8, "little")
 
 
 def run_id() -> str:
@@ -134,10 +135,10 @@ def test_layout_matches_the_documented_format() -> None:
     payload = encode_tensors({"t": t}, {"step": 3})
     header_len = int.from_bytes(payload[:8], "little")
     header = json.loads(payload[8 : 8 + header_len])
-    body = payload[8 + header_len :]
+    body = payload[8 + header_len : -8]
     assert header["format"] == FORMAT == "shoal-tensors/2"
     assert header["meta"] == {"step": 3}
-    assert header["xxh3_64"] == xxhash.xxh3_64_hexdigest(body)
+    assert int.from_bytes(payload[-8:], "little") == xxhash.xxh3_64_intdigest(payload[:-8])
     assert (8 + header_len) % 64 == 0  # the body starts on a cache line
     spec = header["tensors"]["t"]
     assert spec["dtype"] == "float32" and spec["shape"] == [2, 3] and spec["nbytes"] == 24
@@ -145,15 +146,23 @@ def test_layout_matches_the_documented_format() -> None:
     assert raw.tolist() == t.flatten().tolist()
 
 
-def test_tampered_body_byte_is_rejected() -> None:
+def test_tampered_body_byte_or_checksum_is_rejected() -> None:
     payload = encode_tensors(state_dict(n=8))
     header_len = int.from_bytes(payload[:8], "little")
     rng = random.Random(0)
-    for pos in rng.sample(range(8 + header_len, len(payload)), 25):
+    positions = rng.sample(range(8 + header_len, len(payload) - 8), 25)
+    for pos in [*positions, len(payload) - 1]:
         tampered = bytearray(payload)
         tampered[pos] ^= 1 << rng.randrange(8)
-        with pytest.raises(PayloadError, match="xxh3_64"):
+        with pytest.raises(PayloadError, match="checksum"):
             decode_tensors(bytes(tampered))
+
+
+def test_a_rewritten_header_that_still_parses_is_rejected() -> None:
+    payload = encode_tensors({"x": torch.zeros(2)}, {"version": 7})
+    assert b'"version":7' in payload
+    with pytest.raises(PayloadError, match="checksum"):
+        decode_tensors(payload.replace(b'"version":7', b'"version":8'))
 
 
 def test_every_truncation_is_rejected() -> None:
@@ -169,7 +178,7 @@ def test_bad_header_json_is_rejected() -> None:
     with pytest.raises(PayloadError, match="JSON"):
         decode_tensors(bytes(payload))
     with pytest.raises(PayloadError, match="JSON"):
-        decode_tensors((2).to_bytes(8, "little") + b"\xff\xfe")  # invalid UTF-8
+        decode_tensors((2).to_bytes(8, "little") + b"\xff\xfe" + bytes(8))  # invalid UTF-8
 
 
 @pytest.mark.parametrize(
@@ -210,13 +219,8 @@ def test_bad_header_json_is_rejected() -> None:
 )
 def test_invalid_headers_are_rejected(header: object, message: str) -> None:
     body = bytes(16)
-    if isinstance(header, dict):
-        payload = forge(header, body)
-    else:
-        text = json.dumps(header).encode()
-        payload = len(text).to_bytes(8, "little") + text + body
     with pytest.raises(PayloadError, match=message):
-        decode_tensors(payload)
+        decode_tensors(forge(header, body))
 
 
 def test_a_payload_built_by_hand_from_the_documented_layout_decodes() -> None:
@@ -235,23 +239,25 @@ def test_a_payload_built_by_hand_from_the_documented_layout_decodes() -> None:
     out, meta = decode_tensors(forge(header, body))
     assert meta == {"version": 4}
     assert out["a"].tolist() == a.tolist() and out["b"].tolist() == b.tolist()
-    with pytest.raises(PayloadError, match="xxh3_64"):
-        decode_tensors(forge({**header, "xxh3_64": "0" * 16}, body, fix_checksum=False))
+    with pytest.raises(PayloadError, match="checksum"):
+        decode_tensors(forge(header, body, checksum=12345))
 
 
 def test_encoding_sends_tensor_memory_without_copying_it() -> None:
     weight = torch.randn(64, 64)
     encoded = codec.encode({"w": weight, "b": torch.zeros(3)}, {"version": 1})
     assert encoded.tobytes() == encode_tensors({"w": weight, "b": torch.zeros(3)}, {"version": 1})
-    assert encoded.nbytes == sum(len(memoryview(p).cast("B")) for p in encoded.pieces)
+    assert encoded.nbytes == sum(len(memoryview(p).cast("B")) for p in encoded.pieces) + 8
     assert any(np.shares_memory(np.asarray(p), weight.numpy()) for p in encoded.pieces[1:])
+    chunks = list(encoded.chunks(size=1000))
+    assert max(len(c) for c in chunks) <= 1000 and b"".join(chunks) == encoded.tobytes()
 
 
 def test_decode_without_copy_returns_views_of_a_writable_payload() -> None:
     payload = bytearray(encode_tensors({"x": torch.arange(4.0)}))
     out, _ = codec.decode(payload, copy=False)
     out["x"] += 1
-    assert torch.equal(torch.frombuffer(payload, dtype=torch.float32)[-4:], out["x"])
+    assert torch.equal(torch.frombuffer(payload, dtype=torch.float32)[-6:-2], out["x"])
     with pytest.raises(ValueError, match="writable"):
         codec.decode(bytes(payload), copy=False)
 
@@ -368,8 +374,9 @@ def test_reused_fetch_buffer_follows_changes_of_size(client) -> None:
 def test_bulk_set_and_get_round_trip_any_size(client, size: int) -> None:
     data = np.random.default_rng(size).bytes(size)
     name = key(run_id(), "blob")
-    pieces = [data[: size // 3], memoryview(data)[size // 3 :]]
-    client.call(lambda r: memory.bulk_set(r, name, codec.Encoded(pieces, size)))
+    encoded = codec.Encoded([data[: size // 3], memoryview(data)[size // 3 :]], size + 8)
+    client.call(lambda r: memory.bulk_set(r, name, encoded))
+    data = encoded.tobytes()  # the pieces, then their checksum
     assert client.get(name) == data  # what redis-py sees is what was sent
     assert bytes(client.call(lambda r: memory.bulk_get(r, name))) == data
     spare = bytearray(size + 10)
