@@ -2,6 +2,14 @@
 
 MAPPO and IPPO share this loss; they differ only in the critic the policy was built with
 (centralised or per-agent), so there is one code path.
+
+Batches acted with older weights (``rollout.max_staleness`` > 0 lets workers collect while
+the learner updates) get decoupled PPO (Hilton et al., 2022, "Batch size-invariance for
+policy optimization"): the clip's trust region is centred on the current policy π_prox
+instead of the stale behaviour policy π_b, and each sample's loss is weighted by
+min(π_prox/π_b, ``rho_max``). Values for GAE and value clipping are recomputed by the current
+critic. Without it, a one-version-old batch starts PPO with ratios already near the clip
+edge, so much of the batch gives no gradient.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ class PPOConfig:
     adv_norm: bool = True
     value_norm: bool = True
     lr_decay: bool = False
+    behaviour_correction: bool = True
+    rho_max: float = 2.0
 
 
 def compute_gae(
@@ -117,12 +127,35 @@ class Learner:
         var = stats[1] / stats[2].clamp(min=1.0) - mean.square()
         return mean, var.clamp(min=0.0).sqrt()
 
-    def update(self, batch: RolloutBatch, lr_frac: float = 1.0) -> dict[str, float]:
+    @torch.no_grad()
+    def refresh(self, batch: RolloutBatch, done: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The current policy's view of a batch acted with older weights.
+
+        Returns:
+            ``(logp, values, next_values)``: log-probabilities of the batch's actions and
+            raw values under the current weights. ``next_values`` takes the next step's
+            fresh value inside an episode and keeps the recorded one where the batch has no
+            next observation (episode ends and the last step).
+        """
+        model = self.model
+        obs = {k: v.flatten(0, 1) for k, v in batch.obs.items() if k in model.input_keys}
+        dist, value = model(obs)
+        logp = dist.log_prob(batch.actions.flatten(0, 1)).view_as(batch.logp)
+        values = model.value_norm.denormalize(value).view_as(batch.values)
+        next_values = batch.next_values.clone()
+        next_values[:-1] = torch.where(done[:-1], batch.next_values[:-1], values[1:])
+        return logp, values, next_values
+
+    def update(
+        self, batch: RolloutBatch, lr_frac: float = 1.0, staleness: int = 0
+    ) -> dict[str, float]:
         """PPO epochs on one batch (this rank's shard); returns mean losses and diagnostics.
 
         Args:
             batch: a time-major rollout batch.
             lr_frac: multiplies the configured learning rate (for linear decay).
+            staleness: how many updates old the weights that acted were; above 0, and with
+                ``behaviour_correction``, the batch gets the decoupled-PPO correction.
         """
         cfg, model = self.cfg, self.model
         batch = batch.to(self.device)
@@ -130,10 +163,15 @@ class Learner:
             group["lr"] = cfg.lr * lr_frac
         alive = batch.obs["alive"]
         done = batch.terminated | batch.truncated.unsqueeze(-1)
+        prox_logp, values, next_values = batch.logp, batch.values, batch.next_values
+        weight: Tensor | None = None
+        if staleness > 0 and cfg.behaviour_correction:
+            prox_logp, values, next_values = self.refresh(batch, done)
+            weight = (prox_logp - batch.logp).exp().clamp(max=cfg.rho_max)
         adv, returns = compute_gae(
             batch.rewards,
-            batch.values,
-            batch.next_values,
+            values,
+            next_values,
             batch.terminated,
             done,
             cfg.gamma,
@@ -145,7 +183,7 @@ class Learner:
             mean, std = self._global_mean_std(returns, alive)
             vn.update_from_moments(mean, std.square() + mean.square())
         target = vn.normalize(returns) if cfg.value_norm else returns
-        old_v = vn.normalize(batch.values) if cfg.value_norm else batch.values
+        old_v = vn.normalize(values) if cfg.value_norm else values
         if cfg.adv_norm:
             mean, std = self._global_mean_std(adv, alive)
             adv = (adv - mean) / (std + 1e-8)
@@ -170,9 +208,12 @@ class Learner:
                 dist, value = self.train_model(mb_obs)
                 act = batch.actions[idx].flatten(0, 1)
                 logp = dist.log_prob(act)
-                ratio = (logp - batch.logp[idx].flatten(0, 1)).exp()
+                log_ratio = logp - prox_logp[idx].flatten(0, 1)
+                ratio = log_ratio.exp()
                 a = adv[idx].flatten(0, 1)
                 pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+                if weight is not None:
+                    pg = pg * weight[idx].flatten(0, 1)
                 policy_loss = (pg * mb_alive).sum() / count
 
                 v_old = old_v[idx].flatten(0, 1)
@@ -189,7 +230,6 @@ class Learner:
                 self.optimizer.step()
 
                 with torch.no_grad():
-                    log_ratio = logp - batch.logp[idx].flatten(0, 1)
                     kl = (((ratio - 1) - log_ratio) * mb_alive).sum() / count
                     clipped = ((ratio - 1).abs() > cfg.clip).to(a.dtype)
                     stats["policy_loss"] += policy_loss.item()
@@ -201,6 +241,10 @@ class Learner:
                 n_mb += 1
         self.updates += 1
         out = {k: v / max(n_mb, 1) for k, v in stats.items()}
+        # Mean π_prox/π_b over live agents (1 when the batch is on-policy or uncorrected).
+        out["behaviour_weight"] = (
+            float((weight * alive).sum() / alive.sum().clamp(min=1)) if weight is not None else 1.0
+        )
         out["lr"] = cfg.lr * lr_frac
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite training statistics: {out}")

@@ -3,6 +3,11 @@
 Run ``python -m benchmarks.spread`` (all) or ``python -m benchmarks.spread --only throughput``.
 Every result is one JSON line: ``name``, ``value``, ``unit`` plus context; references (raw env
 speed, random and no-op returns) are measured in the same run on the same machine.
+
+``--set`` overrides apply to every preset; overrides that need Ray (``rollout.num_workers``,
+``learner.num_ranks``) train through Ray and Redis exactly as ``shoal run`` does, e.g.
+``--presets spread-gnn --only learning --set rollout.num_workers=2 learner.num_ranks=2
+env.num_envs=256`` (``env.num_envs`` is per rollout worker).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import envs
 from orchestrator.checkpoint import list_checkpoints
 from orchestrator.config import load_config
+from orchestrator.driver import is_distributed, run_training
 from orchestrator.evaluate import evaluate
 from orchestrator.trainer import LocalTrainer
 
@@ -75,24 +81,29 @@ def train_and_evaluate(
     """
     tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
     try:
-        cfg = load_config(
-            preset,
-            [
-                f"train.time_limit_s={time_limit}",
-                "train.total_env_steps=1000000000",
-                "run.checkpoint_every_s=10",
-                "run.keep_checkpoints=1000",
-                "run.progress=false",
-                "redis.enabled=false",
-                *overrides,
-            ],
-        )
+        common = [
+            f"train.time_limit_s={time_limit}",
+            "train.total_env_steps=1000000000",
+            "run.checkpoint_every_s=10",
+            "run.keep_checkpoints=1000",
+            "run.progress=false",
+        ]
+        distributed = is_distributed(load_config(preset, overrides))
+        quiet = ["ray.log_to_driver=false", "ray.include_dashboard=false"]
+        extra = quiet if distributed else ["redis.enabled=false"]
+        cfg = load_config(preset, [*common, *extra, *overrides])
         t0 = time.perf_counter()
-        trainer = LocalTrainer(cfg, tmp)
-        setup_s = time.perf_counter() - t0
-        summary = trainer.train()
+        if distributed:  # Ray workers and learner ranks; start-up is inside train_seconds
+            setup_s = 0.0
+            (tmp / "run").mkdir()
+            summary = run_training(cfg, tmp / "run")
+        else:
+            trainer = LocalTrainer(cfg, tmp)
+            setup_s = time.perf_counter() - t0
+            summary = trainer.train()
         evals = []
-        for ckpt in list_checkpoints(tmp / "checkpoints"):
+        run_dir = tmp / "run" if distributed else tmp
+        for ckpt in list_checkpoints(run_dir / "checkpoints"):
             res = evaluate(ckpt, episodes=eval_episodes)
             evals.append(
                 {

@@ -77,6 +77,11 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(10.0, gt=0)
     adv_norm: bool = True
     value_norm: bool = True
+    behaviour_correction: bool = True
+    """Correct batches acted with older weights (rollout.max_staleness > 0): PPO's clip is
+    centred on the current policy and samples are weighted by the behaviour ratio."""
+    rho_max: float = Field(2.0, gt=0)
+    """Cap on that behaviour ratio (current / acting policy probability)."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""

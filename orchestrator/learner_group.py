@@ -358,7 +358,7 @@ class LearnerRank:
         """Collect, learn, publish; statistics are summed (or maxed) over all ranks."""
         batch, rstats = rollouts.next_batch(self.version, self._idle)
         staleness = self.version - batch.weights_version
-        stats = self.learner.update(batch, lr_frac=lr_frac)
+        stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
         self.version += 1
         if self._weights is not None:
             self._weights.publish(self.model.state_dict(), self.version)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,3 +163,57 @@ def _lockstep_update(learners: list[Learner], shards: list[RolloutBatch]) -> Non
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
+
+
+def _clone(model: ActorCritic) -> ActorCritic:
+    twin = ActorCritic(model.spec)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_behaviour_correction_is_the_identity_on_on_policy_data() -> None:
+    env, model = _setup(num_envs=8, seed=4)
+    batch = RolloutWorker(env, model, rollout_len=6, seed=4).collect()
+    cfg = PPOConfig(lr=1e-3, epochs=2, minibatches=2)
+    plain, corrected = _clone(model), _clone(model)
+    Learner(plain, cfg).update(batch)
+    stats = Learner(corrected, cfg).update(batch, staleness=1)  # claims stale, is not
+    assert stats["behaviour_weight"] == pytest.approx(1.0, abs=1e-5)
+    after = corrected.state_dict()
+    for name, a in plain.state_dict().items():
+        torch.testing.assert_close(a, after[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_refresh_is_the_current_policy_on_the_batch() -> None:
+    env, model = _setup(num_envs=8, seed=5)
+    batch = RolloutWorker(env, _clone(model), rollout_len=6, seed=5).collect()
+    learner = Learner(model, PPOConfig(lr=3e-3, epochs=2, minibatches=2))
+    learner.update(batch)  # the learner moves on; the batch is now one version old
+    done = batch.terminated | batch.truncated.unsqueeze(-1)
+    logp, values, next_values = learner.refresh(batch, done)
+    flat = {k: v.flatten(0, 1) for k, v in batch.obs.items() if k in model.input_keys}
+    with torch.no_grad():
+        expect_logp = model.dist(flat).log_prob(batch.actions.flatten(0, 1)).view_as(logp)
+        expect_values = model.raw_value(flat).view_as(values)
+    torch.testing.assert_close(logp, expect_logp)
+    torch.testing.assert_close(values, expect_values)
+    assert not torch.allclose(logp, batch.logp)  # the policy did move
+    inside = ~done[:-1]
+    torch.testing.assert_close(next_values[:-1][inside], values[1:][inside])
+    torch.testing.assert_close(next_values[:-1][~inside], batch.next_values[:-1][~inside])
+    torch.testing.assert_close(next_values[-1], batch.next_values[-1])
+
+
+def test_a_stale_batch_is_clipped_less_with_the_correction() -> None:
+    env, model = _setup(num_envs=32, seed=6)
+    cfg = PPOConfig(lr=3e-3, epochs=4, minibatches=4)
+    stale = RolloutWorker(env, _clone(model), rollout_len=10, seed=6).collect()
+    fresh = RolloutWorker(env, _clone(model), rollout_len=10, seed=7).collect()
+    Learner(model, cfg).update(fresh)  # one version ahead of `stale`
+    plain_cfg = dataclasses.replace(cfg, behaviour_correction=False)
+    uncorrected = Learner(_clone(model), plain_cfg)
+    corrected = Learner(_clone(model), cfg)
+    off = uncorrected.update(stale, staleness=1)
+    on = corrected.update(stale, staleness=1)
+    assert on["clip_frac"] < off["clip_frac"]
+    assert on["behaviour_weight"] != 1.0 and off["behaviour_weight"] == 1.0
