@@ -211,9 +211,9 @@ def _optional_commands() -> list[Any]:  # registrars: (subparsers) -> None
     except ImportError:
         pass
     try:
-        from orchestrator import jobs
+        from orchestrator import jobs_cli
 
-        out.append(jobs.register_cli)
+        out.append(jobs_cli.register_cli)
     except ImportError:
         pass
     return out

@@ -20,36 +20,29 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import builtins
 import contextlib
-import fnmatch
-import logging
 import os
 import re
 import secrets
 import shlex
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import requests
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
 
 __all__ = [
     "DEFAULT_ADDRESS", "TERMINAL_STATUSES", "WORKING_DIR_EXCLUDES", "JobsError", "ShoalJobs",
-    "build_entrypoint", "default_address", "main", "make_submission_id", "register_cli",
-    "resolve_auth_headers"
+    "CONFIG_SUFFIXES", "build_entrypoint", "default_address", "make_submission_id",
+    "resolve_auth_headers", "status_name"
 ]  # fmt: skip
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -62,11 +55,7 @@ WORKING_DIR_EXCLUDES = (
 # `python -m` rather than the `shoal` script: with a working_dir the package is importable
 # from the job's cwd even when the cluster image has only the dependencies installed.
 _ENTRYPOINT_PREFIX = ("python", "-m", "orchestrator.cli", "run")
-_CONFIG_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
-_STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan"}
-
-_out = Console(soft_wrap=True, highlight=False)
-_err = Console(stderr=True, soft_wrap=True, highlight=False)
+CONFIG_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
 
 
 class JobsError(RuntimeError):
@@ -171,7 +160,7 @@ def make_submission_id(preset: str, now: datetime | None = None) -> str:
         now: Timestamp to embed (local time); defaults to now.
     """
     path = Path(preset)
-    name = path.stem if path.suffix.lower() in _CONFIG_SUFFIXES else path.name
+    name = path.stem if path.suffix.lower() in CONFIG_SUFFIXES else path.name
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "job"
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"shoal-{slug}-{stamp}-{secrets.token_hex(2)}"
@@ -188,7 +177,8 @@ def _one_line(text: str) -> str:
     return (lines[-1] if lines else str(text).strip()).rstrip(".")
 
 
-def _status_name(status: Any) -> str:
+def status_name(status: Any) -> str:
+    """A job status (enum or string) as its plain name, e.g. ``"RUNNING"``."""
     return str(getattr(status, "value", status))
 
 
@@ -406,7 +396,7 @@ class ShoalJobs:
 
     def status(self, job_id: str) -> str:
         """The job's status: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
-        return _status_name(self.info(job_id).status)
+        return status_name(self.info(job_id).status)
 
     def logs(self, job_id: str) -> str:
         """Everything the job's driver has printed so far."""
@@ -468,261 +458,3 @@ class ShoalJobs:
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobsError(f"job {job_id!r} is still {status} after {timeout:g}s")
             time.sleep(poll)
-
-
-# -- CLI ------------------------------------------------------------------------------------
-
-
-class _DropDefaultExcludeNotice(logging.Filter):
-    """Ray warns that it now skips .git/.venv; shoal excludes them anyway, so it is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "ignored by default when packaging" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_ray_logs() -> Iterator[None]:
-    # Ray logs INFO lines per .gitignore it packs and per websocket it closes; shoal says
-    # what matters itself. Ray sets its log levels on import, so import it before overriding.
-    import ray  # noqa: F401
-
-    ray_logger = logging.getLogger("ray")
-    working_dir_logger = logging.getLogger("ray._private.runtime_env.working_dir")
-    notice_filter = _DropDefaultExcludeNotice()
-    previous = ray_logger.level
-    ray_logger.setLevel(logging.WARNING)
-    working_dir_logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        ray_logger.setLevel(previous)
-        working_dir_logger.removeFilter(notice_filter)
-
-
-def _styled(status: str) -> str:
-    return f"[{_STATUS_STYLE.get(status, 'default')}]{status}[/]"
-
-
-def _config_target(target: str, working_dir: str) -> str:
-    """Map a config file to its path inside the uploaded working dir; leave presets alone."""
-    path = Path(target).expanduser()
-    if path.suffix.lower() not in _CONFIG_SUFFIXES and os.sep not in target:
-        return target  # a preset name: `shoal run` resolves it on the cluster
-    if not path.is_file():
-        raise JobsError(f"config file {target} does not exist", exit_code=2)
-    root = Path(working_dir).expanduser().resolve()
-    try:
-        relative = path.resolve().relative_to(root)
-    except ValueError:
-        raise JobsError(
-            f"config file {target} is outside the working dir {working_dir}; the job sees "
-            "only uploaded files, so move it there or pass --working-dir",
-            exit_code=2,
-        ) from None
-    excluded = [
-        p for p in WORKING_DIR_EXCLUDES if any(fnmatch.fnmatch(part, p) for part in relative.parts)
-    ]
-    if excluded:
-        raise JobsError(
-            f"config file {target} is under {excluded[0]!r}, which is not uploaded; "
-            "copy it elsewhere in the working dir",
-            exit_code=2,
-        )
-    return relative.as_posix()
-
-
-def _print_outcome(jobs: ShoalJobs, job_id: str) -> str:
-    details = jobs.info(job_id)
-    status = _status_name(details.status)
-    message = f": {escape(details.message)}" if details.message else ""
-    _out.print(f"{job_id} {_styled(status)}{message}")
-    return status
-
-
-def _follow(jobs: ShoalJobs, job_id: str) -> int:
-    try:
-        for chunk in jobs.tail_logs(job_id):
-            _out.out(chunk, end="", highlight=False)
-    except KeyboardInterrupt:
-        _err.print(
-            f"stopped following; {job_id} keeps running (`shoal jobs stop {job_id}` stops it)"
-        )
-        return 130
-    # The stream closes when the job ends, but its status may lag the last log line.
-    jobs.wait(job_id, timeout=30)
-    return 0 if _print_outcome(jobs, job_id) == "SUCCEEDED" else 1
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    jobs = ShoalJobs(args.address)
-    target = _config_target(args.target, args.working_dir)
-    jobs.connect()
-    excludes = ", ".join(WORKING_DIR_EXCLUDES[:4])
-    _out.print(f"uploading {escape(args.working_dir)} (without {excludes}, ...)")
-    # The job's driver must join the cluster it runs on, not start a Ray of its own.
-    job_id = jobs.submit(
-        [target, *args.overrides, "--address", "auto"],
-        working_dir=args.working_dir,
-        submission_id=args.submission_id,
-    )
-    _out.print(f"submitted [bold]{job_id}[/]")
-    _out.print(f"dashboard: {jobs.dashboard_url(job_id)}")
-    if args.follow:
-        return _follow(jobs, job_id)
-    if args.no_wait:
-        return 0
-    # Waiting out PENDING surfaces runtime-env failures (bad pip spec, missing dir) now.
-    started = jobs.wait(job_id, timeout=args.start_timeout, until={"RUNNING", *TERMINAL_STATUSES})
-    _out.print(f"{job_id} {_styled(started)}; `shoal jobs logs {job_id} --follow` follows it")
-    return 1 if started in ("FAILED", "STOPPED") else 0
-
-
-def _format_time(millis: int | None) -> str:
-    if not millis:
-        return "-"
-    return datetime.fromtimestamp(millis / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _format_duration(start: int | None, end: int | None) -> str:
-    if not start:
-        return "-"
-    seconds = int(((end or time.time() * 1000) - start) / 1000)
-    hours, rest = divmod(max(seconds, 0), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    jobs = ShoalJobs(args.address)
-    found = jobs.list()
-    # Piped output has no width to respect; rich's default of 80 would squeeze the table.
-    console = _out if _out.is_terminal else Console(width=1000, highlight=False)
-    table = Table(title=f"jobs on {jobs.address}", title_justify="left", box=box.SIMPLE)
-    id_width = max((len(job.submission_id or job.job_id or "-") for job in found), default=2)
-    for column, width in (("id", id_width), ("status", 9), ("started", 19), ("duration", 8)):
-        table.add_column(column, no_wrap=True, min_width=width)
-    # Ids must stay whole to be copied, and rich squeezes every column when short of room,
-    # so the entrypoint gets only what is left and is dropped when that is too little.
-    room = console.width - id_width - 36 - 15
-    if room >= 10:
-        table.add_column("entrypoint", no_wrap=True, overflow="ellipsis", max_width=room)
-    for job in found:
-        row = [
-            job.submission_id or job.job_id or "-",
-            _styled(_status_name(job.status)),
-            _format_time(job.start_time),
-            _format_duration(job.start_time, job.end_time),
-            escape(job.entrypoint),
-        ]
-        table.add_row(*row[: len(table.columns)])
-    console.print(table)
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    _print_outcome(ShoalJobs(args.address), args.job_id)
-    return 0
-
-
-def _cmd_logs(args: argparse.Namespace) -> int:
-    jobs = ShoalJobs(args.address)
-    if args.follow:
-        return _follow(jobs, args.job_id)
-    _out.out(jobs.logs(args.job_id), end="", highlight=False)
-    return 0
-
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    jobs = ShoalJobs(args.address)
-    if jobs.stop(args.job_id):
-        _out.print(f"stop requested for {args.job_id}")
-    else:
-        _out.print(f"{args.job_id} had already ended ({_styled(jobs.status(args.job_id))})")
-    return 0
-
-
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, "
-        f"else {DEFAULT_ADDRESS}); the auth token comes from $RAY_AUTH_TOKEN, "
-        "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
-    )
-
-
-_Handler = Callable[[argparse.Namespace], int]
-
-
-def _guarded(handler: _Handler) -> _Handler:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            with _quiet_ray_logs():
-                return int(handler(args))
-        except JobsError as exc:
-            _err.print(f"[red]error:[/] {escape(str(exc))}")
-            return exc.exit_code
-
-    run.__doc__ = handler.__doc__
-    return run
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``submit`` and ``jobs {list,status,logs,stop}`` to a ``shoal`` argument parser.
-
-    Each subcommand sets ``func``, a handler that takes the parsed namespace and returns
-    the process exit code.
-
-    Args:
-        subparsers: The result of ``parser.add_subparsers()`` on the ``shoal`` parser.
-    """
-    submit = subparsers.add_parser(
-        "submit",
-        help="run a preset or config file as a Ray job",
-        description="Upload the working dir and run `shoal run PRESET|FILE [overrides...]` "
-        "as a Ray job. Waits until the job leaves PENDING unless --no-wait or --follow.",
-    )
-    submit.add_argument("target", metavar="PRESET|FILE", help="preset name or config file")
-    submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    _add_address(submit)
-    submit.add_argument("--working-dir", default=".", help="directory to upload (default: .)")
-    submit.add_argument("--submission-id", default=None, help="job id (default: generated)")
-    submit.add_argument(
-        "--start-timeout",
-        type=float,
-        default=600.0,
-        help="seconds to wait for the job to leave PENDING (default: 600)",
-    )
-    mode = submit.add_mutually_exclusive_group()
-    mode.add_argument("--follow", action="store_true", help="stream logs until the job ends")
-    mode.add_argument("--no-wait", action="store_true", help="return right after submitting")
-    submit.set_defaults(func=_guarded(_cmd_submit))
-
-    jobs = subparsers.add_parser("jobs", help="list, inspect and stop Ray jobs")
-    actions = jobs.add_subparsers(dest="jobs_command", metavar="{list,status,logs,stop}")
-    actions.required = True
-    commands = {
-        "list": (_cmd_list, "table of the cluster's jobs"),
-        "status": (_cmd_status, "status and message of one job"),
-        "logs": (_cmd_logs, "print a job's logs"),
-        "stop": (_cmd_stop, "stop a running job"),
-    }
-    for name, (handler, summary) in commands.items():
-        action = actions.add_parser(name, help=summary)
-        if name != "list":
-            action.add_argument("job_id", metavar="ID")
-        if name == "logs":
-            action.add_argument("--follow", action="store_true", help="stream until it ends")
-        _add_address(action)
-        action.set_defaults(func=_guarded(handler))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the jobs subcommands on their own, for testing without the full ``shoal`` CLI."""
-    parser = argparse.ArgumentParser(prog="shoal", description="shoal Ray Jobs client")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import jobs as jobs_module
+from orchestrator import jobs_cli
 from orchestrator.jobs import JobsError, ShoalJobs, build_entrypoint, resolve_auth_headers
 from tests.ray_head import AUTH_ENV, Head, free_port, ray_head
 
@@ -121,7 +122,7 @@ def test_config_file_must_be_inside_the_uploaded_dir(tmp_path: Path) -> None:
     outside.write_text("{}")
     (project / "configs" / "a.yaml").write_text("{}")
     (project / "runs" / "b.yaml").write_text("{}")
-    target = jobs_module._config_target
+    target = jobs_cli._config_target
     assert target(str(project / "configs" / "a.yaml"), str(project)) == "configs/a.yaml"
     assert target("spread-gnn", str(project)) == "spread-gnn"
     for bad in (outside, project / "runs" / "b.yaml", project / "missing.yaml"):
@@ -206,19 +207,19 @@ def test_cli_follow_streams_logs_and_returns_the_jobs_outcome(
     for name, code in outcomes.items():
         monkeypatch.setattr(jobs_module, "build_entrypoint", lambda _args, c=code: _python_c(c))
         argv = ["submit", f"cli-{name}", "a=1", "--follow", "--working-dir", str(tmp_path)]
-        code_returned = jobs_module.main([*argv, "--address", head.address])
+        code_returned = jobs_cli.main([*argv, "--address", head.address])
         out = capsys.readouterr().out
         job_id = re.search(r"submitted (\S+)", out).group(1)
         assert code_returned == (0 if name == "ok" else 1)
         assert f"{head.address}/#/jobs/{job_id}" in out
         assert ("cli says hi" if name == "ok" else "cli fails") in out
 
-    assert jobs_module.main(["jobs", "list", "--address", head.address]) == 0
+    assert jobs_cli.main(["jobs", "list", "--address", head.address]) == 0
     listing = capsys.readouterr().out
     assert job_id in listing and "FAILED" in listing
-    assert jobs_module.main(["jobs", "status", job_id, "--address", head.address]) == 0
+    assert jobs_cli.main(["jobs", "status", job_id, "--address", head.address]) == 0
     assert "FAILED" in capsys.readouterr().out
-    assert jobs_module.main(["jobs", "status", "nope-123", "--address", head.address]) == 2
+    assert jobs_cli.main(["jobs", "status", "nope-123", "--address", head.address]) == 2
     err = capsys.readouterr().err
     assert "'nope-123'" in err and err.count("\n") == 1
 
