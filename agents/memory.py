@@ -64,8 +64,6 @@ __all__ = [
     "ResilientRedis",
     "RunState",
     "WeightStore",
-    "bulk_get",
-    "bulk_set",
     "connect",
     "decode_tensors",
     "encode_tensors",
@@ -236,14 +234,11 @@ class WeightStore:
         raise LookupError(f"weights of run {self.run_id!r} kept changing while being read")
 
     def _read(self, version: int, into: bytearray | None) -> tuple[memoryview | None, Digest]:
-        digest = Digest()
-
-        def read(r: redis.Redis) -> memoryview | None:
-            nonlocal digest
+        def read(r: redis.Redis) -> tuple[memoryview | None, Digest]:
             digest = Digest()  # afresh on every attempt
-            return bulk_get(r, self._version_key(version), into, on_data=digest)
+            return bulk_get(r, self._version_key(version), into, on_data=digest), digest
 
-        return self._call(read), digest
+        return self._call(read)
 
     def fetch_if_newer(
         self, current_version: int | None

@@ -76,7 +76,8 @@ class ResilientRedis:
     Redis commands are available as methods (``client.get(k)``), each retried on its own.
     Multi-command work (pipelines, scripts) goes through :meth:`call`, which retries the
     whole function. A retried write may apply twice if the connection broke after Redis
-    executed it; every writer in this module is idempotent except ``ReplayStream.append``.
+    executed it; every writer in :mod:`agents.memory` is idempotent except
+    ``ReplayStream.append``.
 
     Args:
         client: The underlying client; :func:`connect` builds one. Its pool's connections
