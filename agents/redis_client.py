@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -302,8 +303,8 @@ Client = ResilientRedis | redis.Redis
 # --------------------------------------------------------------------------- bulk values
 # redis-py builds a reply in 64 KB reads into the parser's growing buffer, then copies it
 # into a bytes object; for a 4 MB value that is ~4 ms of a ~1.5 ms transfer. These two
-# functions move a large value with one syscall stream each way and no extra copy, on a
-# connection borrowed from the client's pool (so auth, TLS and timeouts are the pool's).
+# functions move a large value with no copy on shoal's side, on a connection borrowed from
+# the client's pool (so auth, TLS and timeouts are the pool's).
 
 
 def _release_after(r: redis.Redis, conn: Any, fn: Callable[[], T]) -> T:
@@ -366,48 +367,87 @@ def _recv_into(sock: socket.socket, view: memoryview) -> int:
     return n
 
 
-def _read_bulk(
-    sock: socket.socket,
-    into: bytearray | None,
-    on_data: Callable[[memoryview, int], None] | None = None,
-) -> memoryview | None:
-    head = bytearray(64)
-    view = memoryview(head)
-    got = _recv_into(sock, view)
-    while (eol := head.find(b"\r\n", 0, got)) < 0:
-        if got == len(head):  # a long error line: keep reading it
-            view.release()
-            head.extend(bytes(len(head)))
-            view = memoryview(head)
-        got += _recv_into(sock, view[got:])
-    line = bytes(head[:eol])
-    kind = line[:1]
-    if kind == b"-":
-        raise redis.ResponseError(line[1:].decode(errors="replace"))
-    if line == b"_":  # RESP3 null
-        return None
-    if kind not in (b"$", b"!") or not line[1:].lstrip(b"-").isdigit():
-        raise redis.ConnectionError(f"unexpected reply to a bulk read: {line[:40]!r}")
-    length = int(line[1:])
-    if length < 0:  # RESP2 null
-        return None
-    # The value and its trailing CRLF; a reused buffer saves faulting in fresh pages.
-    out = into if into is not None and len(into) >= length + 2 else bytearray(length + 2)
-    target = memoryview(out)[: length + 2]
-    have = min(got - eol - 2, len(target))
-    target[:have] = view[eol + 2 : eol + 2 + have]
-    value = target[:length]
-    while True:
-        if on_data is not None:
-            on_data(value, min(have, length))
-        if have == len(target):
-            break
-        have += _recv_into(sock, target[have:])
-    if target[length:] != b"\r\n":
-        raise redis.ConnectionError("bulk reply not terminated by CRLF")
-    if kind == b"!":  # RESP3 blob error
-        raise redis.ResponseError(bytes(target[:length]).decode(errors="replace"))
-    return value
+# A GET makes Redis copy the whole value into its reply buffer before sending a byte, on
+# the one thread that then also sends it. Ranges of this size, each asked for while the
+# previous one is being read, overlap that copy with the transfer and keep Redis's reply
+# buffers small (reused, never faulted in afresh): a 4 MB value reads in ~2.1 ms instead of
+# ~3 ms, a 40 MB one in ~17 ms instead of ~46 ms.
+RANGE_BYTES = 512 * 1024
+
+
+class _Replies:
+    """RESP replies read off a socket.
+
+    Lines go through a small buffer; bulk bodies go straight into the caller's memory.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(256)
+        self.start = 0  # unread bytes are buf[start:end]
+        self.end = 0
+
+    def line(self) -> bytes:
+        while (eol := self.buf.find(b"\r\n", self.start, self.end)) < 0:
+            if self.start:  # keep the unread part at the front
+                self.buf[: self.end - self.start] = self.buf[self.start : self.end]
+                self.end -= self.start
+                self.start = 0
+            elif self.end == len(self.buf):  # a long error line: keep reading it
+                self.buf.extend(bytes(len(self.buf)))
+            with memoryview(self.buf) as view:
+                self.end += _recv_into(self.sock, view[self.end :])
+        line = bytes(self.buf[self.start : eol])
+        self.start = eol + 2
+        return line
+
+    def into(self, target: memoryview, progress: Callable[[int], None] | None = None) -> None:
+        """Fill ``target``, calling ``progress(bytes_in)`` after every read."""
+        have = min(self.end - self.start, len(target))
+        target[:have] = self.buf[self.start : self.start + have]
+        self.start += have
+        while True:
+            if progress is not None:
+                progress(have)
+            if have == len(target):
+                return
+            have += _recv_into(self.sock, target[have:])
+
+    def integer(self) -> int:
+        line = self.line()
+        if line[:1] == b"-":
+            raise redis.ResponseError(line[1:].decode(errors="replace"))
+        if line[:1] != b":" or not line[1:].lstrip(b"-").isdigit():
+            raise redis.ConnectionError(f"expected an integer reply, got {line[:40]!r}")
+        return int(line[1:])
+
+    def bulk_length(self) -> int | None:
+        """The length announced by a bulk reply's header; ``None`` for a null."""
+        line = self.line()
+        kind = line[:1]
+        if kind == b"-":
+            raise redis.ResponseError(line[1:].decode(errors="replace"))
+        if line == b"_":  # RESP3 null
+            return None
+        if kind not in (b"$", b"!") or not line[1:].lstrip(b"-").isdigit():
+            raise redis.ConnectionError(f"unexpected reply to a bulk read: {line[:40]!r}")
+        length = int(line[1:])
+        if kind == b"!":  # RESP3 blob error
+            text = bytearray(length)
+            self.into(memoryview(text))
+            self.end_of_bulk()
+            raise redis.ResponseError(text.decode(errors="replace"))
+        return None if length < 0 else length  # -1 is the RESP2 null
+
+    def end_of_bulk(self) -> None:
+        if self.line() != b"":
+            raise redis.ConnectionError("bulk reply not terminated by CRLF")
+
+    def skip(self, length: int | None) -> None:
+        """Discard the body of a bulk reply whose header announced ``length``."""
+        if length is not None:
+            self.into(memoryview(bytearray(length)))
+            self.end_of_bulk()
 
 
 def bulk_get(
@@ -416,15 +456,20 @@ def bulk_get(
     into: bytearray | None = None,
     on_data: Callable[[memoryview, int], None] | None = None,
 ) -> memoryview | None:
-    """``GET name`` read straight from the socket into one buffer, without copies.
+    """Read the string at ``name`` straight from the socket into one buffer, without copies.
+
+    The value is read as ``GETRANGE`` pieces of :data:`RANGE_BYTES`, each asked for as soon
+    as the previous one starts arriving. A key that disappears or shrinks midway reads as
+    absent; one overwritten midway by a value at least as long reads as a mix of the two,
+    which is why stored payloads carry a checksum.
 
     Args:
         r: The client whose pool lends the connection.
         name: The key.
-        into: A buffer to read into if it is large enough (at least the value plus 2
-            bytes); otherwise a fresh ``bytearray`` is used.
+        into: A buffer to read into if it is large enough (at least the value's length);
+            otherwise a fresh ``bytearray`` is used.
         on_data: Called after every read with the value's buffer and how many of its
-            bytes have arrived, e.g. a :class:`agents.codec.Digest`.
+            bytes (from the start) have arrived, e.g. a :class:`agents.codec.Digest`.
 
     Returns:
         A writable view of the value (``view.obj`` is the buffer it lives in), or ``None``
@@ -437,11 +482,48 @@ def bulk_get(
     # The pool hands out a connected connection with nothing pending on it.
     conn = r.connection_pool.get_connection()
 
+    def send(*commands: tuple[Any, ...]) -> None:
+        # One write, so Redis reads the commands together.
+        conn.send_packed_command([b"".join(b for c in commands for b in conn.pack_command(*c))])
+
     def exchange() -> memoryview | None:
         sock = getattr(conn, "_sock", None)
         if sock is None:
-            raise redis.ConnectionError(f"no socket to read GET {name} from")
-        conn.send_command("GET", name)
-        return _read_bulk(sock, into, on_data)
+            raise redis.ConnectionError(f"no socket to read {name} from")
+        replies = _Replies(sock)
+        send(("STRLEN", name), ("GETRANGE", name, 0, RANGE_BYTES - 1))
+        try:
+            length = replies.integer()
+        except redis.ResponseError:  # a wrong type: the GETRANGE failed too
+            with contextlib.suppress(redis.ResponseError):
+                replies.skip(replies.bulk_length())
+            raise
+        announced = replies.bulk_length()
+        if length == 0:  # empty or absent
+            replies.skip(announced)
+            send(("EXISTS", name))
+            exists = replies.integer()
+            return memoryview(into if into is not None else bytearray())[:0] if exists else None
+        value = memoryview(into if into is not None and len(into) >= length else bytearray(length))
+        value = value[:length]
+
+        def progress(start: int) -> Callable[[int], None] | None:
+            return None if on_data is None else lambda n: on_data(value, start + n)
+
+        for start in range(0, length, RANGE_BYTES):
+            stop = min(start + RANGE_BYTES, length)
+            more = stop < length
+            if more:
+                send(("GETRANGE", name, stop, min(stop + RANGE_BYTES, length) - 1))
+            if announced != stop - start:  # deleted or shortened since the STRLEN
+                replies.skip(announced)
+                if more:
+                    replies.skip(replies.bulk_length())
+                return None
+            replies.into(value[start:stop], progress(start))
+            replies.end_of_bulk()
+            if more:
+                announced = replies.bulk_length()
+        return value
 
     return _release_after(r, conn, exchange)

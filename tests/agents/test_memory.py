@@ -384,8 +384,56 @@ def test_bulk_set_and_get_round_trip_any_size(client, size: int) -> None:
     assert view.obj is spare and bytes(view) == data
     small = bytearray(1)
     view = client.call(lambda r: redis_client.bulk_get(r, name, into=small))
-    assert (view.obj is small) == (size + 2 <= 1) and bytes(view) == data
+    assert view.obj is not small and bytes(view) == data
     assert client.ping()  # the connection is in a clean state afterwards
+
+
+@redis_test
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("size", [0, 1, 99, 100, 101, 999, 1000, 1001])
+def test_bulk_get_in_ranges_reports_progress_in_order(
+    redis_server, monkeypatch, protocol: int, size: int
+) -> None:
+    monkeypatch.setattr(redis_client, "RANGE_BYTES", 100)
+    data = np.random.default_rng(size).bytes(size)
+    name = key(run_id(), "blob")
+    seen: list[int] = []
+
+    def on_data(view: memoryview, received: int) -> None:
+        assert len(view) == size and bytes(view[:received]) == data[:received]
+        seen.append(received)
+
+    with connect(f"{redis_server.url}?protocol={protocol}", outage_timeout=5) as client:
+        client.set(name, data)
+        spare = bytearray(size)
+        view = client.call(lambda r: redis_client.bulk_get(r, name, spare, on_data))
+        assert view.obj is spare and bytes(view) == data
+        assert seen == sorted(seen) and (seen[-1] == size if size else not seen)
+        assert client.call(lambda r: redis_client.bulk_get(r, name + ":absent")) is None
+        assert client.ping()
+
+
+@redis_test
+def test_bulk_get_of_a_key_deleted_midway_reads_as_absent(
+    client, redis_server, monkeypatch
+) -> None:
+    monkeypatch.setattr(redis_client, "RANGE_BYTES", 1000)
+    name = key(run_id(), "blob")
+    client.set(name, bytes(10_000))
+    real, calls = redis_client._recv_into, []
+
+    def deleting(sock, view):
+        calls.append(1)
+        if len(calls) == 2:  # some ranges read, later ones not yet asked for
+            with connect(redis_server.url, outage_timeout=5) as other:
+                other.delete(name)
+        return real(sock, view)
+
+    monkeypatch.setattr(redis_client, "_recv_into", deleting)
+    assert client.call(lambda r: redis_client.bulk_get(r, name)) is None
+    assert client.ping()
+    client.set(name, b"back")
+    assert bytes(client.call(lambda r: redis_client.bulk_get(r, name))) == b"back"
 
 
 @redis_test
