@@ -29,11 +29,11 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 
@@ -249,7 +249,7 @@ def decode(
             and is_count(nbytes)
         ):
             raise _fail(f"tensor {name!r} needs a shape of non-negative ints, offset and nbytes")
-        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if nbytes != math.prod(shape) * dtype.itemsize:
             raise _fail(f"tensor {name!r}: nbytes {nbytes} does not match shape {shape}")
         if offset + nbytes > len(body):
             raise _fail(

@@ -375,6 +375,15 @@ def _recv_into(sock: socket.socket, view: memoryview) -> int:
 RANGE_BYTES = 512 * 1024
 
 
+def _pack(*args: bytes | int) -> bytes:
+    """A command in RESP: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else b"%d" % arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class _Replies:
     """RESP replies read off a socket.
 
@@ -482,16 +491,19 @@ def bulk_get(
     # The pool hands out a connected connection with nothing pending on it.
     conn = r.connection_pool.get_connection()
 
-    def send(*commands: tuple[Any, ...]) -> None:
-        # One write, so Redis reads the commands together.
-        conn.send_packed_command([b"".join(b for c in commands for b in conn.pack_command(*c))])
+    key = name.encode()
+
+    def send(*commands: tuple[bytes | int, ...]) -> None:
+        # One write, so Redis reads the commands together; packed here, ~3x faster than
+        # redis-py's general packer, as this runs a few times per MB.
+        conn.send_packed_command([b"".join(_pack(*command) for command in commands)])
 
     def exchange() -> memoryview | None:
         sock = getattr(conn, "_sock", None)
         if sock is None:
             raise redis.ConnectionError(f"no socket to read {name} from")
         replies = _Replies(sock)
-        send(("STRLEN", name), ("GETRANGE", name, 0, RANGE_BYTES - 1))
+        send((b"STRLEN", key), (b"GETRANGE", key, 0, RANGE_BYTES - 1))
         try:
             length = replies.integer()
         except redis.ResponseError:  # a wrong type: the GETRANGE failed too
@@ -501,7 +513,7 @@ def bulk_get(
         announced = replies.bulk_length()
         if length == 0:  # empty or absent
             replies.skip(announced)
-            send(("EXISTS", name))
+            send((b"EXISTS", key))
             exists = replies.integer()
             return memoryview(into if into is not None else bytearray())[:0] if exists else None
         value = memoryview(into if into is not None and len(into) >= length else bytearray(length))
@@ -514,7 +526,7 @@ def bulk_get(
             stop = min(start + RANGE_BYTES, length)
             more = stop < length
             if more:
-                send(("GETRANGE", name, stop, min(stop + RANGE_BYTES, length) - 1))
+                send((b"GETRANGE", key, stop, min(stop + RANGE_BYTES, length) - 1))
             if announced != stop - start:  # deleted or shortened since the STRLEN
                 replies.skip(announced)
                 if more:

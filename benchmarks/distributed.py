@@ -196,6 +196,10 @@ def _echo_time(sock: socket.socket, state: dict[str, torch.Tensor], buf: bytearr
     return time.perf_counter() - t0
 
 
+def _settle(seconds: float = 0.05) -> None:
+    time.sleep(seconds)
+
+
 def bench_weights(repeats: int) -> None:
     with RedisServer() as server:
         client = connect(server.url)
@@ -209,12 +213,18 @@ def bench_weights(repeats: int) -> None:
             redis_s, ray_s, publish_s, fetch_s, floor_s = [], [], [], [], []
             echo_buf = bytearray(4 * n)
             for version in range(repeats):
+                # Each transfer starts after the previous one's background work (Ray freeing
+                # an object, Redis pruning a version) has settled, so none is charged for
+                # another's; the three alternate so they see the same machine.
+                _settle()
                 floor_s.append(_echo_time(echo, state, echo_buf))
+                _settle()
                 t0 = time.perf_counter()
                 store.publish(state, version)
                 publish_s.append(time.perf_counter() - t0)
                 fetch_s.append(ray.get(fetcher.redis.remote(version), timeout=120))
                 redis_s.append(publish_s[-1] + fetch_s[-1])
+                _settle()
                 t0 = time.perf_counter()
                 ref = ray.put(state)
                 put = time.perf_counter() - t0
