@@ -38,10 +38,10 @@ from agents.codec import (
     FORMAT,
     Digest,
     Encoded,
+    Encoder,
     PayloadError,
     decode,
     decode_tensors,
-    encode,
     encode_tensors,
     is_count,
 )
@@ -146,6 +146,7 @@ class WeightStore:
         self._lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._recv: bytearray | None = None
+        self._encode = Encoder()  # reuses the layout while the tensors stay put
         self._latest_key = key(run_id, "weights", "latest")
         self._index_key = key(run_id, "weights", "versions")
 
@@ -166,7 +167,7 @@ class WeightStore:
         if not is_count(version):
             raise ValueError(f"version must be a non-negative int, got {version!r}")
         with self._lock:
-            payload = encode(state_dict, {"version": version})
+            payload = self._encode(state_dict, {"version": version})
             self._call(lambda r: self._write(r, version, payload))
 
     def _write(self, r: redis.Redis, version: int, payload: Encoded) -> None:

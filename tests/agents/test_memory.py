@@ -253,6 +253,35 @@ def test_encoding_sends_tensor_memory_without_copying_it() -> None:
     assert max(len(c) for c in chunks) <= 1000 and b"".join(chunks) == encoded.tobytes()
 
 
+def test_encoder_reuses_its_layout_only_while_it_still_views_the_tensors() -> None:
+    net = torch.nn.Linear(8, 3)
+    encoder = codec.Encoder()
+
+    def check(version: int) -> object:
+        state = net.state_dict()
+        payload = encoder(state, {"version": version}).tobytes()
+        assert payload == encode_tensors(state, {"version": version})  # as if encoded afresh
+        return encoder._layout
+
+    first = check(1)
+    with torch.no_grad():  # an optimizer step: in place, same memory
+        net.weight.add_(1.0)
+    assert check(2) is first is not None
+    net.weight = torch.nn.Parameter(torch.randn(3, 8))  # new memory: a new layout
+    second = check(3)
+    assert second is not first
+    net.bias = torch.nn.Parameter(torch.randn(4))  # new shape
+    assert check(4) is not second
+    # A strided tensor is copied when encoded: never reused, its changes always seen.
+    base = torch.randn(5, 6)
+    for _ in range(3):
+        base.add_(1.0)
+        assert encoder({"t": base.t()}).tobytes() == encode_tensors({"t": base.t().contiguous()})
+        assert encoder._layout is None
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        encoder({"x": np.zeros(2)})  # type: ignore[dict-item]
+
+
 def test_decode_without_copy_returns_views_of_a_writable_payload() -> None:
     payload = bytearray(encode_tensors({"x": torch.arange(4.0)}))
     out, _ = codec.decode(payload, copy=False)
