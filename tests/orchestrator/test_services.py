@@ -16,6 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from orchestrator import services
 from orchestrator.services import RedisServer, RedisServerError
 
 pytestmark = pytest.mark.redis
@@ -88,6 +89,30 @@ def test_password_stays_off_the_command_line() -> None:
     with RedisServer() as server:
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
         assert server.password.encode() not in cmdline
+
+
+def minor_faults(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_server_reuses_freed_memory_for_large_values(monkeypatch) -> None:
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    value = bytes(16 << 20)
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        assert server.pid is not None
+        for i in range(3):  # warm up: the server's memory grows to its working size
+            client.set(f"w{i}", value)
+            client.delete(f"w{i - 1}")
+        before = minor_faults(server.pid)
+        for i in range(3, 8):  # as a publisher does: a new version in, the old one out
+            client.set(f"w{i}", value)
+            client.delete(f"w{i - 1}")
+        pages = len(value) // 4096
+        assert minor_faults(server.pid) - before < pages  # not 5 x 4096 pages faulted in
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")
+    assert services._server_env()["MALLOC_CONF"] == "narenas:1"  # the caller's wins
 
 
 def test_stop_ends_the_process_frees_the_port_and_removes_the_directory() -> None:
