@@ -12,6 +12,8 @@ measured in the same run: the in-process trainer next to every Ray topology, ``r
 * ``weights``: publish by the driver + fetch by another process (a Ray actor), median over
   repeats, for 1M and 10M float32 parameters; next to ``ray.put``/``ray.get`` and a raw TCP
   round trip of the same bytes between the same two processes (the floor for two transfers).
+  The three take turns in blocks of consecutive transfers, each block led by one unrecorded
+  transfer.
 * ``allreduce``: share of a K=2 update spent in the gradient all-reduce. The timing hook runs
   each bucket's all-reduce synchronously, so this is the communication time itself, without
   the overlap with the backward pass DDP normally gets.
@@ -20,6 +22,9 @@ measured in the same run: the in-process trainer next to every Ray topology, ``r
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import itertools
 import json
 import os
 import socket
@@ -28,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +202,31 @@ def _echo_time(sock: socket.socket, state: dict[str, torch.Tensor], buf: bytearr
     return time.perf_counter() - t0
 
 
-def _settle(seconds: float = 0.05) -> None:
-    time.sleep(seconds)
+BLOCKS = 3
+
+
+def _via_redis(
+    store: WeightStore, fetcher: Any, state: dict[str, torch.Tensor], versions: Iterator[int]
+) -> dict[str, float]:
+    version = next(versions)
+    t0 = time.perf_counter()
+    store.publish(state, version)
+    publish = time.perf_counter() - t0
+    fetch = float(ray.get(fetcher.redis.remote(version), timeout=120))
+    return {"redis": publish + fetch, "publish": publish, "fetch": fetch}
+
+
+def _via_tcp(
+    sock: socket.socket, state: dict[str, torch.Tensor], buf: bytearray
+) -> dict[str, float]:
+    return {"tcp": _echo_time(sock, state, buf)}
+
+
+def _via_ray(fetcher: Any, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    ref = ray.put(state)
+    put = time.perf_counter() - t0
+    return {"ray": put + float(ray.get(fetcher.ray.remote([ref]), timeout=120))}
 
 
 def bench_weights(repeats: int) -> None:
@@ -207,29 +236,27 @@ def bench_weights(repeats: int) -> None:
         fetcher: Any = ray.remote(Fetcher).options(num_cpus=0).remote(server.url, "bench")
         echo = socket.create_connection(("127.0.0.1", ray.get(fetcher.echo_port.remote())))
         echo.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        versions = itertools.count()
         for params in (1_000_000, 10_000_000):
             state = mlp_state(params)
             n = sum(t.numel() for t in state.values())
-            redis_s, ray_s, publish_s, fetch_s, floor_s = [], [], [], [], []
-            echo_buf = bytearray(4 * n)
-            for version in range(repeats):
-                # Each transfer starts after the previous one's background work (Ray freeing
-                # an object, Redis pruning a version) has settled, so none is charged for
-                # another's; the three alternate so they see the same machine.
-                _settle()
-                floor_s.append(_echo_time(echo, state, echo_buf))
-                _settle()
-                t0 = time.perf_counter()
-                store.publish(state, version)
-                publish_s.append(time.perf_counter() - t0)
-                fetch_s.append(ray.get(fetcher.redis.remote(version), timeout=120))
-                redis_s.append(publish_s[-1] + fetch_s[-1])
-                _settle()
-                t0 = time.perf_counter()
-                ref = ray.put(state)
-                put = time.perf_counter() - t0
-                ray_s.append(put + ray.get(fetcher.ray.remote([ref]), timeout=120))
-                del ref
+            transfers = (
+                functools.partial(_via_redis, store, fetcher, state, versions),
+                functools.partial(_via_tcp, echo, state, bytearray(4 * n)),
+                functools.partial(_via_ray, fetcher, state),
+            )
+            samples: dict[str, list[float]] = collections.defaultdict(list)
+            # The three take turns in blocks, so they see the same machine while none runs
+            # inside another's background work (Ray freeing objects, say); each block starts
+            # with one unrecorded transfer.
+            for block in range(BLOCKS):
+                for transfer in transfers:
+                    transfer()
+                    for _ in range(repeats // BLOCKS + (block < repeats % BLOCKS)):
+                        for name, took in transfer().items():
+                            samples[name].append(took)
+            redis_s, publish_s, fetch_s = samples["redis"], samples["publish"], samples["fetch"]
+            floor_s, ray_s = samples["tcp"], samples["ray"]
             context = {"params": n, "megabytes": round(4 * n / 2**20, 1), "repeats": repeats}
             emit(
                 f"weights_redis_publish_fetch_{params // 1_000_000}m",
