@@ -12,8 +12,9 @@ measured in the same run: the in-process trainer next to every Ray topology, ``r
 * ``weights``: publish by the driver + fetch by another process (a Ray actor), median over
   repeats, for 1M and 10M float32 parameters; next to ``ray.put``/``ray.get`` and a raw TCP
   round trip of the same bytes between the same two processes (the floor for two transfers).
-  The three take turns in blocks of consecutive transfers, each block led by one unrecorded
-  transfer.
+  Redis and the TCP floor take turns in blocks of consecutive transfers, each led by one
+  unrecorded transfer; ``ray.put``/``ray.get`` runs after them, as the object store frees
+  objects in the background.
 * ``allreduce``: share of a K=2 update spent in the gradient all-reduce. The timing hook runs
   each bucket's all-reduce synchronously, so this is the communication time itself, without
   the overlap with the backward pass DDP normally gets.
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,30 @@ def _echo_time(sock: socket.socket, state: dict[str, torch.Tensor], buf: bytearr
     return time.perf_counter() - t0
 
 
-BLOCKS = 3
+BLOCKS = 6
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+
+def _wait_until_quiet(idle: float = 0.85, window: float = 1.0, limit: float = 30.0) -> float:
+    """Wait (up to ``limit`` s) until the CPUs are ``idle`` over a ``window``: Ray keeps
+    starting processes for several seconds after ``ray.init``. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        before = _cpu_times()
+        time.sleep(window)
+        after = _cpu_times()
+        if before is None or after is None:
+            break
+        if (after[0] - before[0]) >= idle * max(1, after[1] - before[1]):
+            break
+    return time.monotonic() - started
 
 
 def _via_redis(
@@ -229,6 +253,16 @@ def _via_ray(fetcher: Any, state: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"ray": put + float(ray.get(fetcher.ray.remote([ref]), timeout=120))}
 
 
+def _run_transfers(
+    samples: dict[str, list[float]], transfer: Callable[[], dict[str, float]], count: int
+) -> None:
+    """One unrecorded transfer, then ``count`` recorded ones."""
+    transfer()
+    for _ in range(count):
+        for name, took in transfer().items():
+            samples[name].append(took)
+
+
 def bench_weights(repeats: int) -> None:
     with RedisServer() as server:
         client = connect(server.url)
@@ -236,28 +270,30 @@ def bench_weights(repeats: int) -> None:
         fetcher: Any = ray.remote(Fetcher).options(num_cpus=0).remote(server.url, "bench")
         echo = socket.create_connection(("127.0.0.1", ray.get(fetcher.echo_port.remote())))
         echo.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        quiet_after = round(_wait_until_quiet(), 1)
         versions = itertools.count()
         for params in (1_000_000, 10_000_000):
             state = mlp_state(params)
             n = sum(t.numel() for t in state.values())
-            transfers = (
-                functools.partial(_via_redis, store, fetcher, state, versions),
-                functools.partial(_via_tcp, echo, state, bytearray(4 * n)),
-                functools.partial(_via_ray, fetcher, state),
-            )
+            redis = functools.partial(_via_redis, store, fetcher, state, versions)
+            tcp = functools.partial(_via_tcp, echo, state, bytearray(4 * n))
             samples: dict[str, list[float]] = collections.defaultdict(list)
-            # The three take turns in blocks, so they see the same machine while none runs
-            # inside another's background work (Ray freeing objects, say); each block starts
-            # with one unrecorded transfer.
+            run = functools.partial(_run_transfers, samples)
+            # Redis and its TCP floor take turns in blocks, so they see the same machine. The
+            # object store goes last: it frees objects in the background, which would
+            # otherwise run inside the next transfers.
             for block in range(BLOCKS):
-                for transfer in transfers:
-                    transfer()
-                    for _ in range(repeats // BLOCKS + (block < repeats % BLOCKS)):
-                        for name, took in transfer().items():
-                            samples[name].append(took)
+                for transfer in (redis, tcp):
+                    run(transfer, repeats // BLOCKS + (block < repeats % BLOCKS))
+            run(functools.partial(_via_ray, fetcher, state), repeats)
             redis_s, publish_s, fetch_s = samples["redis"], samples["publish"], samples["fetch"]
             floor_s, ray_s = samples["tcp"], samples["ray"]
-            context = {"params": n, "megabytes": round(4 * n / 2**20, 1), "repeats": repeats}
+            context = {
+                "params": n,
+                "megabytes": round(4 * n / 2**20, 1),
+                "repeats": repeats,
+                "quiet_after_s": quiet_after,
+            }
             emit(
                 f"weights_redis_publish_fetch_{params // 1_000_000}m",
                 1000 * statistics.median(redis_s),
@@ -334,7 +370,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["throughput", "weights", "allreduce"])
     parser.add_argument("--seconds", type=float, default=20.0, help="training time per topology")
     parser.add_argument("--num-envs", type=int, help="envs per rollout worker (preset's default)")
-    parser.add_argument("--repeats", type=int, default=21, help="weight transfers per size")
+    parser.add_argument("--repeats", type=int, default=60, help="weight transfers per size")
     args = parser.parse_args()
     num_envs = args.num_envs or load_config("spread-gnn").env.num_envs
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="shoal-bench")
