@@ -44,6 +44,7 @@ from torch import nn
 
 from agents.memory import WeightStore, connect
 from agents.rollout import RolloutWorker
+from benchmarks.spread import RAY_QUIET
 from orchestrator.config import load_config
 from orchestrator.distributed import run_distributed
 from orchestrator.learner_group import LearnerGroup
@@ -54,7 +55,6 @@ from policies.actor_critic import ActorCritic
 
 TOPOLOGIES = ((0, 1), (1, 1), (2, 1), (2, 2))
 BASE = ["run.progress=false", "run.log_every_s=1", "train.total_env_steps=1000000000"]
-RAY_QUIET = ["ray.log_to_driver=false", "ray.include_dashboard=false"]
 
 
 def emit(name: str, value: float, unit: str, **context: Any) -> None:

@@ -32,6 +32,8 @@ from orchestrator.evaluate import evaluate
 from orchestrator.trainer import LocalTrainer
 
 TARGET_RETURN = -45.0
+# Ray's per-worker logs and dashboard stay off while benchmarking.
+RAY_QUIET = ["ray.log_to_driver=false", "ray.include_dashboard=false"]
 
 
 def emit(name: str, value: float, unit: str, **context: Any) -> None:
@@ -89,8 +91,7 @@ def train_and_evaluate(
             "run.progress=false",
         ]
         distributed = is_distributed(load_config(preset, overrides))
-        quiet = ["ray.log_to_driver=false", "ray.include_dashboard=false"]
-        extra = quiet if distributed else ["redis.enabled=false"]
+        extra = RAY_QUIET if distributed else ["redis.enabled=false"]
         cfg = load_config(preset, [*common, *extra, *overrides])
         t0 = time.perf_counter()
         if distributed:  # Ray workers and learner ranks; start-up is inside train_seconds
