@@ -185,8 +185,8 @@ class Encoder:
     """
 
     def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
-        self._layout: _Layout | None = None
+        # The tensors' identities and the layout that views them.
+        self._cached: tuple[tuple[Any, ...], _Layout] | None = None
 
     def __call__(
         self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
@@ -199,11 +199,11 @@ class Encoder:
             )
         except AttributeError:  # not tensors: let _Layout name the culprit
             key = None
-        if key is None or key != self._key or self._layout is None:
-            layout = _Layout(tensors)
-            self._key, self._layout = (key, layout) if layout.views_live_memory else (None, None)
-            return layout.encode(meta)
-        return self._layout.encode(meta)
+        if key is not None and self._cached is not None and self._cached[0] == key:
+            return self._cached[1].encode(meta)
+        layout = _Layout(tensors)
+        self._cached = (key, layout) if key is not None and layout.views_live_memory else None
+        return layout.encode(meta)
 
 
 class Digest:
