@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             fraction_of_raw_env=round(res["sps"] / ceiling, 4),
             train_seconds=round(res["summary"]["train_seconds"], 1),
             setup_seconds=round(res["setup_s"], 2),
+            rollout_workers=cfg.rollout.num_workers,
+            learner_ranks=cfg.learner.num_ranks,
+            max_staleness=cfg.rollout.max_staleness,
             **ctx,
         )
         if args.only == "throughput":
