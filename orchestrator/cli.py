@@ -19,12 +19,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
 from orchestrator.config import Config, ConfigError, load_config, preset_names
 
-console = Console()
-err_console = Console(stderr=True)
+# Lines are never cut to the console's width (80 columns when it is a pipe or a log file):
+# a run directory or checkpoint path must stay whole to be copied.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -89,22 +90,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     m, c = summary.get("metrics") or {}, summary["counters"]
-    table = Table(show_header=False, box=None)
-    table.add_row("stopped", summary["reason"])
-    table.add_row("env steps", f"{c['env_steps']:,}")
-    table.add_row("train time", f"{summary['train_seconds']:.1f} s")
+    rows = [
+        ("stopped", summary["reason"]),
+        ("env steps", f"{c['env_steps']:,}"),
+        ("train time", f"{summary['train_seconds']:.1f} s"),
+    ]
     if summary["train_seconds"] > 0 and c["env_steps"]:
-        table.add_row(
-            "throughput",
-            f"{summary.get('steps_this_session', 0) / summary['train_seconds']:,.0f} env-steps/s",
-        )
+        rate = summary.get("steps_this_session", 0) / summary["train_seconds"]
+        rows.append(("throughput", f"{rate:,.0f} env-steps/s"))
     if m.get("episode_return") is not None:
-        table.add_row("team return (train)", f"{m['episode_return']:.2f}")
-    table.add_row("run dir", summary["run_dir"])
+        rows.append(("team return (train)", f"{m['episode_return']:.2f}"))
+    rows.append(("run dir", summary["run_dir"]))
     if summary.get("checkpoint"):
-        table.add_row("checkpoint", summary["checkpoint"])
-        table.add_row("next", f"shoal eval {summary['run_dir']}")
-    console.print(table)
+        rows.append(("checkpoint", summary["checkpoint"]))
+        rows.append(("next", f"shoal eval {summary['run_dir']}"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        console.print(f" {label:<{width}}  {value}", markup=False, highlight=False)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

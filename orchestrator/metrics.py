@@ -71,39 +71,92 @@ class CSVSink:
 
 
 class ProgressSink:
-    """A rich progress bar: env steps, env-steps/s, team return, losses."""
+    """Progress on the console: env steps, env-steps/s, team return, losses.
 
-    def __init__(self, total_env_steps: int, start: int = 0, console: Console | None = None):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
-            TextColumn("{task.fields[sps]:>9,.0f} steps/s"),
-            TextColumn("return {task.fields[ret]:>8.2f}"),
-            TextColumn("π {task.fields[pl]:+.3f} v {task.fields[vl]:.3f}"),
-            TimeElapsedColumn(),
-            console=console,
-            refresh_per_second=4,
-        )
-        self.task: TaskID = self.progress.add_task(
-            "train", total=total_env_steps, completed=start, sps=0.0, ret=math.nan, pl=0.0, vl=0.0
-        )
-        self.progress.start()
+    On a terminal this is a live progress bar. Elsewhere (a log file, a pipe, a Ray job's
+    logs) a bar only shows when it stops, so a plain line is printed instead, at most every
+    ``every_s`` seconds and once more at the end.
+    """
+
+    def __init__(
+        self,
+        total_env_steps: int,
+        start: int = 0,
+        console: Console | None = None,
+        every_s: float = 10.0,
+    ):
+        self.console = console or Console(stderr=True)
+        self.total = total_env_steps
+        self.every_s = every_s
+        self.t0 = time.monotonic()
+        self._last_line = -math.inf
+        self._pending: dict[str, float] | None = None  # logged, not printed yet
+        self.progress: Progress | None = None
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
+                TextColumn("{task.fields[sps]:>9,.0f} steps/s"),
+                TextColumn("return {task.fields[ret]:>8.2f}"),
+                TextColumn("π {task.fields[pl]:+.3f} v {task.fields[vl]:.3f}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                refresh_per_second=4,
+            )
+            self.task: TaskID = self.progress.add_task(
+                "train",
+                total=total_env_steps,
+                completed=start,
+                sps=0.0,
+                ret=math.nan,
+                pl=0.0,
+                vl=0.0,
+            )
+            self.progress.start()
 
     def log(self, row: dict[str, float]) -> None:
-        """Move the bar."""
-        self.progress.update(
-            self.task,
-            completed=row["env_steps"],
-            sps=row.get("env_steps_per_s", 0.0),
-            ret=row.get("episode_return", math.nan),
-            pl=row.get("policy_loss", 0.0),
-            vl=row.get("value_loss", 0.0),
+        """Move the bar, or print a line if the last one is ``every_s`` old."""
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                completed=row["env_steps"],
+                sps=row.get("env_steps_per_s", 0.0),
+                ret=row.get("episode_return", math.nan),
+                pl=row.get("policy_loss", 0.0),
+                vl=row.get("value_loss", 0.0),
+            )
+            return
+        self._pending = row
+        now = time.monotonic()
+        if now - self._last_line >= self.every_s:
+            self._last_line = now
+            self._print_line(row)
+
+    def line(self, row: dict[str, float]) -> str:
+        """The plain progress line for ``row``."""
+        steps = row["env_steps"]
+        share = f" ({min(100.0, 100 * steps / self.total):.0f}%)" if self.total > 0 else ""
+        ret = row.get("episode_return", math.nan)
+        elapsed = int(time.monotonic() - self.t0)
+        return (
+            f"train {steps:,.0f}/{self.total:,} env-steps{share}"
+            f"  {row.get('env_steps_per_s', 0.0):,.0f} env-steps/s"
+            f"  return {ret:.2f}"
+            f"  pi-loss {row.get('policy_loss', 0.0):+.3f} v-loss {row.get('value_loss', 0.0):.3f}"
+            f"  {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
         )
 
+    def _print_line(self, row: dict[str, float]) -> None:
+        self._pending = None
+        self.console.print(self.line(row), markup=False, highlight=False, soft_wrap=True)
+
     def close(self) -> None:
-        """Stop redrawing."""
-        self.progress.stop()
+        """Stop redrawing; without a terminal, print the last row if not printed yet."""
+        if self.progress is not None:
+            self.progress.stop()
+        elif self._pending is not None:
+            self._print_line(self._pending)
 
 
 class Metrics:

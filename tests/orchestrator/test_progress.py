@@ -1,0 +1,95 @@
+"""What a run prints when its output is a pipe or a log file (a Ray job's logs, `| tee`)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from orchestrator import cli, metrics
+from orchestrator.metrics import ProgressSink
+
+
+def _row(steps: float) -> dict[str, float]:
+    return {"env_steps": steps, "env_steps_per_s": 12345.0, "episode_return": -50.5}
+
+
+def test_plain_lines_are_spaced_in_time_and_the_last_row_is_always_shown(monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    sink = ProgressSink(1_000_000, console=Console(file=out, width=30), every_s=10.0)
+    assert sink.progress is None  # not a terminal: no live bar
+    for i in range(1, 31):  # a row every second for 30 s
+        clock[0] += 1.0
+        sink.log(_row(i * 10_000))
+    sink.close()
+    lines = out.getvalue().splitlines()
+    # Printed at t=1, 11, 21 s, then the unprinted last row at close.
+    assert [line.split()[1] for line in lines] == [
+        "10,000/1,000,000",
+        "110,000/1,000,000",
+        "210,000/1,000,000",
+        "300,000/1,000,000",
+    ]
+    # Whole lines despite a 30-column console: nothing cut, every field there.
+    assert "(30%)" in lines[-1] and "12,345 env-steps/s" in lines[-1]
+    assert "return -50.50" in lines[-1] and lines[-1].endswith("0:00:30")
+
+
+def test_close_does_not_repeat_a_row_already_printed(monkeypatch) -> None:
+    out = io.StringIO()
+    sink = ProgressSink(100, console=Console(file=out), every_s=0.0)
+    sink.log(_row(50))
+    sink.close()
+    assert len(out.getvalue().splitlines()) == 1
+
+
+def test_summary_keeps_long_paths_whole(monkeypatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=40, soft_wrap=True))
+    run_dir = "runs/" + "a-very-long-run-directory-name-" * 3 + "20261201-090919"
+    ckpt = f"{run_dir}/checkpoints/step-000000601600"
+    cli._print_summary(
+        {
+            "reason": "total_env_steps reached",
+            "counters": {"env_steps": 601600},
+            "train_seconds": 18.3,
+            "steps_this_session": 601600,
+            "metrics": {"episode_return": -44.39},
+            "run_dir": run_dir,
+            "checkpoint": ckpt,
+        }
+    )
+    lines = out.getvalue().splitlines()
+    assert any(line.split() == ["checkpoint", ckpt] for line in lines)
+    assert any(line.split() == ["next", "shoal", "eval", run_dir] for line in lines)
+
+
+@pytest.mark.slow
+def test_shoal_run_piped_shows_progress_and_whole_paths(tmp_path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "run",
+            "spread-mlp",
+            "train.total_env_steps=20000",
+            "env.num_envs=64",
+            "redis.enabled=false",
+            f"run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("train ")]
+    assert progress and "(100%)" in progress[-1]
+    ckpt = next(line.split()[1] for line in proc.stdout.splitlines() if "checkpoint" in line)
+    assert Path(ckpt).is_dir()  # the whole path, as printed
