@@ -26,7 +26,6 @@ import argparse
 import collections
 import functools
 import itertools
-import json
 import os
 import socket
 import statistics
@@ -44,6 +43,7 @@ from torch import nn
 
 from agents.memory import WeightStore, connect
 from agents.rollout import RolloutWorker
+from benchmarks import spread
 from benchmarks.spread import RAY_QUIET
 from orchestrator.config import load_config
 from orchestrator.distributed import run_distributed
@@ -58,11 +58,8 @@ BASE = ["run.progress=false", "run.log_every_s=1", "train.total_env_steps=100000
 
 
 def emit(name: str, value: float, unit: str, **context: Any) -> None:
-    """Print one result line."""
-    context.setdefault("host_cpus", os.cpu_count())
-    context.setdefault("torch", torch.__version__)
-    context.setdefault("ray", ray.__version__)
-    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **context}), flush=True)
+    """Print one result line, with Ray's version in its context."""
+    spread.emit(name, value, unit, **context, ray=ray.__version__)
 
 
 # -- throughput ---------------------------------------------------------------------------
