@@ -26,7 +26,7 @@ import torch
 
 import envs
 from orchestrator.checkpoint import list_checkpoints
-from orchestrator.config import load_config
+from orchestrator.config import load_config, preset_names
 from orchestrator.driver import is_distributed, run_training
 from orchestrator.evaluate import evaluate
 from orchestrator.trainer import LocalTrainer
@@ -130,7 +130,7 @@ def train_and_evaluate(
 def main(argv: list[str] | None = None) -> None:
     """Run the spread benchmarks."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--presets", nargs="+", default=["spread-mlp", "spread-gnn"])
+    p.add_argument("--presets", nargs="+", default=preset_names())
     p.add_argument("--time-limit", type=float, default=120.0)
     p.add_argument("--only", choices=["throughput", "learning"], help="a subset")
     p.add_argument(

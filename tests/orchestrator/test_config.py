@@ -11,9 +11,10 @@ from orchestrator.config import ConfigError, load_config, preset_names
 
 
 def test_presets_ship_and_default_is_gnn() -> None:
-    assert {"spread-gnn", "spread-mlp"} <= set(preset_names())
+    assert {"spread-gnn", "spread-mlp", "spread-transformer"} <= set(preset_names())
     assert load_config("spread-gnn").model.kind == "gnn"
     assert load_config("spread-mlp").model.kind == "mlp"
+    assert load_config("spread-transformer").model.kind == "transformer"
 
 
 def test_dotted_overrides_are_typed() -> None:
