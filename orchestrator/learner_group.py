@@ -358,7 +358,9 @@ class LearnerRank:
         """Collect, learn, publish; statistics are summed (or maxed) over all ranks."""
         batch, rstats = rollouts.next_batch(self.version, self._idle)
         staleness = self.version - batch.weights_version
+        t0 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
+        update_s = time.perf_counter() - t0
         self.version += 1
         if self._weights is not None:
             self._weights.publish(self.model.state_dict(), self.version)
@@ -393,6 +395,7 @@ class LearnerRank:
             "batches_recollected": float(counters["batches_recollected"]),
             "learner_restarts": float(counters["learner_restarts"]),
             "collect_s": rstats.get("collect_s", math.nan),
+            "update_s": update_s,
             "weights_fetch_s": rstats.get("weights_fetch_s", math.nan),
         }
         return int(env_steps), row

@@ -203,7 +203,14 @@ class LocalRollouts:
     ) -> tuple[RolloutBatch, dict[str, float]]:
         """The next batch, acted with the current weights ``version``."""
         self.worker.weights_version = version
-        return self.worker.collect(), {"rollout_restarts": 0.0, "batches_recollected": 0.0}
+        t0 = time.perf_counter()
+        batch = self.worker.collect()
+        return batch, {
+            "rollout_restarts": 0.0,
+            "batches_recollected": 0.0,
+            "collect_s": time.perf_counter() - t0,
+            "weights_fetch_s": 0.0,  # acts with the learner's own model
+        }
 
 
 class ActorRollouts:

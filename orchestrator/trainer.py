@@ -304,10 +304,13 @@ class LocalTrainer:
         )
 
     def step(self, lr_frac: float) -> tuple[int, dict[str, float]]:
-        """Collect one batch and learn from it."""
+        """Collect one batch and learn from it; ``collect_s``/``update_s`` say where time went."""
+        t0 = time.perf_counter()
         batch = self.worker.collect()
+        t1 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac)
-        return batch.env_steps, {**batch_metrics(batch), **stats}
+        timing = {"collect_s": t1 - t0, "update_s": time.perf_counter() - t1}
+        return batch.env_steps, {**batch_metrics(batch), **stats, **timing}
 
     def train(self) -> dict[str, Any]:
         """Run until ``train.total_env_steps``, ``train.time_limit_s``, a stop request or Ctrl-C.

@@ -142,6 +142,7 @@ def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int)
     steps = [r["env_steps"] for r in table]
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
     assert all(0 <= r["weights_staleness"] <= max_staleness for r in table)
+    assert all(r["collect_s"] >= 0 and r["update_s"] > 0 for r in table)
 
 
 # -- the learner group: DDP over real processes -------------------------------------------

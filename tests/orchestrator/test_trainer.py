@@ -29,6 +29,8 @@ def test_train_resume_continues_counters_and_state(tmp_path) -> None:
     run_dir.mkdir()
     summary = LocalTrainer(cfg, run_dir).train()
     assert summary["counters"]["env_steps"] == 400 and summary["counters"]["iteration"] == 5
+    # Where the time went: acting and learning, each a positive share of the iteration.
+    assert summary["metrics"]["collect_s"] > 0 and summary["metrics"]["update_s"] > 0
     ckpt = load_checkpoint(run_dir)
     assert ckpt["meta"]["counters"]["env_steps"] == 400
     assert set(ckpt["learner"]) == {"optimizer", "updates"} and ckpt["learner"]["updates"] == 5
