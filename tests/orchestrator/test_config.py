@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from orchestrator.config import ConfigError, load_config, preset_names
+from tests.cli import shoal
 
 
 def test_presets_ship_and_default_is_gnn() -> None:
@@ -55,20 +53,7 @@ def test_unknown_preset_lists_presets(tmp_path) -> None:
 
 
 def test_cli_config_error_exits_2_and_starts_nothing(tmp_path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "run",
-            "spread-gnn",
-            "train.lrr=1",
-            f"run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = shoal("run", "spread-gnn", "train.lrr=1", f"run.dir={tmp_path}", timeout=120)
     assert proc.returncode == 2
     assert "train.lrr: unknown key" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no run directory was created

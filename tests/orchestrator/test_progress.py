@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from rich.console import Console
 
 from orchestrator import cli, metrics
 from orchestrator.metrics import ProgressSink
+from tests.cli import shoal
 
 
 def _row(steps: float) -> dict[str, float]:
@@ -72,21 +71,13 @@ def test_summary_keeps_long_paths_whole(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_shoal_run_piped_shows_progress_and_whole_paths(tmp_path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "run",
-            "spread-mlp",
-            "train.total_env_steps=20000",
-            "env.num_envs=64",
-            "redis.enabled=false",
-            f"run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = shoal(
+        "run",
+        "spread-mlp",
+        "train.total_env_steps=20000",
+        "env.num_envs=64",
+        "redis.enabled=false",
+        f"run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr
     progress = [line for line in proc.stderr.splitlines() if line.startswith("train ")]
