@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,16 @@ TARGET_RETURN = -45.0
 RAY_QUIET = ["ray.log_to_driver=false", "ray.include_dashboard=false"]
 
 
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def emit(name: str, value: float, unit: str, **context: Any) -> None:
-    """Print one result line."""
+    """Print one result line: strict JSON, so a value that is not a number reads as null."""
     context.setdefault("host_cpus", os.cpu_count())
     context.setdefault("torch", torch.__version__)
-    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **context}), flush=True)
+    line = {"name": name, "value": round(value, 4), "unit": unit, **context}
+    print(json.dumps({k: _finite(v) for k, v in line.items()}, allow_nan=False), flush=True)
 
 
 def raw_env_steps_per_s(num_envs: int, n_agents: int = 3, seconds: float = 3.0) -> float:
@@ -56,22 +63,30 @@ def raw_env_steps_per_s(num_envs: int, n_agents: int = 3, seconds: float = 3.0) 
     return steps / (time.perf_counter() - t0)
 
 
+Policy = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""Observations ``[B, N, D]`` and a generator to discrete actions ``[B, N]``."""
+
+
+def team_returns(act: Policy, episodes: int = 100, seed: int = 12345) -> torch.Tensor:
+    """Team returns of ``episodes`` full episodes of real mpe2 simple_spread_v3 (N=3)."""
+    env = envs.make("mpe2-spread", num_envs=episodes, n_agents=3, seed=seed)
+    obs = env.reset(seed=seed).obs
+    total = torch.zeros(episodes)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(25):
+        step = env.step(act(obs, gen))
+        total += step.reward.sum(-1)
+        obs = step.observation.obs
+    return total
+
+
 def baseline_returns(episodes: int = 100, seed: int = 12345) -> dict[str, float]:
-    """Random and no-op team returns on real mpe2 simple_spread_v3 (N=3)."""
-    out = {}
-    for name in ("random", "noop"):
-        env = envs.make("mpe2-spread", num_envs=episodes, n_agents=3, seed=seed)
-        env.reset(seed=seed)
-        total = torch.zeros(episodes)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(25):
-            if name == "random":
-                act = torch.randint(5, (episodes, 3), generator=gen)
-            else:
-                act = torch.zeros(episodes, 3, dtype=torch.long)
-            total += env.step(act).reward.sum(-1)
-        out[name] = float(total.mean())
-    return out
+    """Random and no-op mean team returns on real mpe2 simple_spread_v3 (N=3)."""
+    policies: dict[str, Policy] = {
+        "random": lambda obs, gen: torch.randint(5, obs.shape[:2], generator=gen),
+        "noop": lambda obs, gen: torch.zeros(obs.shape[:2], dtype=torch.long),
+    }
+    return {name: float(team_returns(act, episodes, seed).mean()) for name, act in policies.items()}
 
 
 def train_and_evaluate(
