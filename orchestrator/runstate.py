@@ -2,7 +2,8 @@
 
 A run with no ``redis.url`` starts a private ``redis-server`` on a free loopback port with a
 generated password and records how to reach it in ``RUN_DIR/.redis.json`` (mode 0600), so
-``shoal status RUN_DIR`` and ``shoal stop RUN_DIR`` work from another terminal.
+``shoal status RUN`` and ``shoal stop RUN`` work from another terminal, ``RUN`` being the run
+directory or the run id ``shoal status`` lists (``runs/<id>``, see ``--runs-dir``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 # -- CLI -------------------------------------------------------------------------------------
 
 
+def _is_run_dir(path: Path) -> bool:
+    return (path / CONN_FILE).is_file() or (path / SUMMARY_FILE).is_file()
+
+
+def _resolve(target: str | None, runs_dir: str) -> str | None:
+    """A run directory as given, or the run id ``shoal status`` shows: ``runs_dir/<id>``."""
+    if target is None or _is_run_dir(Path(target)):
+        return target
+    under = Path(runs_dir) / target
+    return str(under) if _is_run_dir(under) else target
+
+
 def _connect_for(target: str | None, redis_url: str | None) -> tuple[Any, str | None]:
     """Find the Redis that holds ``target`` (a run dir or run id)."""
     if target and (Path(target) / CONN_FILE).is_file():
@@ -145,6 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show runs and their progress."""
     console = Console()
     table = Table("run", "status", "env steps", "steps/s", "return", "heartbeat")
+    args.run = _resolve(args.run, args.runs_dir)
     client, run_id = _connect_for(args.run, args.redis_url)
     try:
         if client is not None:
@@ -199,7 +213,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a run to checkpoint and exit."""
     console = Console()
-    client, run_id = _connect_for(args.run, args.redis_url)
+    target: str = _resolve(args.run, args.runs_dir) or args.run
+    client, run_id = _connect_for(target, args.redis_url)
+    summary = Path(target) / SUMMARY_FILE
+    if client is None and summary.is_file():
+        reason = json.loads(summary.read_text()).get("reason")
+        console.print(f"run '{Path(target).name}' has already finished ({reason})")
+        return 1
     if client is None or run_id is None:
         console.print(
             f"[red]cannot find the Redis of run '{args.run}':[/] give its run directory or set "
@@ -229,4 +249,5 @@ def register_cli(sub: Any) -> None:
     sp = sub.add_parser("stop", help="ask a run to checkpoint and exit cleanly")
     sp.add_argument("run", help="run directory or run id")
     sp.add_argument("--redis-url", help="shared Redis (default: $SHOAL_REDIS_URL)")
+    sp.add_argument("--runs-dir", default="runs", help="where local runs live (default: runs)")
     sp.set_defaults(func=cmd_stop)
