@@ -1,7 +1,7 @@
 """The ``shoal`` command line.
 
 ``shoal run spread-gnn train.lr=1e-3``   train locally (or on Ray with workers/ranks set)
-``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2
+``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2 (RUN: id or directory)
 ``shoal plot RUN_DIR``                   learning curve PNG
 ``shoal presets``                        list shipped presets
 ``shoal status`` / ``shoal stop RUN``    run state from Redis
@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-from orchestrator.config import Config, ConfigError, load_config, preset_names
+from orchestrator.config import Config, ConfigError, find_run, load_config, preset_names
 
 # Lines are never cut to the console's width (80 columns when it is a pipe or a log file):
 # a run directory or checkpoint path must stay whole to be copied.
@@ -48,6 +48,7 @@ def _load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     if args.resume:
         from orchestrator.checkpoint import resolve_checkpoint
 
+        args.resume = find_run(args.resume)
         ckpt = resolve_checkpoint(args.resume)
         resume_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         if source is None:
@@ -115,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         res = evaluate(
-            args.checkpoint,
+            find_run(args.checkpoint),
             env_name=args.env,
             n_agents=args.n_agents,
             episodes=args.episodes,
@@ -140,7 +141,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from orchestrator.evaluate import plot_run
 
     try:
-        out = plot_run(args.run_dir, args.out)
+        out = plot_run(find_run(args.run_dir), args.out)
     except FileNotFoundError as e:
         return _fail(str(e), EXIT_USAGE)
     console.print(f"wrote {out}")

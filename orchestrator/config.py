@@ -206,6 +206,18 @@ class Config(_Section):
         return self
 
 
+def find_run(target: str, runs_dir: str | None = None) -> str:
+    """``target`` if it exists, else ``runs_dir/target`` if that does.
+
+    So commands that take a run directory also take the run id ``shoal status`` lists.
+    ``runs_dir`` defaults to ``run.dir``'s default, ``runs``.
+    """
+    if Path(target).exists():
+        return target
+    under = Path(runs_dir or RunConfig.model_fields["dir"].default) / target
+    return str(under) if under.exists() else target
+
+
 def preset_names() -> list[str]:
     """Presets shipped inside the package."""
     files = resources.files("orchestrator").joinpath("presets")

@@ -28,7 +28,7 @@ from agents.memory import (
     connect,
     list_runs,
 )
-from orchestrator.config import RedisConfig
+from orchestrator.config import RedisConfig, find_run
 from orchestrator.services import RedisServer
 
 log = logging.getLogger(__name__)
@@ -107,18 +107,6 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 # -- CLI -------------------------------------------------------------------------------------
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / CONN_FILE).is_file() or (path / SUMMARY_FILE).is_file()
-
-
-def _resolve(target: str | None, runs_dir: str) -> str | None:
-    """A run directory as given, or the run id ``shoal status`` shows: ``runs_dir/<id>``."""
-    if target is None or _is_run_dir(Path(target)):
-        return target
-    under = Path(runs_dir) / target
-    return str(under) if _is_run_dir(under) else target
-
-
 def _connect_for(target: str | None, redis_url: str | None) -> tuple[Any, str | None]:
     """Find the Redis that holds ``target`` (a run dir or run id)."""
     if target and (Path(target) / CONN_FILE).is_file():
@@ -158,7 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show runs and their progress."""
     console = Console()
     table = Table("run", "status", "env steps", "steps/s", "return", "heartbeat")
-    args.run = _resolve(args.run, args.runs_dir)
+    args.run = args.run and find_run(args.run, args.runs_dir)
     client, run_id = _connect_for(args.run, args.redis_url)
     try:
         if client is not None:
@@ -213,7 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a run to checkpoint and exit."""
     console = Console()
-    target: str = _resolve(args.run, args.runs_dir) or args.run
+    target = find_run(args.run, args.runs_dir)
     client, run_id = _connect_for(target, args.redis_url)
     summary = Path(target) / SUMMARY_FILE
     if client is None and summary.is_file():

@@ -1,4 +1,4 @@
-"""`shoal status` and `shoal stop` from another terminal, naming a local run by its id."""
+"""`shoal status`, `stop`, `eval` and `plot` from another terminal, naming a run by its id."""
 
 from __future__ import annotations
 
@@ -54,3 +54,9 @@ def test_status_and_stop_by_the_run_id_status_shows(tmp_path, monkeypatch, capsy
     assert "finished: stop requested" in capsys.readouterr().out
     assert shoal(["stop", "demo"]) == 1
     assert "has already finished (stop requested)" in capsys.readouterr().out
+
+    # The other commands that take a run directory take the id too.
+    assert shoal(["eval", "demo", "--episodes", "4"]) == 0
+    assert "team return" in capsys.readouterr().out
+    assert shoal(["plot", "demo"]) == 0
+    assert (tmp_path / "runs" / "demo" / "learning_curve.png").is_file()
