@@ -176,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("source", nargs="?", help=f"preset ({', '.join(preset_names())}) or .yaml")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument(
+        "--resume", metavar="RUN", help="continue a run (id or directory) from its last checkpoint"
+    )
     run.add_argument("--address", help="join a Ray cluster ('auto' or host:port)")
     run.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint (default: on real mpe2)")
-    ev.add_argument("checkpoint", help="checkpoint directory or run directory (newest checkpoint)")
+    ev.add_argument(
+        "checkpoint", help="checkpoint directory, or a run's id or directory (newest checkpoint)"
+    )
     ev.add_argument("--env", default="mpe2-spread", help="env name (default mpe2-spread)")
     ev.add_argument("--n-agents", type=int, help="team size (graph/transformer policies)")
     ev.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
@@ -192,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plot", help="write a PNG learning curve of a run")
-    pl.add_argument("run_dir")
+    pl.add_argument("run_dir", metavar="RUN", help="run id or directory")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png)")
     pl.set_defaults(func=cmd_plot)
 
