@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="write a PNG learning curve of a run")
     pl.add_argument("run_dir", metavar="RUN", help="run id or directory")
-    pl.add_argument("--out", help="PNG path (default RUN_DIR/learning_curve.png)")
+    pl.add_argument("--out", help="PNG path (default RUN/learning_curve.png)")
     pl.set_defaults(func=cmd_plot)
 
     pr = sub.add_parser("presets", help="list shipped presets")
