@@ -14,6 +14,7 @@ from rich.console import Console
 
 from orchestrator.config import Config
 from orchestrator.runstate import RunStateSink, SharedMemory, write_summary
+from orchestrator.services import redis_server_installed
 from orchestrator.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,18 @@ def run_training(
     With Redis enabled (the default) run state, heartbeats and metrics are mirrored into it so
     ``shoal status`` / ``shoal stop`` work while the run is alive.
     """
+    local = not is_distributed(cfg)
+    if cfg.redis.enabled and local and cfg.redis.url is None and not redis_server_installed():
+        # Redis serves status/stop and the replay stream here; the training needs none of it.
+        log.warning(
+            "redis-server is not installed, so this run trains without Redis and `shoal "
+            "status` / `shoal stop` will not see it (Ctrl-C still checkpoints). Install it "
+            "(`apt-get install redis-server`, `brew install redis`) or set "
+            "redis.enabled=false to train without it quietly."
+        )
+        cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"enabled": False})})
     if not cfg.redis.enabled:
-        if is_distributed(cfg):
+        if not local:
             raise ValueError("distributed runs need Redis: remove redis.enabled=false")
         summary = LocalTrainer(cfg, run_dir, resume=resume, console=console).train()
         write_summary(run_dir, summary)

@@ -70,6 +70,11 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+def redis_server_installed(executable: str = "redis-server") -> bool:
+    """Whether a private server can be started: ``executable`` is on ``PATH``."""
+    return shutil.which(executable) is not None
+
+
 class RedisServer:
     """A private ``redis-server`` bound to 127.0.0.1 with a generated password.
 
@@ -182,7 +187,7 @@ class RedisServer:
                 raise RedisServerError(
                     f"{self._executable!r} not found on PATH; install it with "
                     "`apt-get install redis-server` (or `make redis`), or point the run at an "
-                    "existing Redis with a redis:// URL"
+                    "existing Redis with redis.url=redis://... (or SHOAL_REDIS_URL)"
                 )
             try:
                 self._start_on_some_port(binary)
