@@ -144,7 +144,7 @@ def _row(state: dict[str, Any]) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show runs and their progress."""
-    console = Console()
+    console = Console(soft_wrap=True)
     table = Table("run", "status", "env steps", "steps/s", "return", "heartbeat")
     args.run = args.run and find_run(args.run, args.runs_dir)
     client, run_id = _connect_for(args.run, args.redis_url)
@@ -183,7 +183,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "-",
                     )
                 else:
-                    console.print(f"[red]'{d}' is not a shoal run directory[/]")
+                    console.print(
+                        f"[red]no run '{args.run}':[/] neither a run directory nor a run id "
+                        f"under '{args.runs_dir}' (`shoal status` lists the runs there)",
+                        highlight=False,
+                    )
                     return 2
     finally:
         if client is not None:
@@ -200,7 +204,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a run to checkpoint and exit."""
-    console = Console()
+    console = Console(soft_wrap=True)
     target = find_run(args.run, args.runs_dir)
     client, run_id = _connect_for(target, args.redis_url)
     summary = Path(target) / SUMMARY_FILE
