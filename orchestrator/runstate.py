@@ -198,7 +198,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "shared Redis)"
         )
         return 0
-    console.print(table)
+    # Off a terminal (a pipe, a log) the table takes the width it needs instead of 80 columns.
+    (console if console.is_terminal else Console(width=1000)).print(table)
     return 0
 
 
