@@ -34,6 +34,7 @@ import redis
 import torch
 from redis.commands.core import Script
 
+from agents.bulk import bulk_get, bulk_set
 from agents.codec import (
     FORMAT,
     Digest,
@@ -50,8 +51,6 @@ from agents.redis_client import (
     Client,
     RedisUnavailable,
     ResilientRedis,
-    bulk_get,
-    bulk_set,
     connect,
 )
 

@@ -18,7 +18,7 @@ import redis
 import torch
 import xxhash
 
-from agents import codec, memory, redis_client
+from agents import bulk, codec, memory, redis_client
 from agents.memory import (
     FORMAT,
     PayloadError,
@@ -304,7 +304,7 @@ def test_encode_rejects_what_it_cannot_represent() -> None:
 
 
 def test_no_unpickling_code_path_exists() -> None:
-    for module in (memory, codec, redis_client):
+    for module in (memory, codec, redis_client, bulk):
         source = inspect.getsource(module)
         assert "import pickle" not in source and "torch.load" not in source
 
@@ -407,15 +407,15 @@ def test_bulk_set_and_get_round_trip_any_size(client, size: int) -> None:
     data = np.random.default_rng(size).bytes(size)
     name = key(run_id(), "blob")
     encoded = codec.Encoded([data[: size // 3], memoryview(data)[size // 3 :]], size + 8)
-    client.call(lambda r: redis_client.bulk_set(r, name, encoded))
+    client.call(lambda r: bulk.bulk_set(r, name, encoded))
     data = encoded.tobytes()  # the pieces, then their checksum
     assert client.get(name) == data  # what redis-py sees is what was sent
-    assert bytes(client.call(lambda r: redis_client.bulk_get(r, name))) == data
+    assert bytes(client.call(lambda r: bulk.bulk_get(r, name))) == data
     spare = bytearray(size + 10)
-    view = client.call(lambda r: redis_client.bulk_get(r, name, into=spare))
+    view = client.call(lambda r: bulk.bulk_get(r, name, into=spare))
     assert view.obj is spare and bytes(view) == data
     small = bytearray(1)
-    view = client.call(lambda r: redis_client.bulk_get(r, name, into=small))
+    view = client.call(lambda r: bulk.bulk_get(r, name, into=small))
     assert view.obj is not small and bytes(view) == data
     assert client.ping()  # the connection is in a clean state afterwards
 
@@ -426,7 +426,7 @@ def test_bulk_set_and_get_round_trip_any_size(client, size: int) -> None:
 def test_bulk_get_in_ranges_reports_progress_in_order(
     redis_server, monkeypatch, protocol: int, size: int
 ) -> None:
-    monkeypatch.setattr(redis_client, "RANGE_BYTES", 100)
+    monkeypatch.setattr(bulk, "RANGE_BYTES", 100)
     data = np.random.default_rng(size).bytes(size)
     name = key(run_id(), "blob")
     seen: list[int] = []
@@ -438,10 +438,10 @@ def test_bulk_get_in_ranges_reports_progress_in_order(
     with connect(f"{redis_server.url}?protocol={protocol}", outage_timeout=5) as client:
         client.set(name, data)
         spare = bytearray(size)
-        view = client.call(lambda r: redis_client.bulk_get(r, name, spare, on_data))
+        view = client.call(lambda r: bulk.bulk_get(r, name, spare, on_data))
         assert view.obj is spare and bytes(view) == data
         assert seen == sorted(seen) and (seen[-1] == size if size else not seen)
-        assert client.call(lambda r: redis_client.bulk_get(r, name + ":absent")) is None
+        assert client.call(lambda r: bulk.bulk_get(r, name + ":absent")) is None
         assert client.ping()
 
 
@@ -449,10 +449,10 @@ def test_bulk_get_in_ranges_reports_progress_in_order(
 def test_bulk_get_of_a_key_deleted_midway_reads_as_absent(
     client, redis_server, monkeypatch
 ) -> None:
-    monkeypatch.setattr(redis_client, "RANGE_BYTES", 1000)
+    monkeypatch.setattr(bulk, "RANGE_BYTES", 1000)
     name = key(run_id(), "blob")
     client.set(name, bytes(10_000))
-    real, calls = redis_client._recv_into, []
+    real, calls = bulk._recv_into, []
 
     def deleting(sock, view):
         calls.append(1)
@@ -461,20 +461,20 @@ def test_bulk_get_of_a_key_deleted_midway_reads_as_absent(
                 other.delete(name)
         return real(sock, view)
 
-    monkeypatch.setattr(redis_client, "_recv_into", deleting)
-    assert client.call(lambda r: redis_client.bulk_get(r, name)) is None
+    monkeypatch.setattr(bulk, "_recv_into", deleting)
+    assert client.call(lambda r: bulk.bulk_get(r, name)) is None
     assert client.ping()
     client.set(name, b"back")
-    assert bytes(client.call(lambda r: redis_client.bulk_get(r, name))) == b"back"
+    assert bytes(client.call(lambda r: bulk.bulk_get(r, name))) == b"back"
 
 
 @redis_test
 def test_bulk_get_of_a_missing_key_or_a_wrong_type(client) -> None:
     name = key(run_id(), "nothing")
-    assert client.call(lambda r: redis_client.bulk_get(r, name)) is None
+    assert client.call(lambda r: bulk.bulk_get(r, name)) is None
     client.rpush(name, "x")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        client.call(lambda r: redis_client.bulk_get(r, name))
+        client.call(lambda r: bulk.bulk_get(r, name))
     assert client.lrange(name, 0, -1) == [b"x"]
 
 
@@ -482,7 +482,7 @@ def test_bulk_get_of_a_missing_key_or_a_wrong_type(client) -> None:
 def test_a_bulk_read_broken_midway_is_retried_on_a_fresh_connection(client, monkeypatch) -> None:
     store = WeightStore(client, run_id())
     store.publish(state_dict(5, n=256), 5)
-    real, calls = redis_client._recv_into, []
+    real, calls = bulk._recv_into, []
 
     def flaky(sock, view):
         calls.append(1)
@@ -490,7 +490,7 @@ def test_a_bulk_read_broken_midway_is_retried_on_a_fresh_connection(client, monk
             raise redis.ConnectionError("connection reset")
         return real(sock, view)
 
-    monkeypatch.setattr(redis_client, "_recv_into", flaky)
+    monkeypatch.setattr(bulk, "_recv_into", flaky)
     version, fetched = store.fetch(reuse_buffer=True)
     assert version == 5 and len(calls) > 2
     for name, tensor in state_dict(5, n=256).items():
