@@ -65,11 +65,13 @@ def emit(name: str, value: float, unit: str, **context: Any) -> None:
 # -- throughput ---------------------------------------------------------------------------
 
 
-def in_process(seconds: float, num_envs: int) -> float:
-    """env-steps/s of ``LocalTrainer`` (no Ray, no Redis)."""
+def in_process(seconds: float, num_envs: int, threads: int | None = None) -> float:
+    """env-steps/s of ``LocalTrainer`` (no Ray, no Redis), as ``shoal run`` trains by default
+    (torch's own thread count) or with ``threads``."""
+    pinned = [] if threads is None else [f"train.threads={threads}"]
     cfg = load_config(
         "spread-gnn",
-        [*BASE, f"env.num_envs={num_envs}", f"train.time_limit_s={seconds}", "train.threads=1"],
+        [*BASE, f"env.num_envs={num_envs}", f"train.time_limit_s={seconds}", *pinned],
     )
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         summary = LocalTrainer(cfg, Path(tmp)).train()
@@ -111,6 +113,16 @@ def bench_throughput(seconds: float, num_envs: int) -> None:
     emit(
         "throughput_in_process",
         reference,
+        "env_steps/s",
+        preset="spread-gnn",
+        num_envs=num_envs,
+        seconds=seconds,
+        torch_threads=torch.get_num_threads(),
+    )
+    # One thread per process, as each Ray actor with one CPU gets: the per-core reference.
+    emit(
+        "throughput_in_process_1_thread",
+        in_process(seconds, num_envs, threads=1),
         "env_steps/s",
         preset="spread-gnn",
         num_envs=num_envs,

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def _load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     cfg = load_config(source, overrides)
     if args.address:
         cfg.ray.address = args.address
+    if args.ray:
+        cfg.ray.force = True
     return cfg, resume_dir
 
 
@@ -180,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", metavar="RUN", help="continue a run (id or directory) from its last checkpoint"
     )
     run.add_argument("--address", help="join a Ray cluster ('auto' or host:port)")
+    run.add_argument(
+        "--ray",
+        action="store_true",
+        help="train through a local Ray instance even in-process, to watch it in the Ray "
+        "dashboard (ray.force=true)",
+    )
     run.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
     run.set_defaults(func=cmd_run)
 
@@ -226,10 +235,27 @@ def _optional_commands() -> list[Any]:  # registrars: (subparsers) -> None
     return out
 
 
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``KEY=VALUE`` overrides may also follow options.
+
+    argparse stops filling a ``nargs="*"`` positional at the first option, so
+    ``shoal run spread-gnn --ray train.lr=1e-3`` would reject ``train.lr=1e-3``.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shoal`` script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(message)s",

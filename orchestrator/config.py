@@ -157,6 +157,9 @@ class RayConfig(_Section):
 
     address: str | None = None
     """``auto`` or ``host:port`` to join a cluster; none starts a local instance."""
+    force: bool = False
+    """Train through Ray even with no rollout workers and one learner rank, so the run shows in
+    the Ray dashboard (``shoal run --ray``). Workers, several ranks or an address imply Ray."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of a local instance (default: what the run's actors reserve)."""
     dashboard_port: int = Field(8265, ge=0)

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def is_distributed(cfg: Config) -> bool:
-    """True when the run needs Ray: rollout workers, several learner ranks or a cluster."""
-    return cfg.rollout.num_workers > 0 or cfg.learner.num_ranks > 1 or cfg.ray.address is not None
+    """True when the run goes through Ray: workers, several ranks, a cluster, or ``ray.force``."""
+    topology = cfg.rollout.num_workers > 0 or cfg.learner.num_ranks > 1
+    return topology or cfg.ray.address is not None or cfg.ray.force
 
 
 def throttled(check: Callable[[], bool], every_s: float = 0.5) -> Callable[[], bool]:

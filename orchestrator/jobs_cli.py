@@ -286,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the jobs subcommands on their own, for testing without the full ``shoal`` CLI."""
     parser = argparse.ArgumentParser(prog="shoal", description="shoal Ray Jobs client")
     register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    from orchestrator.cli import parse_with_overrides
+
+    args = parse_with_overrides(parser, argv)
     return int(args.func(args))
 
 

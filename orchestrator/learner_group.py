@@ -105,7 +105,7 @@ class LearnerRank:
         namespace: str,
     ) -> None:
         self.cfg = Config.model_validate(cfg_data)
-        torch.set_num_threads(self.cfg.train.threads or 1)
+        torch.set_num_threads(learner_threads(self.cfg))
         self.rank, self.world_size = rank, world_size
         self.run_dir = Path(run_dir)
         self.redis_url, self.run_id, self.namespace = redis_url, run_id, namespace
@@ -498,6 +498,22 @@ class LearnerGroup:
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def learner_threads(cfg: Config) -> int:
+    """Torch threads of a learner rank.
+
+    ``train.threads`` if set. Otherwise 1, so that ranks and rollout workers sharing a node do
+    not oversubscribe it, except for a lone rank stepping its own envs (the in-process topology
+    hosted by Ray, ``shoal run --ray``): it takes every core it may run on, as an in-process
+    run does.
+    """
+    if cfg.train.threads:
+        return cfg.train.threads
+    if cfg.rollout.num_workers or cfg.learner.num_ranks > 1:
+        return 1
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def wait_name_free(name: str, namespace: str, timeout_s: float = 30.0) -> None:
