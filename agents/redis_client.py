@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -142,9 +143,19 @@ class ResilientRedis:
         while True:
             try:
                 result = fn(self.client)
-            except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError):
-                raise  # subclasses of ConnectionError that no amount of waiting fixes
+            except _REFUSED as err:  # ConnectionErrors that no amount of waiting fixes
+                raise type(err)(
+                    f"Redis at {self._address} refused the credentials: "
+                    f"{self._scrub(str(err)).rstrip('.')}; "
+                    f"check the user and password in the URL or {PASSWORD_ENV}"
+                ) from None
             except (redis.ConnectionError, redis.TimeoutError) as err:
+                if _untrusted_certificate(err):
+                    raise redis.ConnectionError(
+                        f"Redis at {self._address} presented a TLS certificate this client does "
+                        f"not trust ({err.__context__}); name the CA that signed it in the URL: "
+                        "rediss://...?ssl_ca_certs=/path/to/ca.pem"
+                    ) from None
                 now = time.monotonic()
                 since = self._note_failure(err, now)
                 remaining = self.outage_timeout - (now - started)
@@ -239,6 +250,21 @@ class ResilientRedis:
             if self._server_id is not None and self._server_id != match.group(1):
                 self._reconnected = True
             self._server_id = match.group(1)
+
+
+_REFUSED = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+
+
+def _untrusted_certificate(err: BaseException) -> bool:
+    """Whether ``err`` comes from a failed TLS certificate check, which retrying cannot fix."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def connect(
