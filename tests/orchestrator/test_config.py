@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from orchestrator.config import ConfigError, load_config, preset_names
+from orchestrator.config import Config, ConfigError, load_config, preset_names
 from tests.cli import shoal
 
 
@@ -75,3 +78,17 @@ def test_resumed_config_gets_its_password_back_from_the_environment(monkeypatch)
     monkeypatch.setenv("SHOAL_REDIS_PASSWORD", "s3cret")
     cfg = load_config("spread-gnn", ["redis.url=redis://shoal:***@10.0.0.5:6379/0"])
     assert cfg.redis.url == "redis://shoal:s3cret@10.0.0.5:6379/0"
+
+
+def test_every_key_the_readme_documents_exists() -> None:
+    """The README's configuration table names real keys (docs drift shows up here)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    fields = Config.model_fields
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", readme, flags=re.MULTILINE)
+    sections = {section for section, _ in rows}
+    assert sections == set(fields) - {"preset"}, "a section is missing from the README table"
+    for section, keys in rows:
+        for name in re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", keys):
+            owner, key = name.split(".") if "." in name else (section, name)
+            model = fields[owner].annotation
+            assert key in model.model_fields, f"README documents {owner}.{key}, which is no key"
