@@ -7,6 +7,7 @@ from typing import Any
 
 from envs.base import VecMultiAgentEnv
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
+from envs.rllib import load_multi_agent_factory
 from envs.spread import SpreadEnv, spread_entities
 
 _REGISTRY: dict[str, Callable[..., VecMultiAgentEnv]] = {}
@@ -21,8 +22,8 @@ def register(name: str, builder: Callable[..., VecMultiAgentEnv]) -> None:
 
 
 def available() -> list[str]:
-    """Registered names, plus the ``pettingzoo:`` prefix form."""
-    return sorted(_REGISTRY) + ["pettingzoo:<module>[:factory]"]
+    """Registered names, plus the adapter prefix forms."""
+    return sorted(_REGISTRY) + ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>"]
 
 
 def _make_mpe2_spread(
@@ -57,20 +58,25 @@ def make(name: str, num_envs: int = 1, **kwargs: Any) -> VecMultiAgentEnv:
     """Build ``num_envs`` vectorised copies of the env called ``name``.
 
     Args:
-        name: a registered name (``spread``, ``mpe2-spread``) or ``pettingzoo:<module>`` /
+        name: a registered name (``spread``, ``mpe2-spread``); ``pettingzoo:<module>`` /
             ``pettingzoo:<module>:<factory>`` for any PettingZoo ``ParallelEnv``, e.g.
-            ``pettingzoo:mpe2.simple_spread_v3`` (kwargs go to the factory unchanged).
+            ``pettingzoo:mpe2.simple_spread_v3`` (kwargs go to the factory unchanged); or
+            ``rllib:<module>:<Class>`` for an RLlib ``MultiAgentEnv`` (kwargs become its
+            ``config`` dict).
         num_envs: ``B``.
         **kwargs: env arguments.
 
     Raises:
         ValueError: unknown name or an import that fails, listing what exists.
     """
-    if name.startswith("pettingzoo:"):
-        spec = name.removeprefix("pettingzoo:")
+    adapter, _, spec = name.partition(":")
+    if spec and adapter in ("pettingzoo", "rllib"):
         seed = kwargs.pop("seed", None)
         device = kwargs.pop("device", "cpu")
-        factory = load_parallel_env_factory(spec)
+        if adapter == "pettingzoo":
+            factory = load_parallel_env_factory(spec)
+        else:
+            factory = load_multi_agent_factory(spec)
         return PettingZooVecEnv(
             factory,
             num_envs=num_envs,

@@ -30,7 +30,8 @@ class EnvConfig(_Section):
     """Which environment, and how many copies per rollout worker."""
 
     name: str = "spread"
-    """Registered env name (``spread``, ``mpe2-spread``) or ``pettingzoo:<module>``."""
+    """Registered env name (``spread``, ``mpe2-spread``), ``pettingzoo:<module>[:factory]`` or
+    ``rllib:<module>:<Class>`` (an RLlib ``MultiAgentEnv``; ``env.kwargs`` is its config)."""
     n_agents: int = Field(3, ge=1, le=1024)
     num_envs: int = Field(512, ge=1)
     """Sub-envs stepped per call, per rollout worker (or in-process)."""
