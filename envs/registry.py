@@ -9,6 +9,7 @@ from envs.base import VecMultiAgentEnv
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
 from envs.spread import SpreadEnv, spread_entities
+from envs.vmas import VmasVecEnv
 
 _REGISTRY: dict[str, Callable[..., VecMultiAgentEnv]] = {}
 
@@ -23,7 +24,8 @@ def register(name: str, builder: Callable[..., VecMultiAgentEnv]) -> None:
 
 def available() -> list[str]:
     """Registered names, plus the adapter prefix forms."""
-    return sorted(_REGISTRY) + ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>"]
+    adapters = ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>", "vmas:<scenario>"]
+    return sorted(_REGISTRY) + adapters
 
 
 def _make_mpe2_spread(
@@ -62,7 +64,8 @@ def make(name: str, num_envs: int = 1, **kwargs: Any) -> VecMultiAgentEnv:
             ``pettingzoo:<module>:<factory>`` for any PettingZoo ``ParallelEnv``, e.g.
             ``pettingzoo:mpe2.simple_spread_v3`` (kwargs go to the factory unchanged); or
             ``rllib:<module>:<Class>`` for an RLlib ``MultiAgentEnv`` (kwargs become its
-            ``config`` dict).
+            ``config`` dict); or ``vmas:<scenario>`` for a VMAS scenario (vectorised in
+            torch like ``spread``; kwargs go to the scenario).
         num_envs: ``B``.
         **kwargs: env arguments.
 
@@ -70,6 +73,8 @@ def make(name: str, num_envs: int = 1, **kwargs: Any) -> VecMultiAgentEnv:
         ValueError: unknown name or an import that fails, listing what exists.
     """
     adapter, _, spec = name.partition(":")
+    if spec and adapter == "vmas":
+        return VmasVecEnv(spec, num_envs=num_envs, **kwargs)
     if spec and adapter in ("pettingzoo", "rllib"):
         seed = kwargs.pop("seed", None)
         device = kwargs.pop("device", "cpu")

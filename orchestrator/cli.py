@@ -196,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "checkpoint", help="checkpoint directory, or a run's id or directory (newest checkpoint)"
     )
-    ev.add_argument("--env", default="mpe2-spread", help="env name (default mpe2-spread)")
+    ev.add_argument(
+        "--env",
+        help="env to evaluate on (default: the real mpe2 env for runs on spread, else the "
+        "run's own env)",
+    )
     ev.add_argument("--n-agents", type=int, help="team size (graph/transformer policies)")
     ev.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
     ev.add_argument("--greedy", action="store_true", help="most likely action, not sampled")

@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: mean team return ± standard error over K episodes.
 
-By default on the real mpe2 ``simple_spread_v3`` through the PettingZoo adapter, so numbers
-are comparable with any other library evaluated on the same env.
+A run trained on the native ``spread`` is evaluated by default on the real mpe2
+``simple_spread_v3`` through the PettingZoo adapter, so numbers are comparable with any other
+library evaluated on the same env; any other run on the env it trained on.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from typing import Any
 
 import torch
 
-import envs
 from orchestrator.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.config import Config
+from orchestrator.trainer import build_env
 
 
 def evaluate(
     checkpoint: str | Path,
-    env_name: str = "mpe2-spread",
+    env_name: str | None = None,
     n_agents: int | None = None,
     episodes: int = 100,
     greedy: bool = False,
@@ -30,7 +31,8 @@ def evaluate(
 
     Args:
         checkpoint: checkpoint or run directory.
-        env_name: env to evaluate on; ``mpe2-spread`` is the real mpe2 package.
+        env_name: env to evaluate on; by default the real mpe2 package (``mpe2-spread``) for
+            runs on ``spread``, else the run's own env with its settings.
         n_agents: evaluate with a different team size (graph and transformer policies only).
         episodes: how many episodes.
         greedy: act with the most likely action instead of sampling.
@@ -49,16 +51,19 @@ def evaluate(
             f"this checkpoint's MLP policy was trained with {cfg.env.n_agents} agents and cannot "
             f"act with {n}; graph (gnn) and transformer policies can"
         )
+    trained_on = cfg.env.name
+    if env_name is None:
+        env_name = "mpe2-spread" if trained_on == "spread" else trained_on
     width = min(parallel, episodes)
-    env = envs.make(
-        env_name,
-        num_envs=width,
-        n_agents=n,
-        max_cycles=cfg.env.max_cycles,
-        local_ratio=cfg.env.local_ratio,
-        continuous_actions=cfg.env.continuous_actions,
-        seed=seed,
-    )
+    on = cfg.env.model_copy(update={"name": env_name, "n_agents": n})
+    env = build_env(cfg.model_copy(update={"env": on}), width, seed, torch.device("cpu"))
+    width_key = "obs_dim" if spec["kind"] == "mlp" else "node_dim"
+    if spec[width_key] != getattr(env, width_key):
+        raise ValueError(
+            f"this checkpoint's policy was trained on env '{trained_on}' with {width_key}="
+            f"{spec[width_key]}, but '{env_name}' gives {getattr(env, width_key)}; evaluate it "
+            f"on its own env (--env {trained_on}) or one with the same observations"
+        )
     model = policy_from_checkpoint(ckpt, obs_dim=env.obs_dim, state_dim=env.state_dim)
     model.eval()
     torch.manual_seed(seed)

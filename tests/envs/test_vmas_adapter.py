@@ -1,0 +1,78 @@
+"""VMAS scenarios through the adapter: ``envs.make("vmas:<scenario>")``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import envs
+from orchestrator.config import load_config
+from orchestrator.evaluate import evaluate
+from orchestrator.trainer import LocalTrainer
+
+
+def test_shapes_positions_and_the_time_limit() -> None:
+    env = envs.make("vmas:navigation", num_envs=8, seed=0, n_agents=3, max_steps=5)
+    assert (env.n_agents, env.action_kind) == (3, "discrete")
+    first = env.reset(seed=0)
+    assert first.obs.shape == (8, 3, env.obs_dim) and first.state.shape == (8, 3 * env.obs_dim)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 6):
+        step = env.step(env.random_actions(gen))
+        assert step.reward.shape == (8, 3) and not step.terminated.any()
+        assert step.truncated.all() == (t == 5)
+    # Nodes sit at the simulated agents; the final view is the world before its reset.
+    agents = env.env.agents
+    now = torch.stack([a.state.pos for a in agents], dim=1)
+    assert torch.equal(step.observation.node_pos, now)
+    assert not torch.equal(step.final.node_pos, now)
+
+
+def test_only_finished_worlds_reset(monkeypatch) -> None:
+    env = envs.make("vmas:navigation", num_envs=4, seed=0, n_agents=2, max_steps=50)
+    env.reset(seed=0)
+    real = env.env.step
+
+    def world_1_ends(actions):
+        obs, rew, terminated, truncated, info = real(actions)
+        terminated = terminated.clone()
+        terminated[1] = True
+        return obs, rew, terminated, truncated, info
+
+    monkeypatch.setattr(env.env, "step", world_1_ends)
+    step = env.step(env.random_actions())
+    assert step.terminated[1].all() and not step.terminated[[0, 2, 3]].any()
+    assert not step.truncated.any()
+    same = [0, 2, 3]
+    assert torch.equal(step.observation.obs[same], step.final.obs[same])
+    assert not torch.equal(step.observation.obs[1], step.final.obs[1])
+
+
+def test_a_graph_policy_trains_on_a_vmas_scenario(tmp_path) -> None:
+    cfg = load_config(
+        "spread-gnn",
+        [
+            "env.name=vmas:navigation",
+            "env.n_agents=3",
+            "env.max_cycles=10",
+            "env.num_envs=32",
+            "train.rollout_len=10",
+            "train.total_env_steps=960",
+            "model.edges=knn",
+            "model.k=2",
+            "model.critic_kind=gnn",
+            "run.progress=false",
+            "redis.enabled=false",
+        ],
+    )
+    summary = LocalTrainer(cfg, tmp_path).train()
+    assert summary["counters"]["env_steps"] == 960 and summary["counters"]["iteration"] == 3
+    # Every world ends at the 10-step limit, so each iteration closes 32 episodes.
+    assert summary["metrics"]["episodes"] == 32
+    assert torch.isfinite(torch.tensor(summary["metrics"]["policy_loss"]))
+
+    # Evaluation defaults to the env the run trained on, with its settings.
+    res = evaluate(tmp_path, episodes=8)
+    assert res["env"] == "vmas:navigation" and res["episodes"] == 8 and res["n_agents"] == 3
+    with pytest.raises(ValueError, match=r"trained on env 'vmas:navigation'.*--env vmas:navi"):
+        evaluate(tmp_path, env_name="mpe2-spread", episodes=8)
