@@ -53,30 +53,14 @@ def resolve_device(spec: str) -> torch.device:
 def build_env(cfg: Config, num_envs: int, seed: int, device: torch.device) -> VecMultiAgentEnv:
     """The configured env with ``num_envs`` sub-envs."""
     e = cfg.env
-    if e.name.startswith("vmas:"):  # team size, time limit and action kind from env.*
-        return envs.make(
-            e.name,
-            num_envs=num_envs,
-            n_agents=e.n_agents,
-            max_steps=e.max_cycles,
-            continuous_actions=e.continuous_actions,
-            seed=seed,
-            device=device,
-            **e.kwargs,
-        )
     if e.name.startswith(("pettingzoo:", "rllib:")):  # adapters: kwargs go to the env as given
         return envs.make(e.name, num_envs=num_envs, seed=seed, device=device, **e.kwargs)
-    return envs.make(
-        e.name,
-        num_envs=num_envs,
-        n_agents=e.n_agents,
-        max_cycles=e.max_cycles,
-        local_ratio=e.local_ratio,
-        continuous_actions=e.continuous_actions,
-        seed=seed,
-        device=device,
-        **e.kwargs,
-    )
+    settings: dict[str, Any] = {"n_agents": e.n_agents, "continuous_actions": e.continuous_actions}
+    if e.name.startswith("vmas:"):  # VMAS calls the time limit max_steps
+        settings["max_steps"] = e.max_cycles
+    else:
+        settings.update(max_cycles=e.max_cycles, local_ratio=e.local_ratio)
+    return envs.make(e.name, num_envs=num_envs, seed=seed, device=device, **settings, **e.kwargs)
 
 
 def policy_spec(cfg: Config, env: VecMultiAgentEnv) -> PolicySpec:
