@@ -123,6 +123,8 @@ class VmasVecEnv(VecMultiAgentEnv):
 
     def step(self, actions: Tensor) -> StepResult:
         """Step every world; finished ones are reset and their final view kept."""
+        if self.action_kind == "continuous":  # Gaussian samples may leave the box VMAS asserts
+            actions = actions.clamp(self.action_low, self.action_high)
         acts = [actions[:, j].to(self.device) for j in range(self.n_agents)]
         obs, rewards, terminated, truncated, _ = self.env.step(acts)
         final = self._observe(obs)

@@ -76,3 +76,12 @@ def test_a_graph_policy_trains_on_a_vmas_scenario(tmp_path) -> None:
     assert res["env"] == "vmas:navigation" and res["episodes"] == 8 and res["n_agents"] == 3
     with pytest.raises(ValueError, match=r"trained on env 'vmas:navigation'.*--env vmas:navi"):
         evaluate(tmp_path, env_name="mpe2-spread", episodes=8)
+
+
+def test_continuous_actions_outside_the_box_are_clamped_not_rejected() -> None:
+    env = envs.make("vmas:balance", num_envs=4, seed=0, continuous_actions=True, max_steps=5)
+    assert env.action_kind == "continuous" and env.action_low < env.action_high
+    env.reset(seed=0)
+    wild = torch.full((4, env.n_agents, env.action_dim), 100.0)  # a Gaussian's far tail
+    step = env.step(wild)
+    assert torch.isfinite(step.reward).all()
