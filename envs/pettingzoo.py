@@ -169,6 +169,8 @@ class PettingZooVecEnv(VecMultiAgentEnv):
     def step(self, actions: Tensor) -> StepResult:
         """Step every instance; finished ones are reset and their final view kept."""
         acts = actions.detach().cpu().numpy()
+        if self.action_kind == "continuous":  # what envs clip anyway, without a warning each
+            acts = np.clip(acts, self.action_low, self.action_high)
         b, n = self.num_envs, self.n_agents
         reward = np.zeros((b, n), np.float32)
         terminated = np.zeros((b, n), bool)
