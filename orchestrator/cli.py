@@ -4,6 +4,7 @@
 ``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2 (RUN: id or directory)
 ``shoal plot RUN_DIR``                   learning curve PNG
 ``shoal presets``                        list shipped presets
+``shoal envs``                           list env names (registered, adapters, VMAS scenarios)
 ``shoal status`` / ``shoal stop RUN``    run state from Redis
 ``shoal submit`` / ``shoal jobs ...``    Ray Jobs on a cluster
 """
@@ -163,6 +164,21 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_envs(args: argparse.Namespace) -> int:
+    """List env names for ``env.name``: registered ones, adapters, installed VMAS scenarios."""
+    import envs
+
+    for name in envs.available():
+        console.print(f"[cyan]{name}[/]", highlight=False)
+    try:
+        import vmas
+    except ImportError:
+        console.print("vmas:<scenario> needs `pip install vmas`", highlight=False)
+    else:
+        console.print(f"vmas scenarios: {', '.join(vmas.scenarios)}", highlight=False)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``shoal`` argument parser."""
     p = argparse.ArgumentParser(
@@ -215,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="list shipped presets")
     pr.set_defaults(func=cmd_presets)
+    en = sub.add_parser("envs", help="list env names for env.name (adapters, VMAS scenarios)")
+    en.set_defaults(func=cmd_envs)
 
     for register in _optional_commands():
         register(sub)

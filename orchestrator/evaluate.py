@@ -55,7 +55,11 @@ def evaluate(
     if env_name is None:
         env_name = "mpe2-spread" if trained_on == "spread" else trained_on
     width = min(parallel, episodes)
-    on = cfg.env.model_copy(update={"name": env_name, "n_agents": n})
+    # env.kwargs belong to the env the run trained on; another env starts from none.
+    kwargs = dict(cfg.env.kwargs) if env_name == trained_on else {}
+    if env_name.startswith("vmas:") and n_agents is not None:  # a scenario argument there
+        kwargs["n_agents"] = n_agents
+    on = cfg.env.model_copy(update={"name": env_name, "n_agents": n, "kwargs": kwargs})
     env = build_env(cfg.model_copy(update={"env": on}), width, seed, torch.device("cpu"))
     width_key = "obs_dim" if spec["kind"] == "mlp" else "node_dim"
     if spec[width_key] != getattr(env, width_key):
@@ -94,7 +98,7 @@ def evaluate(
         "mean": mean,
         "stderr": math.sqrt(var / len(returns)),
         "episodes": len(returns),
-        "n_agents": n,
+        "n_agents": env.n_agents,
         "env": env_name,
         "checkpoint": str(ckpt["path"]),
         "env_steps": ckpt["meta"]["counters"]["env_steps"],

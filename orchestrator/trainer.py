@@ -55,11 +55,13 @@ def build_env(cfg: Config, num_envs: int, seed: int, device: torch.device) -> Ve
     e = cfg.env
     if e.name.startswith(("pettingzoo:", "rllib:")):  # adapters: kwargs go to the env as given
         return envs.make(e.name, num_envs=num_envs, seed=seed, device=device, **e.kwargs)
-    settings: dict[str, Any] = {"n_agents": e.n_agents, "continuous_actions": e.continuous_actions}
-    if e.name.startswith("vmas:"):  # VMAS calls the time limit max_steps
+    settings: dict[str, Any] = {"continuous_actions": e.continuous_actions}
+    if e.name.startswith("vmas:"):
+        # VMAS calls the time limit max_steps; team sizes are scenario arguments with their
+        # own names (n_agents, n_blue_agents, ...), so they stay in env.kwargs.
         settings["max_steps"] = e.max_cycles
     else:
-        settings.update(max_cycles=e.max_cycles, local_ratio=e.local_ratio)
+        settings.update(n_agents=e.n_agents, max_cycles=e.max_cycles, local_ratio=e.local_ratio)
     return envs.make(e.name, num_envs=num_envs, seed=seed, device=device, **settings, **e.kwargs)
 
 

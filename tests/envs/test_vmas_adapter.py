@@ -53,7 +53,7 @@ def test_a_graph_policy_trains_on_a_vmas_scenario(tmp_path) -> None:
         "spread-gnn",
         [
             "env.name=vmas:navigation",
-            "env.n_agents=3",
+            "env.kwargs.n_agents=3",
             "env.max_cycles=10",
             "env.num_envs=32",
             "train.rollout_len=10",
@@ -74,6 +74,8 @@ def test_a_graph_policy_trains_on_a_vmas_scenario(tmp_path) -> None:
     # Evaluation defaults to the env the run trained on, with its settings.
     res = evaluate(tmp_path, episodes=8)
     assert res["env"] == "vmas:navigation" and res["episodes"] == 8 and res["n_agents"] == 3
+    # The graph policy acts with a bigger team: the scenario's own n_agents argument.
+    assert evaluate(tmp_path, n_agents=5, episodes=8)["n_agents"] == 5
     with pytest.raises(ValueError, match=r"trained on env 'vmas:navigation'.*--env vmas:navi"):
         evaluate(tmp_path, env_name="mpe2-spread", episodes=8)
 
@@ -85,3 +87,13 @@ def test_continuous_actions_outside_the_box_are_clamped_not_rejected() -> None:
     wild = torch.full((4, env.n_agents, env.action_dim), 100.0)  # a Gaussian's far tail
     step = env.step(wild)
     assert torch.isfinite(step.reward).all()
+
+
+def test_every_vmas_scenario_builds_and_steps() -> None:
+    import vmas
+
+    for scenario in vmas.scenarios:
+        env = envs.make(f"vmas:{scenario}", num_envs=2, seed=0, max_steps=3)
+        step = env.step(env.random_actions())
+        assert step.reward.shape == (2, env.n_agents), scenario
+        assert step.observation.obs.shape == (2, env.n_agents, env.obs_dim), scenario

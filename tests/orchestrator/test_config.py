@@ -92,3 +92,15 @@ def test_every_key_the_readme_documents_exists() -> None:
             owner, key = name.split(".") if "." in name else (section, name)
             model = fields[owner].annotation
             assert key in model.model_fields, f"README documents {owner}.{key}, which is no key"
+
+
+def test_shoal_envs_lists_what_env_name_accepts(capsys) -> None:
+    import vmas
+
+    from orchestrator.cli import main
+
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    for name in ("spread", "mpe2-spread", "pettingzoo:<module>", "rllib:<module>:<Class>"):
+        assert name in out
+    assert all(scenario in out for scenario in vmas.scenarios)
