@@ -1,0 +1,118 @@
+"""VMAS through shoal's adapter: what the adapter costs, and training speed on a scenario.
+
+Run ``python -m benchmarks.vmas`` (needs ``pip install vmas``). For each scenario, random-action
+env-steps/s of VMAS called directly and of the same worlds through ``envs.make("vmas:...")``,
+measured in turns in the same run; then ``spread-gnn`` settings trained on
+``vmas:navigation`` for ``--seconds``. One JSON line per result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import envs
+from benchmarks.spread import emit
+from orchestrator.config import load_config
+from orchestrator.trainer import LocalTrainer
+
+SCENARIOS = ("navigation", "balance", "transport")
+
+
+def _rate(step: Callable[[], None], num_envs: int, seconds: float) -> float:
+    for _ in range(5):
+        step()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        steps += num_envs
+    return steps / (time.perf_counter() - t0)
+
+
+def adapter_overhead(scenario: str, num_envs: int, seconds: float) -> None:
+    """Direct VMAS and the adapter, alternating three times; the best of each."""
+    import vmas
+
+    raw = vmas.make_env(scenario, num_envs=num_envs, seed=0, continuous_actions=False)
+    raw.reset()
+    wrapped = envs.make(f"vmas:{scenario}", num_envs=num_envs, seed=0, max_steps=None)
+    gen = torch.Generator().manual_seed(0)
+    n = len(raw.agents)
+
+    def direct() -> None:
+        # As any VMAS loop must: reset the worlds that finished, one index at a time.
+        *_, dones, _ = raw.step([torch.randint(9, (num_envs,), generator=gen) for _ in range(n)])
+        for i in dones.nonzero().flatten().tolist():
+            raw.reset_at(i)
+
+    def adapted() -> None:
+        wrapped.step(wrapped.random_actions(gen))
+
+    best = {"direct": 0.0, "adapter": 0.0}
+    for _ in range(3):
+        best["direct"] = max(best["direct"], _rate(direct, num_envs, seconds))
+        best["adapter"] = max(best["adapter"], _rate(adapted, num_envs, seconds))
+    emit(
+        f"vmas_{scenario}_adapter_env_steps_per_s",
+        best["adapter"],
+        "env_steps/s",
+        direct=round(best["direct"], 1),
+        vs_direct=round(best["adapter"] / best["direct"], 3),
+        num_envs=num_envs,
+        n_agents=n,
+    )
+
+
+def training(seconds: float, num_envs: int) -> None:
+    """spread-gnn's settings on vmas:navigation: env-steps/s and the training episodes' team
+    return at the end, next to random actions' over one 100-step episode of the same worlds."""
+    cfg = load_config(
+        "spread-gnn",
+        [
+            "env.name=vmas:navigation",
+            "env.max_cycles=100",
+            f"env.num_envs={num_envs}",
+            "model.edges=knn",
+            "model.k=3",
+            f"train.time_limit_s={seconds}",
+            "train.total_env_steps=1000000000",
+            "run.progress=false",
+            "redis.enabled=false",
+        ],
+    )
+    env = envs.make("vmas:navigation", num_envs=num_envs, seed=1, max_steps=100)
+    gen = torch.Generator().manual_seed(1)
+    random_return = torch.zeros(num_envs)
+    for _ in range(100):  # one whole episode of every world
+        random_return += env.step(env.random_actions(gen)).reward.sum(-1)
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        summary = LocalTrainer(cfg, Path(tmp)).train()
+    emit(
+        "vmas_navigation_train_env_steps_per_s",
+        summary["steps_this_session"] / summary["train_seconds"],
+        "env_steps/s",
+        num_envs=num_envs,
+        train_seconds=round(summary["train_seconds"], 1),
+        team_return=round(summary["metrics"]["episode_return"], 3),
+        random_team_return=round(float(random_return.mean()), 3),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the VMAS benchmarks."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-envs", type=int, default=512)
+    p.add_argument("--seconds", type=float, default=60.0, help="training time")
+    args = p.parse_args(argv)
+    for scenario in SCENARIOS:
+        adapter_overhead(scenario, args.num_envs, seconds=2.0)
+    training(args.seconds, args.num_envs)
+
+
+if __name__ == "__main__":
+    main()
