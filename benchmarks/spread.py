@@ -50,17 +50,23 @@ def emit(name: str, value: float, unit: str, **context: Any) -> None:
     print(json.dumps({k: _finite(v) for k, v in line.items()}, allow_nan=False), flush=True)
 
 
+def steps_per_s(step: Callable[[], object], num_envs: int, seconds: float) -> float:
+    """env-steps/s of calling ``step`` (one step of ``num_envs`` worlds) for ``seconds``,
+    after five unmeasured calls."""
+    for _ in range(5):
+        step()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        steps += num_envs
+    return steps / (time.perf_counter() - t0)
+
+
 def raw_env_steps_per_s(num_envs: int, n_agents: int = 3, seconds: float = 3.0) -> float:
     """Random-action env-steps/s of the native spread env at batch ``num_envs``."""
     env = envs.make("spread", num_envs=num_envs, n_agents=n_agents, seed=0)
     env.reset()
-    for _ in range(5):
-        env.step(env.random_actions())
-    steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        env.step(env.random_actions())
-        steps += num_envs
-    return steps / (time.perf_counter() - t0)
+    return steps_per_s(lambda: env.step(env.random_actions()), num_envs, seconds)
 
 
 Policy = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

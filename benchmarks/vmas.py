@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import envs
-from benchmarks.spread import emit
+from benchmarks.spread import emit, steps_per_s
 from orchestrator.config import load_config
 from orchestrator.trainer import LocalTrainer
 
 SCENARIOS = ("navigation", "balance", "transport")
-
-
-def _rate(step: Callable[[], None], num_envs: int, seconds: float) -> float:
-    for _ in range(5):
-        step()
-    steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        step()
-        steps += num_envs
-    return steps / (time.perf_counter() - t0)
 
 
 def adapter_overhead(scenario: str, num_envs: int, seconds: float) -> None:
@@ -55,8 +43,8 @@ def adapter_overhead(scenario: str, num_envs: int, seconds: float) -> None:
 
     best = {"direct": 0.0, "adapter": 0.0}
     for _ in range(3):
-        best["direct"] = max(best["direct"], _rate(direct, num_envs, seconds))
-        best["adapter"] = max(best["adapter"], _rate(adapted, num_envs, seconds))
+        best["direct"] = max(best["direct"], steps_per_s(direct, num_envs, seconds))
+        best["adapter"] = max(best["adapter"], steps_per_s(adapted, num_envs, seconds))
     emit(
         f"vmas_{scenario}_adapter_env_steps_per_s",
         best["adapter"],
