@@ -70,6 +70,16 @@ class CSVSink:
             self._fh.close()
 
 
+def _shown(row: dict[str, float]) -> dict[str, Any]:
+    """What the bar and the plain line show besides env steps, with defaults for gaps."""
+    return {
+        "sps": row.get("env_steps_per_s", 0.0),
+        "ret": row.get("episode_return", math.nan),
+        "pl": row.get("policy_loss", 0.0),
+        "vl": row.get("value_loss", 0.0),
+    }
+
+
 class ProgressSink:
     """Progress on the console: env steps, env-steps/s, team return, losses.
 
@@ -108,24 +118,14 @@ class ProgressSink:
                 "train",
                 total=total_env_steps,
                 completed=start,
-                sps=0.0,
-                ret=math.nan,
-                pl=0.0,
-                vl=0.0,
+                **_shown({}),
             )
             self.progress.start()
 
     def log(self, row: dict[str, float]) -> None:
         """Move the bar, or print a line if the last one is ``every_s`` old."""
         if self.progress is not None:
-            self.progress.update(
-                self.task,
-                completed=row["env_steps"],
-                sps=row.get("env_steps_per_s", 0.0),
-                ret=row.get("episode_return", math.nan),
-                pl=row.get("policy_loss", 0.0),
-                vl=row.get("value_loss", 0.0),
-            )
+            self.progress.update(self.task, completed=row["env_steps"], **_shown(row))
             return
         self._pending = row
         now = time.monotonic()
@@ -135,15 +135,13 @@ class ProgressSink:
 
     def line(self, row: dict[str, float]) -> str:
         """The plain progress line for ``row``."""
-        steps = row["env_steps"]
+        steps, f = row["env_steps"], _shown(row)
         share = f" ({min(100.0, 100 * steps / self.total):.0f}%)" if self.total > 0 else ""
-        ret = row.get("episode_return", math.nan)
         elapsed = int(time.monotonic() - self.t0)
         return (
             f"train {steps:,.0f}/{self.total:,} env-steps{share}"
-            f"  {row.get('env_steps_per_s', 0.0):,.0f} env-steps/s"
-            f"  return {ret:.2f}"
-            f"  pi-loss {row.get('policy_loss', 0.0):+.3f} v-loss {row.get('value_loss', 0.0):.3f}"
+            f"  {f['sps']:,.0f} env-steps/s  return {f['ret']:.2f}"
+            f"  pi-loss {f['pl']:+.3f} v-loss {f['vl']:.3f}"
             f"  {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
         )
 
