@@ -17,6 +17,13 @@ _REGISTRY: dict[str, Callable[..., VecMultiAgentEnv]] = {}
 _ENTITY_FNS = {"mpe2.simple_spread_v3": spread_entities}
 
 
+# Adapter prefixes whose env classes step one world at a time: spec -> instance factory.
+_LOADERS: dict[str, Callable[[str], Callable[..., Any]]] = {
+    "pettingzoo": load_parallel_env_factory,
+    "rllib": load_multi_agent_factory,
+}
+
+
 def register(name: str, builder: Callable[..., VecMultiAgentEnv]) -> None:
     """Make ``builder(num_envs=..., **kwargs)`` available as ``make(name, ...)``."""
     _REGISTRY[name] = builder
@@ -75,15 +82,11 @@ def make(name: str, num_envs: int = 1, **kwargs: Any) -> VecMultiAgentEnv:
     adapter, _, spec = name.partition(":")
     if spec and adapter == "vmas":
         return VmasVecEnv(spec, num_envs=num_envs, **kwargs)
-    if spec and adapter in ("pettingzoo", "rllib"):
+    if spec and adapter in _LOADERS:  # instances stepped in a loop by the PettingZoo adapter
         seed = kwargs.pop("seed", None)
         device = kwargs.pop("device", "cpu")
-        if adapter == "pettingzoo":
-            factory = load_parallel_env_factory(spec)
-        else:
-            factory = load_multi_agent_factory(spec)
         return PettingZooVecEnv(
-            factory,
+            _LOADERS[adapter](spec),
             num_envs=num_envs,
             seed=seed,
             entity_fn=_ENTITY_FNS.get(spec.partition(":")[0]),
