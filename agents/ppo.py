@@ -16,34 +16,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from agents.rollout import RolloutBatch
 from policies.actor_critic import ActorCritic
 
 
-@dataclass
-class PPOConfig:
-    """PPO hyper-parameters (the ``train`` section of a shoal config)."""
+class PPOConfig(BaseModel):
+    """PPO hyper-parameters; the run config's ``train`` section extends this class.
 
-    lr: float = 3e-3
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 1.0
-    ent_coef: float = 0.01
-    epochs: int = 4
-    minibatches: int = 2
-    max_grad_norm: float = 10.0
+    Validated like every config section: an unknown key or a value out of range is rejected
+    with the field's name.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lr: float = Field(3e-3, gt=0)
+    lr_decay: bool = False
+    """Anneal the learning rate linearly to 0 over ``train.total_env_steps``."""
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(1.0, ge=0)
+    ent_coef: float = Field(0.01, ge=0)
+    epochs: int = Field(4, ge=1)
+    minibatches: int = Field(2, ge=1)
+    max_grad_norm: float = Field(10.0, gt=0)
     adv_norm: bool = True
     value_norm: bool = True
-    lr_decay: bool = False
     behaviour_correction: bool = True
-    rho_max: float = 2.0
+    """Correct batches acted with older weights (rollout.max_staleness > 0): PPO's clip is
+    centred on the current policy and samples are weighted by the behaviour ratio."""
+    rho_max: float = Field(2.0, gt=0)
+    """Cap on that behaviour ratio (current / acting policy probability)."""
 
 
 def compute_gae(
@@ -96,7 +105,7 @@ class Learner:
         cfg: PPO settings.
         train_model: the module whose ``forward`` is called in training (DDP wrapper or
             ``model`` itself).
-        all_reduce_mean: averages a tensor over learner ranks (identity on one rank), so
+        all_reduce_mean: averages a tensor over learner ranks (``None``: one rank), so
             advantage and value normalisation use global statistics and K ranks reproduce
             one rank exactly.
     """
@@ -106,13 +115,13 @@ class Learner:
         model: ActorCritic,
         cfg: PPOConfig,
         train_model: nn.Module | None = None,
-        all_reduce_mean: Callable[[Tensor], Tensor] = _identity,
+        all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.model = model
         self.train_model = train_model if train_model is not None else model
         self.cfg = cfg
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
-        self.all_reduce_mean = all_reduce_mean
+        self.all_reduce_mean = all_reduce_mean or _identity
         self.updates = 0
 
     @property

@@ -1,12 +1,15 @@
 """Acting: step a vectorised env with batched policy inference, return a plain tensor batch.
 
-``RolloutWorker`` is a plain class. In-process runs call it directly; distributed runs wrap
-the same class as a Ray actor, so collection code is identical on both paths.
+``RolloutWorker`` is a plain class. A learner rank stepping its own envs drives it through
+:class:`LocalRollouts`; a rollout actor wraps the same class, so collection code is identical
+on every path.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -190,3 +193,24 @@ class RolloutWorker:
             episode_lengths=(torch.cat(ep_lengths) if ep_lengths else empty.long()),
             weights_version=self.weights_version,
         )
+
+
+class LocalRollouts:
+    """Envs stepped inside the rank with the learner's own model (``rollout.num_workers=0``)."""
+
+    def __init__(self, worker: RolloutWorker) -> None:
+        self.worker = worker
+
+    def next_batch(
+        self, version: int, idle: Callable[[], None]
+    ) -> tuple[RolloutBatch, dict[str, float]]:
+        """The next batch, acted with the current weights ``version``."""
+        self.worker.weights_version = version
+        t0 = time.perf_counter()
+        batch = self.worker.collect()
+        return batch, {
+            "rollout_restarts": 0.0,
+            "batches_recollected": 0.0,
+            "collect_s": time.perf_counter() - t0,
+            "weights_fetch_s": 0.0,  # acts with the learner's own model
+        }

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from benchmarks.spread import emit
+from orchestrator.cli.jobs_client import ShoalJobs
 from orchestrator.config import load_config
-from orchestrator.driver import run_training
-from orchestrator.jobs import ShoalJobs
+from orchestrator.runtime.driver import run_training
 from tests.ray_head import ray_head
 
 ROOT = Path(__file__).resolve().parents[1]

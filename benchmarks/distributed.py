@@ -46,12 +46,9 @@ from agents.rollout import RolloutWorker
 from benchmarks import spread
 from benchmarks.spread import RAY_QUIET
 from orchestrator.config import load_config
-from orchestrator.distributed import run_distributed
-from orchestrator.learner_group import LearnerGroup
-from orchestrator.runstate import SharedMemory
-from orchestrator.services import RedisServer
-from orchestrator.trainer import LocalTrainer, build_env, policy_spec
-from policies.actor_critic import ActorCritic
+from orchestrator.runtime.driver import run_training
+from orchestrator.runtime.placement import LearnerGroup
+from orchestrator.runtime.services import RedisServer
 
 TOPOLOGIES = ((0, 1), (1, 1), (2, 1), (2, 2))
 BASE = ["run.progress=false", "run.log_every_s=1", "train.total_env_steps=1000000000"]
@@ -66,15 +63,15 @@ def emit(name: str, value: float, unit: str, **context: Any) -> None:
 
 
 def in_process(seconds: float, num_envs: int, threads: int | None = None) -> float:
-    """env-steps/s of ``LocalTrainer`` (no Ray, no Redis), as ``shoal run`` trains by default
+    """env-steps/s of the in-process run (no Ray, no Redis), as ``shoal run`` trains by default
     (torch's own thread count) or with ``threads``."""
-    pinned = [] if threads is None else [f"train.threads={threads}"]
+    pinned = ["redis.enabled=false"] + ([] if threads is None else [f"train.threads={threads}"])
     cfg = load_config(
         "spread-gnn",
         [*BASE, f"env.num_envs={num_envs}", f"train.time_limit_s={seconds}", *pinned],
     )
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        summary = LocalTrainer(cfg, Path(tmp)).train()
+        summary = run_training(cfg, Path(tmp))
     return summary["steps_this_session"] / summary["train_seconds"]
 
 
@@ -96,8 +93,7 @@ def on_ray(workers: int, ranks: int, seconds: float, num_envs: int) -> dict[str,
         run_dir = Path(tmp) / f"bench-{workers}x{ranks}-{uuid.uuid4().hex[:6]}"
         run_dir.mkdir()
         t0 = time.monotonic()
-        with SharedMemory(cfg.redis, run_dir.name, run_dir) as mem:
-            summary = run_distributed(cfg, run_dir, memory=mem)
+        summary = run_training(cfg, run_dir)
         wall = time.monotonic() - t0
     rate = summary["steps_this_session"] / summary["train_seconds"]
     return {
@@ -337,8 +333,8 @@ def bench_weights(repeats: int) -> None:
 
 def bench_allreduce(num_envs: int, updates: int) -> None:
     cfg = load_config("spread-gnn", [*RAY_QUIET, "learner.num_ranks=2", f"env.num_envs={num_envs}"])
-    env = build_env(cfg, num_envs, seed=0, device=torch.device("cpu"))
-    batch = RolloutWorker(env, ActorCritic(policy_spec(cfg, env)), cfg.train.rollout_len).collect()
+    env = cfg.env.make(num_envs, seed=0, device=torch.device("cpu"))
+    batch = RolloutWorker(env, cfg.model.build(env), cfg.train.rollout_len).collect()
     shards = batch.split_envs(2)
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         group = LearnerGroup(cfg, Path(tmp), None, "bench", f"shoal-bench-{uuid.uuid4().hex[:6]}")
@@ -359,7 +355,7 @@ def bench_allreduce(num_envs: int, updates: int) -> None:
     # A rank's all-reduce time includes waiting for the slower rank: report the mean share
     # and each rank's.
     shares = [t["allreduce_s"] / t["update_s"] for t in times]
-    params = sum(p.numel() for p in ActorCritic(policy_spec(cfg, env)).parameters())
+    params = sum(p.numel() for p in cfg.model.build(env).parameters())
     emit(
         "allreduce_share_k2",
         100 * statistics.mean(shares),

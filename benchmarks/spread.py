@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 import envs
-from orchestrator.checkpoint import list_checkpoints
+from orchestrator.cli.evaluate import evaluate
 from orchestrator.config import load_config, preset_names
-from orchestrator.driver import is_distributed, run_training
-from orchestrator.evaluate import evaluate
-from orchestrator.trainer import LocalTrainer
+from orchestrator.runtime.checkpoint import list_checkpoints
+from orchestrator.runtime.driver import run_training, runs_on_ray
 
 TARGET_RETURN = -45.0
 # Ray's per-worker logs and dashboard stay off while benchmarking.
@@ -111,20 +110,16 @@ def train_and_evaluate(
             "run.keep_checkpoints=1000",
             "run.progress=false",
         ]
-        distributed = is_distributed(load_config(preset, overrides))
+        distributed = runs_on_ray(load_config(preset, overrides))
         extra = RAY_QUIET if distributed else ["redis.enabled=false"]
         cfg = load_config(preset, [*common, *extra, *overrides])
         t0 = time.perf_counter()
-        if distributed:  # Ray workers and learner ranks; start-up is inside train_seconds
-            setup_s = 0.0
-            (tmp / "run").mkdir()
-            summary = run_training(cfg, tmp / "run")
-        else:
-            trainer = LocalTrainer(cfg, tmp)
-            setup_s = time.perf_counter() - t0
-            summary = trainer.train()
+        run_dir = tmp / "run"
+        run_dir.mkdir()
+        summary = run_training(cfg, run_dir)
+        # Building envs and model (and on Ray starting its processes): not training time.
+        setup_s = time.perf_counter() - t0 - summary["train_seconds"]
         evals = []
-        run_dir = tmp / "run" if distributed else tmp
         for ckpt in list_checkpoints(run_dir / "checkpoints"):
             res = evaluate(ckpt, episodes=eval_episodes)
             evals.append(

@@ -17,7 +17,7 @@ import torch
 import envs
 from benchmarks.spread import emit, steps_per_s
 from orchestrator.config import load_config
-from orchestrator.trainer import LocalTrainer
+from orchestrator.runtime.driver import run_training
 
 SCENARIOS = ("navigation", "balance", "transport")
 
@@ -79,7 +79,7 @@ def training(seconds: float, num_envs: int) -> None:
     for _ in range(100):  # one whole episode of every world
         random_return += env.step(env.random_actions(gen)).reward.sum(-1)
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        summary = LocalTrainer(cfg, Path(tmp)).train()
+        summary = run_training(cfg, Path(tmp))
     emit(
         "vmas_navigation_train_env_steps_per_s",
         summary["steps_this_session"] / summary["train_seconds"],

@@ -12,6 +12,10 @@ from torch import Tensor
 ActionKind = Literal["discrete", "continuous"]
 
 
+class EnvError(ValueError):
+    """An env could not be found or built; the message is one line that says what to fix."""
+
+
 @dataclass
 class Observation:
     """What agents see after a reset or a step, batched over ``B`` sub-envs.

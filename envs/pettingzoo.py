@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import Observation, StepResult, VecMultiAgentEnv
+from envs.base import EnvError, Observation, StepResult, VecMultiAgentEnv
 
 EntityFn = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
 
@@ -30,13 +30,13 @@ def load_parallel_env_factory(spec: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(
+        raise EnvError(
             f"cannot import PettingZoo env module '{module_name}': {e}. "
             "Install the package that provides it, or check the spelling."
         ) from e
     factory = getattr(module, attr or "parallel_env", None)
     if factory is None:
-        raise ValueError(
+        raise EnvError(
             f"'{module_name}' has no '{attr or 'parallel_env'}'; name the factory as "
             "'module:function'"
         )

@@ -1,32 +1,103 @@
-"""Find envs by name: ``envs.make("spread", num_envs=1024, n_agents=3)``."""
+"""Find envs by name: ``envs.make("spread", num_envs=1024, n_agents=3)``.
+
+Three kinds of name: a registered one (``spread``, ``mpe2-spread``), an adapter prefix
+(``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``, ``vmas:<scenario>``), and
+nothing else. Each kind says which of shoal's common settings (:class:`EnvSettings`) it takes,
+so callers pass the same settings whatever the env, and every failure to build an env is one
+:class:`~envs.base.EnvError` line naming the env, never a library's traceback.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from envs.base import VecMultiAgentEnv
+from envs.base import EnvError, VecMultiAgentEnv
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
 from envs.spread import SpreadEnv, spread_entities
 from envs.vmas import VmasVecEnv
 
-_REGISTRY: dict[str, Callable[..., VecMultiAgentEnv]] = {}
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """The env settings a shoal config names for every env (``env.n_agents``, ...).
+
+    Not every env has all of them: each registered env and adapter says which it takes
+    (``register(..., takes=...)``): native scenarios and ``mpe2-spread`` all four, VMAS the
+    time limit and the action kind, ``pettingzoo:`` and ``rllib:`` envs none.
+    """
+
+    n_agents: int = 3
+    max_cycles: int = 25
+    local_ratio: float = 0.5
+    continuous_actions: bool = False
+
+
+Takes = Callable[[EnvSettings], dict[str, Any]]
+
+
+def _all(s: EnvSettings) -> dict[str, Any]:
+    return asdict(s)
+
+
+def _none(s: EnvSettings) -> dict[str, Any]:
+    return {}
+
+
+def _vmas(s: EnvSettings) -> dict[str, Any]:
+    # VMAS calls the time limit max_steps; team sizes are scenario arguments with their own
+    # names (n_agents, n_blue_agents, ...), so they stay in env.kwargs.
+    return {"max_steps": s.max_cycles, "continuous_actions": s.continuous_actions}
+
+
+_REGISTRY: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {}
 
 # PettingZoo envs whose observations encode an entity graph shoal knows how to read.
 _ENTITY_FNS = {"mpe2.simple_spread_v3": spread_entities}
 
 
-# Adapter prefixes whose env classes step one world at a time: spec -> instance factory.
-_LOADERS: dict[str, Callable[[str], Callable[..., Any]]] = {
-    "pettingzoo": load_parallel_env_factory,
-    "rllib": load_multi_agent_factory,
+def _stepped_in_a_loop(load: Callable[[str], Callable[..., Any]]) -> Callable[..., Any]:
+    """An adapter whose env class steps one world at a time, behind the PettingZoo adapter."""
+
+    def build(
+        spec: str, num_envs: int, seed: int | None = None, device: Any = "cpu", **kwargs: Any
+    ) -> VecMultiAgentEnv:
+        return PettingZooVecEnv(
+            load(spec),
+            num_envs=num_envs,
+            seed=seed,
+            entity_fn=_ENTITY_FNS.get(spec.partition(":")[0]),
+            device=device,
+            **kwargs,
+        )
+
+    return build
+
+
+# Adapter prefix -> (builder taking the text after the prefix, settings it takes). Kwargs of
+# pettingzoo: and rllib: envs go to their factories unchanged.
+_ADAPTERS: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {
+    "pettingzoo": (_stepped_in_a_loop(load_parallel_env_factory), _none),
+    "rllib": (_stepped_in_a_loop(load_multi_agent_factory), _none),
+    "vmas": (VmasVecEnv, _vmas),
 }
 
 
-def register(name: str, builder: Callable[..., VecMultiAgentEnv]) -> None:
-    """Make ``builder(num_envs=..., **kwargs)`` available as ``make(name, ...)``."""
-    _REGISTRY[name] = builder
+def register(name: str, builder: Callable[..., VecMultiAgentEnv], takes: Takes = _all) -> None:
+    """Make ``builder(num_envs=..., **kwargs)`` available as ``make(name, ...)``.
+
+    Args:
+        name: the env name.
+        builder: builds the vectorised env.
+        takes: which :class:`EnvSettings` the builder accepts, as keyword arguments
+            (default: all of them).
+    """
+    _REGISTRY[name] = (builder, takes)
 
 
 def available() -> list[str]:
@@ -63,7 +134,9 @@ register("spread", SpreadEnv)
 register("mpe2-spread", _make_mpe2_spread)
 
 
-def make(name: str, num_envs: int = 1, **kwargs: Any) -> VecMultiAgentEnv:
+def make(
+    name: str, num_envs: int = 1, settings: EnvSettings | None = None, **kwargs: Any
+) -> VecMultiAgentEnv:
     """Build ``num_envs`` vectorised copies of the env called ``name``.
 
     Args:
@@ -74,28 +147,34 @@ def make(name: str, num_envs: int = 1, **kwargs: Any) -> VecMultiAgentEnv:
             ``config`` dict); or ``vmas:<scenario>`` for a VMAS scenario (vectorised in
             torch like ``spread``; kwargs go to the scenario).
         num_envs: ``B``.
-        **kwargs: env arguments.
+        settings: shoal's common env settings; each kind of env takes those it has.
+        **kwargs: env arguments (``seed``, ``device`` and the env's own); they win over
+            ``settings``.
 
     Raises:
-        ValueError: unknown name or an import that fails, listing what exists.
+        EnvError: unknown name, a module that does not import, or an env that fails to build
+            with these arguments; one line naming the env.
     """
-    adapter, _, spec = name.partition(":")
-    if spec and adapter == "vmas":
-        return VmasVecEnv(spec, num_envs=num_envs, **kwargs)
-    if spec and adapter in _LOADERS:  # instances stepped in a loop by the PettingZoo adapter
-        seed = kwargs.pop("seed", None)
-        device = kwargs.pop("device", "cpu")
-        return PettingZooVecEnv(
-            _LOADERS[adapter](spec),
-            num_envs=num_envs,
-            seed=seed,
-            entity_fn=_ENTITY_FNS.get(spec.partition(":")[0]),
-            device=device,
-            **kwargs,
-        )
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown env '{name}'; available: {', '.join(available())}")
+    prefix, _, spec = name.partition(":")
+    builder: Callable[..., VecMultiAgentEnv]
+    if spec and prefix in _ADAPTERS:
+        adapter, takes = _ADAPTERS[prefix]
+        builder = lambda **kw: adapter(spec, **kw)  # noqa: E731
+    elif name in _REGISTRY:
+        builder, takes = _REGISTRY[name]
+    else:
+        raise EnvError(f"unknown env '{name}'; available: {', '.join(available())}")
+    args = {**(takes(settings) if settings is not None else {}), **kwargs}
     try:
-        return _REGISTRY[name](num_envs=num_envs, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad arguments for env '{name}': {e}") from e
+        return builder(num_envs=num_envs, **args)
+    except EnvError:
+        raise
+    except Exception as e:  # the env library's own failure: shown as one line, at the boundary
+        log.debug("building env %r failed", name, exc_info=True)
+        raise EnvError(f"cannot build env '{name}': {describe(e)}") from e
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line of the message``: a library's error as one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -13,6 +13,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from envs.base import EnvError
+
 ALL = "__all__"
 
 
@@ -91,15 +93,15 @@ def load_multi_agent_factory(spec: str) -> Callable[..., MultiAgentAsParallel]:
     """
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise ValueError(f"name the env class as 'rllib:module.path:Class', got 'rllib:{spec}'")
+        raise EnvError(f"name the env class as 'rllib:module.path:Class', got 'rllib:{spec}'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(
+        raise EnvError(
             f"cannot import RLlib env module '{module_name}': {e}. Install the package that "
             "provides it, or check the spelling."
         ) from e
     cls = getattr(module, attr, None)
     if cls is None:
-        raise ValueError(f"'{module_name}' has no '{attr}'")
+        raise EnvError(f"'{module_name}' has no '{attr}'")
     return lambda **config: MultiAgentAsParallel(cls(config))

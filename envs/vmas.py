@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import Observation, StepResult, VecMultiAgentEnv
+from envs.base import EnvError, Observation, StepResult, VecMultiAgentEnv
 
 
 def _import_vmas() -> Any:
     try:
         import vmas
     except ImportError as e:
-        raise ValueError(f"VMAS is not installed ({e}); install it with: pip install vmas") from e
+        raise EnvError(f"VMAS is not installed ({e}); install it with: pip install vmas") from e
     return vmas
 
 
@@ -70,6 +70,12 @@ class VmasVecEnv(VecMultiAgentEnv):
         **kwargs: Any,
     ) -> None:
         vmas = _import_vmas()
+        known = [*vmas.scenarios, *vmas.mpe_scenarios, *vmas.debug_scenarios]
+        if scenario not in known:
+            raise EnvError(
+                f"unknown VMAS scenario '{scenario}'; VMAS {vmas.__version__} has "
+                f"{', '.join(vmas.scenarios)} (and MPE/debug ones: `shoal envs` lists all)"
+            )
         self.device = torch.device(device)
         self.env = vmas.make_env(
             scenario,

@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+import envs
 from agents.ppo import PPOConfig
+from envs import EnvSettings, VecMultiAgentEnv
+from policies import EDGE_MODES, POLICY_KINDS, ActorCritic, PolicySpec
 
 
 class ConfigError(ValueError):
@@ -41,58 +52,113 @@ class EnvConfig(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra arguments passed to the env unchanged."""
 
+    def make(self, num_envs: int, seed: int, device: torch.device) -> VecMultiAgentEnv:
+        """The configured env with ``num_envs`` sub-envs; each kind takes the settings it has.
+
+        Raises:
+            envs.EnvError: one line naming the env, when it cannot be found or built.
+        """
+        settings = EnvSettings(
+            n_agents=self.n_agents,
+            max_cycles=self.max_cycles,
+            local_ratio=self.local_ratio,
+            continuous_actions=self.continuous_actions,
+        )
+        return envs.make(
+            self.name, num_envs=num_envs, settings=settings, seed=seed, device=device, **self.kwargs
+        )
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+        raise ValueError(f"Input should be {listed}")
+    return value
+
 
 class ModelConfig(_Section):
     """Policy architecture."""
 
-    kind: Literal["mlp", "gnn", "transformer"] = "gnn"
+    kind: str = "gnn"
+    """One of ``policies.POLICY_KINDS``: ``mlp``, ``gnn`` or ``transformer``."""
     hidden: int = Field(64, ge=1)
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
-    edges: Literal["complete", "radius", "knn"] = "complete"
+    edges: str = "complete"
+    """GNN edges, one of ``policies.EDGE_MODES``: ``complete``, ``radius`` or ``knn``."""
     radius: float = Field(1.0, gt=0)
     k: int = Field(4, ge=1)
     critic: Literal["centralised", "independent"] = "centralised"
     """``centralised`` is MAPPO, ``independent`` is IPPO."""
-    critic_kind: Literal["mlp", "gnn", "transformer"] | None = None
+    critic_kind: str | None = None
     """Critic architecture (default: same as ``kind``). ``mlp`` is cheapest but tied to N."""
 
+    def spec(self, env: VecMultiAgentEnv) -> PolicySpec:
+        """Policy dimensions from ``env``, architecture from this section."""
+        return PolicySpec(
+            kind=self.kind,
+            obs_dim=env.obs_dim,
+            state_dim=env.state_dim,
+            node_dim=env.node_dim,
+            action_kind=env.action_kind,
+            action_dim=env.action_dim,
+            centralised=self.critic == "centralised",
+            critic_kind=self.critic_kind,
+            hidden=self.hidden,
+            layers=self.layers,
+            heads=self.heads,
+            edges=self.edges,
+            radius=self.radius,
+            k=self.k,
+        )
 
-class TrainConfig(_Section):
-    """PPO and the length of the run."""
+    def build(self, env: VecMultiAgentEnv) -> ActorCritic:
+        """The policy this section describes, sized for ``env``."""
+        return ActorCritic(self.spec(env))
+
+    @field_validator("kind", "critic_kind")
+    @classmethod
+    def _known_kind(cls, value: str | None) -> str | None:
+        return value if value is None else _one_of(value, POLICY_KINDS)
+
+    @field_validator("edges")
+    @classmethod
+    def _known_edges(cls, value: str) -> str:
+        return _one_of(value, EDGE_MODES)
+
+
+class TrainConfig(PPOConfig):
+    """PPO (every :class:`agents.ppo.PPOConfig` field) and the length of the run."""
 
     total_env_steps: int = Field(5_000_000, ge=1)
     time_limit_s: float | None = Field(None, gt=0)
     """Stop after this much wall time even if ``total_env_steps`` is not reached."""
     rollout_len: int = Field(25, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    lr_decay: bool = False
-    gamma: float = Field(0.99, ge=0, le=1)
-    gae_lambda: float = Field(0.95, ge=0, le=1)
-    clip: float = Field(0.2, gt=0)
-    value_clip: float = Field(0.2, gt=0)
-    vf_coef: float = Field(1.0, ge=0)
-    ent_coef: float = Field(0.01, ge=0)
-    epochs: int = Field(4, ge=1)
-    minibatches: int = Field(2, ge=1)
-    max_grad_norm: float = Field(10.0, gt=0)
-    adv_norm: bool = True
-    value_norm: bool = True
-    behaviour_correction: bool = True
-    """Correct batches acted with older weights (rollout.max_staleness > 0): PPO's clip is
-    centred on the current policy and samples are weighted by the behaviour ratio."""
-    rho_max: float = Field(2.0, gt=0)
-    """Cap on that behaviour ratio (current / acting policy probability)."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads (default: what torch picks)."""
 
-    def ppo(self) -> PPOConfig:
-        """The learner's view of these settings."""
-        keys = PPOConfig.__dataclass_fields__
-        return PPOConfig(**{k: getattr(self, k) for k in keys})
+    def torch_device(self) -> torch.device:
+        """``auto`` -> CUDA when available, else CPU; anything else as given.
+
+        Raises:
+            ConfigError: a CUDA device on a machine without CUDA.
+        """
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"train.device={self.device}: {e}; use auto, cpu or cuda[:N]"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device={self.device} but CUDA is not available; use train.device=cpu"
+            )
+        return device
 
 
 class RolloutConfig(_Section):
@@ -210,18 +276,6 @@ class Config(_Section):
         return self
 
 
-def find_run(target: str, runs_dir: str | None = None) -> str:
-    """``target`` if it exists, else ``runs_dir/target`` if that does.
-
-    So commands that take a run directory also take the run id ``shoal status`` lists.
-    ``runs_dir`` defaults to ``run.dir``'s default, ``runs``.
-    """
-    if Path(target).exists():
-        return target
-    under = Path(runs_dir or RunConfig.model_fields["dir"].default) / target
-    return str(under) if under.exists() else target
-
-
 def preset_names() -> list[str]:
     """Presets shipped inside the package."""
     files = resources.files("orchestrator").joinpath("presets")
@@ -235,7 +289,7 @@ def _read_source(source: str) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"config file '{source}' does not exist")
         text, name = path.read_text(), path.stem
     else:
-        files = resources.files("orchestrator").joinpath("presets", f"{source}.yaml")
+        files = resources.files("orchestrator") / "presets" / f"{source}.yaml"
         if not files.is_file():
             raise ConfigError(
                 f"unknown preset '{source}'; available: {', '.join(preset_names())} "
@@ -280,12 +334,10 @@ def _format_error(e: ValidationError, model: type[BaseModel]) -> str:
         valid = ", ".join(section.model_fields)
         where = ".".join(str(p) for p in err["loc"][:-1]) or "the top level"
         return f"{loc}: unknown key; valid keys in {where}: {valid}"
-    msg = err["msg"]
-    if err["type"] == "literal_error":
-        return f"{loc}: {msg} (got {err['input']!r})"
+    msg = err["msg"].removeprefix("Value error, ")
     if err["loc"]:
         return f"{loc}: {msg} (got {err['input']!r})"
-    return msg.removeprefix("Value error, ")
+    return msg
 
 
 def load_config(source: str, overrides: list[str] | None = None) -> Config:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,14 +13,6 @@ from policies.distributions import Distribution
 from policies.gnn import GNNActor, GNNCritic
 from policies.mlp import MLPActor, MLPCritic
 from policies.transformer import TransformerActor, TransformerCritic
-
-POLICY_KINDS = ("mlp", "gnn", "transformer")
-# Observation fields each architecture reads (``alive`` and ``action_mask`` always).
-_INPUTS = {
-    "mlp": {"obs", "state"},
-    "gnn": {"nodes", "node_pos", "node_mask"},
-    "transformer": {"nodes", "node_mask"},
-}
 
 
 class ValueNorm(nn.Module):
@@ -95,6 +89,49 @@ class PolicySpec:
     k: int = 4
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """How one policy kind builds its actor and critic, and which observation fields it reads.
+
+    ``alive`` and ``action_mask`` are read by every kind and are not listed.
+    """
+
+    actor: Callable[[PolicySpec], nn.Module]
+    critic: Callable[[PolicySpec], nn.Module]
+    inputs: frozenset[str]
+
+
+def _graph(spec: PolicySpec) -> dict[str, Any]:
+    return {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads,
+            "edges": spec.edges, "radius": spec.radius, "k": spec.k}  # fmt: skip
+
+
+def _attention(spec: PolicySpec) -> dict[str, Any]:
+    return {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads}
+
+
+# The one list of policy kinds: ``model.kind`` and ``model.critic_kind`` are validated
+# against it, and a new architecture is one entry here.
+ARCHITECTURES: dict[str, Architecture] = {
+    "mlp": Architecture(
+        actor=lambda s: MLPActor(s.obs_dim, s.action_kind, s.action_dim, s.hidden, s.layers),
+        critic=lambda s: MLPCritic(s.obs_dim, s.state_dim, s.centralised, s.hidden, s.layers),
+        inputs=frozenset({"obs", "state"}),
+    ),
+    "gnn": Architecture(
+        actor=lambda s: GNNActor(s.node_dim, s.action_kind, s.action_dim, **_graph(s)),
+        critic=lambda s: GNNCritic(s.node_dim, s.centralised, **_graph(s)),
+        inputs=frozenset({"nodes", "node_pos", "node_mask"}),
+    ),
+    "transformer": Architecture(
+        actor=lambda s: TransformerActor(s.node_dim, s.action_kind, s.action_dim, **_attention(s)),
+        critic=lambda s: TransformerCritic(s.node_dim, s.centralised, **_attention(s)),
+        inputs=frozenset({"nodes", "node_mask"}),
+    ),
+}
+POLICY_KINDS = tuple(ARCHITECTURES)
+
+
 class ActorCritic(nn.Module):
     """A policy and its critic.
 
@@ -110,40 +147,14 @@ class ActorCritic(nn.Module):
         super().__init__()
         critic_kind = spec.critic_kind or spec.kind
         for kind in (spec.kind, critic_kind):
-            if kind not in POLICY_KINDS:
+            if kind not in ARCHITECTURES:
                 raise ValueError(f"policy kind {kind!r} is not one of {POLICY_KINDS}")
         self.spec = spec
-        graph: dict[str, object] = {
-            "hidden": spec.hidden,
-            "layers": spec.layers,
-            "heads": spec.heads,
-            "edges": spec.edges,
-            "radius": spec.radius,
-            "k": spec.k,
-        }
-        tf = {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads}
-        self.actor: nn.Module
-        self.critic: nn.Module
-        if spec.kind == "mlp":
-            self.actor = MLPActor(
-                spec.obs_dim, spec.action_kind, spec.action_dim, spec.hidden, spec.layers
-            )
-        elif spec.kind == "gnn":
-            self.actor = GNNActor(spec.node_dim, spec.action_kind, spec.action_dim, **graph)
-        else:
-            self.actor = TransformerActor(spec.node_dim, spec.action_kind, spec.action_dim, **tf)
-        if critic_kind == "mlp":
-            self.critic = MLPCritic(
-                spec.obs_dim, spec.state_dim, spec.centralised, spec.hidden, spec.layers
-            )
-        elif critic_kind == "gnn":
-            self.critic = GNNCritic(spec.node_dim, spec.centralised, **graph)
-        else:
-            self.critic = TransformerCritic(spec.node_dim, spec.centralised, **tf)
+        actor, critic = ARCHITECTURES[spec.kind], ARCHITECTURES[critic_kind]
+        self.actor = actor.actor(spec)
+        self.critic = critic.critic(spec)
         self.value_norm = ValueNorm()
-        self.input_keys = frozenset(
-            {"alive", "action_mask"} | _INPUTS[spec.kind] | _INPUTS[critic_kind]
-        )
+        self.input_keys = frozenset({"alive", "action_mask"} | actor.inputs | critic.inputs)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """Training pass: ``(action distribution, normalised values)``.

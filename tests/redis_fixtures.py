@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.services import RedisServer
+from orchestrator.runtime.services import RedisServer
 
 
 @pytest.fixture(scope="session")

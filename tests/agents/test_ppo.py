@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -210,7 +208,7 @@ def test_a_stale_batch_is_clipped_less_with_the_correction() -> None:
     stale = RolloutWorker(env, _clone(model), rollout_len=10, seed=6).collect()
     fresh = RolloutWorker(env, _clone(model), rollout_len=10, seed=7).collect()
     Learner(model, cfg).update(fresh)  # one version ahead of `stale`
-    plain_cfg = dataclasses.replace(cfg, behaviour_correction=False)
+    plain_cfg = cfg.model_copy(update={"behaviour_correction": False})
     uncorrected = Learner(_clone(model), plain_cfg)
     corrected = Learner(_clone(model), cfg)
     off = uncorrected.update(stale, staleness=1)

@@ -23,7 +23,7 @@ def test_failing_import_is_a_clear_error() -> None:
 
 
 def test_bad_kwargs_name_the_env() -> None:
-    with pytest.raises(ValueError, match="bad arguments for env 'spread'"):
+    with pytest.raises(envs.EnvError, match=r"cannot build env 'spread': TypeError: .*'n_agnts'"):
         envs.make("spread", n_agnts=3)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 
 import envs
 from orchestrator.config import load_config
-from orchestrator.trainer import LocalTrainer
+from orchestrator.runtime.driver import run_training
 
 RELAY = "rllib:tests.envs.toy_rllib:Relay"
 
@@ -55,11 +57,12 @@ def test_a_policy_trains_on_an_rllib_env(tmp_path) -> None:
             "model.critic=independent",
             "run.progress=false",
             "redis.enabled=false",
+            "run.log_every_s=0.0001",
         ],
     )
-    trainer = LocalTrainer(cfg, tmp_path)
-    first = trainer.step(1.0)[1]["episode_return"]
-    summary = trainer.train()
+    summary = run_training(cfg, tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        first = float(next(csv.DictReader(fh))["episode_return"])
     # Each step pays 1 per agent that plays its index: random play earns about 4 of the 12 an
     # episode offers, and 20 updates get close to all of it.
     assert first < 6 and summary["metrics"]["episode_return"] > 10

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import envs
+from orchestrator.cli.evaluate import evaluate
 from orchestrator.config import load_config
-from orchestrator.evaluate import evaluate
-from orchestrator.trainer import LocalTrainer
+from orchestrator.runtime.driver import run_training
 
 
 def test_shapes_positions_and_the_time_limit() -> None:
@@ -65,7 +65,7 @@ def test_a_graph_policy_trains_on_a_vmas_scenario(tmp_path) -> None:
             "redis.enabled=false",
         ],
     )
-    summary = LocalTrainer(cfg, tmp_path).train()
+    summary = run_training(cfg, tmp_path)
     assert summary["counters"]["env_steps"] == 960 and summary["counters"]["iteration"] == 3
     # Every world ends at the 10-step limit, so each iteration closes 32 episodes.
     assert summary["metrics"]["episodes"] == 32

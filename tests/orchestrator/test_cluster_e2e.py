@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestrator.cli import main as shoal
-from orchestrator.jobs import ShoalJobs
+from orchestrator.cli.jobs_client import ShoalJobs
+from orchestrator.cli.main import main as shoal
 from tests.ray_head import ray_head
 
 ROOT = Path(__file__).resolve().parents[2]

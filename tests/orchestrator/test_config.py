@@ -97,7 +97,7 @@ def test_every_key_the_readme_documents_exists() -> None:
 def test_shoal_envs_lists_what_env_name_accepts(capsys) -> None:
     import vmas
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     assert main(["envs"]) == 0
     out = capsys.readouterr().out

@@ -28,12 +28,11 @@ import torch
 from agents.memory import ReplayStream, RunState, WeightStore, connect
 from agents.ppo import Learner
 from agents.rollout import RolloutWorker
-from orchestrator.checkpoint import list_checkpoints, load_checkpoint
 from orchestrator.config import Config, load_config
-from orchestrator.driver import run_training
-from orchestrator.learner_group import LearnerGroup
-from orchestrator.services import RedisServer
-from orchestrator.trainer import build_env, policy_spec
+from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
+from orchestrator.runtime.driver import run_training
+from orchestrator.runtime.placement import LearnerGroup
+from orchestrator.runtime.services import RedisServer
 from policies.actor_critic import ActorCritic
 
 # Every run starts or uses a redis-server (the learner-group equality test alone does not).
@@ -150,9 +149,9 @@ def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int)
 
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path) -> None:
     cfg = tiny("train.epochs=2", "train.minibatches=2")
-    env = build_env(cfg, 8, seed=5, device=torch.device("cpu"))
+    env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
     torch.manual_seed(5)
-    source = ActorCritic(policy_spec(cfg, env))
+    source = cfg.model.build(env)
     worker = RolloutWorker(env, source, rollout_len=10, seed=5)
     batches = [worker.collect() for _ in range(3)]
 
@@ -192,7 +191,7 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path) -> N
     # Without the all-reduce a rank would learn from half the data and end elsewhere.
     alone = ActorCritic(source.spec)
     alone.load_state_dict(init)
-    learner = Learner(alone, cfg.train.ppo())
+    learner = Learner(alone, cfg.train)
     for batch in batches:
         learner.update(batch.split_envs(2)[0])
     gap = max((alone.state_dict()[n] - one[n]).abs().max().item() for n in one)

@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.driver import run_training
-from orchestrator.services import RedisServerError
+from orchestrator.runtime.driver import run_training
+from orchestrator.runtime.services import RedisServerError
 
 TINY = ["env.num_envs=8", "train.rollout_len=10", "train.total_env_steps=200", "run.progress=false"]
 

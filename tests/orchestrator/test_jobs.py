@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import jobs as jobs_module
-from orchestrator import jobs_cli
-from orchestrator.jobs import JobsError, ShoalJobs, build_entrypoint, resolve_auth_headers
+from orchestrator.cli import jobs as jobs_cli
+from orchestrator.cli import jobs_client as jobs_module
+from orchestrator.cli.cluster import resolve_auth_headers
+from orchestrator.cli.jobs_client import JobsError, ShoalJobs, build_entrypoint
+from orchestrator.cli.main import main as shoal_main
 from tests.ray_head import AUTH_ENV, Head, free_port, ray_head
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
@@ -207,19 +209,19 @@ def test_cli_follow_streams_logs_and_returns_the_jobs_outcome(
     for name, code in outcomes.items():
         monkeypatch.setattr(jobs_module, "build_entrypoint", lambda _args, c=code: _python_c(c))
         argv = ["submit", f"cli-{name}", "a=1", "--follow", "--working-dir", str(tmp_path)]
-        code_returned = jobs_cli.main([*argv, "--address", head.address])
+        code_returned = shoal_main([*argv, "--address", head.address])
         out = capsys.readouterr().out
         job_id = re.search(r"submitted (\S+)", out).group(1)
         assert code_returned == (0 if name == "ok" else 1)
         assert f"{head.address}/#/jobs/{job_id}" in out
         assert ("cli says hi" if name == "ok" else "cli fails") in out
 
-    assert jobs_cli.main(["jobs", "list", "--address", head.address]) == 0
+    assert shoal_main(["jobs", "list", "--address", head.address]) == 0
     listing = capsys.readouterr().out
     assert job_id in listing and "FAILED" in listing
-    assert jobs_cli.main(["jobs", "status", job_id, "--address", head.address]) == 0
+    assert shoal_main(["jobs", "status", job_id, "--address", head.address]) == 0
     assert "FAILED" in capsys.readouterr().out
-    assert jobs_cli.main(["jobs", "status", "nope-123", "--address", head.address]) == 2
+    assert shoal_main(["jobs", "status", "nope-123", "--address", head.address]) == 2
     err = capsys.readouterr().err
     assert "'nope-123'" in err and err.count("\n") == 1
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator import cli, metrics
-from orchestrator.metrics import ProgressSink
+from orchestrator.cli import main as cli
+from orchestrator.runtime import metrics
+from orchestrator.runtime.metrics import ProgressSink
 from tests.cli import shoal
 
 

@@ -6,10 +6,10 @@ import csv
 
 import pytest
 
-from orchestrator.cli import build_parser, parse_with_overrides
+from orchestrator.cli.main import build_parser, parse_with_overrides
 from orchestrator.config import load_config
-from orchestrator.driver import is_distributed
-from orchestrator.learner_group import learner_threads
+from orchestrator.runtime.driver import runs_on_ray
+from orchestrator.runtime.learner import learner_threads
 from tests.cli import shoal
 
 
@@ -26,9 +26,9 @@ def test_overrides_may_follow_options() -> None:
 
 
 def test_force_goes_through_ray_and_a_lone_rank_uses_every_core() -> None:
-    assert not is_distributed(load_config("spread-gnn"))
+    assert not runs_on_ray(load_config("spread-gnn"))
     alone = load_config("spread-gnn", ["ray.force=true"])
-    assert is_distributed(alone)
+    assert runs_on_ray(alone)
     assert learner_threads(alone) >= 1
     assert learner_threads(load_config("spread-gnn", ["ray.force=true", "train.threads=3"])) == 3
     shared = load_config("spread-gnn", ["rollout.num_workers=1"])

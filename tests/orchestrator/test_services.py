@@ -16,8 +16,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from orchestrator import services
-from orchestrator.services import RedisServer, RedisServerError
+from orchestrator.runtime import services
+from orchestrator.runtime.services import RedisServer, RedisServerError
 
 pytestmark = pytest.mark.redis
 
@@ -183,7 +183,7 @@ def _child(tmp_path: Path, body: str) -> tuple[subprocess.Popen[bytes], int]:
         [
             "import time",
             "from pathlib import Path",
-            "from orchestrator.services import RedisServer",
+            "from orchestrator.runtime.services import RedisServer",
             f"pid_file = Path({str(pid_file)!r})",
             textwrap.dedent(body),
         ]

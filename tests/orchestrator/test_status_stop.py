@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from orchestrator.cli import main as shoal
+from orchestrator.cli.main import main as shoal
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

@@ -1,12 +1,15 @@
-"""The ``shoal`` command line.
+"""The ``shoal`` command line: the parser, and the commands that start or inspect local work.
 
 ``shoal run spread-gnn train.lr=1e-3``   train locally (or on Ray with workers/ranks set)
 ``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2 (RUN: id or directory)
 ``shoal plot RUN_DIR``                   learning curve PNG
 ``shoal presets``                        list shipped presets
 ``shoal envs``                           list env names (registered, adapters, VMAS scenarios)
-``shoal status`` / ``shoal stop RUN``    run state from Redis
-``shoal submit`` / ``shoal jobs ...``    Ray Jobs on a cluster
+``shoal status`` / ``shoal stop RUN``    run state from Redis (``orchestrator.cli.status``)
+``shoal submit`` / ``shoal jobs ...``    Ray Jobs on a cluster (``orchestrator.cli.jobs``)
+
+A user's mistake (a bad key, an env that cannot be built, a missing run) is one ``error:``
+line and exit code 2, before any process starts or any directory is created.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-from orchestrator.config import Config, ConfigError, find_run, load_config, preset_names
+from envs import EnvError
+from orchestrator.cli.jobs import register_cli as register_jobs
+from orchestrator.cli.status import register_cli as register_status
+from orchestrator.config import Config, ConfigError, load_config, preset_names
+from orchestrator.runtime.rundir import find_run
 
 # Lines are never cut to the console's width (80 columns when it is a pipe or a log file):
 # a run directory or checkpoint path must stay whole to be copied.
@@ -48,7 +55,7 @@ def _load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     source, overrides = _split_source(args.source, args.overrides)
     resume_dir: Path | None = None
     if args.resume:
-        from orchestrator.checkpoint import resolve_checkpoint
+        from orchestrator.runtime.checkpoint import resolve_checkpoint
 
         args.resume = find_run(args.resume)
         ckpt = resolve_checkpoint(args.resume)
@@ -69,20 +76,20 @@ def _load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Train: in-process by default, on Ray when workers, ranks or an address are set."""
+    from orchestrator.runtime.driver import preflight, run_training
+    from orchestrator.runtime.rundir import new_run_dir
+
     try:
         cfg, resume_dir = _load_run_config(args)
-    except (ConfigError, FileNotFoundError) as e:
+        preflight(cfg)
+    except (ConfigError, EnvError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_USAGE)
-    from orchestrator.trainer import new_run_dir
-
     run_dir = resume_dir or new_run_dir(cfg)
     console.print(
         f"[bold]shoal[/] run [cyan]{cfg.preset}[/]: {cfg.env.name} N={cfg.env.n_agents} "
         f"B={cfg.env.num_envs} model={cfg.model.kind} -> {run_dir}",
         highlight=False,
     )
-    from orchestrator.driver import run_training
-
     try:
         summary = run_training(cfg, run_dir, resume=args.resume, console=err_console)
     except (ValueError, RuntimeError) as e:
@@ -116,7 +123,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint and print mean team return ± standard error."""
-    from orchestrator.evaluate import evaluate
+    from orchestrator.cli.evaluate import evaluate
 
     try:
         res = evaluate(
@@ -142,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Write the learning curve PNG of a run directory."""
-    from orchestrator.evaluate import plot_run
+    from orchestrator.cli.evaluate import plot_run
 
     try:
         out = plot_run(find_run(args.run_dir), args.out)
@@ -234,27 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("envs", help="list env names for env.name (adapters, VMAS scenarios)")
     en.set_defaults(func=cmd_envs)
 
-    for register in _optional_commands():
-        register(sub)
+    register_status(sub)
+    register_jobs(sub)
     return p
-
-
-def _optional_commands() -> list[Any]:  # registrars: (subparsers) -> None
-    """Subcommands that live in their own modules (status/stop, submit/jobs)."""
-    out: list[Any] = []
-    try:
-        from orchestrator import runstate
-
-        out.append(runstate.register_cli)
-    except ImportError:
-        pass
-    try:
-        from orchestrator import jobs_cli
-
-        out.append(jobs_cli.register_cli)
-    except ImportError:
-        pass
-    return out
 
 
 def parse_with_overrides(

@@ -1,114 +1,30 @@
-"""A run's Redis: start or join it, mirror run state into it, and ``shoal status`` / ``stop``.
+"""``shoal status`` and ``shoal stop``: a run's state read from its Redis, a stop request written.
 
-A run with no ``redis.url`` starts a private ``redis-server`` on a free loopback port with a
-generated password and records how to reach it in ``RUN_DIR/.redis.json`` (mode 0600), so
-``shoal status RUN`` and ``shoal stop RUN`` work from another terminal, ``RUN`` being the run
-directory or the run id ``shoal status`` lists (``runs/<id>``, see ``--runs-dir``).
+A run's private ``redis-server`` is found through ``RUN_DIR/.redis.json``; a shared one through
+``--redis-url`` or ``SHOAL_REDIS_URL``. ``RUN`` is the run directory or the run id ``shoal
+status`` lists (``runs/<id>``, see ``--runs-dir``). A finished run is read from its
+``summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from agents.memory import (
-    ReplayStream,
-    ResilientRedis,
-    RunState,
-    WeightStore,
-    connect,
-    list_runs,
-)
-from orchestrator.config import RedisConfig, find_run
-from orchestrator.services import RedisServer
-
-log = logging.getLogger(__name__)
-CONN_FILE = ".redis.json"
-SUMMARY_FILE = "summary.json"
-
-
-class SharedMemory:
-    """The run's Redis connection and stores; a private server when no URL is configured.
-
-    Args:
-        cfg: the ``redis`` config section.
-        run_id: namespaces every key (``shoal:{run_id}:...``).
-        run_dir: where the connection file of a private server is written.
-    """
-
-    def __init__(self, cfg: RedisConfig, run_id: str, run_dir: Path) -> None:
-        self.cfg, self.run_id, self.run_dir = cfg, run_id, run_dir
-        self.server: RedisServer | None = None
-        self.client: ResilientRedis | None = None
-        self.url = cfg.url
-
-    def __enter__(self) -> SharedMemory:
-        if self.url is None:
-            self.server = RedisServer().start()
-            self.url = self.server.url
-            conn = self.run_dir / CONN_FILE
-            fd = os.open(conn, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"url": self.url, "run_id": self.run_id, "pid": os.getpid()}, fh)
-        self.client = connect(self.url, outage_timeout=self.cfg.outage_timeout_s)
-        self.state = RunState(self.client, self.run_id)
-        self.weights = WeightStore(self.client, self.run_id)
-        self.replay = ReplayStream(self.client, self.run_id, maxlen=self.cfg.replay_maxlen)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.server is not None:
-            (self.run_dir / CONN_FILE).unlink(missing_ok=True)
-            self.server.stop()
-
-    @property
-    def address(self) -> str:
-        """``host:port`` of the server (never the password)."""
-        return self.client.address if self.client else "?"
-
-
-class RunStateSink:
-    """Mirrors each metrics row into Redis with a driver heartbeat."""
-
-    def __init__(self, state: RunState, actor: str = "driver") -> None:
-        self.state, self.actor = state, actor
-
-    def log(self, row: dict[str, float]) -> None:
-        """Publish the latest metrics."""
-        self.state.set_metrics(row)
-        self.state.heartbeat(self.actor)
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """``RUN_DIR/summary.json``: what ``shoal status`` shows after the run's Redis is gone."""
-    keep = {k: v for k, v in summary.items() if k != "checkpoints"}
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(keep, indent=2, default=str))
-
-
-# -- CLI -------------------------------------------------------------------------------------
+from orchestrator.runtime.rundir import CONN_FILE, SUMMARY_FILE, find_run
 
 
 def _connect_for(target: str | None, redis_url: str | None) -> tuple[Any, str | None]:
     """Find the Redis that holds ``target`` (a run dir or run id)."""
+    from agents.memory import connect
+
     if target and (Path(target) / CONN_FILE).is_file():
         info = json.loads((Path(target) / CONN_FILE).read_text())
         return connect(info["url"], outage_timeout=3.0), info["run_id"]
@@ -144,6 +60,8 @@ def _row(state: dict[str, Any]) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show runs and their progress."""
+    from agents.memory import RunState, list_runs
+
     console = Console(soft_wrap=True)
     table = Table("run", "status", "env steps", "steps/s", "return", "heartbeat")
     args.run = args.run and find_run(args.run, args.runs_dir)
@@ -205,6 +123,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a run to checkpoint and exit."""
+    from agents.memory import RunState
+
     console = Console(soft_wrap=True)
     target = find_run(args.run, args.runs_dir)
     client, run_id = _connect_for(target, args.redis_url)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agents.memory import ReplayStream, RunState, WeightStore, connect, list_runs
-from orchestrator.services import RedisServer
+from orchestrator.runtime.services import RedisServer
 
 pytestmark = pytest.mark.redis
 

@@ -1,4 +1,9 @@
-"""One call site, three destinations: the terminal, files in the run directory, Ray metrics."""
+"""One call site, several destinations: the terminal, files in the run directory, Redis.
+
+A :class:`Metrics` fans each row out to its sinks: :class:`ProgressSink` (the terminal),
+:class:`CSVSink` (``metrics.csv``), :class:`RunStateSink` (Redis, for ``shoal status``) and,
+on Ray, :class:`~orchestrator.runtime.ray_metrics.RayMetricsSink`. The driver owns them.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from agents.memory import RunState
 
 
 class MetricsSink(Protocol):
@@ -175,3 +183,18 @@ class Metrics:
         """Close every sink."""
         for s in self.sinks:
             s.close()
+
+
+class RunStateSink:
+    """Mirrors each metrics row into Redis with a driver heartbeat."""
+
+    def __init__(self, state: RunState, actor: str = "driver") -> None:
+        self.state, self.actor = state, actor
+
+    def log(self, row: dict[str, float]) -> None:
+        """Publish the latest metrics."""
+        self.state.set_metrics(row)
+        self.state.heartbeat(self.actor)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: mean team return ± standard error over K episodes.
+"""``shoal eval`` and ``shoal plot``: mean team return ± stderr of a checkpoint, a run's curve.
 
 A run trained on the native ``spread`` is evaluated by default on the real mpe2
 ``simple_spread_v3`` through the PettingZoo adapter, so numbers are comparable with any other
@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.config import Config
-from orchestrator.trainer import build_env
+from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 
 
 def evaluate(
@@ -60,7 +59,7 @@ def evaluate(
     if env_name.startswith("vmas:") and n_agents is not None:  # a scenario argument there
         kwargs["n_agents"] = n_agents
     on = cfg.env.model_copy(update={"name": env_name, "n_agents": n, "kwargs": kwargs})
-    env = build_env(cfg.model_copy(update={"env": on}), width, seed, torch.device("cpu"))
+    env = on.make(width, seed, torch.device("cpu"))
     width_key = "obs_dim" if spec["kind"] == "mlp" else "node_dim"
     if spec[width_key] != getattr(env, width_key):
         raise ValueError(

@@ -1,14 +1,16 @@
-"""Rollout workers as Ray actors, and the learner rank's side of them.
+"""The rollout worker process, and a learner rank's handle on its rollout workers.
 
-:class:`RolloutActor` is a plain class around :class:`agents.rollout.RolloutWorker`;
-``orchestrator.distributed`` wraps it with ``ray.remote`` and names it ``shoal-rollout-<i>``.
-It pulls weights from Redis and returns batches through the object store. Ray restarts it
-when its process dies; the restarted actor starts a fresh episode stream and pulls the
-current weights before its first batch.
+:class:`RolloutActor` is what runs in a rollout worker: a plain class around
+:class:`agents.rollout.RolloutWorker` that the driver starts with ``ray.remote`` as
+``shoal-rollout-<i>`` (``orchestrator.runtime.placement``). It pulls weights from Redis,
+returns batches through the object store and appends a chunk of each to the Redis replay
+stream. Ray restarts it when its process dies; the restarted actor starts a fresh episode
+stream and pulls the current weights before its first batch.
 
-:class:`ActorRollouts` is how a learner rank drives its share of the actors: it requests
-batches, re-collects the batch a dead worker lost, and counts restarts. :class:`LocalRollouts`
-is the same interface over envs stepped inside the rank (``rollout.num_workers=0``).
+:class:`ActorRollouts` runs in the learner rank: it requests batches from the rank's share of
+the actors, re-collects the batch a dead worker lost, and counts restarts. It has the
+interface of :class:`~orchestrator.runtime.learner.LocalRollouts`, the envs a rank steps
+itself.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ from torch import Tensor
 from agents.memory import RedisUnavailable, ReplayStream, RunState, WeightStore, connect
 from agents.rollout import RolloutBatch, RolloutWorker
 from orchestrator.config import Config
-from orchestrator.ray_metrics import RayMetricsSink
-from orchestrator.trainer import build_env, policy_spec
-from policies.actor_critic import ActorCritic
+from orchestrator.runtime.loop import FatalRunError
+from orchestrator.runtime.ray_metrics import RayMetricsSink
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 REPLAY_FIELDS = ("obs", "state", "alive")
 # A worker that dies this many times while one batch is owed is given up on.
 MAX_DEATHS_PER_BATCH = 3
-
-
-class FatalRunError(RuntimeError):
-    """A failure that restarting the learner group cannot fix (Redis gone, a worker lost)."""
 
 
 def rollout_name(index: int) -> str:
@@ -95,10 +92,8 @@ class RolloutActor:
             # Replaying the episodes the dead process already returned would bias the data.
             seed = seed + 7919 * (1 + os.getpid() % 10007)
             log.warning("%s restarted (pid %d)", self.name, os.getpid())
-        env = build_env(cfg, cfg.env.num_envs, seed, torch.device("cpu"))
-        self.worker = RolloutWorker(
-            env, ActorCritic(policy_spec(cfg, env)), cfg.train.rollout_len, seed
-        )
+        env = cfg.env.make(cfg.env.num_envs, seed, torch.device("cpu"))
+        self.worker = RolloutWorker(env, cfg.model.build(env), cfg.train.rollout_len, seed)
         self.version: int | None = None
         client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
         self.client = client
@@ -190,27 +185,6 @@ class RolloutActor:
                 "pid": float(os.getpid()),
             }
             return batch, stats
-
-
-class LocalRollouts:
-    """Envs stepped inside the rank with the learner's own model (``rollout.num_workers=0``)."""
-
-    def __init__(self, worker: RolloutWorker) -> None:
-        self.worker = worker
-
-    def next_batch(
-        self, version: int, idle: Callable[[], None]
-    ) -> tuple[RolloutBatch, dict[str, float]]:
-        """The next batch, acted with the current weights ``version``."""
-        self.worker.weights_version = version
-        t0 = time.perf_counter()
-        batch = self.worker.collect()
-        return batch, {
-            "rollout_restarts": 0.0,
-            "batches_recollected": 0.0,
-            "collect_s": time.perf_counter() - t0,
-            "weights_fetch_s": 0.0,  # acts with the learner's own model
-        }
 
 
 class ActorRollouts:

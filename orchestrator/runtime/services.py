@@ -1,4 +1,4 @@
-"""Embedded services: a private ``redis-server`` for runs that have no Redis configured.
+"""The run's Redis, started or joined by the driver: :class:`SharedMemory` and :class:`RedisServer`.
 
 A local run needs shared memory (weights, replay stream, run state) but should not ask the
 user to run a database. :class:`RedisServer` starts one on a free loopback port, protected
@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import re
@@ -32,7 +33,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["RedisServer", "RedisServerError"]
+from agents.memory import ReplayStream, ResilientRedis, RunState, WeightStore, connect
+from orchestrator.config import RedisConfig
+from orchestrator.runtime.rundir import CONN_FILE
+
+__all__ = ["RedisServer", "RedisServerError", "SharedMemory"]
 
 logger = logging.getLogger(__name__)
 
@@ -346,3 +351,53 @@ class RedisServer:
             except OSError:
                 continue
         return "\n".join(text[-lines:]) or "(log is empty)"
+
+
+class SharedMemory:
+    """The run's Redis connection and stores; a private server when no URL is configured.
+
+    The private server's URL (with its password) goes into ``RUN_DIR/.redis.json``, mode
+    0600, so ``shoal status RUN`` and ``shoal stop RUN`` reach it from another terminal.
+
+    Args:
+        cfg: the ``redis`` config section.
+        run_id: namespaces every key (``shoal:{run_id}:...``).
+        run_dir: where the connection file of a private server is written.
+    """
+
+    def __init__(self, cfg: RedisConfig, run_id: str, run_dir: Path) -> None:
+        self.cfg, self.run_id, self.run_dir = cfg, run_id, run_dir
+        self.server: RedisServer | None = None
+        self.client: ResilientRedis | None = None
+        self.url = cfg.url
+
+    def __enter__(self) -> SharedMemory:
+        if self.url is None:
+            self.server = RedisServer().start()
+            self.url = self.server.url
+            conn = self.run_dir / CONN_FILE
+            fd = os.open(conn, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"url": self.url, "run_id": self.run_id, "pid": os.getpid()}, fh)
+        self.client = connect(self.url, outage_timeout=self.cfg.outage_timeout_s)
+        self.state = RunState(self.client, self.run_id)
+        self.weights = WeightStore(self.client, self.run_id)
+        self.replay = ReplayStream(self.client, self.run_id, maxlen=self.cfg.replay_maxlen)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            (self.run_dir / CONN_FILE).unlink(missing_ok=True)
+            self.server.stop()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the server (never the password)."""
+        return self.client.address if self.client else "?"

@@ -1,17 +1,21 @@
-"""In-process training: checkpoints are complete and atomic, resume keeps counting."""
+"""In-process training, a learner group of one: checkpoints are complete and atomic, resume
+keeps counting."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from orchestrator.checkpoint import list_checkpoints, load_checkpoint
+from orchestrator.cli.evaluate import evaluate, plot_run
 from orchestrator.config import load_config
-from orchestrator.evaluate import evaluate, plot_run
-from orchestrator.trainer import LocalTrainer
+from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
+from orchestrator.runtime.driver import run_training
+from orchestrator.runtime.learner import LearnerRank
 
 TINY = [
     "env.num_envs=8",
@@ -20,6 +24,7 @@ TINY = [
     "run.progress=false",
     "run.log_every_s=0.001",
     "model.hidden=16",
+    "redis.enabled=false",
 ]
 
 
@@ -27,7 +32,7 @@ def test_train_resume_continues_counters_and_state(tmp_path) -> None:
     cfg = load_config("spread-gnn", TINY)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    summary = LocalTrainer(cfg, run_dir).train()
+    summary = run_training(cfg, run_dir)
     assert summary["counters"]["env_steps"] == 400 and summary["counters"]["iteration"] == 5
     # Where the time went: acting and learning, each a positive share of the iteration.
     assert summary["metrics"]["collect_s"] > 0 and summary["metrics"]["update_s"] > 0
@@ -37,14 +42,15 @@ def test_train_resume_continues_counters_and_state(tmp_path) -> None:
     assert "value_norm.debias" in ckpt["model"]
 
     cfg2 = load_config(str(run_dir / "config.yaml"), ["train.total_env_steps=800"])
-    trainer = LocalTrainer(cfg2, run_dir, resume=run_dir)
+    rank = LearnerRank(cfg2, run_dir=run_dir)
+    rank.setup_model(resume=run_dir)
     # The resumed model is the checkpointed one, bit for bit.
-    for k, v in trainer.model.state_dict().items():
+    for k, v in rank.model.state_dict().items():
         assert torch.equal(v, ckpt["model"][k]), k
-    summary2 = trainer.train()
+    summary2 = run_training(cfg2, run_dir, resume=run_dir)
     assert summary2["counters"]["env_steps"] == 800
     assert summary2["counters"]["iteration"] == 10
-    assert trainer.learner.updates == 10
+    assert load_checkpoint(run_dir)["learner"]["updates"] == 10
     steps = [
         float(line.split(",")[1]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]
     ]
@@ -57,9 +63,10 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch) -> 
     cfg = load_config("spread-mlp", TINY)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    trainer = LocalTrainer(cfg, run_dir)
-    first = trainer.checkpoint()
-    trainer.counters["env_steps"] = 10
+    rank = LearnerRank(cfg, run_dir=run_dir)
+    rank.setup_model()
+    first = rank.checkpoint()
+    rank.counters["env_steps"] = 10
     calls = {"n": 0}
     real_save = torch.save
 
@@ -71,7 +78,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch) -> 
 
     monkeypatch.setattr(torch, "save", crash_midway)
     try:
-        trainer.checkpoint()
+        rank.checkpoint()
     except OSError:
         pass
     monkeypatch.setattr(torch, "save", real_save)
@@ -84,7 +91,7 @@ def test_eval_on_real_mpe2_and_more_agents(tmp_path) -> None:
     cfg = load_config("spread-gnn", TINY)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    LocalTrainer(cfg, run_dir).train()
+    run_training(cfg, run_dir)
     res = evaluate(run_dir, episodes=6, parallel=3)
     assert res["episodes"] == 6 and res["n_agents"] == 3
     assert -200 < res["mean"] < 0 and res["stderr"] >= 0
@@ -109,7 +116,7 @@ def test_variants_train_and_checkpoint(tmp_path, overrides) -> None:
     cfg = load_config("spread-gnn", [*TINY, "train.minibatches=2", *overrides])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    summary = LocalTrainer(cfg, run_dir).train()
+    summary = run_training(cfg, run_dir)
     m = summary["metrics"]
     assert summary["counters"]["env_steps"] == 400
     assert all(math.isfinite(m[k]) for k in ("policy_loss", "value_loss", "entropy"))
@@ -119,3 +126,18 @@ def test_variants_train_and_checkpoint(tmp_path, overrides) -> None:
     assert spec["action_kind"] == (
         "continuous" if "env.continuous_actions=true" in overrides else "discrete"
     )
+
+
+def test_the_in_process_path_needs_neither_ray_nor_redis(tmp_path) -> None:
+    # A machine with torch and shoal's own dependencies but no Ray or Redis client (a GPU
+    # box, a laptop) still trains in-process from the command line.
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None\n"
+        "sys.modules['redis'] = None\n"
+        "from orchestrator.cli.main import main\n"
+        f"sys.exit(main(['run', 'spread-mlp', 'run.dir={tmp_path}', *{TINY!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(next(tmp_path.iterdir()))["meta"]["counters"]["env_steps"] == 400

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from agents.codec import Encoded
+from agents.memory.codec import Encoded
 
 __all__ = ["RANGE_BYTES", "bulk_get", "bulk_set"]
 
@@ -200,7 +200,7 @@ def bulk_get(
         into: A buffer to read into if it is large enough (at least the value's length);
             otherwise a fresh ``bytearray`` is used.
         on_data: Called after every read with the value's buffer and how many of its
-            bytes (from the start) have arrived, e.g. a :class:`agents.codec.Digest`.
+            bytes (from the start) have arrived, e.g. a :class:`agents.memory.codec.Digest`.
 
     Returns:
         A writable view of the value (``view.obj`` is the buffer it lives in), or ``None``

@@ -1,4 +1,7 @@
-"""``shoal submit`` and ``shoal jobs list|status|logs|stop``: the CLI of :mod:`orchestrator.jobs`.
+"""``shoal submit`` and ``shoal jobs list|status|logs|stop``: the command line of the Jobs client.
+
+The client itself (:class:`~orchestrator.cli.jobs_client.ShoalJobs`) talks to a Ray cluster's
+Jobs API.
 
 Every failure is a one-line message on stderr and a non-zero exit code (2 for bad input or
 an unknown job, 1 for an unreachable or refusing cluster); ``--follow`` exits with 0 only
@@ -13,7 +16,7 @@ import fnmatch
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.jobs import (
+from orchestrator.cli.jobs_client import (
     CONFIG_SUFFIXES,
     DEFAULT_ADDRESS,
     TERMINAL_STATUSES,
@@ -32,7 +35,7 @@ from orchestrator.jobs import (
     status_name,
 )
 
-__all__ = ["main", "register_cli"]
+__all__ = ["register_cli"]
 
 _STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan"}
 _out = Console(soft_wrap=True, highlight=False)
@@ -280,17 +283,3 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
             action.add_argument("--follow", action="store_true", help="stream until it ends")
         _add_address(action)
         action.set_defaults(func=_guarded(handler))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the jobs subcommands on their own, for testing without the full ``shoal`` CLI."""
-    parser = argparse.ArgumentParser(prog="shoal", description="shoal Ray Jobs client")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    from orchestrator.cli import parse_with_overrides
-
-    args = parse_with_overrides(parser, argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

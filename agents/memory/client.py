@@ -3,9 +3,9 @@
 :func:`connect` returns a :class:`ResilientRedis`: every operation is retried with
 exponential backoff while Redis restarts or the network blips, a lasting outage becomes
 :class:`RedisUnavailable` naming the address (never the password), and ``on_reconnect`` tells
-the trainer to republish what a restart lost. :func:`bulk_set` and :func:`bulk_get` move a
-multi-MB value (policy weights) straight between the tensors' memory, the socket and the
-buffer the reader's tensors live in.
+the trainer to republish what a restart lost. ``Client`` is what the stores accept: a
+:class:`ResilientRedis` or a plain ``redis.Redis``, which they run their commands on through
+``_caller`` and ``_raw``.
 
 Example:
     >>> client = connect("redis://:secret@127.0.0.1:6379/0")  # doctest: +SKIP
@@ -317,3 +317,13 @@ def connect(
 
 
 Client = ResilientRedis | redis.Redis
+
+
+def _caller(client: Client) -> Callable[[Callable[[redis.Redis], Any]], Any]:
+    if isinstance(client, ResilientRedis):
+        return client.call
+    return lambda fn: fn(client)
+
+
+def _raw(client: Client) -> redis.Redis:
+    return client.client if isinstance(client, ResilientRedis) else client

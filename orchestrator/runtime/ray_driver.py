@@ -1,10 +1,9 @@
-"""Training on Ray: rollout actors, a learner group, and a driver that relays metrics.
+"""The driver process on Ray: a Ray session, the run's actors, and a learner group kept alive.
 
-``run_distributed`` starts a small local Ray instance (dashboard on 127.0.0.1) or joins one,
-starts ``rollout.num_workers`` named rollout actors (``shoal-rollout-<i>``) and a learner
-group of ``learner.num_ranks`` named ranks (``shoal-learner-<r>``), then relays rank 0's
-metric rows to the sinks (terminal, ``metrics.csv``, Redis run state, and whatever sinks the
-caller adds, e.g. Ray metrics). Failures are handled at two levels:
+:func:`train_on_ray` starts a small local Ray instance (dashboard on 127.0.0.1) or joins one,
+starts the rollout actors and the learner group (``orchestrator.runtime.placement``), and
+relays rank 0's metric rows to the driver's sinks (terminal, ``metrics.csv``, Redis run state,
+Ray metrics). Failures are handled at two levels:
 
 * a rollout actor that dies is restarted by Ray and its batch re-collected by its rank; the
   restart is counted (``rollout_restarts``) in the metrics and checkpoints;
@@ -16,7 +15,6 @@ caller adds, e.g. Ray metrics). Failures are handled at two levels:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -29,26 +27,18 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from rich.console import Console
 
 from agents.memory import RedisUnavailable
-from orchestrator.checkpoint import list_checkpoints, resolve_checkpoint
-from orchestrator.config import Config, config_to_yaml
-from orchestrator.learner_group import (
-    SESSION_COUNTERS,
-    LearnerGroup,
-    latest_checkpoint,
-    wait_name_free,
-)
-from orchestrator.metrics import CSVSink, Metrics, MetricsSink, ProgressSink
-from orchestrator.ray_metrics import RayMetricsSink
-from orchestrator.rollout_actor import FatalRunError, RolloutActor, rollout_name
-from orchestrator.runstate import RunStateSink, SharedMemory
-from orchestrator.trainer import sigterm_as_interrupt
+from orchestrator.config import Config
+from orchestrator.runtime.checkpoint import checkpoint_counters, latest_checkpoint
+from orchestrator.runtime.learner import learner_name
+from orchestrator.runtime.loop import FatalRunError, sigterm_as_interrupt
+from orchestrator.runtime.metrics import CSVSink, Metrics
+from orchestrator.runtime.placement import STARTUP_TIMEOUT_S, LearnerGroup, start_rollout_actors
+from orchestrator.runtime.ray_metrics import RayMetricsSink
+from orchestrator.runtime.services import SharedMemory
 
 log = logging.getLogger(__name__)
-
-STARTUP_TIMEOUT_S = 180.0
 
 
 def required_cpus(cfg: Config) -> float:
@@ -124,46 +114,6 @@ def ray_session(cfg: Config, namespace: str) -> Iterator[str | None]:
         ray.shutdown()
 
 
-def start_rollout_actors(
-    cfg: Config, redis_url: str, run_id: str, namespace: str, iteration: int
-) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Start the named rollout actors, spread over the cluster's nodes.
-
-    Returns:
-        ``(handles, infos)``; each info holds ``name``, ``pid``, ``node_id``.
-
-    Raises:
-        RuntimeError: if the actors cannot be placed within the start-up timeout.
-    """
-    cls: Any = ray.remote(RolloutActor)
-    data = cfg.model_dump(mode="json")
-    handles: list[Any] = []
-    for i in range(cfg.rollout.num_workers):
-        wait_name_free(rollout_name(i), namespace)
-        handles.append(
-            cls.options(
-                name=rollout_name(i),
-                namespace=namespace,
-                num_cpus=cfg.rollout.cpus_per_worker,
-                max_restarts=cfg.rollout.max_restarts,
-                max_task_retries=0,  # the rank decides what a lost batch means
-                max_concurrency=2,
-                scheduling_strategy="SPREAD",
-            ).remote(data, i, redis_url, run_id, cfg.train.seed + 1000 * (i + 1) + iteration)
-        )
-    try:
-        infos = ray.get([h.info.remote() for h in handles], timeout=STARTUP_TIMEOUT_S)
-    except GetTimeoutError:
-        for h in handles:
-            ray.kill(h, no_restart=True)
-        raise RuntimeError(
-            f"{len(handles)} rollout workers x {cfg.rollout.cpus_per_worker:g} CPU did not start "
-            f"within {STARTUP_TIMEOUT_S:g} s (available: {ray.available_resources()}); lower "
-            "rollout.num_workers or rollout.cpus_per_worker, or add nodes"
-        ) from None
-    return handles, infos
-
-
 class _GroupFailed(Exception):
     def __init__(self, message: str, fatal: bool, detail: str = "") -> None:
         super().__init__(message)
@@ -222,54 +172,33 @@ def _watch(group: LearnerGroup, refs: list[Any], metrics: Metrics) -> dict[str, 
     return results[refs[0]]
 
 
-def _checkpoint_counters(path: str | Path | None) -> dict[str, Any]:
-    counters: dict[str, Any] = {"env_steps": 0, "iteration": 0, "wall_time": 0.0}
-    if path is not None:
-        meta = json.loads((resolve_checkpoint(path) / "meta.json").read_text())
-        counters.update(meta["counters"])
-    for key in SESSION_COUNTERS:
-        counters.setdefault(key, 0)
-    return counters
-
-
-def run_distributed(
+def train_on_ray(
     cfg: Config,
     run_dir: Path,
-    resume: str | Path | None = None,
-    console: Console | None = None,
-    memory: SharedMemory | None = None,
-    extra_sinks: list[MetricsSink] | None = None,
+    resume: str | Path | None,
+    memory: SharedMemory,
+    metrics: Metrics,
+    csv_sink: CSVSink,
+    start: dict[str, Any],
 ) -> dict[str, Any]:
-    """Train on Ray; returns the same summary as ``LocalTrainer.train()``.
+    """Train on Ray; returns what the learner rank's ``train`` returns.
 
     Args:
         cfg: the run config.
-        run_dir: where config, metrics and checkpoints go (shared storage on a multi-node
-            cluster: rank 0 writes checkpoints there).
+        run_dir: absolute run directory (shared storage on a multi-node cluster: rank 0
+            writes checkpoints there).
         resume: a checkpoint or run directory to continue from.
-        console: rich console for the progress bar.
-        memory: the run's Redis (weights, replay stream, run state); required.
-        extra_sinks: more metric destinations (the place for Ray/Prometheus metrics).
+        memory: the run's Redis (weights, replay stream, run state).
+        metrics: the driver's sinks; rows relayed from rank 0 go there.
+        csv_sink: the ``metrics.csv`` sink among them (trimmed when the group restarts).
+        start: the counters the run starts from.
 
     Raises:
         RuntimeError: when the run cannot continue; the message says why.
     """
-    if memory is None or memory.url is None:
-        raise ValueError("distributed runs need Redis: remove redis.enabled=false")
-    run_dir = Path(run_dir).resolve()
+    assert memory.url is not None and memory.client is not None
     namespace = f"shoal-{memory.run_id}"
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    start = _checkpoint_counters(resume)
-    csv_sink = CSVSink(run_dir / "metrics.csv")
-    if resume is not None:
-        csv_sink.truncate(start["env_steps"])
-    # Destinations of every metric row; a ray.util.metrics sink belongs in extra_sinks.
-    sinks: list[MetricsSink] = [csv_sink, RunStateSink(memory.state), *(extra_sinks or [])]
-    if cfg.run.progress:
-        sinks.append(ProgressSink(cfg.train.total_env_steps, start["env_steps"], console))
-    metrics = Metrics(sinks)
     client = memory.client
-    assert client is not None
     previous_hook = client.on_reconnect
     client.on_reconnect = lambda: memory.state.set_status("running")
     try:
@@ -285,29 +214,17 @@ def run_distributed(
                     "running", actors={i["name"]: i for i in infos}, dashboard=dashboard
                 )
                 with sigterm_as_interrupt():
-                    out, seconds = _train(cfg, run_dir, resume, memory, metrics, csv_sink, start)
+                    return _supervise(cfg, run_dir, resume, memory, metrics, csv_sink, start)
             finally:
                 for h in workers:
                     ray.kill(h, no_restart=True)
     except RedisUnavailable as err:  # the driver's own Redis calls
         raise RuntimeError(f"the run cannot continue: {err}") from None
     finally:
-        metrics.close()
         client.on_reconnect = previous_hook
-    counters = out["counters"]
-    return {
-        "reason": out["reason"],
-        "counters": counters,
-        "metrics": metrics.latest or out["metrics"],
-        "checkpoint": out["checkpoint"],
-        "run_dir": str(run_dir),
-        "train_seconds": seconds,
-        "steps_this_session": int(counters["env_steps"]) - int(start["env_steps"]),
-        "checkpoints": [str(p) for p in list_checkpoints(run_dir / "checkpoints")],
-    }
 
 
-def _train(
+def _supervise(
     cfg: Config,
     run_dir: Path,
     resume: str | Path | None,
@@ -315,8 +232,12 @@ def _train(
     metrics: Metrics,
     csv_sink: CSVSink,
     start: dict[str, Any],
-) -> tuple[dict[str, Any], float]:
-    """Start the learner group and restart it from the newest checkpoint after failures."""
+) -> dict[str, Any]:
+    """Start the learner group and restart it from the newest checkpoint after failures.
+
+    The returned ``seconds`` count time in the training loop, failed attempts included, not
+    time spent starting processes (as in-process).
+    """
     failures = 0
     t0 = time.monotonic()
     lost = 0.0  # seconds spent in attempts that failed
@@ -331,13 +252,12 @@ def _train(
                 group.start(timeout_s=STARTUP_TIMEOUT_S)
             except (RayActorError, RayTaskError, GetTimeoutError) as err:
                 raise _failure(err) from None  # e.g. a rank died while the group formed
-            learners = {f"shoal-learner-{i['rank']}": i for i in group.infos}
+            learners = {learner_name(i["rank"]): i for i in group.infos}
             memory.state.set_status("running", learners=learners)
             restarts = int(start["learner_restarts"]) + failures
             refs = [h.train.remote(ckpt, remaining, restarts) for h in group.ranks]
             out = _watch(group, refs, metrics)
-            # Like the in-process path: time in the loop, not in starting processes.
-            return out, lost + float(out["seconds"])
+            return {**out, "seconds": lost + float(out["seconds"])}
         except _GroupFailed as failed:
             lost += time.monotonic() - attempt_t0
             if failed.fatal:
@@ -356,6 +276,6 @@ def _train(
             )
             log.debug("learner group failure:\n%s", failed.detail)
             # Rows past the checkpoint describe progress the restart will redo.
-            csv_sink.truncate(_checkpoint_counters(latest_checkpoint(run_dir, resume))["env_steps"])
+            csv_sink.truncate(checkpoint_counters(latest_checkpoint(run_dir, resume))["env_steps"])
         finally:
             group.shutdown()

@@ -21,6 +21,13 @@ import torch
 from policies.actor_critic import ActorCritic, PolicySpec
 
 CKPT_PREFIX = "step-"
+# Counted per run, not restored from a checkpoint older than them.
+SESSION_COUNTERS = ("rollout_restarts", "batches_recollected", "learner_restarts")
+
+
+def fresh_counters() -> dict[str, Any]:
+    """The counters of a run that has not trained yet."""
+    return {"env_steps": 0, "iteration": 0, "wall_time": 0.0, **dict.fromkeys(SESSION_COUNTERS, 0)}
 
 
 def rng_state() -> dict[str, Any]:
@@ -182,3 +189,20 @@ def policy_from_checkpoint(
         return model
     model.load_state_dict(state)
     return model
+
+
+def checkpoint_counters(path: str | Path | None) -> dict[str, Any]:
+    """The counters a run continues from: those of the checkpoint ``path``, else fresh ones."""
+    counters = fresh_counters()
+    if path is not None:
+        meta = json.loads((resolve_checkpoint(path) / "meta.json").read_text())
+        counters.update(meta["counters"])
+    return counters
+
+
+def latest_checkpoint(run_dir: Path, resume: str | Path | None) -> str | None:
+    """Where a (re)started run continues from: the run's newest checkpoint, else ``resume``."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    if found:
+        return str(found[-1])
+    return None if resume is None else str(resume)

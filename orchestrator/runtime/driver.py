@@ -1,0 +1,211 @@
+"""The driver: the process ``shoal run`` starts, in every topology.
+
+It checks that the run can start (:func:`preflight`), starts or joins the run's Redis, owns the
+metric sinks (terminal, ``metrics.csv``, Redis run state) and the summary, and hosts the
+learning: in-process it builds the one :class:`~orchestrator.runtime.learner.LearnerRank` and
+calls its ``train``; on Ray it hands over to :func:`~orchestrator.runtime.ray_driver.
+train_on_ray`, which starts the same class as actors and relays their rows to the same sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+
+from envs import EnvError
+from envs.registry import describe
+from orchestrator.config import Config, ConfigError, config_to_yaml
+from orchestrator.runtime.checkpoint import checkpoint_counters, list_checkpoints
+from orchestrator.runtime.learner import LearnerRank
+from orchestrator.runtime.loop import FatalRunError
+from orchestrator.runtime.metrics import CSVSink, Metrics, MetricsSink, ProgressSink, RunStateSink
+from orchestrator.runtime.rundir import CONFIG_FILE, write_summary
+
+if TYPE_CHECKING:
+    from orchestrator.runtime.services import SharedMemory
+
+log = logging.getLogger(__name__)
+
+
+def runs_on_ray(cfg: Config) -> bool:
+    """True when the run goes through Ray: workers, several ranks, a cluster, or ``ray.force``."""
+    topology = cfg.rollout.num_workers > 0 or cfg.learner.num_ranks > 1
+    return topology or cfg.ray.address is not None or cfg.ray.force
+
+
+def check_topology(cfg: Config) -> None:
+    """Combinations the config alone cannot rule out (``--ray`` and ``--address`` come later).
+
+    Raises:
+        ConfigError: naming the keys.
+    """
+    if runs_on_ray(cfg) and not cfg.redis.enabled:
+        raise ConfigError(
+            "redis.enabled=false: runs on Ray (rollout.num_workers > 0, learner.num_ranks > 1, "
+            "ray.address or --ray) keep weights and run state in Redis; remove "
+            "redis.enabled=false"
+        )
+
+
+def preflight(cfg: Config) -> None:
+    """Check, before anything starts, what would otherwise fail inside a process or an actor.
+
+    Builds one sub-env and the policy, acts once and steps once, so a misnamed env, a scenario
+    argument the env rejects or a policy that does not fit the env is one line here instead of
+    a library's traceback from a Ray actor.
+
+    Raises:
+        ConfigError: an impossible combination, naming the keys.
+        EnvError: the env cannot be built or stepped with this config.
+    """
+    check_topology(cfg)
+    cfg.train.torch_device()
+    env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
+    try:
+        policy = cfg.model.build(env)
+        obs = env.reset(seed=cfg.train.seed)
+        with torch.no_grad():
+            action, _, _ = policy.act(obs.as_dict())
+        env.step(action)
+    except EnvError:
+        raise
+    except Exception as e:  # the env's or the policy's own failure, as one line
+        log.debug("preflight of env %r failed", cfg.env.name, exc_info=True)
+        raise EnvError(
+            f"env '{cfg.env.name}' with model.kind={cfg.model.kind}: {describe(e)}"
+        ) from e
+    finally:
+        env.close()
+
+
+def _without_missing_redis(cfg: Config, on_ray: bool) -> Config:
+    """A local run on a machine without ``redis-server`` trains without Redis, and says so."""
+    if not cfg.redis.enabled or on_ray or cfg.redis.url is not None:
+        return cfg
+    try:
+        from orchestrator.runtime.services import redis_server_installed
+    except ImportError:  # no redis client package either (a bare GPU box)
+        missing = "the redis Python package is not installed"
+    else:
+        if redis_server_installed():
+            return cfg
+        missing = "redis-server is not installed"
+    # Redis serves status/stop and the replay stream here; the training needs none of it.
+    log.warning(
+        "%s, so this run trains without Redis and `shoal status` / `shoal stop` will not see "
+        "it (Ctrl-C still checkpoints). Install it (`apt-get install redis-server`, `brew "
+        "install redis`) or set redis.enabled=false to train without it quietly.",
+        missing,
+    )
+    return cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"enabled": False})})
+
+
+def _record_failure(mem: SharedMemory, error: BaseException) -> None:
+    """Mark the run failed in Redis, without waiting out an outage that may be the failure."""
+    import redis
+
+    if mem.client is not None:
+        mem.client.outage_timeout = min(mem.client.outage_timeout, 5.0)
+    try:
+        mem.state.set_status("failed", error=f"{type(error).__name__}: {error}")
+    except redis.RedisError:
+        log.warning("could not record the failure in Redis at %s", mem.address)
+
+
+def run_training(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+    extra_sinks: list[MetricsSink] | None = None,
+) -> dict[str, Any]:
+    """Train with ``cfg`` into ``run_dir`` (which exists); returns the run's summary.
+
+    With Redis enabled (the default) run state, heartbeats and metrics are mirrored into it so
+    ``shoal status`` / ``shoal stop`` work while the run is alive.
+
+    Args:
+        cfg: the run config.
+        run_dir: where config, metrics, checkpoints and the summary go.
+        resume: a checkpoint or run directory to continue from.
+        console: rich console for the progress bar.
+        extra_sinks: more metric destinations.
+
+    Returns:
+        ``reason``, ``counters``, ``metrics`` (the last row), ``checkpoint``, ``run_dir``,
+        ``train_seconds``, ``steps_this_session`` and ``checkpoints``.
+
+    Raises:
+        RuntimeError: when the run cannot continue; the message says why.
+    """
+    check_topology(cfg)
+    on_ray = runs_on_ray(cfg)
+    cfg = _without_missing_redis(cfg, on_ray)
+    run_dir = Path(run_dir)
+    (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    start = checkpoint_counters(resume)
+    csv_sink = CSVSink(run_dir / "metrics.csv")
+    if resume is not None:
+        csv_sink.truncate(start["env_steps"])  # rows past the checkpoint will be redone
+    sinks: list[MetricsSink] = [csv_sink, *(extra_sinks or [])]
+    if cfg.run.progress:
+        sinks.append(ProgressSink(cfg.train.total_env_steps, start["env_steps"], console))
+    metrics = Metrics(sinks)
+    with ExitStack() as stack:
+        mem: SharedMemory | None = None
+        if cfg.redis.enabled:
+            from orchestrator.runtime.services import SharedMemory
+
+            mem = stack.enter_context(SharedMemory(cfg.redis, run_dir.name, run_dir))
+            sinks.insert(1, RunStateSink(mem.state))
+            mem.state.set_status("starting", run_dir=str(run_dir.resolve()), pid=os.getpid())
+            mem.state.set_config(
+                {
+                    "preset": cfg.preset,
+                    "env": cfg.env.name,
+                    "n_agents": cfg.env.n_agents,
+                    "model": cfg.model.kind,
+                    "workers": cfg.rollout.num_workers,
+                    "ranks": cfg.learner.num_ranks,
+                }
+            )
+        try:
+            if on_ray:
+                from orchestrator.runtime.ray_driver import train_on_ray
+
+                assert mem is not None
+                out = train_on_ray(cfg, run_dir.resolve(), resume, mem, metrics, csv_sink, start)
+            else:
+                url = mem.url if mem is not None else None
+                rank = LearnerRank(cfg, 0, 1, run_dir, url, run_dir.name, sinks=sinks)
+                try:
+                    out = rank.train(resume, cfg.train.time_limit_s, int(start["learner_restarts"]))
+                except FatalRunError as err:
+                    raise RuntimeError(f"the run cannot continue: {err}") from None
+        except BaseException as e:
+            if mem is not None:
+                _record_failure(mem, e)
+            raise
+        finally:
+            metrics.close()
+        if mem is not None:
+            mem.state.set_status("finished", reason=out["reason"])
+    counters = out["counters"]
+    summary = {
+        "reason": out["reason"],
+        "counters": counters,
+        "metrics": metrics.latest or out["metrics"],
+        "checkpoint": out["checkpoint"],
+        "run_dir": str(run_dir),
+        "train_seconds": out["seconds"],
+        "steps_this_session": int(counters["env_steps"]) - int(start["env_steps"]),
+        "checkpoints": [str(p) for p in list_checkpoints(run_dir / "checkpoints")],
+    }
+    write_summary(run_dir, summary)
+    return summary

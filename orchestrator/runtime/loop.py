@@ -1,0 +1,147 @@
+"""The training loop every learner rank runs: collect, learn, log, checkpoint, repeat.
+
+:func:`run_loop` runs inside the learner process: the ``shoal run`` process itself for an
+in-process run, each ``shoal-learner-<r>`` Ray actor otherwise. What differs between paths is
+passed in (where batches come from, who applies the update, how ranks agree to stop), never
+the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Config
+from orchestrator.runtime.metrics import Metrics
+
+
+class FatalRunError(RuntimeError):
+    """A failure that restarting the learner group cannot fix (Redis gone, a worker lost)."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so the loop saves a checkpoint before exiting."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+Step = Callable[[float], tuple[int, dict[str, float]]]
+"""One iteration: collect and learn with the learning rate scaled by the given fraction;
+returns the env steps it trained on (summed over learner ranks) and its statistics."""
+
+
+@dataclass
+class LoopResult:
+    """How a training loop ended."""
+
+    reason: str
+    checkpoint: Path | None
+    seconds: float
+    start_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _same(reason: str | None) -> str | None:
+    return reason
+
+
+def run_loop(
+    cfg: Config,
+    counters: dict[str, Any],
+    step: Step,
+    metrics: Metrics,
+    checkpoint: Callable[[], Path] | None,
+    should_stop: Callable[[], str | None] = lambda: None,
+    agree: Callable[[str | None], str | None] = _same,
+    time_limit_s: float | None = None,
+) -> LoopResult:
+    """Collect, learn, log, checkpoint, repeat, until a stop condition holds.
+
+    Args:
+        cfg: the run config (``train.total_env_steps``, ``run.log_every_s``, ...).
+        counters: ``env_steps``, ``iteration``, ``wall_time`` and any extra counters; updated
+            in place and saved with every checkpoint.
+        step: one iteration (see :data:`Step`).
+        metrics: where rows go, at most every ``run.log_every_s``; its owner closes it.
+        checkpoint: writes a checkpoint; ``None`` on ranks that do not write.
+        should_stop: polled every iteration; a reason string ends the run cleanly.
+        agree: turns this process's stop reason into the one every rank acts on (identity
+            on one rank; a broadcast from rank 0 in a learner group).
+        time_limit_s: stop after this many seconds of this loop.
+
+    Returns:
+        Why it stopped, the last checkpoint written, the loop's duration and start counter.
+    """
+    total = cfg.train.total_env_steps
+    t_start = time.monotonic()
+    wall0 = float(counters["wall_time"])
+    start_steps = int(counters["env_steps"])
+    last_ckpt = last_log = t_start
+    window_steps, window_t = 0, t_start
+    reason = "total_env_steps reached"
+    ckpt_path: Path | None = None
+    pending: dict[str, float] | None = None
+    failed = False
+    try:
+        with sigterm_as_interrupt():
+            while counters["env_steps"] < total:
+                elapsed = time.monotonic() - t_start
+                local: str | None = None
+                if time_limit_s is not None and elapsed >= time_limit_s:
+                    local = "time limit reached"
+                else:
+                    local = should_stop()
+                stop = agree(local)
+                if stop is not None:
+                    reason = stop
+                    break
+                frac = 1.0 - counters["env_steps"] / total if cfg.train.lr_decay else 1.0
+                steps, stats = step(max(frac, 0.0))
+                counters["env_steps"] += steps
+                counters["iteration"] += 1
+                now = time.monotonic()
+                counters["wall_time"] = wall0 + now - t_start
+                window_steps += steps
+                row = {
+                    "iteration": float(counters["iteration"]),
+                    "env_steps": float(counters["env_steps"]),
+                    "wall_time": counters["wall_time"],
+                    "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
+                    **stats,
+                }
+                pending = row
+                if now - last_log >= cfg.run.log_every_s:
+                    metrics.log(row)
+                    pending = None
+                    last_log, window_steps, window_t = now, 0, now
+                if checkpoint is not None and now - last_ckpt >= cfg.run.checkpoint_every_s:
+                    ckpt_path = checkpoint()
+                    last_ckpt = now
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    except BaseException:
+        failed = True  # the state may be half-updated: keep the last good checkpoint
+        raise
+    finally:
+        if pending is not None:
+            metrics.log(pending)
+        if metrics.latest and checkpoint is not None and not failed:
+            ckpt_path = checkpoint()
+    return LoopResult(reason, ckpt_path, time.monotonic() - t_start, start_steps, metrics.latest)
