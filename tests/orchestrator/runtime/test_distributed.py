@@ -38,7 +38,7 @@ from policies.actor_critic import ActorCritic
 # Every run starts or uses a redis-server (the learner-group equality test alone does not).
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed, pytest.mark.redis]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = [
     "env.num_envs=8",
     "train.rollout_len=10",

@@ -21,7 +21,7 @@ from orchestrator.runtime.services import RedisServer, RedisServerError
 
 pytestmark = pytest.mark.redis
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def alive(pid: int) -> bool:

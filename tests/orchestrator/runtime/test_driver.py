@@ -24,7 +24,7 @@ def no_redis_server(tmp_path, monkeypatch):
 def test_local_run_without_redis_server_trains_and_says_what_is_missing(tmp_path, caplog) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with caplog.at_level(logging.WARNING, logger="orchestrator.driver"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.runtime.driver"):
         summary = run_training(load_config("spread-mlp", TINY), run_dir)
     assert summary["reason"] == "total_env_steps reached"
     assert (run_dir / "summary.json").is_file() and not (run_dir / ".redis.json").exists()

@@ -19,7 +19,7 @@ from orchestrator.cli.jobs_client import ShoalJobs
 from orchestrator.cli.main import main as shoal
 from tests.ray_head import ray_head
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = [
     "env.num_envs=16",
     "model.hidden=16",

@@ -16,7 +16,7 @@ from agents.memory import RunState, connect
 from orchestrator.config import load_config
 from orchestrator.runtime.driver import run_training
 from orchestrator.runtime.services import RedisServer
-from tests.orchestrator.test_distributed import TINY, assert_monotonic_progress, rows
+from tests.orchestrator.runtime.test_distributed import TINY, assert_monotonic_progress, rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed, pytest.mark.redis]
 
