@@ -10,6 +10,8 @@ reset inside :meth:`VmasVecEnv.step`, keeping their last view in ``final``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -77,16 +79,28 @@ class VmasVecEnv(VecMultiAgentEnv):
                 f"{', '.join(vmas.scenarios)} (and MPE/debug ones: `shoal envs` lists all)"
             )
         self.device = torch.device(device)
-        self.env = vmas.make_env(
-            scenario,
-            num_envs=num_envs,
-            device=self.device,
-            continuous_actions=continuous_actions,
-            seed=seed,
-            max_steps=max_steps,
-            terminated_truncated=True,
-            **kwargs,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.env = vmas.make_env(
+                scenario,
+                num_envs=num_envs,
+                device=self.device,
+                continuous_actions=continuous_actions,
+                seed=seed,
+                max_steps=max_steps,
+                terminated_truncated=True,
+                **kwargs,
+            )
+        for w in caught:
+            # VMAS ignores a scenario argument it does not know (a typo in env.kwargs) with
+            # a warning it says will become an error; shoal makes it one now.
+            unused = re.search(r"kwargs: (.*) passed but not used", str(w.message))
+            if unused:
+                raise EnvError(
+                    f"VMAS scenario '{scenario}' does not use {unused.group(1)} (env.kwargs); "
+                    "check their names against the scenario's make_world"
+                )
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self.num_envs = num_envs
         self.n_agents = len(self.env.agents)
         self.max_episode_steps = max_steps

@@ -140,6 +140,16 @@ class TrainConfig(PPOConfig):
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads (default: what torch picks)."""
 
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError("not a torch device; use auto, cpu, cuda or cuda:N") from None
+        return value
+
     def torch_device(self) -> torch.device:
         """``auto`` -> CUDA when available, else CPU; anything else as given.
 
@@ -148,12 +158,7 @@ class TrainConfig(PPOConfig):
         """
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"train.device={self.device}: {e}; use auto, cpu or cuda[:N]"
-            ) from None
+        device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
                 f"train.device={self.device} but CUDA is not available; use train.device=cpu"
@@ -194,7 +199,7 @@ class RedisConfig(_Section):
     """The run's shared memory. With no URL a private server is started for the run."""
 
     url: str | None = None
-    """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS."""
+    """``redis://[user:password@]host:port/db``, ``rediss://`` for TLS, or ``unix://``."""
     outage_timeout_s: float = Field(30.0, gt=0)
     enabled: bool = True
     """Local in-process runs may skip Redis entirely (``redis.enabled=false``)."""
@@ -203,6 +208,16 @@ class RedisConfig(_Section):
     """Rollout workers append one trajectory chunk per batch to the replay stream."""
     replay_envs: int = Field(1, ge=1)
     """Sub-envs of each batch copied into its replay chunk (keeps chunks small)."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must start with redis://, rediss:// (TLS) or unix://, e.g. "
+                "redis://:PASSWORD@HOST:6379/0"
+            )
+        return value
 
 
 class RunConfig(_Section):
@@ -249,6 +264,13 @@ class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    def reserved_cpus(self) -> float:
+        """Ray CPUs the run's actors reserve (rollout workers and learner ranks)."""
+        return (
+            self.rollout.num_workers * self.rollout.cpus_per_worker
+            + self.learner.num_ranks * self.learner.cpus_per_rank
+        )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:

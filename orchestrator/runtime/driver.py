@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from envs.registry import describe
 from orchestrator.config import Config, ConfigError, config_to_yaml
 from orchestrator.runtime.checkpoint import checkpoint_counters, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
-from orchestrator.runtime.loop import FatalRunError
+from orchestrator.runtime.loop import FatalRunError, redis_outage
 from orchestrator.runtime.metrics import CSVSink, Metrics, MetricsSink, ProgressSink, RunStateSink
 from orchestrator.runtime.rundir import CONFIG_FILE, write_summary
 
@@ -40,25 +41,68 @@ def runs_on_ray(cfg: Config) -> bool:
 
 
 def check_topology(cfg: Config) -> None:
-    """Combinations the config alone cannot rule out (``--ray`` and ``--address`` come later).
+    """Combinations a config section alone cannot rule out (``--ray``, ``--address`` come later).
 
     Raises:
         ConfigError: naming the keys.
     """
-    if runs_on_ray(cfg) and not cfg.redis.enabled:
+    if not runs_on_ray(cfg):
+        return
+    if not cfg.redis.enabled:
         raise ConfigError(
             "redis.enabled=false: runs on Ray (rollout.num_workers > 0, learner.num_ranks > 1, "
             "ray.address or --ray) keep weights and run state in Redis; remove "
             "redis.enabled=false"
         )
+    need = cfg.reserved_cpus()
+    if cfg.ray.address is None and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < need:
+        raise ConfigError(
+            f"ray.num_cpus={cfg.ray.num_cpus} but the run reserves {need:g} CPUs "
+            f"({cfg.rollout.num_workers} x rollout.cpus_per_worker="
+            f"{cfg.rollout.cpus_per_worker:g} + {cfg.learner.num_ranks} x "
+            f"learner.cpus_per_rank={cfg.learner.cpus_per_rank:g}); raise ray.num_cpus or "
+            "lower the per-actor CPUs"
+        )
+
+
+def check_services(cfg: Config, timeout_s: float = 5.0) -> None:
+    """A Ray address or Redis URL the run is told to join must answer now, not after minutes.
+
+    Ray keeps retrying an address where nothing listens, and a shared Redis that refuses the
+    password would fail only once the run directory exists.
+
+    Raises:
+        ConfigError: naming the key, the address and what went wrong.
+    """
+    address = cfg.ray.address
+    if runs_on_ray(cfg) and address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(
+                f"ray.address={address}: cannot connect ({reason or 'no answer'}); start the "
+                "cluster (`ray start --head`) or give its address as host:port"
+            ) from None
+    if cfg.redis.enabled and cfg.redis.url:
+        from agents.memory import connect
+        from orchestrator.config import redact_url
+
+        try:
+            with connect(cfg.redis.url, outage_timeout=timeout_s) as client:
+                client.ping()
+        except Exception as e:  # the client's own failure (refused, auth, TLS), as one line
+            raise ConfigError(f"redis.url={redact_url(cfg.redis.url)}: {describe(e)}") from None
 
 
 def preflight(cfg: Config) -> None:
     """Check, before anything starts, what would otherwise fail inside a process or an actor.
 
-    Builds one sub-env and the policy, acts once and steps once, so a misnamed env, a scenario
-    argument the env rejects or a policy that does not fit the env is one line here instead of
-    a library's traceback from a Ray actor.
+    Checks the topology and that the services to join answer, then builds one sub-env and the
+    policy, acts once and steps once, so a misnamed env, a scenario argument the env rejects
+    or a policy that does not fit the env is one line here instead of a library's traceback
+    from a Ray actor.
 
     Raises:
         ConfigError: an impossible combination, naming the keys.
@@ -66,6 +110,7 @@ def preflight(cfg: Config) -> None:
     """
     check_topology(cfg)
     cfg.train.torch_device()
+    check_services(cfg)
     env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
     try:
         policy = cfg.model.build(env)
@@ -104,6 +149,25 @@ def _without_missing_redis(cfg: Config, on_ray: bool) -> Config:
         missing,
     )
     return cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"enabled": False})})
+
+
+def _shared_memory(cfg: Config, run_dir: Path, stack: ExitStack) -> SharedMemory:
+    """Start or join the run's Redis (closed with ``stack``) and record the run there."""
+    from orchestrator.runtime.services import SharedMemory
+
+    mem = stack.enter_context(SharedMemory(cfg.redis, run_dir.name, run_dir))
+    mem.state.set_status("starting", run_dir=str(run_dir.resolve()), pid=os.getpid())
+    mem.state.set_config(
+        {
+            "preset": cfg.preset,
+            "env": cfg.env.name,
+            "n_agents": cfg.env.n_agents,
+            "model": cfg.model.kind,
+            "workers": cfg.rollout.num_workers,
+            "ranks": cfg.learner.num_ranks,
+        }
+    )
+    return mem
 
 
 def _record_failure(mem: SharedMemory, error: BaseException) -> None:
@@ -157,45 +221,35 @@ def run_training(
     if cfg.run.progress:
         sinks.append(ProgressSink(cfg.train.total_env_steps, start["env_steps"], console))
     metrics = Metrics(sinks)
-    with ExitStack() as stack:
-        mem: SharedMemory | None = None
-        if cfg.redis.enabled:
-            from orchestrator.runtime.services import SharedMemory
-
-            mem = stack.enter_context(SharedMemory(cfg.redis, run_dir.name, run_dir))
-            sinks.insert(1, RunStateSink(mem.state))
-            mem.state.set_status("starting", run_dir=str(run_dir.resolve()), pid=os.getpid())
-            mem.state.set_config(
-                {
-                    "preset": cfg.preset,
-                    "env": cfg.env.name,
-                    "n_agents": cfg.env.n_agents,
-                    "model": cfg.model.kind,
-                    "workers": cfg.rollout.num_workers,
-                    "ranks": cfg.learner.num_ranks,
-                }
-            )
-        try:
-            if on_ray:
-                from orchestrator.runtime.ray_driver import train_on_ray
-
-                assert mem is not None
-                out = train_on_ray(cfg, run_dir.resolve(), resume, mem, metrics, csv_sink, start)
-            else:
-                url = mem.url if mem is not None else None
-                rank = LearnerRank(cfg, 0, 1, run_dir, url, run_dir.name, sinks=sinks)
-                try:
-                    out = rank.train(resume, cfg.train.time_limit_s, int(start["learner_restarts"]))
-                except FatalRunError as err:
-                    raise RuntimeError(f"the run cannot continue: {err}") from None
-        except BaseException as e:
+    fatal: tuple[type[BaseException], ...] = (FatalRunError, *redis_outage(cfg.redis.enabled))
+    try:
+        with ExitStack() as stack:
+            mem = _shared_memory(cfg, run_dir, stack) if cfg.redis.enabled else None
             if mem is not None:
-                _record_failure(mem, e)
-            raise
-        finally:
-            metrics.close()
-        if mem is not None:
-            mem.state.set_status("finished", reason=out["reason"])
+                sinks.insert(1, RunStateSink(mem.state))
+            try:
+                if on_ray:
+                    from orchestrator.runtime.ray_driver import train_on_ray
+
+                    assert mem is not None
+                    out = train_on_ray(
+                        cfg, run_dir.resolve(), resume, mem, metrics, csv_sink, start
+                    )
+                else:  # a learner group of one, in this process
+                    url = mem.url if mem is not None else None
+                    rank = LearnerRank(cfg, 0, 1, run_dir, url, run_dir.name, sinks=sinks)
+                    restarts = int(start["learner_restarts"])
+                    out = rank.train(resume, cfg.train.time_limit_s, restarts)
+            except BaseException as e:
+                if mem is not None:
+                    _record_failure(mem, e)
+                raise
+            finally:
+                metrics.close()
+            if mem is not None:
+                mem.state.set_status("finished", reason=out["reason"])
+    except fatal as err:
+        raise RuntimeError(f"the run cannot continue: {err}") from None
     counters = out["counters"]
     summary = {
         "reason": out["reason"],

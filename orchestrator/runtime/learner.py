@@ -38,7 +38,7 @@ from orchestrator.runtime.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from orchestrator.runtime.loop import FatalRunError, run_loop
+from orchestrator.runtime.loop import FatalRunError, redis_outage, run_loop
 from orchestrator.runtime.metrics import Metrics, MetricsSink
 
 if TYPE_CHECKING:
@@ -278,12 +278,13 @@ class LearnerRank:
         self.setup_model(resume)
         counters = self.counters
         counters["learner_restarts"] = learner_restarts
-        outage: tuple[type[BaseException], ...] = ()
+        uses_redis = self.rank == 0 and self.redis_url is not None
+        outage = redis_outage(uses_redis)
         client = None
-        if self.rank == 0 and self.redis_url is not None:
-            from agents.memory import RedisUnavailable, RunState, WeightStore, connect
+        if uses_redis:
+            from agents.memory import RunState, WeightStore, connect
 
-            outage = (RedisUnavailable,)
+            assert self.redis_url is not None
             client = connect(self.redis_url, outage_timeout=self.cfg.redis.outage_timeout_s)
             # A restarted Redis lost the weights; republish from the loop, not from inside
             # the client call that noticed (it may hold the store's lock).

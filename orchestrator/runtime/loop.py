@@ -24,6 +24,18 @@ class FatalRunError(RuntimeError):
     """A failure that restarting the learner group cannot fix (Redis gone, a worker lost)."""
 
 
+def redis_outage(uses_redis: bool) -> tuple[type[BaseException], ...]:
+    """What to catch as "Redis stayed unreachable": nothing for a process without Redis.
+
+    Imported only when used, so a run without Redis needs no Redis client installed.
+    """
+    if not uses_redis:
+        return ()
+    from agents.memory import RedisUnavailable
+
+    return (RedisUnavailable,)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM like Ctrl-C so the loop saves a checkpoint before exiting."""

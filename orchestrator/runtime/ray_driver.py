@@ -41,14 +41,6 @@ from orchestrator.runtime.services import SharedMemory
 log = logging.getLogger(__name__)
 
 
-def required_cpus(cfg: Config) -> float:
-    """Ray CPUs the run's actors reserve."""
-    return (
-        cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
-        + cfg.learner.num_ranks * cfg.learner.cpus_per_rank
-    )
-
-
 def _free_port(preferred: int) -> int:
     """``preferred`` if nothing listens on it on loopback, else a free port."""
     with socket.socket() as sock:
@@ -68,13 +60,11 @@ def _free_port(preferred: int) -> int:
 def ray_session(cfg: Config, namespace: str) -> Iterator[str | None]:
     """Join ``ray.address``, or start a local instance sized for the run; shut down after.
 
-    An already-initialised Ray (a notebook, a test) is used as it is and left running.
+    An already-initialised Ray (a notebook, a test) is used as it is and left running. The
+    run's CPU needs were checked against ``ray.num_cpus`` before (``driver.check_topology``).
 
     Yields:
         The dashboard URL of a local instance, else ``None``.
-
-    Raises:
-        ValueError: if ``ray.num_cpus`` is too small for the configured actors.
     """
     if ray.is_initialized():
         yield None
@@ -87,16 +77,7 @@ def ray_session(cfg: Config, namespace: str) -> Iterator[str | None]:
         except ConnectionError as err:
             raise RuntimeError(f"cannot join Ray at {cfg.ray.address!r}: {err}") from None
     else:
-        need = required_cpus(cfg)
-        num_cpus = cfg.ray.num_cpus or max(1, math.ceil(need))
-        if num_cpus < need:
-            raise ValueError(
-                f"ray.num_cpus={num_cpus} but the run reserves {need:g} CPUs "
-                f"({cfg.rollout.num_workers} x rollout.cpus_per_worker="
-                f"{cfg.rollout.cpus_per_worker:g} + {cfg.learner.num_ranks} x "
-                f"learner.cpus_per_rank={cfg.learner.cpus_per_rank:g}); raise ray.num_cpus or "
-                "lower the per-actor CPUs"
-            )
+        num_cpus = cfg.ray.num_cpus or max(1, math.ceil(cfg.reserved_cpus()))
         port = _free_port(cfg.ray.dashboard_port) if cfg.ray.include_dashboard else None
         context = ray.init(
             num_cpus=num_cpus,
