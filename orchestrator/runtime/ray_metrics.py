@@ -16,7 +16,7 @@ from ray.util.metrics import Counter, Gauge
 TAG_KEYS = ("run_id", "role")
 
 # Metric rows use these keys; each maps to one gauge (name, description).
-_GAUGES = {
+GAUGES = {
     "env_steps_per_s": ("shoal_env_steps_per_second", "Env steps per second (one world step)"),
     "episode_return": ("shoal_episode_team_return", "Mean team return of finished episodes"),
     "policy_loss": ("shoal_policy_loss", "PPO clipped surrogate loss"),
@@ -26,6 +26,20 @@ _GAUGES = {
     "weights_staleness": ("shoal_weights_staleness", "Versions between acting and latest"),
     "redis_rtt_ms": ("shoal_redis_rtt_ms", "Redis round-trip latency"),
 }
+# Row keys that are running totals; each advances one counter (name, description).
+COUNTERS = {
+    "env_steps": ("shoal_env_steps", "Env steps collected"),
+    "rollout_restarts": (
+        "shoal_rollout_restarts",
+        "Rollout worker restarts (lost batches are re-collected)",
+    ),
+}
+
+
+def exported_names() -> list[str]:
+    """Every series name as Prometheus sees it (``ray_`` prefix, ``_total`` on counters)."""
+    gauges = [f"ray_{name}" for name, _ in GAUGES.values()]
+    return gauges + [f"ray_{name}_total" for name, _ in COUNTERS.values()]
 
 
 class RayMetricsSink:
@@ -42,18 +56,13 @@ class RayMetricsSink:
         self.tags = {"run_id": run_id, "role": role}
         self._gauges = {
             key: Gauge(name, description=desc, tag_keys=TAG_KEYS)
-            for key, (name, desc) in _GAUGES.items()
+            for key, (name, desc) in GAUGES.items()
         }
-        self._steps = Counter(
-            "shoal_env_steps", description="Env steps collected", tag_keys=TAG_KEYS
-        )
-        self._restarts = Counter(
-            "shoal_rollout_restarts",
-            description="Rollout worker restarts (lost batches are re-collected)",
-            tag_keys=TAG_KEYS,
-        )
-        self._last_steps = 0.0
-        self._last_restarts = 0.0
+        self._counters = {
+            key: Counter(name, description=desc, tag_keys=TAG_KEYS)
+            for key, (name, desc) in COUNTERS.items()
+        }
+        self._totals = dict.fromkeys(COUNTERS, 0.0)
 
     def log(self, row: dict[str, Any]) -> None:
         """Set every gauge present in ``row`` and advance the counters to its totals."""
@@ -61,14 +70,11 @@ class RayMetricsSink:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 gauge.set(float(value), tags=self.tags)
-        steps = float(row.get("env_steps", self._last_steps))
-        if steps > self._last_steps:
-            self._steps.inc(steps - self._last_steps, tags=self.tags)
-            self._last_steps = steps
-        restarts = float(row.get("rollout_restarts", self._last_restarts))
-        if restarts > self._last_restarts:
-            self._restarts.inc(restarts - self._last_restarts, tags=self.tags)
-            self._last_restarts = restarts
+        for key, counter in self._counters.items():
+            total = float(row.get(key, self._totals[key]))
+            if total > self._totals[key]:
+                counter.inc(total - self._totals[key], tags=self.tags)
+                self._totals[key] = total
 
     def close(self) -> None:
         """Nothing to flush: Ray exports on its own schedule."""
