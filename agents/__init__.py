@@ -1,1 +1,1 @@
-"""shoal agents."""
+"""What an agent does: act (``rollout``), learn (``ppo``) and remember (``memory``: Redis)."""
