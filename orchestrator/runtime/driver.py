@@ -21,7 +21,7 @@ from rich.console import Console
 
 from envs import EnvError
 from envs.registry import describe
-from orchestrator.config import Config, ConfigError, config_to_yaml
+from orchestrator.config import Config, ConfigError, config_to_yaml, redact_url
 from orchestrator.runtime.checkpoint import checkpoint_counters, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
 from orchestrator.runtime.loop import FatalRunError, redis_outage
@@ -75,7 +75,7 @@ def check_services(cfg: Config, timeout_s: float = 5.0) -> None:
         ConfigError: naming the key, the address and what went wrong.
     """
     address = cfg.ray.address
-    if runs_on_ray(cfg) and address and address != "auto":
+    if address and address != "auto":  # an address means Ray; `auto` is found by Ray itself
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=timeout_s).close()
@@ -87,7 +87,6 @@ def check_services(cfg: Config, timeout_s: float = 5.0) -> None:
             ) from None
     if cfg.redis.enabled and cfg.redis.url:
         from agents.memory import connect
-        from orchestrator.config import redact_url
 
         try:
             with connect(cfg.redis.url, outage_timeout=timeout_s) as client:
@@ -237,7 +236,7 @@ def run_training(
                     )
                 else:  # a learner group of one, in this process
                     url = mem.url if mem is not None else None
-                    rank = LearnerRank(cfg, 0, 1, run_dir, url, run_dir.name, sinks=sinks)
+                    rank = LearnerRank(cfg, 0, 1, run_dir, url, run_dir.name, metrics=metrics)
                     restarts = int(start["learner_restarts"])
                     out = rank.train(resume, cfg.train.time_limit_s, restarts)
             except BaseException as e:
@@ -254,7 +253,7 @@ def run_training(
     summary = {
         "reason": out["reason"],
         "counters": counters,
-        "metrics": metrics.latest or out["metrics"],
+        "metrics": metrics.latest,
         "checkpoint": out["checkpoint"],
         "run_dir": str(run_dir),
         "train_seconds": out["seconds"],

@@ -39,7 +39,7 @@ from orchestrator.runtime.checkpoint import (
     set_rng_state,
 )
 from orchestrator.runtime.loop import FatalRunError, redis_outage, run_loop
-from orchestrator.runtime.metrics import Metrics, MetricsSink
+from orchestrator.runtime.metrics import Metrics
 
 if TYPE_CHECKING:
     from agents.memory import RunState, WeightStore
@@ -99,7 +99,7 @@ class LearnerRank:
         redis_url: the run's Redis; ``None`` trains without it (in-process only).
         run_id: namespaces the Redis keys.
         namespace: Ray namespace holding the run's rollout actors (``None`` without Ray).
-        sinks: where rank 0's metric rows go; by default a queue the driver drains.
+        metrics: where rank 0's metric rows go; by default a queue the driver drains.
     """
 
     def __init__(
@@ -111,7 +111,7 @@ class LearnerRank:
         redis_url: str | None = None,
         run_id: str = "run",
         namespace: str | None = None,
-        sinks: list[MetricsSink] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
         torch.set_num_threads(learner_threads(self.cfg))
@@ -120,7 +120,7 @@ class LearnerRank:
         self.redis_url, self.run_id, self.namespace = redis_url, run_id, namespace
         self.device = self.cfg.train.torch_device()
         self._rows = _RowQueue()
-        self.sinks: list[MetricsSink] = [self._rows] if sinks is None else sinks
+        self.metrics = Metrics([self._rows]) if metrics is None else metrics
         self._stop: str | None = None
         self._store: Any = None
         self._republish = threading.Event()
@@ -302,7 +302,7 @@ class LearnerRank:
                 self.cfg,
                 counters,
                 lambda lr_frac: self._step(rollouts, lr_frac),
-                Metrics(self.sinks if self.rank == 0 else []),
+                self.metrics if self.rank == 0 else Metrics([]),
                 self.checkpoint if self.rank == 0 else None,
                 should_stop=self._should_stop,
                 agree=self._agree,
