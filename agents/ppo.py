@@ -36,7 +36,8 @@ class PPOConfig(BaseModel):
 
     lr: float = Field(3e-3, gt=0)
     lr_decay: bool = False
-    """Anneal the learning rate linearly to 0 over ``train.total_env_steps``."""
+    """Anneal the learning rate linearly to 0 over the run's budget: ``train.total_env_steps``
+    or ``train.time_limit_s``, whichever ends it first."""
     gamma: float = Field(0.99, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
     clip: float = Field(0.2, gt=0)
@@ -46,6 +47,9 @@ class PPOConfig(BaseModel):
     epochs: int = Field(4, ge=1)
     minibatches: int = Field(2, ge=1)
     max_grad_norm: float = Field(10.0, gt=0)
+    target_kl: float | None = Field(None, gt=0)
+    """Stop an update's epochs once a minibatch's approximate KL to the acting policy exceeds
+    this (CleanRL's ``target_kl``); ``None`` runs every epoch."""
     adv_norm: bool = True
     value_norm: bool = True
     behaviour_correction: bool = True
@@ -203,8 +207,11 @@ class Learner:
         gen = torch.Generator().manual_seed(1_000_003 * self.updates + 17)
         stats: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
         stats.update(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0)
-        n_mb = 0
+        n_mb, stopped = 0, False
+        planned = cfg.epochs * min(cfg.minibatches, t_len)
         for _ in range(cfg.epochs):
+            if stopped:
+                break
             perm = torch.randperm(t_len, generator=gen)
             for idx in perm.tensor_split(min(cfg.minibatches, t_len)):
                 idx = idx.to(self.device)
@@ -248,6 +255,11 @@ class Learner:
                     stats["clip_frac"] += ((clipped * mb_alive).sum() / count).item()
                     stats["grad_norm"] += float(grad_norm)
                 n_mb += 1
+                if cfg.target_kl is not None:
+                    # Every rank sees the same mean KL, so all stop at the same minibatch.
+                    if float(self.all_reduce_mean(kl.detach())) > cfg.target_kl:
+                        stopped = True
+                        break
         self.updates += 1
         out = {k: v / max(n_mb, 1) for k, v in stats.items()}
         # Mean π_prox/π_b over live agents (1 when the batch is on-policy or uncorrected).
@@ -255,6 +267,7 @@ class Learner:
             float((weight * alive).sum() / alive.sum().clamp(min=1)) if weight is not None else 1.0
         )
         out["lr"] = cfg.lr * lr_frac
+        out["minibatches_done"] = n_mb / planned  # below 1 when target_kl stopped the update
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite training statistics: {out}")
         return out

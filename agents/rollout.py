@@ -214,3 +214,38 @@ class LocalRollouts:
             "collect_s": time.perf_counter() - t0,
             "weights_fetch_s": 0.0,  # acts with the learner's own model
         }
+
+
+@torch.no_grad()
+def episode_returns(
+    model: ActorCritic, env: VecMultiAgentEnv, episodes: int, seed: int, greedy: bool = False
+) -> list[float]:
+    """Team returns (summed over agents and steps) of ``episodes`` whole episodes.
+
+    Every sub-env of ``env`` plays from a reset seeded with ``seed``; only the first episodes
+    of each sub-env count until there are enough, so that short episodes never bias the
+    sample. Action sampling draws from a forked RNG: evaluating in the middle of training
+    leaves the training's random stream as it was, and the same ``seed`` gives the same
+    episodes for the same weights.
+    """
+    width = env.num_envs
+    returns: list[float] = []
+    cuda = [env.device.index or 0] if env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        obs = env.reset(seed=seed)
+        running = torch.zeros(width, device=env.device)
+        counted = torch.zeros(width, dtype=torch.long)
+        quota = torch.full((width,), episodes // width)
+        quota[: episodes % width] += 1
+        while len(returns) < episodes:
+            dist = model.dist(obs.as_dict())
+            res = env.step(dist.mode() if greedy else dist.sample())
+            running += (res.reward.float() * obs.alive).sum(-1)
+            for i in res.done.nonzero().flatten().tolist():
+                if counted[i] < quota[i]:
+                    returns.append(float(running[i]))
+                    counted[i] += 1
+                running[i] = 0.0
+            obs = res.observation
+    return returns

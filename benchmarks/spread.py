@@ -131,7 +131,10 @@ def train_and_evaluate(
                 }
             )
         reached = next((e for e in evals if e["mean"] >= TARGET_RETURN), None)
+        best = run_dir / "checkpoints" / "best"  # kept by the run's own periodic evaluation
+        best_eval = evaluate(best, episodes=eval_episodes) if best.is_dir() else None
         return {
+            "best": best_eval and {k: best_eval[k] for k in ("env_steps", "wall_time", "mean")},
             "cfg": cfg,
             "summary": summary,
             "setup_s": setup_s,

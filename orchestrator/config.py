@@ -228,6 +228,11 @@ class RunConfig(_Section):
     """Run directory name; default ``<preset>-<timestamp>``."""
     checkpoint_every_s: float = Field(30.0, gt=0)
     keep_checkpoints: int = Field(3, ge=1)
+    eval_every_s: float | None = Field(10.0, gt=0)
+    """Evaluate the policy this often on the run's own env and keep the best one as
+    ``checkpoints/best`` (``shoal eval`` uses it); ``null`` turns it off."""
+    eval_episodes: int = Field(200, ge=1)
+    """Episodes per evaluation, all stepped together (one batched rollout on native envs)."""
     log_every_s: float = Field(2.0, gt=0)
     plot: bool = False
     """Write ``learning_curve.png`` at the end of the run."""

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from agents.rollout import episode_returns
 from orchestrator.config import Config
-from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
+from orchestrator.runtime.checkpoint import BEST, load_checkpoint, policy_from_checkpoint
 
 
 def evaluate(
@@ -25,6 +26,7 @@ def evaluate(
     greedy: bool = False,
     seed: int = 12345,
     parallel: int = 100,
+    which: str | None = None,
 ) -> dict[str, Any]:
     """Roll out ``episodes`` full episodes and report team returns.
 
@@ -37,11 +39,18 @@ def evaluate(
         greedy: act with the most likely action instead of sampling.
         seed: seeds env resets and action sampling.
         parallel: sub-envs stepped together.
+        which: for a run directory, ``best`` (``checkpoints/best``) or ``latest``; by
+            default the best when the run has one, else the latest.
 
     Returns:
-        ``mean``, ``stderr``, ``episodes``, ``n_agents``, ``returns`` (list).
+        ``mean``, ``stderr``, ``episodes``, ``n_agents``, ``which`` (``best``, ``latest`` or
+        ``given`` for a checkpoint directory), ``checkpoint``, ``returns`` (list), ...
     """
-    ckpt = load_checkpoint(checkpoint)
+    if which is None:
+        which = BEST if (Path(checkpoint) / "checkpoints" / BEST).is_dir() else "latest"
+    ckpt = load_checkpoint(checkpoint, which=which)
+    if (Path(checkpoint) / "meta.json").is_file() or Path(checkpoint).is_file():
+        which = "given"
     cfg = Config.model_validate(_yaml(ckpt["config"]))
     spec = ckpt["meta"]["policy_spec"]
     n = n_agents or cfg.env.n_agents
@@ -69,27 +78,7 @@ def evaluate(
         )
     model = policy_from_checkpoint(ckpt, obs_dim=env.obs_dim, state_dim=env.state_dim)
     model.eval()
-    torch.manual_seed(seed)
-    returns: list[float] = []
-    obs = env.reset(seed=seed)
-    running = torch.zeros(width)
-    # Only the first episode of each sub-env counts until enough are done, so that short
-    # episodes never bias the sample.
-    counted = torch.zeros(width, dtype=torch.long)
-    quota = torch.full((width,), episodes // width)
-    quota[: episodes % width] += 1
-    while len(returns) < episodes:
-        with torch.no_grad():
-            action = model.dist(obs.as_dict())
-            act = action.mode() if greedy else action.sample()
-        res = env.step(act)
-        running += (res.reward.float() * obs.alive).sum(-1)
-        for i in res.done.nonzero().flatten().tolist():
-            if counted[i] < quota[i]:
-                returns.append(float(running[i]))
-                counted[i] += 1
-            running[i] = 0.0
-        obs = res.observation
+    returns = episode_returns(model, env, episodes, seed=seed, greedy=greedy)
     env.close()
     mean = sum(returns) / len(returns)
     var = sum((r - mean) ** 2 for r in returns) / max(len(returns) - 1, 1)
@@ -100,6 +89,7 @@ def evaluate(
         "n_agents": env.n_agents,
         "env": env_name,
         "checkpoint": str(ckpt["path"]),
+        "which": which,
         "env_steps": ckpt["meta"]["counters"]["env_steps"],
         "wall_time": ckpt["meta"]["counters"].get("wall_time"),
         "returns": returns,

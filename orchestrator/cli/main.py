@@ -133,14 +133,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             greedy=args.greedy,
             seed=args.seed,
+            which=args.which,
         )
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
+    which = {"best": "the best checkpoint", "latest": "the latest checkpoint"}
     console.print(
         f"team return {res['mean']:.2f} ± {res['stderr']:.2f} (stderr) over {res['episodes']} "
-        f"episodes, N={res['n_agents']}, env={res['env']}, checkpoint at "
-        f"{res['env_steps']:,} env steps",
+        f"episodes, N={res['n_agents']}, env={res['env']}, "
+        f"{which.get(res['which'], 'checkpoint')} at {res['env_steps']:,} env steps "
+        f"({res['checkpoint']})",
         highlight=False,
+        soft_wrap=True,
     )
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "returns"}))  # noqa: T201
@@ -228,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
     ev.add_argument("--greedy", action="store_true", help="most likely action, not sampled")
     ev.add_argument("--seed", type=int, default=12345)
+    ev.add_argument(
+        "--which",
+        choices=["best", "latest"],
+        help="for a run: its best evaluated checkpoint or its latest (default: best if the run "
+        "kept one, else latest)",
+    )
     ev.add_argument("--json", action="store_true", help="also print a JSON line")
     ev.set_defaults(func=cmd_eval)
 

@@ -83,8 +83,13 @@ def save_checkpoint(
     counters: dict[str, Any],
     config_yaml: str,
     keep: int = 3,
+    name: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``ckpt_root/step-<env_steps>`` atomically and prune all but the newest ``keep``.
+
+    With ``name`` (``best``) the checkpoint goes to ``ckpt_root/<name>`` instead, replacing
+    the one there; named checkpoints are neither pruned nor resumed from.
 
     Args:
         ckpt_root: the run's ``checkpoints`` directory.
@@ -93,28 +98,34 @@ def save_checkpoint(
         counters: ``env_steps``, ``iteration``, ``wall_time`` and similar plain numbers.
         config_yaml: the resolved run config.
         keep: how many checkpoints to keep.
+        name: a fixed name instead of ``step-<env_steps>``.
+        meta: more fields for ``meta.json`` (e.g. the evaluation that made it the best).
 
     Returns:
         The checkpoint directory.
     """
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"{CKPT_PREFIX}{int(counters['env_steps']):012d}"
+    name = name or f"{CKPT_PREFIX}{int(counters['env_steps']):012d}"
     final = ckpt_root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
     try:
         torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(learner_state, tmp / "learner.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        meta = {"counters": counters, "policy_spec": asdict(model.spec), "format": 1}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        record = {"counters": counters, "policy_spec": asdict(model.spec), "format": 1}
+        (tmp / "meta.json").write_text(json.dumps({**record, **(meta or {})}, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # same step saved twice (e.g. on stop right after a save)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # same step saved twice (on stop right after a save), or a new best
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=ckpt_root))
+            os.rename(final, old / name)
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -130,8 +141,16 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a run directory (its newest checkpoint) or a file in one.
+BEST = "best"
+
+
+def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """Accept a checkpoint directory, a run directory or a file in a checkpoint.
+
+    Args:
+        path: the checkpoint or run directory.
+        which: for a run directory, ``latest`` (its newest ``step-*``, what ``--resume``
+            continues from) or ``best`` (``checkpoints/best``, the best evaluated policy).
 
     Raises:
         FileNotFoundError: with a message saying what was looked for.
@@ -141,6 +160,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         p = p.parent
     if (p / "meta.json").is_file():
         return p
+    if which == BEST:
+        best = p / "checkpoints" / BEST
+        if not (best / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"no best checkpoint in '{path}': the run did not evaluate while training "
+                "(run.eval_every_s=null) or has not yet; use --which latest"
+            )
+        return best
     found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
     if not found:
         raise FileNotFoundError(
@@ -150,12 +177,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", which: str = "latest"
+) -> dict[str, Any]:
     """Read a checkpoint: ``model`` (state dict), ``learner``, ``rng``, ``meta``, ``config``.
 
     Everything tensor-valued is loaded with ``weights_only=True``: no code from the file runs.
+    ``which`` picks a run directory's ``latest`` or ``best`` checkpoint.
     """
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, which)
     meta = json.loads((ckpt / "meta.json").read_text())
     return {
         "path": ckpt,

@@ -32,6 +32,7 @@ from agents.ppo import Learner
 from agents.rollout import LocalRollouts, RolloutBatch, RolloutWorker
 from orchestrator.config import Config, config_to_yaml
 from orchestrator.runtime import process_group
+from orchestrator.runtime.best import periodic_evaluation
 from orchestrator.runtime.checkpoint import (
     fresh_counters,
     load_checkpoint,
@@ -307,6 +308,7 @@ class LearnerRank:
                 should_stop=self._should_stop,
                 agree=self._agree,
                 time_limit_s=time_limit_s,
+                evaluate=periodic_evaluation(self) if self.rank == 0 else None,
             )
         except outage as err:
             raise FatalRunError(str(err)) from None

@@ -70,6 +70,20 @@ class LoopResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _lr_frac(cfg: Config, env_steps: int, elapsed: float, time_limit_s: float | None) -> float:
+    """The learning rate's share left: 1, or with ``train.lr_decay`` linear to 0 at the budget.
+
+    The budget is whichever ends the run first, ``train.total_env_steps`` or the time limit,
+    so a run cut by time anneals fully instead of stopping at a high learning rate.
+    """
+    if not cfg.train.lr_decay:
+        return 1.0
+    done = env_steps / cfg.train.total_env_steps
+    if time_limit_s is not None:
+        done = max(done, elapsed / time_limit_s)
+    return max(1.0 - done, 0.0)
+
+
 def _same(reason: str | None) -> str | None:
     return reason
 
@@ -83,6 +97,7 @@ def run_loop(
     should_stop: Callable[[], str | None] = lambda: None,
     agree: Callable[[str | None], str | None] = _same,
     time_limit_s: float | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
 ) -> LoopResult:
     """Collect, learn, log, checkpoint, repeat, until a stop condition holds.
 
@@ -97,6 +112,8 @@ def run_loop(
         agree: turns this process's stop reason into the one every rank acts on (identity
             on one rank; a broadcast from rank 0 in a learner group).
         time_limit_s: stop after this many seconds of this loop.
+        evaluate: called every ``run.eval_every_s`` (rank 0); its statistics join that
+            iteration's row, which is logged whatever ``run.log_every_s`` says.
 
     Returns:
         Why it stopped, the last checkpoint written, the loop's duration and start counter.
@@ -105,7 +122,7 @@ def run_loop(
     t_start = time.monotonic()
     wall0 = float(counters["wall_time"])
     start_steps = int(counters["env_steps"])
-    last_ckpt = last_log = t_start
+    last_ckpt = last_log = last_eval = t_start
     window_steps, window_t = 0, t_start
     reason = "total_env_steps reached"
     ckpt_path: Path | None = None
@@ -124,8 +141,7 @@ def run_loop(
                 if stop is not None:
                     reason = stop
                     break
-                frac = 1.0 - counters["env_steps"] / total if cfg.train.lr_decay else 1.0
-                steps, stats = step(max(frac, 0.0))
+                steps, stats = step(_lr_frac(cfg, counters["env_steps"], elapsed, time_limit_s))
                 counters["env_steps"] += steps
                 counters["iteration"] += 1
                 now = time.monotonic()
@@ -138,8 +154,12 @@ def run_loop(
                     "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
                     **stats,
                 }
+                evaluated = evaluate is not None and now - last_eval >= (cfg.run.eval_every_s or 0)
+                if evaluate is not None and evaluated:
+                    row.update(evaluate())
+                    last_eval = now
                 pending = row
-                if now - last_log >= cfg.run.log_every_s:
+                if evaluated or now - last_log >= cfg.run.log_every_s:
                     metrics.log(row)
                     pending = None
                     last_log, window_steps, window_t = now, 0, now

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,11 +46,15 @@ class CSVSink:
                 self._writer = csv.DictWriter(self._fh, fieldnames=header, extrasaction="ignore")
 
     def log(self, row: dict[str, float]) -> None:
-        """Append one row (the first row fixes the columns)."""
+        """Append one row; a key no earlier row had adds a column (rare: ``eval_return``)."""
         if self._writer is None:
             self._fh = open(self.path, "w", newline="")  # noqa: SIM115
             self._writer = csv.DictWriter(self._fh, fieldnames=list(row), extrasaction="ignore")
             self._writer.writeheader()
+        elif not row.keys() <= set(self._writer.fieldnames):
+            header = list(self._writer.fieldnames)
+            self._rewrite(header + [k for k in row if k not in header], self._rows())
+        assert self._writer is not None and self._fh is not None
         self._writer.writerow(row)
         self._fh.flush()
 
@@ -61,16 +66,27 @@ class CSVSink:
         """
         if self._writer is None or self._fh is None:
             return
-        self._fh.close()
-        with open(self.path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        header = list(self._writer.fieldnames)
-        kept = [r for r in rows if float(r.get("env_steps") or 0.0) <= max_env_steps]
-        self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - kept open for the run
-        self._writer = csv.DictWriter(self._fh, fieldnames=header, extrasaction="ignore")
-        self._writer.writeheader()
-        self._writer.writerows(kept)
+        kept = [r for r in self._rows() if float(r.get("env_steps") or 0.0) <= max_env_steps]
+        self._rewrite(list(self._writer.fieldnames), kept)
+
+    def _rows(self) -> list[dict[str, str]]:
+        assert self._fh is not None
         self._fh.flush()
+        with open(self.path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def _rewrite(self, header: list[str], rows: list[dict[str, str]]) -> None:
+        """Replace the file with ``rows`` under ``header``, atomically, and keep appending."""
+        assert self._fh is not None
+        self._fh.close()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
+        self._writer = csv.DictWriter(self._fh, fieldnames=header, extrasaction="ignore")
 
     def close(self) -> None:
         """Close the file."""

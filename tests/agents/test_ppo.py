@@ -215,3 +215,22 @@ def test_a_stale_batch_is_clipped_less_with_the_correction() -> None:
     on = corrected.update(stale, staleness=1)
     assert on["clip_frac"] < off["clip_frac"]
     assert on["behaviour_weight"] != 1.0 and off["behaviour_weight"] == 1.0
+
+
+def test_a_kl_early_stop_ends_an_update_whose_kl_exceeds_the_target() -> None:
+    env, model = _setup()
+    batch = RolloutWorker(env, model, rollout_len=10, seed=3).collect()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    full = Learner(model, PPOConfig(lr=3e-2, epochs=4, minibatches=2)).update(batch)
+    assert full["minibatches_done"] == 1.0 and full["approx_kl"] > 1e-3  # a big step moves
+
+    model.load_state_dict(init)
+    # The first minibatch starts at KL 0; after its step the policy has moved, so the second
+    # one's KL exceeds a tiny target and the update stops there: 2 of 8 minibatches.
+    stopped = Learner(model, PPOConfig(lr=3e-2, epochs=4, minibatches=2, target_kl=1e-6))
+    stats = stopped.update(batch)
+    assert stats["minibatches_done"] == 2 / 8
+
+    model.load_state_dict(init)
+    generous = Learner(model, PPOConfig(lr=3e-2, epochs=4, minibatches=2, target_kl=10.0))
+    assert generous.update(batch)["minibatches_done"] == 1.0

@@ -85,7 +85,8 @@ def rows(run_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        # A cell is empty where a row did not measure its column (eval_return between evals).
+        return [{k: float(v or "nan") for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -85,3 +85,26 @@ def test_shoal_run_piped_shows_progress_and_whole_paths(tmp_path) -> None:
     assert progress and "(100%)" in progress[-1]
     ckpt = next(line.split()[1] for line in proc.stdout.splitlines() if "checkpoint" in line)
     assert Path(ckpt).is_dir()  # the whole path, as printed
+
+
+def test_csv_gains_a_column_when_a_row_brings_a_new_key(tmp_path) -> None:
+    from orchestrator.runtime.metrics import CSVSink
+
+    path = tmp_path / "metrics.csv"
+    sink = CSVSink(path)
+    sink.log({"env_steps": 1.0, "episode_return": -60.0})
+    sink.log({"env_steps": 2.0, "episode_return": -55.0, "eval_return": -50.0})
+    sink.log({"env_steps": 3.0, "episode_return": -52.0})
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert lines == [
+        "env_steps,episode_return,eval_return",
+        "1.0,-60.0,",
+        "2.0,-55.0,-50.0",
+        "3.0,-52.0,",
+    ]
+    resumed = CSVSink(path)  # a resumed run appends under the widened header
+    resumed.log({"env_steps": 4.0, "eval_return": -45.0})
+    resumed.close()
+    assert path.read_text().splitlines()[-1] == "4.0,,-45.0"
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind

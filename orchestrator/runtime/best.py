@@ -1,0 +1,84 @@
+"""Rank 0's periodic evaluation, and the best checkpoint it keeps (``checkpoints/best``).
+
+A run's last checkpoint is not always its best: PPO can fall back after a peak. Every
+``run.eval_every_s`` rank 0 plays ``run.eval_episodes`` episodes of the run's own env with the
+current weights (one batched rollout on a vectorised env) and, when the mean team return beats
+the best so far, writes the checkpoint ``best`` beside the ``step-*`` ones. ``shoal eval RUN``
+uses it unless told ``--which latest``; ``--resume`` always continues from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agents.rollout import episode_returns
+from orchestrator.config import config_to_yaml
+from orchestrator.runtime.checkpoint import BEST, save_checkpoint
+
+if TYPE_CHECKING:
+    from orchestrator.runtime.learner import LearnerRank
+
+# Evaluations replay the same episodes, so that two of them differ only by the weights.
+EVAL_SEED = 2_000_003
+
+
+class BestTracker:
+    """The best evaluated return so far; :meth:`improved` says whether a new one beats it.
+
+    Args:
+        best: the best of an earlier session (a resumed run keeps its best checkpoint).
+    """
+
+    def __init__(self, best: float = -math.inf) -> None:
+        self.best = best
+
+    def improved(self, value: float) -> bool:
+        """True (and ``value`` is the new best) when ``value`` is finite and above the best."""
+        if math.isfinite(value) and value > self.best:
+            self.best = value
+            return True
+        return False
+
+    @classmethod
+    def of_run(cls, run_dir: Path) -> BestTracker:
+        """The tracker a run continues with: its best checkpoint's return, if it has one."""
+        meta = run_dir / "checkpoints" / BEST / "meta.json"
+        if meta.is_file():
+            return cls(float(json.loads(meta.read_text()).get("eval_return", -math.inf)))
+        return cls()
+
+
+def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | None:
+    """The evaluation ``run_loop`` calls on rank 0; ``None`` with ``run.eval_every_s=null``.
+
+    Returns:
+        A function returning ``eval_return`` (this evaluation's mean team return) and
+        ``best_eval_return``, having written ``checkpoints/best`` when the former is a new best.
+    """
+    cfg = rank.cfg
+    if cfg.run.eval_every_s is None:
+        return None
+    n = cfg.run.eval_episodes
+    env = cfg.env.make(n, EVAL_SEED, rank.device)
+    best = BestTracker.of_run(rank.run_dir)
+
+    def evaluate() -> dict[str, float]:
+        returns = episode_returns(rank.model, env, n, seed=EVAL_SEED)
+        value = sum(returns) / len(returns)
+        if best.improved(value):
+            save_checkpoint(
+                rank.run_dir / "checkpoints",
+                model=rank.model,
+                learner_state=rank.learner.state_dict(),
+                counters=dict(rank.counters),
+                config_yaml=config_to_yaml(cfg),
+                name=BEST,
+                meta={"eval_return": value, "eval_episodes": n, "eval_env": cfg.env.name},
+            )
+        return {"eval_return": value, "best_eval_return": best.best}
+
+    return evaluate
