@@ -207,6 +207,7 @@ class Learner:
         gen = torch.Generator().manual_seed(1_000_003 * self.updates + 17)
         stats: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
         stats.update(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0)
+        kl_max = 0.0
         n_mb, stopped = 0, False
         planned = cfg.epochs * min(cfg.minibatches, t_len)
         for _ in range(cfg.epochs):
@@ -252,6 +253,7 @@ class Learner:
                     stats["value_loss"] += value_loss.item()
                     stats["entropy"] += entropy.item()
                     stats["approx_kl"] += kl.item()
+                    kl_max = max(kl_max, kl.item())
                     stats["clip_frac"] += ((clipped * mb_alive).sum() / count).item()
                     stats["grad_norm"] += float(grad_norm)
                 n_mb += 1
@@ -262,6 +264,7 @@ class Learner:
                         break
         self.updates += 1
         out = {k: v / max(n_mb, 1) for k, v in stats.items()}
+        out["approx_kl_max"] = kl_max  # the worst minibatch: a spike the mean hides
         # Mean π_prox/π_b over live agents (1 when the batch is on-policy or uncorrected).
         out["behaviour_weight"] = (
             float((weight * alive).sum() / alive.sum().clamp(min=1)) if weight is not None else 1.0

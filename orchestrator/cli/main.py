@@ -112,6 +112,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         rows.append(("throughput", f"{rate:,.0f} env-steps/s"))
     if m.get("episode_return") is not None:
         rows.append(("team return (train)", f"{m['episode_return']:.2f}"))
+    best = Path(summary["run_dir"]) / "checkpoints" / "best" / "meta.json"
+    if best.is_file():
+        value = json.loads(best.read_text())["eval_return"]
+        rows.append(("best eval return", f"{value:.2f} (own env; checkpoints/best)"))
     rows.append(("run dir", summary["run_dir"]))
     if summary.get("checkpoint"):
         rows.append(("checkpoint", summary["checkpoint"]))

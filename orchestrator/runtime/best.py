@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,8 +57,9 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
     """The evaluation ``run_loop`` calls on rank 0; ``None`` with ``run.eval_every_s=null``.
 
     Returns:
-        A function returning ``eval_return`` (this evaluation's mean team return) and
-        ``best_eval_return``, having written ``checkpoints/best`` when the former is a new best.
+        A function returning ``eval_return`` (this evaluation's mean team return),
+        ``best_eval_return`` and ``eval_s`` (seconds it played), having written
+        ``checkpoints/best`` when ``eval_return`` is a new best.
     """
     cfg = rank.cfg
     if cfg.run.eval_every_s is None:
@@ -67,7 +69,9 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
     best = BestTracker.of_run(rank.run_dir)
 
     def evaluate() -> dict[str, float]:
+        t0 = time.perf_counter()
         returns = episode_returns(rank.model, env, n, seed=EVAL_SEED)
+        eval_s = time.perf_counter() - t0
         value = sum(returns) / len(returns)
         if best.improved(value):
             save_checkpoint(
@@ -79,6 +83,6 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
                 name=BEST,
                 meta={"eval_return": value, "eval_episodes": n, "eval_env": cfg.env.name},
             )
-        return {"eval_return": value, "best_eval_return": best.best}
+        return {"eval_return": value, "best_eval_return": best.best, "eval_s": eval_s}
 
     return evaluate

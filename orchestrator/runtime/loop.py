@@ -112,8 +112,9 @@ def run_loop(
         agree: turns this process's stop reason into the one every rank acts on (identity
             on one rank; a broadcast from rank 0 in a learner group).
         time_limit_s: stop after this many seconds of this loop.
-        evaluate: called every ``run.eval_every_s`` (rank 0); its statistics join that
-            iteration's row, which is logged whatever ``run.log_every_s`` says.
+        evaluate: called every ``run.eval_every_s`` (rank 0), or less often when its
+            ``eval_s`` is more than a tenth of that; its statistics join that iteration's
+            row, which is logged whatever ``run.log_every_s`` says.
 
     Returns:
         Why it stopped, the last checkpoint written, the loop's duration and start counter.
@@ -123,6 +124,7 @@ def run_loop(
     wall0 = float(counters["wall_time"])
     start_steps = int(counters["env_steps"])
     last_ckpt = last_log = last_eval = t_start
+    eval_every = cfg.run.eval_every_s or 0.0
     window_steps, window_t = 0, t_start
     reason = "total_env_steps reached"
     ckpt_path: Path | None = None
@@ -154,10 +156,13 @@ def run_loop(
                     "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
                     **stats,
                 }
-                evaluated = evaluate is not None and now - last_eval >= (cfg.run.eval_every_s or 0)
+                evaluated = evaluate is not None and now - last_eval >= eval_every
                 if evaluate is not None and evaluated:
                     row.update(evaluate())
-                    last_eval = now
+                    last_eval = time.monotonic()
+                    # On an env stepped in a Python loop an evaluation can cost seconds: space
+                    # them so they never take more than a tenth of the run.
+                    eval_every = max(cfg.run.eval_every_s or 0.0, 10 * row.get("eval_s", 0.0))
                 pending = row
                 if evaluated or now - last_log >= cfg.run.log_every_s:
                     metrics.log(row)

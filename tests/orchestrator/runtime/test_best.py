@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 
 import pytest
 
@@ -88,3 +89,20 @@ def test_shoal_eval_says_which_checkpoint_it_used(tmp_path, capsys) -> None:
     with pytest.raises(FileNotFoundError, match="no best checkpoint.*--which latest"):
         resolve_checkpoint(bare, "best")
     assert shoal(["eval", str(bare), "--which", "best"]) == 2
+
+
+def test_a_slow_evaluation_is_spaced_to_a_tenth_of_the_run(tmp_path, monkeypatch) -> None:
+    calls: list[float] = []
+
+    def slow(model, env, episodes, seed, greedy=False):  # as a PettingZoo env stepped in a loop
+        calls.append(1.0)
+        time.sleep(0.3)
+        return [-50.0] * episodes
+
+    monkeypatch.setattr(best_module, "episode_returns", slow)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = run_training(load_config("spread-mlp", TINY), run_dir)
+    assert summary["counters"]["iteration"] == 6
+    # Asked for after every iteration, but 0.3 s of evaluation waits 3 s for the next.
+    assert len(calls) == 1
