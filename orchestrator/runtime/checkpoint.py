@@ -105,9 +105,9 @@ def save_checkpoint(
         The checkpoint directory.
     """
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = name or f"{CKPT_PREFIX}{int(counters['env_steps']):012d}"
-    final = ckpt_root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_root))
+    dirname = name or f"{CKPT_PREFIX}{int(counters['env_steps']):012d}"
+    final = ckpt_root / dirname
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=ckpt_root))
     try:
         torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(learner_state, tmp / "learner.pt")
@@ -120,8 +120,8 @@ def save_checkpoint(
                 os.fsync(fh.fileno())
         old = None
         if final.exists():  # same step saved twice (on stop right after a save), or a new best
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=ckpt_root))
-            os.rename(final, old / name)
+            old = Path(tempfile.mkdtemp(prefix=f".{dirname}.old.", dir=ckpt_root))
+            os.rename(final, old / dirname)
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
         if old is not None:
@@ -129,8 +129,9 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if name is None:  # a named checkpoint is not one of the step-* series: prune nothing
+        for stale in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -12,7 +12,7 @@ from orchestrator.cli.main import main as shoal
 from orchestrator.config import load_config
 from orchestrator.runtime import best as best_module
 from orchestrator.runtime.best import BestTracker
-from orchestrator.runtime.checkpoint import load_checkpoint, resolve_checkpoint
+from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from orchestrator.runtime.driver import run_training
 
 # 8 worlds x 10 steps = 80 env steps an iteration, 6 iterations, an evaluation after each.
@@ -26,6 +26,8 @@ TINY = [
     "run.eval_episodes=4",
     "model.hidden=16",
     "redis.enabled=false",
+    "run.checkpoint_every_s=0.000001",
+    "run.keep_checkpoints=100",
 ]
 
 
@@ -54,6 +56,8 @@ def test_best_checkpoint_is_the_policy_of_the_best_evaluation(tmp_path, monkeypa
     assert best["meta"]["eval_return"] == -35.0 and best["meta"]["eval_episodes"] == 4
     assert best["meta"]["counters"]["env_steps"] == 4 * 80  # the 4th evaluation's weights
     assert load_checkpoint(run_dir)["meta"]["counters"]["env_steps"] == 480  # latest is apart
+    # Saving a best never prunes the step-* series (run.keep_checkpoints decides that alone).
+    assert len(list_checkpoints(run_dir / "checkpoints")) == 6  # one per iteration, all kept
     # Every evaluation is a row of metrics.csv, with the best so far beside it.
     with open(run_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
