@@ -35,6 +35,7 @@ class RolloutBatch:
           final observation's when the episode ended there (terminations are zeroed by GAE).
         - episode_returns / episode_lengths: ``[K]`` team returns (sum over agents and steps)
           and lengths of the episodes that finished inside this batch.
+        - imagined: the batch was rolled in a world model, not a real env.
     """
 
     obs: dict[str, Tensor]
@@ -48,6 +49,7 @@ class RolloutBatch:
     episode_returns: Tensor
     episode_lengths: Tensor
     weights_version: int = 0
+    imagined: bool = False
 
     @property
     def env_steps(self) -> int:
@@ -114,12 +116,20 @@ class RolloutWorker:
         model: the policy used to act (weights are replaced by ``set_weights``).
         rollout_len: ``T``, steps per batch.
         seed: seeds the env and the sampling generator.
+        extra_keys: observation fields to keep in batches besides those the policy reads
+            (a world model learns from the entity graph whatever the policy sees).
     """
 
     def __init__(
-        self, env: VecMultiAgentEnv, model: ActorCritic, rollout_len: int, seed: int = 0
+        self,
+        env: VecMultiAgentEnv,
+        model: ActorCritic,
+        rollout_len: int,
+        seed: int = 0,
+        extra_keys: frozenset[str] = frozenset(),
     ) -> None:
         self.env = env
+        self.keys = model.input_keys | extra_keys
         self.model = model.to(env.device)
         self.model.eval()
         self.rollout_len = rollout_len
@@ -144,7 +154,7 @@ class RolloutWorker:
         actions, logps, values, rewards, terms, truncs, next_values = [], [], [], [], [], [], []
         ep_returns: list[Tensor] = []
         ep_lengths: list[Tensor] = []
-        keys = model.input_keys
+        keys = self.keys
         obs = self._obs
         batch = obs.as_dict()
         action, logp, value = model.act(batch)

@@ -95,7 +95,11 @@ def baseline_returns(episodes: int = 100, seed: int = 12345) -> dict[str, float]
 
 
 def train_and_evaluate(
-    preset: str, time_limit: float, overrides: list[str], eval_episodes: int = 100
+    preset: str,
+    time_limit: float,
+    overrides: list[str],
+    eval_episodes: int = 100,
+    inspect: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``preset`` for ``time_limit`` wall seconds, checkpointing every 10 s.
 
@@ -117,6 +121,8 @@ def train_and_evaluate(
         run_dir = tmp / "run"
         run_dir.mkdir()
         summary = run_training(cfg, run_dir)
+        if summary["reason"] == "interrupted":  # Ctrl-C ends the benchmark, not just this run
+            raise KeyboardInterrupt
         # Building envs and model (and on Ray starting its processes): not training time.
         setup_s = time.perf_counter() - t0 - summary["train_seconds"]
         evals = []
@@ -131,6 +137,8 @@ def train_and_evaluate(
                 }
             )
         reached = next((e for e in evals if e["mean"] >= TARGET_RETURN), None)
+        if inspect is not None:  # e.g. the world-model benchmark's k-step errors
+            inspect(run_dir)
         best = run_dir / "checkpoints" / "best"  # kept by the run's own periodic evaluation
         best_eval = evaluate(best, episodes=eval_episodes) if best.is_dir() else None
         return {

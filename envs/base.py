@@ -125,6 +125,14 @@ class VecMultiAgentEnv(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most envs hold nothing
         """Release resources held by the env."""
 
+    def observe_entities(self, nodes: Tensor) -> Observation:
+        """What the agents would see in worlds given as entity graphs ``[B, E, F]``.
+
+        Imagination needs it: a world model predicts entity graphs, the policy acts on
+        observations. Optional; envs that cannot say raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot observe given entity graphs")
+
     def random_actions(self, generator: torch.Generator | None = None) -> Tensor:
         """Uniformly random legal actions, ``[B, N]`` or ``[B, N, action_dim]``."""
         b, n = self.num_envs, self.n_agents

@@ -19,6 +19,8 @@ from torch import Tensor
 from envs.base import EnvError, Observation, StepResult, VecMultiAgentEnv
 
 EntityFn = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
+ObserveFn = Callable[[Tensor, int], Observation]
+"""The inverse of an ``EntityFn``: entity graphs ``[B, E, F]`` and ``N`` to observations."""
 
 
 def load_parallel_env_factory(spec: str) -> Callable[..., Any]:
@@ -58,6 +60,8 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         entity_fn: maps ``obs [B, N, D]`` to ``(nodes, node_pos, node_type)``; by default each
             agent is one node whose features are its observation.
         device: where returned tensors live.
+        observe_fn: turns entity graphs back into observations, so a world model's imagined
+            worlds can be shown to the policy (``observe_entities``); ``None``: it cannot.
         **kwargs: passed to ``factory``.
     """
 
@@ -68,9 +72,11 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         seed: int | None = None,
         entity_fn: EntityFn | None = None,
         device: str | torch.device = "cpu",
+        observe_fn: ObserveFn | None = None,
         **kwargs: Any,
     ) -> None:
         self.envs = [factory(**kwargs) for _ in range(num_envs)]
+        self._observe_fn = observe_fn
         first = self.envs[0]
         self.agents: list[str] = list(first.possible_agents)
         self.num_envs = num_envs
@@ -201,6 +207,12 @@ class PettingZooVecEnv(VecMultiAgentEnv):
             truncated=torch.as_tensor(truncated, device=self.device),
             final=final,
         )
+
+    def observe_entities(self, nodes: Tensor) -> Observation:
+        """What the agents would see in worlds given as entity graphs (see ``observe_fn``)."""
+        if self._observe_fn is None:
+            return super().observe_entities(nodes)
+        return self._observe_fn(nodes.to(self.device), self.n_agents)
 
     def close(self) -> None:
         """Close every instance."""

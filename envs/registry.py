@@ -17,7 +17,7 @@ from typing import Any
 from envs.base import EnvError, VecMultiAgentEnv
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
-from envs.spread import SpreadEnv, spread_entities
+from envs.spread import SpreadEnv, observe_spread_entities, spread_entities
 from envs.vmas import VmasVecEnv
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,9 @@ def _vmas(s: EnvSettings) -> dict[str, Any]:
 
 _REGISTRY: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {}
 
-# PettingZoo envs whose observations encode an entity graph shoal knows how to read.
-_ENTITY_FNS = {"mpe2.simple_spread_v3": spread_entities}
+# PettingZoo envs whose observations encode an entity graph shoal knows how to read (and how
+# to turn back into observations, for imagination).
+_ENTITY_FNS = {"mpe2.simple_spread_v3": (spread_entities, observe_spread_entities)}
 
 
 def _stepped_in_a_loop(load: Callable[[str], Callable[..., Any]]) -> Callable[..., Any]:
@@ -67,11 +68,13 @@ def _stepped_in_a_loop(load: Callable[[str], Callable[..., Any]]) -> Callable[..
     def build(
         spec: str, num_envs: int, seed: int | None = None, device: Any = "cpu", **kwargs: Any
     ) -> VecMultiAgentEnv:
+        entity_fn, observe_fn = _ENTITY_FNS.get(spec.partition(":")[0], (None, None))
         return PettingZooVecEnv(
             load(spec),
             num_envs=num_envs,
             seed=seed,
-            entity_fn=_ENTITY_FNS.get(spec.partition(":")[0]),
+            entity_fn=entity_fn,
+            observe_fn=observe_fn,
             device=device,
             **kwargs,
         )
@@ -121,6 +124,7 @@ def _make_mpe2_spread(
         num_envs=num_envs,
         seed=seed,
         entity_fn=spread_entities,
+        observe_fn=observe_spread_entities,
         device=device,
         N=n_agents,
         local_ratio=local_ratio,

@@ -8,6 +8,8 @@ in one batch of tensor ops instead of a Python loop over entities.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -119,10 +121,6 @@ class SpreadEnv(VecMultiAgentEnv):
         self._gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
         self._u_table = torch.tensor(_DISCRETE_U, dtype=dtype, device=self.device) * SENSITIVITY
         n = n_agents
-        # others[i] = agents other than i, in mpe2's order.
-        self._others = torch.tensor(
-            [[j for j in range(n) if j != i] for i in range(n)], dtype=torch.long
-        ).to(self.device)
         self._pair_mask = ~torch.eye(n, dtype=torch.bool, device=self.device)
         shape = (num_envs, n, 2)
         self.agent_pos = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -215,21 +213,68 @@ class SpreadEnv(VecMultiAgentEnv):
     # -- observation -------------------------------------------------------------------------
 
     def _observe(self) -> Observation:
-        b, n = self.num_envs, self.n_agents
-        pos, vel = self.agent_pos, self.agent_vel
-        lm_rel = self.landmark_pos.unsqueeze(1) - pos.unsqueeze(2)  # [B, N, L, 2]
-        other_rel = pos[:, self._others] - pos.unsqueeze(2)  # [B, N, N-1, 2]
-        comm = torch.zeros(b, n, DIM_C * (n - 1), dtype=self.dtype, device=self.device)
-        obs = torch.cat(
-            [vel, pos, lm_rel.reshape(b, n, -1), other_rel.reshape(b, n, -1), comm], dim=-1
-        )
-        nodes, node_pos, node_type = spread_entities(obs, n)
-        return Observation(
-            obs=obs,
-            state=obs.reshape(b, -1),
-            alive=torch.ones(b, n, dtype=torch.bool, device=self.device),
-            nodes=nodes,
-            node_pos=node_pos,
-            node_type=node_type,
-            node_mask=torch.ones(b, 2 * n, dtype=torch.bool, device=self.device),
-        )
+        return spread_observation(self.agent_pos, self.agent_vel, self.landmark_pos)
+
+    # -- worlds given as entity graphs (imagination) -------------------------------------------
+
+    def observe_entities(self, nodes: Tensor) -> Observation:
+        """What the agents would see in the worlds ``nodes`` describes (agents first).
+
+        Args:
+            nodes: ``[B, 2N, 5]`` entity features as :func:`spread_entities` lays them out.
+        """
+        return observe_spread_entities(nodes, self.n_agents)
+
+    def set_entities(self, nodes: Tensor) -> Observation:
+        """Put the worlds in the state ``nodes`` describes (one world per row), at step 0.
+
+        The env must have as many worlds as ``nodes`` has rows. Used to step the true
+        dynamics from states a model would start imagining from.
+        """
+        if nodes.shape[0] != self.num_envs:
+            raise ValueError(f"{nodes.shape[0]} worlds given to an env of {self.num_envs}")
+        n = self.n_agents
+        nodes = nodes.to(self.device, self.dtype)
+        self.agent_vel = nodes[:, :n, 0:2].clone()
+        self.agent_pos = nodes[:, :n, 2:4].clone()
+        self.landmark_pos = nodes[:, n:, 2:4].clone()
+        self.steps.zero_()
+        return self._observe()
+
+
+def observe_spread_entities(nodes: Tensor, n_agents: int) -> Observation:
+    """simple_spread observations of worlds given as :func:`spread_entities` graphs."""
+    n = n_agents
+    return spread_observation(nodes[:, :n, 2:4], nodes[:, :n, 0:2], nodes[:, n:, 2:4])
+
+
+@functools.cache
+def _others(n: int, device: torch.device) -> Tensor:
+    """``others[i]``: the agents other than ``i``, in mpe2's order (built once per N)."""
+    return torch.tensor([[j for j in range(n) if j != i] for i in range(n)], device=device)
+
+
+def spread_observation(agent_pos: Tensor, agent_vel: Tensor, landmark_pos: Tensor) -> Observation:
+    """simple_spread observations (and their entity graph) of ``B`` worlds.
+
+    Args:
+        agent_pos: ``[B, N, 2]``.
+        agent_vel: ``[B, N, 2]``.
+        landmark_pos: ``[B, N, 2]``.
+    """
+    b, n = agent_pos.shape[:2]
+    pos, vel = agent_pos, agent_vel
+    lm_rel = landmark_pos.unsqueeze(1) - pos.unsqueeze(2)  # [B, N, L, 2]
+    other_rel = pos[:, _others(n, pos.device)] - pos.unsqueeze(2)  # [B, N, N-1, 2]
+    comm = torch.zeros(b, n, DIM_C * (n - 1), dtype=pos.dtype, device=pos.device)
+    obs = torch.cat([vel, pos, lm_rel.reshape(b, n, -1), other_rel.reshape(b, n, -1), comm], dim=-1)
+    nodes, node_pos, node_type = spread_entities(obs, n)
+    return Observation(
+        obs=obs,
+        state=obs.reshape(b, -1),
+        alive=torch.ones(b, n, dtype=torch.bool, device=pos.device),
+        nodes=nodes,
+        node_pos=node_pos,
+        node_type=node_type,
+        node_mask=torch.ones(b, 2 * n, dtype=torch.bool, device=pos.device),
+    )

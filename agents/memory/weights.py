@@ -48,11 +48,12 @@ class WeightStore:
 
     Args:
         client: A client from :func:`connect` (or a plain ``redis.Redis``).
-        run_id: The run's id; keys live under ``shoal:{run_id}:weights:``.
+        run_id: The run's id; keys live under ``shoal:{run_id}:{name}:``.
         keep: How many versions to keep.
+        name: What the weights are: ``weights`` (the policy) or ``world_model``.
     """
 
-    def __init__(self, client: Client, run_id: str, keep: int = 3) -> None:
+    def __init__(self, client: Client, run_id: str, keep: int = 3, name: str = "weights") -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.run_id = run_id
@@ -62,11 +63,12 @@ class WeightStore:
         self._recv_lock = threading.Lock()
         self._recv: bytearray | None = None
         self._encode = Encoder()  # reuses the layout while the tensors stay put
-        self._latest_key = key(run_id, "weights", "latest")
-        self._index_key = key(run_id, "weights", "versions")
+        self.name = name
+        self._latest_key = key(run_id, name, "latest")
+        self._index_key = key(run_id, name, "versions")
 
     def _version_key(self, version: int | str) -> str:
-        return key(self.run_id, "weights", version)
+        return key(self.run_id, self.name, version)
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Store ``state_dict`` as ``version`` and point ``latest`` at it, in one round trip.

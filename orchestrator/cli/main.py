@@ -155,6 +155,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dream(args: argparse.Namespace) -> int:
+    """Compare a run's world model with the real env; print k-step errors, write a picture."""
+    from orchestrator.cli.dream import dream
+
+    try:
+        res = dream(
+            find_run(args.run), steps=args.steps, worlds=args.worlds, which=args.which,
+            out=args.out,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    errors = res["errors"]
+    shown = [k for k in (1, 5, 15, args.steps) if k <= args.steps]
+    console.print(
+        f"agent position error after k dreamed steps ({args.worlds} real episodes, "
+        f"{res['checkpoint']}):",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print("  k  " + "".join(f"{k:>9}" for k in dict.fromkeys(shown)), highlight=False)
+    for name, values in errors.items():
+        cells = "".join(f"{values[k - 1]:>9.4f}" for k in dict.fromkeys(shown))
+        console.print(f"  {name.replace('_', ' '):<18}{cells}", highlight=False)
+    console.print(f"wrote {res['picture']}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Write the learning curve PNG of a run directory."""
     from orchestrator.cli.evaluate import plot_run
@@ -249,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", metavar="RUN", help="run id or directory")
     pl.add_argument("--out", help="PNG path (default RUN/learning_curve.png)")
     pl.set_defaults(func=cmd_plot)
+
+    dr = sub.add_parser(
+        "dream",
+        help="the run's world model beside the real env: k-step errors and a picture",
+        description="Roll the run's policy in the real env and, from the same start with the "
+        "same actions, in its world model; print how far imagined agents drift and write "
+        "RUN/dream.png.",
+    )
+    dr.add_argument("run", metavar="RUN", help="run id or directory (trained with a world model)")
+    dr.add_argument("--steps", type=int, default=15, help="steps to dream (default 15)")
+    dr.add_argument("--worlds", type=int, default=100, help="real episodes (default 100)")
+    dr.add_argument("--which", choices=["best", "latest"], default="latest")
+    dr.add_argument("--out", help="PNG path (default RUN/dream.png)")
+    dr.set_defaults(func=cmd_dream)
 
     pr = sub.add_parser("presets", help="list shipped presets")
     pr.set_defaults(func=cmd_presets)

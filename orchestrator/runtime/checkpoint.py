@@ -85,6 +85,7 @@ def save_checkpoint(
     keep: int = 3,
     name: str | None = None,
     meta: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``ckpt_root/step-<env_steps>`` atomically and prune all but the newest ``keep``.
 
@@ -100,6 +101,7 @@ def save_checkpoint(
         keep: how many checkpoints to keep.
         name: a fixed name instead of ``step-<env_steps>``.
         meta: more fields for ``meta.json`` (e.g. the evaluation that made it the best).
+        extra: more state, each entry saved as ``<key>.pt`` (e.g. ``world_model``).
 
     Returns:
         The checkpoint directory.
@@ -112,6 +114,8 @@ def save_checkpoint(
         torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(learner_state, tmp / "learner.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        for key, state in (extra or {}).items():
+            torch.save(state, tmp / f"{key}.pt")
         record = {"counters": counters, "policy_spec": asdict(model.spec), "format": 1}
         (tmp / "meta.json").write_text(json.dumps({**record, **(meta or {})}, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -143,6 +147,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 BEST = "best"
+_CORE_FILES = frozenset({"model", "learner", "rng"})
 
 
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -181,9 +186,10 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", which: str = "latest"
 ) -> dict[str, Any]:
-    """Read a checkpoint: ``model`` (state dict), ``learner``, ``rng``, ``meta``, ``config``.
+    """Read a checkpoint: ``model``, ``learner``, ``rng``, ``meta``, ``config``, ``extra``.
 
-    Everything tensor-valued is loaded with ``weights_only=True``: no code from the file runs.
+    ``extra`` holds every other saved state by name (e.g. ``world_model``). Everything
+    tensor-valued is loaded with ``weights_only=True``: no code from the file runs.
     ``which`` picks a run directory's ``latest`` or ``best`` checkpoint.
     """
     ckpt = resolve_checkpoint(path, which)
@@ -195,6 +201,11 @@ def load_checkpoint(
         "learner": torch.load(ckpt / "learner.pt", map_location=device, weights_only=True),
         "rng": torch.load(ckpt / "rng.pt", weights_only=True),
         "config": (ckpt / "config.yaml").read_text(),
+        "extra": {
+            f.stem: torch.load(f, map_location=device, weights_only=True)
+            for f in sorted(ckpt.glob("*.pt"))
+            if f.stem not in _CORE_FILES
+        },
     }
 
 

@@ -22,6 +22,7 @@ from rich.console import Console
 from envs import EnvError
 from envs.registry import describe
 from orchestrator.config import Config, ConfigError, config_to_yaml, redact_url
+from orchestrator.runtime import world
 from orchestrator.runtime.checkpoint import checkpoint_counters, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
 from orchestrator.runtime.loop import FatalRunError, redis_outage
@@ -55,13 +56,16 @@ def check_topology(cfg: Config) -> None:
             "redis.enabled=false"
         )
     need = cfg.reserved_cpus()
+    world = ""
+    if cfg.world_model.enabled and cfg.rollout.num_workers:
+        world = f" + world_model.actor_cpus={cfg.world_model.actor_cpus:g}"
     if cfg.ray.address is None and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < need:
         raise ConfigError(
             f"ray.num_cpus={cfg.ray.num_cpus} but the run reserves {need:g} CPUs "
             f"({cfg.rollout.num_workers} x rollout.cpus_per_worker="
             f"{cfg.rollout.cpus_per_worker:g} + {cfg.learner.num_ranks} x "
-            f"learner.cpus_per_rank={cfg.learner.cpus_per_rank:g}); raise ray.num_cpus or "
-            "lower the per-actor CPUs"
+            f"learner.cpus_per_rank={cfg.learner.cpus_per_rank:g}{world}); raise "
+            "ray.num_cpus or lower the per-actor CPUs"
         )
 
 
@@ -112,6 +116,8 @@ def preflight(cfg: Config) -> None:
     check_services(cfg)
     env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
     try:
+        if cfg.world_model.enabled:
+            world.check_env(env, cfg.world_model.oracle)
         policy = cfg.model.build(env)
         obs = env.reset(seed=cfg.train.seed)
         with torch.no_grad():

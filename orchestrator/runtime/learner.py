@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from agents.ppo import Learner
 from agents.rollout import LocalRollouts, RolloutBatch, RolloutWorker
 from orchestrator.config import Config, config_to_yaml
-from orchestrator.runtime import process_group
+from orchestrator.runtime import process_group, world
 from orchestrator.runtime.best import periodic_evaluation
 from orchestrator.runtime.checkpoint import (
     fresh_counters,
@@ -190,8 +190,14 @@ class LearnerRank:
         self.learner = Learner(
             self.model, cfg.train, train_model=train_model, all_reduce_mean=all_reduce_mean
         )
+        self.practice = None
+        if cfg.world_model.enabled:
+            real = cfg.train.rollout_len * (cfg.env.num_envs // self.world_size)
+            self.practice = world.build_practice(cfg, real, self.device)
         if ckpt is not None:
             self.learner.load_state_dict(ckpt["learner"])
+            if self.practice is not None and "world_model" in ckpt["extra"]:
+                world.load_state_dict(self.practice, ckpt["extra"]["world_model"])
             set_rng_state(ckpt["rng"])
             log.info("rank %d resumed from %s", self.rank, ckpt["path"])
 
@@ -204,6 +210,7 @@ class LearnerRank:
             counters=dict(self.counters),
             config_yaml=config_to_yaml(self.cfg),
             keep=self.cfg.run.keep_checkpoints,
+            extra={"world_model": world.state_dict(self.practice)} if self.practice else None,
         )
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -292,6 +299,9 @@ class LearnerRank:
             client.on_reconnect = self._republish.set
             self._weights = WeightStore(client, self.run_id)
             self._state = RunState(client, self.run_id)
+            if self.practice is not None and self.cfg.rollout.num_workers > 0:
+                store = WeightStore(client, self.run_id, name=world.WORLD_MODEL_WEIGHTS)
+                world.fetch_from(self.practice, store)
         try:
             self.version = self._start_version()
             if self._weights is not None:
@@ -357,7 +367,10 @@ class LearnerRank:
             b = cfg.env.num_envs // k
             seed = cfg.train.seed + 104729 * self.rank + int(self.counters["iteration"])
             env = cfg.env.make(b, seed, self.device)
-            return LocalRollouts(RolloutWorker(env, self.model, cfg.train.rollout_len, seed))
+            keys = world.WORLD_KEYS if self.practice is not None else frozenset()
+            return LocalRollouts(
+                RolloutWorker(env, self.model, cfg.train.rollout_len, seed, extra_keys=keys)
+            )
         from orchestrator.runtime.rollout import ActorRollouts, rollout_name
 
         assert self.namespace is not None, "rollout workers are Ray actors: a namespace is needed"
@@ -374,6 +387,9 @@ class LearnerRank:
         staleness = self.version - batch.weights_version
         t0 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
+        if self.practice is not None:
+            steps = int(self.counters["env_steps"])
+            stats.update(world.practise(self.practice, self, batch, steps, lr_frac))
         update_s = time.perf_counter() - t0
         self.version += 1
         if self._weights is not None:

@@ -168,7 +168,14 @@ def run_loop(
                     metrics.log(row)
                     pending = None
                     last_log, window_steps, window_t = now, 0, now
-                if checkpoint is not None and now - last_ckpt >= cfg.run.checkpoint_every_s:
+                every_steps = cfg.run.checkpoint_every_steps
+                crossed = every_steps is not None and (
+                    counters["env_steps"] // every_steps
+                    > (counters["env_steps"] - steps) // every_steps
+                )
+                if checkpoint is not None and (
+                    crossed or now - last_ckpt >= cfg.run.checkpoint_every_s
+                ):
                     ckpt_path = checkpoint()
                     last_ckpt = now
     except KeyboardInterrupt:

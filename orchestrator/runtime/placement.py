@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.config import Config
 from orchestrator.runtime.learner import LearnerRank, learner_name
 from orchestrator.runtime.rollout import RolloutActor, rollout_name
+from orchestrator.runtime.world import WORLD_MODEL_ACTOR
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +164,39 @@ def wait_name_free(name: str, namespace: str, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"Ray actor name {name!r} still taken after {timeout_s:g} s")
+
+
+def start_world_model(
+    cfg: Config, run_dir: Path, redis_url: str, run_id: str, namespace: str
+) -> tuple[Any, Any]:
+    """Start ``shoal-world-model`` and its training loop; Ray restarts it if it dies.
+
+    Returns:
+        ``(handle, ref)``: the actor and its running ``run`` call, retried on a restarted
+        actor.
+
+    Raises:
+        RuntimeError: if the actor cannot be placed within the start-up timeout.
+    """
+    from orchestrator.runtime.world_actor import WorldModelActor
+
+    wait_name_free(WORLD_MODEL_ACTOR, namespace)
+    cls: Any = ray.remote(WorldModelActor)
+    handle = cls.options(
+        name=WORLD_MODEL_ACTOR,
+        namespace=namespace,
+        num_cpus=cfg.world_model.actor_cpus,
+        max_restarts=cfg.rollout.max_restarts,
+        max_task_retries=-1,  # the run() loop continues on the restarted process
+        max_concurrency=2,  # info() and stop() are answered while run() loops
+    ).remote(cfg.model_dump(mode="json"), str(run_dir), redis_url, run_id)
+    try:
+        ray.get(handle.info.remote(), timeout=STARTUP_TIMEOUT_S)
+    except GetTimeoutError:
+        ray.kill(handle, no_restart=True)
+        raise RuntimeError(
+            f"{WORLD_MODEL_ACTOR} ({cfg.world_model.actor_cpus:g} CPU) did not start within "
+            f"{STARTUP_TIMEOUT_S:g} s (available: {ray.available_resources()}); lower "
+            "world_model.actor_cpus or add nodes"
+        ) from None
+    return handle, handle.run.remote()

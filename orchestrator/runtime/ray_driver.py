@@ -34,7 +34,12 @@ from orchestrator.runtime.checkpoint import checkpoint_counters, latest_checkpoi
 from orchestrator.runtime.learner import learner_name
 from orchestrator.runtime.loop import FatalRunError, sigterm_as_interrupt
 from orchestrator.runtime.metrics import CSVSink, Metrics
-from orchestrator.runtime.placement import STARTUP_TIMEOUT_S, LearnerGroup, start_rollout_actors
+from orchestrator.runtime.placement import (
+    STARTUP_TIMEOUT_S,
+    LearnerGroup,
+    start_rollout_actors,
+    start_world_model,
+)
 from orchestrator.runtime.ray_metrics import RayMetricsSink
 from orchestrator.runtime.services import SharedMemory
 
@@ -187,22 +192,37 @@ def train_on_ray(
             # Rows come from learner rank 0 and are relayed here, once Ray is up.
             metrics.sinks.append(RayMetricsSink(memory.run_id, "learner"))
             workers: list[Any] = []
+            world: tuple[Any, Any] | None = None
             try:
                 workers, infos = start_rollout_actors(
                     cfg, memory.url, memory.run_id, namespace, int(start["iteration"])
                 )
+                if cfg.world_model.enabled and workers:
+                    world = start_world_model(cfg, run_dir, memory.url, memory.run_id, namespace)
                 memory.state.set_status(
                     "running", actors={i["name"]: i for i in infos}, dashboard=dashboard
                 )
                 with sigterm_as_interrupt():
                     return _supervise(cfg, run_dir, resume, memory, metrics, csv_sink, start)
             finally:
+                if world is not None:
+                    _stop_world_model(*world)
                 for h in workers:
                     ray.kill(h, no_restart=True)
     except RedisUnavailable as err:  # the driver's own Redis calls
         raise RuntimeError(f"the run cannot continue: {err}") from None
     finally:
         client.on_reconnect = previous_hook
+
+
+def _stop_world_model(handle: Any, ref: Any) -> None:
+    """Let the world-model actor checkpoint and end its loop, then release it."""
+    try:
+        handle.stop.remote()
+        ray.get(ref, timeout=60)
+    except (RayActorError, RayTaskError, GetTimeoutError) as err:
+        log.warning("the world-model actor did not stop cleanly: %s", str(err).splitlines()[0])
+    ray.kill(handle, no_restart=True)
 
 
 def _supervise(

@@ -25,6 +25,9 @@ GAUGES = {
     "weights_version": ("shoal_weights_version", "Weights version in use"),
     "weights_staleness": ("shoal_weights_staleness", "Versions between acting and latest"),
     "redis_rtt_ms": ("shoal_redis_rtt_ms", "Redis round-trip latency"),
+    "wm_delta_mse": ("shoal_world_model_delta_mse", "World-model next-state error (scale units)"),
+    "wm_reward_mse": ("shoal_world_model_reward_mse", "World-model reward error (scale units)"),
+    "imagined_share": ("shoal_imagined_share", "Share of PPO samples that were imagined"),
 }
 # Row keys that are running totals; each advances one counter (name, description).
 COUNTERS = {

@@ -33,11 +33,14 @@ from agents.rollout import RolloutBatch, RolloutWorker
 from orchestrator.config import Config
 from orchestrator.runtime.loop import FatalRunError
 from orchestrator.runtime.ray_metrics import RayMetricsSink
+from orchestrator.runtime.world import WORLD_KEYS
 
 log = logging.getLogger(__name__)
 
-# What the world model needs to learn dynamics; graph features are rebuilt from ``obs``.
+# What a replay chunk keeps of the observations: a trained world model learns from the entity
+# graph alone, so its chunks carry that instead (a third of the bytes).
 REPLAY_FIELDS = ("obs", "state", "alive")
+WORLD_REPLAY_FIELDS = ("alive", "nodes", "node_mask")
 # A worker that dies this many times while one batch is owed is given up on.
 MAX_DEATHS_PER_BATCH = 3
 
@@ -47,7 +50,9 @@ def rollout_name(index: int) -> str:
     return f"shoal-rollout-{index}"
 
 
-def replay_chunk(batch: RolloutBatch, num_envs: int) -> dict[str, Tensor]:
+def replay_chunk(
+    batch: RolloutBatch, num_envs: int, fields: tuple[str, ...] = REPLAY_FIELDS
+) -> dict[str, Tensor]:
     """The first ``num_envs`` sub-envs of a batch, time-major, as a replay-stream chunk.
 
     Shapes:
@@ -55,7 +60,7 @@ def replay_chunk(batch: RolloutBatch, num_envs: int) -> dict[str, Tensor]:
           ``rewards``, ``terminated``, ``truncated``).
     """
     envs = slice(0, num_envs)
-    chunk = {k: batch.obs[k][:, envs] for k in REPLAY_FIELDS if k in batch.obs}
+    chunk = {k: batch.obs[k][:, envs] for k in fields if k in batch.obs}
     chunk.update(
         actions=batch.actions[:, envs],
         rewards=batch.rewards[:, envs],
@@ -93,7 +98,14 @@ class RolloutActor:
             seed = seed + 7919 * (1 + os.getpid() % 10007)
             log.warning("%s restarted (pid %d)", self.name, os.getpid())
         env = cfg.env.make(cfg.env.num_envs, seed, torch.device("cpu"))
-        self.worker = RolloutWorker(env, cfg.model.build(env), cfg.train.rollout_len, seed)
+        wm = cfg.world_model.enabled
+        keys = WORLD_KEYS if wm else frozenset()
+        self.worker = RolloutWorker(
+            env, cfg.model.build(env), cfg.train.rollout_len, seed, extra_keys=keys
+        )
+        # A world model learns from the stream: it gets more of each batch than a sample.
+        self.replay_envs = max(cfg.redis.replay_envs, cfg.world_model.stream_envs if wm else 0)
+        self.replay_fields = WORLD_REPLAY_FIELDS if wm else REPLAY_FIELDS
         self.version: int | None = None
         client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
         self.client = client
@@ -164,7 +176,8 @@ class RolloutActor:
             batch = self.worker.collect()
             t2 = time.perf_counter()
             if self.replay is not None:
-                chunk = replay_chunk(batch, min(self.cfg.redis.replay_envs, batch.rewards.shape[1]))
+                envs = min(self.replay_envs, batch.rewards.shape[1])
+                chunk = replay_chunk(batch, envs, self.replay_fields)
                 meta = {"worker": self.index, "weights_version": batch.weights_version}
                 self.replay.append(chunk, meta)
             t_rtt = time.perf_counter()

@@ -1,27 +1,16 @@
-"""Typed, validated run configuration: presets shipped in the package, dotted overrides.
+"""The run config's sections: what each key means, its bounds, and what a section builds.
 
-``load_config("spread-gnn", ["train.lr=1e-3", "env.n_agents=4"])`` returns a ``Config`` or
-raises ``ConfigError`` whose message is one line naming the key and what it accepts.
+Each section is a pydantic model that rejects unknown keys; :class:`Config` checks the
+combinations across sections. ``env``, ``model`` and ``train`` build what they describe
+(``cfg.env.make(...)``, ``cfg.model.build(env)``, ``cfg.train.torch_device()``).
 """
 
 from __future__ import annotations
 
-import os
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import torch
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import envs
 from agents.ppo import PPOConfig
@@ -220,6 +209,61 @@ class RedisConfig(_Section):
         return value
 
 
+class WorldModelConfig(_Section):
+    """A learned world model the policy also practises in (``agents/world_model.py``).
+
+    Each iteration the real batch joins a replay of recent transitions, the model trains on
+    it, and PPO then learns from ``ratio`` times as many imagined samples as real ones:
+    branches of ``horizon`` steps rolled by the current policy from real states. With rollout
+    workers the model trains in its own actor, ``shoal-world-model``, from the Redis replay
+    stream, and the learner imagines with the weights it publishes.
+    """
+
+    enabled: bool = False
+    architecture: Literal["entity_transformer"] = "entity_transformer"
+    """The network (``policies/world_model.py``): an ensemble of transformers over the env's
+    entity graph, so the env must give one (native ``spread``, mpe2 ``simple_spread``)."""
+    oracle: bool = False
+    """Imagine with the true env instead of a model: the upper bound a model can reach
+    (envs that can be put in a given state, e.g. native ``spread``)."""
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    members: int = Field(3, ge=1)
+    """Ensemble size; their disagreement is the model's uncertainty."""
+    horizon: int = Field(5, ge=1)
+    """Imagined steps per branch; each ends bootstrapped from the critic."""
+    ratio: float = Field(1.0, ge=0)
+    """Imagined samples per real sample learned from each iteration."""
+    updates_per_iter: int = Field(20, ge=0)
+    """World-model gradient steps per iteration."""
+    batch_size: int = Field(1024, ge=1)
+    """Transitions per ensemble member per gradient step."""
+    lr: float = Field(1e-3, gt=0)
+    replay_capacity: int = Field(200_000, ge=1)
+    """Real transitions kept for training (bounds the replay's memory)."""
+    warmup_steps: int = Field(50_000, ge=0)
+    """Real env steps before imagination starts (the model trains from the first batch)."""
+    actor_cpus: float = Field(1.0, gt=0)
+    """On Ray: CPUs reserved by the world-model actor."""
+    stream_envs: int = Field(8, ge=1)
+    """On Ray: sub-envs of each rollout worker's batch copied to the replay stream, which the
+    world-model actor learns from. The stream holds ``redis.replay_maxlen`` chunks of
+    ``stream_envs x train.rollout_len`` steps (about 170 bytes a step on spread)."""
+    max_disagreement: float | None = Field(None, gt=0)
+    """Cut a branch where the members disagree more than this (in units of the targets'
+    scale); ``null`` never cuts."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> WorldModelConfig:
+        if self.hidden % self.heads:
+            raise ValueError(
+                f"world_model.hidden ({self.hidden}) must be divisible by world_model.heads "
+                f"({self.heads})"
+            )
+        return self
+
+
 class RunConfig(_Section):
     """Where results go and how often."""
 
@@ -227,6 +271,9 @@ class RunConfig(_Section):
     name: str | None = None
     """Run directory name; default ``<preset>-<timestamp>``."""
     checkpoint_every_s: float = Field(30.0, gt=0)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    """Also checkpoint each time the env-step counter passes a multiple of this (a learning
+    curve over real env steps, as the world-model benchmark draws it)."""
     keep_checkpoints: int = Field(3, ge=1)
     eval_every_s: float | None = Field(10.0, gt=0)
     """Evaluate the policy this often on the run's own env and keep the best one as
@@ -267,14 +314,21 @@ class Config(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    world_model: WorldModelConfig = Field(default_factory=WorldModelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def reserved_cpus(self) -> float:
-        """Ray CPUs the run's actors reserve (rollout workers and learner ranks)."""
+        """Ray CPUs the run's actors reserve (rollout workers, learner ranks, world model)."""
+        wm = (
+            self.world_model.actor_cpus
+            if self.world_model.enabled and self.rollout.num_workers
+            else 0
+        )
         return (
             self.rollout.num_workers * self.rollout.cpus_per_worker
             + self.learner.num_ranks * self.learner.cpus_per_rank
+            + wm
         )
 
     @model_validator(mode="after")
@@ -295,127 +349,20 @@ class Config(_Section):
                 f"model.hidden ({self.model.hidden}) must be divisible by model.heads "
                 f"({self.model.heads})"
             )
+        wm = self.world_model
+        if wm.enabled and k > 1:
+            raise ValueError(
+                "world_model.enabled needs learner.num_ranks=1: ranks would have to agree on "
+                "every imagined update (planned)"
+            )
+        if wm.enabled and self.train.minibatches > wm.horizon:
+            raise ValueError(
+                f"train.minibatches ({self.train.minibatches}) cannot exceed world_model.horizon "
+                f"({wm.horizon}): an imagined batch is split into minibatches of time steps"
+            )
         if self.train.minibatches > self.train.rollout_len:
             raise ValueError(
                 f"train.minibatches ({self.train.minibatches}) cannot exceed train.rollout_len "
                 f"({self.train.rollout_len}): minibatches are sets of time steps"
             )
         return self
-
-
-def preset_names() -> list[str]:
-    """Presets shipped inside the package."""
-    files = resources.files("orchestrator").joinpath("presets")
-    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
-
-
-def _read_source(source: str) -> tuple[dict[str, Any], str]:
-    path = Path(source)
-    if source.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"config file '{source}' does not exist")
-        text, name = path.read_text(), path.stem
-    else:
-        files = resources.files("orchestrator") / "presets" / f"{source}.yaml"
-        if not files.is_file():
-            raise ConfigError(
-                f"unknown preset '{source}'; available: {', '.join(preset_names())} "
-                "(or give a path to a .yaml file)"
-            )
-        text, name = files.read_text(), source
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse '{source}': {e}".replace("\n", " ")) from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{source}' must hold a mapping of sections, not {type(data).__name__}")
-    return data, name
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``3e-4``, ``true``)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override '{override}' must look like section.key=value")
-    parts = key.strip().split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{override}': '{p}' is a value, not a section")
-        node = child
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    node[parts[-1]] = value
-
-
-def _format_error(e: ValidationError, model: type[BaseModel]) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        section: Any = model
-        for p in err["loc"][:-1]:
-            section = section.model_fields[str(p)].annotation
-        valid = ", ".join(section.model_fields)
-        where = ".".join(str(p) for p in err["loc"][:-1]) or "the top level"
-        return f"{loc}: unknown key; valid keys in {where}: {valid}"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["loc"]:
-        return f"{loc}: {msg} (got {err['input']!r})"
-    return msg
-
-
-def load_config(source: str, overrides: list[str] | None = None) -> Config:
-    """Load a preset name or YAML path, apply ``key=value`` overrides, validate.
-
-    Environment variable ``SHOAL_REDIS_URL`` fills ``redis.url`` when the config leaves it
-    empty, so cluster deployments point every run at their Redis without editing presets.
-
-    Raises:
-        ConfigError: one line naming the offending key and what it accepts.
-    """
-    data, name = _read_source(source)
-    data.setdefault("preset", name)
-    for o in overrides or []:
-        apply_override(data, o)
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, Config)) from None
-    if cfg.redis.url is None and os.environ.get("SHOAL_REDIS_URL"):
-        cfg.redis.url = os.environ["SHOAL_REDIS_URL"]
-    password = os.environ.get("SHOAL_REDIS_PASSWORD")
-    if cfg.redis.url and password and urlsplit(cfg.redis.url).password == "***":
-        # A resumed run's config.yaml holds a redacted URL; actors need the real one.
-        cfg.redis.url = _with_password(cfg.redis.url, password)
-    return cfg
-
-
-def _with_password(url: str, password: str) -> str:
-    parts = urlsplit(url)
-    netloc = f"{parts.username or ''}:{quote(password, safe='')}@{parts.hostname}"
-    return urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (``redis://user:***@host``): run files never hold secrets."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def config_to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (written into every run directory), secrets redacted.
-
-    A redacted ``redis.url`` is read back on ``--resume`` without its password; the password
-    then comes from ``SHOAL_REDIS_PASSWORD``.
-    """
-    data = cfg.model_dump(mode="json")
-    if data["redis"]["url"]:
-        data["redis"]["url"] = redact_url(data["redis"]["url"])
-    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,431 @@
+"""Learning a world model from real transitions, and practising inside it.
+
+:class:`TransitionBuffer` keeps the last real transitions of the run (entity graphs, actions,
+rewards); :class:`WorldModelTrainer` fits an :class:`~policies.world_model.EntityWorldModel`
+to them; :func:`imagine` rolls the *current* policy from real start states for ``H`` steps
+through a :class:`Dynamics` — the learned model, or the true env for the oracle arm — and
+returns a :class:`~agents.rollout.RolloutBatch` marked ``imagined``, which the PPO learner
+consumes like any other batch.
+
+Branched rollouts (MBPO, Janner et al., 2019) rather than Dreamer's latent imagination: the
+policies here act on observations, spread's dynamics are low-dimensional and smooth, and short
+branches from real states keep model error from compounding, so the policy, critic and PPO
+stay exactly the model-free ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from agents.rollout import RolloutBatch
+from envs.base import Observation, VecMultiAgentEnv
+from policies.actor_critic import ActorCritic
+from policies.world_model import EntityWorldModel
+
+Observe = Callable[[Tensor], Observation]
+"""Entity features ``[B, E, F]`` to what the agents would see (``env.observe_entities``)."""
+
+
+class TransitionBuffer:
+    """The last ``capacity`` real transitions, on ``device``.
+
+    A transition is one world's step: ``nodes``, ``node_mask``, ``alive``, ``actions``,
+    ``rewards``, ``cont`` (1 unless the world terminated) and ``next_nodes``. Steps cut by a
+    time limit are left out (a truncation says nothing about the dynamics), and so is a
+    batch's last step, whose next state the batch does not hold.
+    """
+
+    def __init__(self, capacity: int, device: str | torch.device = "cpu") -> None:
+        self.capacity, self.device = capacity, torch.device(device)
+        self.data: dict[str, Tensor] = {}
+        self.size = self.next = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, batch: RolloutBatch) -> int:
+        """Append a batch's transitions; returns how many it held."""
+        return self.add_steps(
+            batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated
+        )
+
+    def add_steps(
+        self,
+        obs: dict[str, Tensor],
+        actions: Tensor,
+        rewards: Tensor,
+        terminated: Tensor,
+        truncated: Tensor,
+    ) -> int:
+        """Append ``T`` time-major steps of ``B`` worlds (a batch, or a replay-stream chunk).
+
+        Args:
+            obs: ``nodes [T, B, E, F]``, ``node_mask [T, B, E]``, ``alive [T, B, N]``.
+            actions: ``[T, B, N(, A)]``.
+            rewards: ``[T, B, N]``.
+            terminated: ``[T, B, N]``.
+            truncated: ``[T, B]``.
+        """
+        if "nodes" not in obs:
+            raise ValueError("a world model needs entity graphs in the batch (obs['nodes'])")
+        t_len = rewards.shape[0]
+        ended = terminated.all(-1)  # [T, B]
+        keep = ~(truncated | ended)
+        keep[-1] = False  # no next state in this batch
+        keep = keep | ended  # a termination teaches the continuation head
+        t_idx, b_idx = keep.nonzero(as_tuple=True)
+        nxt = (t_idx + 1).clamp(max=t_len - 1)
+        rows = {
+            "nodes": obs["nodes"][t_idx, b_idx],
+            "node_mask": obs["node_mask"][t_idx, b_idx],
+            "alive": obs["alive"][t_idx, b_idx],
+            "actions": actions[t_idx, b_idx],
+            "rewards": rewards[t_idx, b_idx],
+            "cont": (~ended[t_idx, b_idx]).float(),
+            "next_nodes": obs["nodes"][nxt, b_idx],
+        }
+        return self._append(rows)
+
+    def _append(self, rows: dict[str, Tensor]) -> int:
+        n = int(rows["nodes"].shape[0])
+        if not self.data:
+            self.data = {
+                k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
+                for k, v in rows.items()
+            }
+        for start in range(0, n, self.capacity):  # a batch larger than the buffer wraps
+            chunk = {k: v[start : start + self.capacity].to(self.device) for k, v in rows.items()}
+            m = chunk["nodes"].shape[0]
+            idx = (torch.arange(m, device=self.device) + self.next) % self.capacity
+            for k, v in chunk.items():
+                self.data[k][idx] = v
+            self.next = (self.next + m) % self.capacity
+            self.size = min(self.size + m, self.capacity)
+        return n
+
+    def newest(self, n: int) -> dict[str, Tensor]:
+        """The newest ``n`` transitions, oldest first (what a checkpoint keeps of the replay)."""
+        n = min(n, self.size)
+        idx = (torch.arange(-n, 0, device=self.device) + self.next) % self.capacity
+        return {k: v[idx].cpu() for k, v in self.data.items()}
+
+    def restore(self, rows: dict[str, Tensor]) -> None:
+        """Append what :meth:`newest` returned (a resumed run's replay)."""
+        if rows and rows["nodes"].shape[0]:
+            self._append(rows)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """``n`` transitions drawn uniformly with replacement."""
+        idx = torch.randint(self.size, (n,), generator=generator, device=self.device)
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+class WorldModelTrainer:
+    """Fits an ensemble to the buffer: each member on its own bootstrap sample.
+
+    Args:
+        model: the ensemble.
+        lr: Adam learning rate.
+        batch_size: transitions per member per update.
+        scale_beta: EMA decay of the target scales (deltas per feature, rewards).
+    """
+
+    def __init__(
+        self,
+        model: EntityWorldModel,
+        lr: float = 1e-3,
+        batch_size: int = 1024,
+        scale_beta: float = 0.99,
+    ) -> None:
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.batch_size, self.scale_beta = batch_size, scale_beta
+        self.updates = 0
+
+    @torch.no_grad()
+    def _update_scales(self, sample: dict[str, Tensor]) -> None:
+        """Track the targets' spread, so every target is learned in comparable units."""
+        m = self.model
+        mask = sample["node_mask"].unsqueeze(-1) & (sample["cont"] > 0).view(-1, 1, 1)
+        delta = (sample["next_nodes"] - sample["nodes"])[mask.expand_as(sample["nodes"])]
+        delta = delta.view(-1, m.node_dim)
+        d_std = delta.std(0).clamp(min=1e-3) if delta.shape[0] > 1 else m.delta_scale
+        r_std = sample["rewards"][sample["alive"]].std().clamp(min=1e-3)
+        b = 0.0 if self.updates == 0 else self.scale_beta
+        m.delta_scale.mul_(b).add_((1 - b) * d_std)
+        m.reward_scale.mul_(b).add_((1 - b) * r_std)
+
+    def loss(self, samples: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
+        """The ensemble's loss, member ``k`` on ``samples[k]``, and per-term diagnostics.
+
+        ``delta_mse`` and ``reward_mse`` are in units of the targets' scale: 1.0 is what
+        predicting "no change" and "mean reward" would roughly score.
+        """
+        m = self.model
+        total = torch.zeros((), device=m.delta_scale.device)
+        stats = {"delta_mse": 0.0, "reward_mse": 0.0, "cont_bce": 0.0}
+        for member, s in zip(m.members, samples, strict=True):
+            tokens = m.tokens(s["nodes"], s["actions"], s["alive"])
+            delta, reward, cont = member(tokens, s["node_mask"], s["alive"].shape[1], s["alive"])
+            target = (s["next_nodes"] - s["nodes"]) / m.delta_scale
+            mask = (s["node_mask"] & (s["cont"] > 0).unsqueeze(-1)).unsqueeze(-1).float()
+            d_loss = ((delta - target).square() * mask).sum() / (mask.sum() * m.node_dim).clamp(1)
+            alive = s["alive"].float()
+            r_err = (reward - s["rewards"] / m.reward_scale).square()
+            r_loss = (r_err * alive).sum() / alive.sum().clamp(min=1)
+            c_loss = F.binary_cross_entropy_with_logits(cont, s["cont"])
+            total = total + d_loss + r_loss + 0.1 * c_loss
+            stats["delta_mse"] += float(d_loss.detach()) / len(samples)
+            stats["reward_mse"] += float(r_loss.detach()) / len(samples)
+            stats["cont_bce"] += float(c_loss.detach()) / len(samples)
+        return total, stats
+
+    def update(
+        self, buffer: TransitionBuffer, steps: int, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """``steps`` gradient steps; returns the mean of the loss terms over them."""
+        out = {"delta_mse": 0.0, "reward_mse": 0.0, "cont_bce": 0.0}
+        k = len(self.model.members)
+        for _ in range(steps):
+            samples = [buffer.sample(self.batch_size, generator) for _ in range(k)]
+            self._update_scales(samples[0])
+            loss, stats = self.loss(samples)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            self.optimizer.step()
+            self.updates += 1
+            for key, value in stats.items():
+                out[key] += value / steps
+        return out
+
+    def state_dict(self) -> dict[str, object]:
+        """Optimiser state and the update count, for checkpoints (the model is separate)."""
+        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.updates = int(state["updates"])  # type: ignore[call-overload]
+
+
+class Dynamics(Protocol):
+    """One imagined step of ``B`` worlds: the learned model, or the true env (oracle)."""
+
+    def step(
+        self, nodes: Tensor, node_mask: Tensor, actions: Tensor, alive: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(next_nodes, reward [B, N], continue_prob [B], disagreement [B])``."""
+        ...
+
+
+class LearnedDynamics:
+    """The ensemble's prediction, one member drawn per world and step."""
+
+    def __init__(self, model: EntityWorldModel, generator: torch.Generator | None = None):
+        self.model, self.generator = model, generator
+
+    def step(
+        self, nodes: Tensor, node_mask: Tensor, actions: Tensor, alive: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """See :class:`Dynamics`."""
+        return self.model.predict(nodes, node_mask, actions, alive, self.generator)
+
+
+class EnvDynamics:
+    """The true env as the model (the oracle arm): it must offer ``set_entities(nodes)``.
+
+    Args:
+        env: an env with as many worlds as imagination starts; it is re-placed in the given
+            states before every step, so its own episode clock never runs out.
+    """
+
+    def __init__(self, env: VecMultiAgentEnv) -> None:
+        if not hasattr(env, "set_entities"):
+            raise ValueError(f"{type(env).__name__} cannot be put in a given state")
+        self.env = env
+
+    def step(
+        self, nodes: Tensor, node_mask: Tensor, actions: Tensor, alive: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """See :class:`Dynamics`."""
+        self.env.set_entities(nodes)  # type: ignore[attr-defined]
+        res = self.env.step(actions)
+        b = nodes.shape[0]
+        cont = (~res.terminated.all(-1)).to(nodes.dtype)
+        return res.final.nodes, res.reward, cont, torch.zeros(b, device=nodes.device)
+
+
+@torch.no_grad()
+def imagine(
+    policy: ActorCritic,
+    dynamics: Dynamics,
+    observe: Observe,
+    starts: dict[str, Tensor],
+    horizon: int,
+    max_disagreement: float | None = None,
+    weights_version: int = 0,
+) -> RolloutBatch:
+    """Roll ``policy`` for ``horizon`` steps through ``dynamics`` from real ``starts``.
+
+    Every world ends at the horizon as a truncation, so GAE bootstraps it from the critic. A
+    world whose ensemble disagreement exceeds ``max_disagreement`` is cut there the same way
+    and its later steps are masked (``alive`` false), so PPO learns only where the model knows.
+
+    Args:
+        policy: the current policy and critic.
+        dynamics: what steps the worlds.
+        observe: entity features to observations.
+        starts: ``nodes``, ``node_mask`` and ``alive`` of ``B`` real states.
+        horizon: ``H``.
+        max_disagreement: cut worlds where the model is this unsure (``None``: never).
+        weights_version: the policy version acting, recorded on the batch.
+
+    Returns:
+        A ``[H, B]`` batch with ``imagined=True`` and no finished episodes.
+    """
+    nodes, node_mask = starts["nodes"], starts["node_mask"]
+    alive = starts["alive"].clone()
+    b = nodes.shape[0]
+    keys = policy.input_keys
+    steps: list[dict[str, Tensor]] = []
+    acts, logps, values, rewards, terms, truncs, next_values = [], [], [], [], [], [], []
+    obs = observe(nodes).as_dict()
+    obs["alive"] = alive.clone()
+    action, logp, value = policy.act(obs)
+    for t in range(horizon):
+        steps.append({k: v for k, v in obs.items() if k in keys})
+        nxt, reward, cont, disagreement = dynamics.step(nodes, node_mask, action, alive)
+        terminated = (cont < 0.5).unsqueeze(-1) & alive
+        cut = torch.zeros(b, dtype=torch.bool, device=nodes.device)
+        if max_disagreement is not None:
+            cut = disagreement > max_disagreement
+        truncated = cut | (t == horizon - 1)
+        acts.append(action)
+        logps.append(logp)
+        values.append(value)
+        rewards.append(reward * alive)
+        terms.append(terminated)
+        truncs.append(truncated)
+        nodes = nxt
+        obs = observe(nodes).as_dict()
+        alive = alive & ~terminated & ~cut.unsqueeze(-1)  # later steps of cut worlds: masked
+        obs["alive"] = alive.clone()
+        action, logp, value = policy.act(obs)
+        next_values.append(value)
+    stacked = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
+    empty = torch.zeros(0, device=nodes.device)
+    return RolloutBatch(
+        obs=stacked,
+        actions=torch.stack(acts),
+        logp=torch.stack(logps),
+        values=torch.stack(values),
+        rewards=torch.stack(rewards),
+        terminated=torch.stack(terms),
+        truncated=torch.stack(truncs),
+        next_values=torch.stack(next_values),
+        episode_returns=empty,
+        episode_lengths=empty.long(),
+        weights_version=weights_version,
+        imagined=True,
+    )
+
+
+class Practice:
+    """What a learner does with a world model every iteration: remember, fit, imagine.
+
+    Args:
+        model: the world model (trained here unless ``dynamics`` is the true env).
+        trainer: fits ``model``.
+        buffer: the real transitions.
+        dynamics: what imagination steps with (``LearnedDynamics(model)`` or the oracle).
+        observe: entity features to observations.
+        horizon: imagined steps per branch.
+        ratio: imagined samples per real sample.
+        warmup_steps: real env steps before imagination starts.
+        updates_per_iter: model gradient steps per real batch.
+        max_disagreement: see :func:`imagine`.
+        generator: draws replay samples and start states.
+    """
+
+    def __init__(
+        self,
+        model: EntityWorldModel,
+        trainer: WorldModelTrainer,
+        buffer: TransitionBuffer,
+        dynamics: Dynamics,
+        observe: Observe,
+        horizon: int,
+        ratio: float,
+        warmup_steps: int,
+        updates_per_iter: int,
+        max_disagreement: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.trainer, self.buffer = model, trainer, buffer
+        self.dynamics, self.observe = dynamics, observe
+        self.horizon, self.ratio, self.warmup_steps = horizon, ratio, warmup_steps
+        self.updates_per_iter, self.max_disagreement = updates_per_iter, max_disagreement
+        self.generator = generator
+        self.learns = not isinstance(dynamics, EnvDynamics)
+        # Where the model trains elsewhere (the world-model actor), fetches its newest
+        # weights and says whether there are any yet; here, the model is always ready.
+        self.refresh: Callable[[], bool] = lambda: True
+
+    def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
+        """Add a real batch to the replay and train the model on the replay."""
+        self.buffer.add(batch)
+        if not self.learns or self.updates_per_iter == 0:
+            return {}
+        stats = self.trainer.update(self.buffer, self.updates_per_iter, self.generator)
+        return {f"wm_{k}": v for k, v in stats.items()}
+
+    def branches(self, real_samples: int) -> int:
+        """How many branches give ``ratio`` imagined samples per real one."""
+        return max(1, round(self.ratio * real_samples / self.horizon)) if self.ratio > 0 else 0
+
+    def imagine(
+        self, policy: ActorCritic, real_samples: int, env_steps: int, version: int
+    ) -> RolloutBatch | None:
+        """An imagined batch for this iteration, or ``None`` during warm-up."""
+        n = self.branches(real_samples)
+        if env_steps < self.warmup_steps or n == 0 or len(self.buffer) == 0:
+            return None
+        if not self.refresh():
+            return None
+        starts = self.buffer.sample(n, self.generator)
+        return imagine(
+            policy,
+            self.dynamics,
+            self.observe,
+            starts,
+            self.horizon,
+            self.max_disagreement,
+            version,
+        )
+
+
+@torch.no_grad()
+def open_loop(
+    model: EntityWorldModel,
+    nodes: Tensor,
+    node_mask: Tensor,
+    alive: Tensor,
+    actions: list[Tensor],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The model's own rollout of given actions from ``nodes``: ``[len(actions) + 1, B, E, F]``.
+
+    Nothing real is fed back after the start, so errors compound as they would in
+    imagination; this is how k-step errors are measured.
+    """
+    out = [nodes]
+    for a in actions:
+        nodes, *_ = model.predict(nodes, node_mask, a, alive, generator)
+        out.append(nodes)
+    return torch.stack(out)

@@ -1,0 +1,189 @@
+"""A learner rank's world model, built from the ``world_model`` section (in-process runs).
+
+The rank keeps a replay of its real transitions, fits the model after every real batch and
+learns from imagined branches as well (``agents/world_model.py``); with
+``world_model.oracle`` the branches are stepped by a second copy of the true env instead,
+the upper bound of what a model could give.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from agents.world_model import (
+    EnvDynamics,
+    LearnedDynamics,
+    Practice,
+    TransitionBuffer,
+    WorldModelTrainer,
+)
+from envs import EnvError, VecMultiAgentEnv
+from orchestrator.config import Config
+from policies.world_model import EntityWorldModel
+
+if TYPE_CHECKING:
+    from agents.memory import WeightStore
+    from agents.rollout import RolloutBatch
+    from orchestrator.runtime.learner import LearnerRank
+
+# The entity graph every world-model batch carries, whatever the policy reads.
+WORLD_KEYS = frozenset({"nodes", "node_mask"})
+# On Ray: the actor that trains the model, and the weight store it publishes to.
+WORLD_MODEL_ACTOR = "shoal-world-model"
+WORLD_MODEL_WEIGHTS = "world_model"
+
+
+def check_env(env: VecMultiAgentEnv, oracle: bool) -> None:
+    """Check that imagination can use ``env``: entity graphs to observations, a settable state.
+
+    The settable state is needed by the oracle only.
+
+    Raises:
+        EnvError: naming what the env lacks.
+    """
+    name = type(env).__name__
+    try:
+        env.observe_entities(env.reset(seed=0).nodes)
+    except NotImplementedError:
+        raise EnvError(
+            f"world_model.enabled: {name} cannot turn imagined entity graphs into observations "
+            "(it has no observe_entities); native spread and mpe2 simple_spread can"
+        ) from None
+    if oracle and not hasattr(env, "set_entities"):
+        raise EnvError(f"world_model.oracle: {name} cannot be put in a given state")
+
+
+def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Practice:
+    """The rank's world model, trainer, replay and imagination, ready for its first batch.
+
+    Args:
+        cfg: the run config (``world_model``, ``env``, ``train.seed``).
+        real_samples: env steps in one real batch of this rank (``T * B``).
+        device: where the model and replay live.
+    """
+    wm, seed = cfg.world_model, cfg.train.seed
+    observer = cfg.env.make(1, seed, device)
+    check_env(observer, wm.oracle)
+    model = EntityWorldModel(
+        observer.node_dim,
+        observer.action_kind,
+        observer.action_dim,
+        hidden=wm.hidden,
+        layers=wm.layers,
+        heads=wm.heads,
+        members=wm.members,
+    ).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed + 7_777)
+    practice = Practice(
+        model,
+        WorldModelTrainer(model, lr=wm.lr, batch_size=wm.batch_size),
+        TransitionBuffer(wm.replay_capacity, device),
+        LearnedDynamics(model, generator),
+        observer.observe_entities,
+        horizon=wm.horizon,
+        ratio=wm.ratio,
+        warmup_steps=wm.warmup_steps,
+        updates_per_iter=wm.updates_per_iter,
+        max_disagreement=wm.max_disagreement,
+        generator=generator,
+    )
+    if wm.oracle:
+        branches = practice.branches(real_samples)
+        practice.dynamics = EnvDynamics(cfg.env.make(max(branches, 1), seed + 1, device))
+        practice.learns = False
+    return practice
+
+
+def fetch_from(practice: Practice, store: WeightStore) -> None:
+    """On Ray the model trains in ``shoal-world-model``: imagine with the weights it publishes.
+
+    The rank keeps its replay only for start states and no longer fits the model itself.
+    """
+    practice.learns = False
+    held: list[int | None] = [None]
+
+    def refresh() -> bool:
+        got = store.fetch_if_newer(held[0])
+        if got is not None:
+            held[0], state = got
+            practice.model.load_state_dict(state)
+        return held[0] is not None
+
+    practice.refresh = refresh
+
+
+def practise(
+    practice: Practice, rank: LearnerRank, batch: RolloutBatch, env_steps: int, lr_frac: float
+) -> dict[str, float]:
+    """After the real update: fit the model to the batch, then learn from an imagined one.
+
+    Returns:
+        Statistics for the row: the model's losses (``wm_*``), the seconds fitting and
+        imagining took, the share of this iteration's samples that were imagined, and the
+        mean team reward per step, real and imagined.
+    """
+    t0 = time.perf_counter()
+    stats = practice.remember_and_fit(batch)
+    t1 = time.perf_counter()
+    real = batch.env_steps
+    img = practice.imagine(rank.model, real, env_steps, rank.version)
+    imagined = 0
+    if img is not None:
+        live = img.obs["alive"].any(-1)  # [H, B]: worlds still imagined at each step
+        team = (img.rewards.sum(-1) * live).sum() / live.sum().clamp(min=1)
+        rank.learner.update(img, lr_frac=lr_frac)
+        imagined = int(live.sum())
+        stats["imagined_team_reward"] = float(team)
+    stats.update(
+        imagined_share=imagined / (imagined + real),
+        wm_fit_s=t1 - t0,
+        wm_imagine_s=time.perf_counter() - t1,
+        real_team_reward=float(batch.rewards.sum(-1).mean()),
+    )
+    return stats
+
+
+# The newest transitions a checkpoint keeps, so a resumed run fits and imagines at once:
+# ~6 MB on spread, where the whole replay would be ten times that every checkpoint.
+REPLAY_KEPT = 20_000
+
+
+def state_dict(practice: Practice) -> dict[str, Any]:
+    """The model, its optimiser and the newest replay, for a checkpoint's ``world_model.pt``."""
+    return {
+        "model": practice.model.state_dict(),
+        "trainer": practice.trainer.state_dict(),
+        "replay": practice.buffer.newest(REPLAY_KEPT),
+    }
+
+
+def load_state_dict(practice: Practice, state: dict[str, Any]) -> None:
+    """Restore what :func:`state_dict` saved."""
+    practice.model.load_state_dict(state["model"])
+    practice.trainer.load_state_dict(state["trainer"])
+    practice.buffer.restore(state.get("replay", {}))
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], cfg: Config, env: VecMultiAgentEnv
+) -> EntityWorldModel:
+    """The world model a checkpoint holds, sized for ``env``.
+
+    Raises:
+        ValueError: the run trained without a world model.
+    """
+    state = ckpt["extra"].get("world_model")
+    if state is None:
+        raise ValueError(
+            f"checkpoint {ckpt['path']} holds no world model: the run trained without "
+            "world_model.enabled (e.g. `shoal run spread-gnn-wm`)"
+        )
+    wm = cfg.world_model
+    model = EntityWorldModel(
+        env.node_dim, env.action_kind, env.action_dim, wm.hidden, wm.layers, wm.heads, wm.members
+    )
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -1,0 +1,87 @@
+"""A run with a world model: it trains it, practises in it, checkpoints and resumes it."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from orchestrator.cli.main import main as shoal
+from orchestrator.config import ConfigError, load_config
+from orchestrator.runtime.checkpoint import load_checkpoint
+from orchestrator.runtime.driver import run_training
+
+TINY = [
+    "env.num_envs=16",
+    "train.rollout_len=10",
+    "train.total_env_steps=640",
+    "train.minibatches=2",
+    "run.progress=false",
+    "run.log_every_s=0.000001",
+    "run.eval_every_s=null",
+    "model.hidden=16",
+    "redis.enabled=false",
+    "world_model.enabled=true",
+    "world_model.hidden=16",
+    "world_model.horizon=4",
+    "world_model.warmup_steps=160",
+    "world_model.updates_per_iter=3",
+    "world_model.batch_size=64",
+]
+
+
+def _rows(run_dir) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("oracle", [False, True], ids=["learned", "oracle"])
+def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, oracle) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config("spread-gnn", [*TINY, f"world_model.oracle={str(oracle).lower()}"])
+    summary = run_training(cfg, run_dir)
+    assert summary["counters"]["env_steps"] == 640  # only real steps count
+    rows = _rows(run_dir)
+    shares = [float(r["imagined_share"]) for r in rows]
+    assert shares[0] == 0.0 and shares[-1] == pytest.approx(0.5)  # ratio 1 after warm-up
+    if oracle:
+        assert "wm_delta_mse" not in rows[-1]  # nothing is learned: the env is the model
+        return
+    assert float(rows[-1]["wm_delta_mse"]) > 0
+    saved = load_checkpoint(run_dir)["extra"]["world_model"]
+    assert saved["trainer"]["updates"] == 4 * 3  # 4 iterations x 3 model steps
+    # 16 worlds x the steps with a next state in each 10-step batch (a batch's last step has
+    # none, nor does the 25th step of an episode, which truncates): the replay travels along.
+    assert saved["replay"]["nodes"].shape == (16 * (9 + 9 + 8 + 9), 6, 5)
+
+    more = load_config(str(run_dir / "config.yaml"), ["train.total_env_steps=800"])
+    run_training(more, run_dir, resume=run_dir)
+    resumed = load_checkpoint(run_dir)["extra"]["world_model"]
+    assert resumed["trainer"]["updates"] == 5 * 3  # the model's learning continued
+    moved = any(not torch.equal(saved["model"][k], v) for k, v in resumed["model"].items())
+    assert moved
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("world_model.horizon=0", r"world_model\.horizon: .*greater than or equal to 1"),
+        ("world_model.ratio=-1", r"world_model\.ratio: .*greater than or equal to 0"),
+        ("world_model.heads=3", r"world_model\.hidden \(64\) must be divisible"),
+        ("learner.num_ranks=2", r"world_model\.enabled needs learner\.num_ranks=1"),
+        ("world_model.size=3", r"world_model\.size: unknown key"),
+    ],
+)
+def test_bad_world_model_settings_are_one_line(override, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("spread-gnn", ["world_model.enabled=true", override])
+
+
+def test_an_env_that_cannot_observe_imagined_worlds_is_refused(tmp_path, capsys) -> None:
+    args = ["run", "spread-mlp", "env.name=vmas:navigation", "world_model.enabled=true"]
+    assert shoal([*args, f"run.dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot turn imagined entity graphs into observations" in err
+    assert not (tmp_path / "runs").exists()

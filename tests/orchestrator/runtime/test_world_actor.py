@@ -1,0 +1,94 @@
+"""On Ray the world model trains in `shoal-world-model` from the replay stream, survives SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import ray
+import torch
+
+from agents.memory import RunState, WeightStore, connect
+from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
+from orchestrator.runtime.world_actor import checkpoint_dir
+from tests.orchestrator.runtime.test_distributed import (  # noqa: F401 - ray_instance: fixture
+    Background,
+    new_run_dir,
+    ray_instance,
+    rows,
+    tiny,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.redis]
+
+WORLD = [
+    "rollout.num_workers=1",
+    "train.total_env_steps=100000000",
+    "train.minibatches=2",
+    "world_model.enabled=true",
+    "world_model.hidden=16",
+    "world_model.horizon=4",
+    "world_model.batch_size=64",
+    "world_model.updates_per_iter=2",
+    "world_model.warmup_steps=0",
+    "world_model.actor_cpus=0.5",
+    "world_model.stream_envs=8",
+    "run.eval_every_s=null",
+]
+
+
+def _info(actor) -> dict:
+    try:
+        return ray.get(actor.info.remote(), timeout=10)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return {}
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_path) -> None:
+    run_dir = new_run_dir(tmp_path, "world")
+    run = Background(tiny(*WORLD), run_dir)
+    namespace = f"shoal-{run_dir.name}"
+    actor = wait_for(lambda: _actor(namespace), 120, f"{WORLD_MODEL_ACTOR} to start")
+    before = wait_for(lambda: (i := _info(actor)).get("version", 0) >= 2 and i, 120, "weights")
+    assert before["transitions"] > 0 and before["updates"] > 0  # it read the stream and fit
+    # The learner imagines with what the actor publishes.
+    wait_for(lambda: any(r.get("imagined_share", 0) > 0 for r in rows(run_dir)), 60, "imagining")
+
+    # It checkpoints itself every few seconds; kill it once it has.
+    saved_at = checkpoint_dir(run_dir) / "world_model.pt"
+    wait_for(saved_at.is_file, 60, "the world-model actor's first checkpoint")
+    os.kill(before["pid"], signal.SIGKILL)
+    after = wait_for(
+        lambda: (i := _info(actor)).get("pid", before["pid"]) != before["pid"] and i,
+        120,
+        "Ray to restart the world-model actor",
+    )
+    assert after["restored"]  # from its own checkpoint
+    later = wait_for(
+        lambda: (i := _info(actor)).get("version", 0) > before["version"] and i, 60, "new weights"
+    )
+    assert later["updates"] > 0
+
+    url = json.loads((run_dir / ".redis.json").read_text())["url"]
+    client = connect(url)
+    try:
+        assert WeightStore(client, run_dir.name, name=WORLD_MODEL_WEIGHTS).latest_version()
+        RunState(client, run_dir.name).request_stop()
+    finally:
+        client.close()
+    summary = run.result()
+    assert summary["reason"] == "stop requested"
+    saved = torch.load(checkpoint_dir(run_dir) / "world_model.pt", weights_only=True)
+    assert saved["counters"]["version"] >= later["version"]
+    assert saved["trainer"]["updates"] >= later["updates"]
+
+
+def _actor(namespace: str):
+    try:
+        return ray.get_actor(WORLD_MODEL_ACTOR, namespace=namespace)
+    except ValueError:
+        return None
