@@ -15,6 +15,7 @@ stay exactly the model-free ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -31,14 +32,49 @@ Observe = Callable[[Tensor], Observation]
 """Entity features ``[B, E, F]`` to what the agents would see (``env.observe_entities``)."""
 
 
-class TransitionBuffer:
-    """The last ``capacity`` real transitions, on ``device``.
+def transitions(
+    obs: dict[str, Tensor],
+    actions: Tensor,
+    rewards: Tensor,
+    terminated: Tensor,
+    truncated: Tensor,
+) -> dict[str, Tensor]:
+    """The transitions in ``T`` time-major steps of ``B`` worlds (a batch, or a stream chunk).
 
     A transition is one world's step: ``nodes``, ``node_mask``, ``alive``, ``actions``,
     ``rewards``, ``cont`` (1 unless the world terminated) and ``next_nodes``. Steps cut by a
-    time limit are left out (a truncation says nothing about the dynamics), and so is a
-    batch's last step, whose next state the batch does not hold.
+    time limit are left out (a truncation says nothing about the dynamics), and so is the
+    last step, whose next state the batch does not hold.
+
+    Args:
+        obs: ``nodes [T, B, E, F]``, ``node_mask [T, B, E]``, ``alive [T, B, N]``.
+        actions: ``[T, B, N(, A)]``.
+        rewards: ``[T, B, N]``.
+        terminated: ``[T, B, N]``.
+        truncated: ``[T, B]``.
     """
+    if "nodes" not in obs:
+        raise ValueError("a world model needs entity graphs in the batch (obs['nodes'])")
+    t_len = rewards.shape[0]
+    ended = terminated.all(-1)  # [T, B]
+    keep = ~(truncated | ended)
+    keep[-1] = False  # no next state in this batch
+    keep = keep | ended  # a termination teaches the continuation head
+    t_idx, b_idx = keep.nonzero(as_tuple=True)
+    nxt = (t_idx + 1).clamp(max=t_len - 1)
+    return {
+        "nodes": obs["nodes"][t_idx, b_idx],
+        "node_mask": obs["node_mask"][t_idx, b_idx],
+        "alive": obs["alive"][t_idx, b_idx],
+        "actions": actions[t_idx, b_idx],
+        "rewards": rewards[t_idx, b_idx],
+        "cont": (~ended[t_idx, b_idx]).float(),
+        "next_nodes": obs["nodes"][nxt, b_idx],
+    }
+
+
+class TransitionBuffer:
+    """The last ``capacity`` real transitions (see :func:`transitions`), on ``device``."""
 
     def __init__(self, capacity: int, device: str | torch.device = "cpu") -> None:
         self.capacity, self.device = capacity, torch.device(device)
@@ -62,34 +98,8 @@ class TransitionBuffer:
         terminated: Tensor,
         truncated: Tensor,
     ) -> int:
-        """Append ``T`` time-major steps of ``B`` worlds (a batch, or a replay-stream chunk).
-
-        Args:
-            obs: ``nodes [T, B, E, F]``, ``node_mask [T, B, E]``, ``alive [T, B, N]``.
-            actions: ``[T, B, N(, A)]``.
-            rewards: ``[T, B, N]``.
-            terminated: ``[T, B, N]``.
-            truncated: ``[T, B]``.
-        """
-        if "nodes" not in obs:
-            raise ValueError("a world model needs entity graphs in the batch (obs['nodes'])")
-        t_len = rewards.shape[0]
-        ended = terminated.all(-1)  # [T, B]
-        keep = ~(truncated | ended)
-        keep[-1] = False  # no next state in this batch
-        keep = keep | ended  # a termination teaches the continuation head
-        t_idx, b_idx = keep.nonzero(as_tuple=True)
-        nxt = (t_idx + 1).clamp(max=t_len - 1)
-        rows = {
-            "nodes": obs["nodes"][t_idx, b_idx],
-            "node_mask": obs["node_mask"][t_idx, b_idx],
-            "alive": obs["alive"][t_idx, b_idx],
-            "actions": actions[t_idx, b_idx],
-            "rewards": rewards[t_idx, b_idx],
-            "cont": (~ended[t_idx, b_idx]).float(),
-            "next_nodes": obs["nodes"][nxt, b_idx],
-        }
-        return self._append(rows)
+        """Append ``T`` time-major steps of ``B`` worlds (see :func:`transitions`)."""
+        return self._append(transitions(obs, actions, rewards, terminated, truncated))
 
     def _append(self, rows: dict[str, Tensor]) -> int:
         n = int(rows["nodes"].shape[0])
@@ -167,22 +177,27 @@ class WorldModelTrainer:
         predicting "no change" and "mean reward" would roughly score.
         """
         m = self.model
-        total = torch.zeros((), device=m.delta_scale.device)
-        stats = {"delta_mse": 0.0, "reward_mse": 0.0, "cont_bce": 0.0}
-        for member, s in zip(m.members, samples, strict=True):
-            tokens = m.tokens(s["nodes"], s["actions"], s["alive"])
-            delta, reward, cont = member(tokens, s["node_mask"], s["alive"].shape[1], s["alive"])
-            target = (s["next_nodes"] - s["nodes"]) / m.delta_scale
-            mask = (s["node_mask"] & (s["cont"] > 0).unsqueeze(-1)).unsqueeze(-1).float()
-            d_loss = ((delta - target).square() * mask).sum() / (mask.sum() * m.node_dim).clamp(1)
-            alive = s["alive"].float()
-            r_err = (reward - s["rewards"] / m.reward_scale).square()
-            r_loss = (r_err * alive).sum() / alive.sum().clamp(min=1)
-            c_loss = F.binary_cross_entropy_with_logits(cont, s["cont"])
-            total = total + d_loss + r_loss + 0.1 * c_loss
-            stats["delta_mse"] += float(d_loss.detach()) / len(samples)
-            stats["reward_mse"] += float(r_loss.detach()) / len(samples)
-            stats["cont_bce"] += float(c_loss.detach()) / len(samples)
+        s = {key: torch.stack([x[key] for x in samples]) for key in samples[0]}  # [K, B, ...]
+        k, b = s["nodes"].shape[:2]
+        tokens = m.tokens(
+            s["nodes"].flatten(0, 1), s["actions"].flatten(0, 1), s["alive"].flatten(0, 1)
+        ).view(k, b, *s["nodes"].shape[2:-1], -1)
+        delta, reward, cont = m.run_members(tokens, s["node_mask"], s["alive"])
+        target = (s["next_nodes"] - s["nodes"]) / m.delta_scale
+        mask = (s["node_mask"] & (s["cont"] > 0).unsqueeze(-1)).unsqueeze(-1).float()
+        d_loss = ((delta - target).square() * mask).sum() / (mask.sum() * m.node_dim).clamp(1)
+        alive = s["alive"].float()
+        r_err = (reward - s["rewards"] / m.reward_scale).square()
+        r_loss = (r_err * alive).sum() / alive.sum().clamp(min=1)
+        c_loss = F.binary_cross_entropy_with_logits(cont, s["cont"])
+        # Each term is the members' mean; the sum over members keeps every member's gradient
+        # the size it would have alone.
+        total = k * (d_loss + r_loss + 0.1 * c_loss)
+        stats = {
+            "delta_mse": float(d_loss.detach()),
+            "reward_mse": float(r_loss.detach()),
+            "cont_bce": float(c_loss.detach()),
+        }
         return total, stats
 
     def update(
@@ -190,7 +205,7 @@ class WorldModelTrainer:
     ) -> dict[str, float]:
         """``steps`` gradient steps; returns the mean of the loss terms over them."""
         out = {"delta_mse": 0.0, "reward_mse": 0.0, "cont_bce": 0.0}
-        k = len(self.model.members)
+        k = self.model.members
         for _ in range(steps):
             samples = [buffer.sample(self.batch_size, generator) for _ in range(k)]
             self._update_scales(samples[0])
@@ -351,6 +366,9 @@ class Practice:
         updates_per_iter: model gradient steps per real batch.
         max_disagreement: see :func:`imagine`.
         generator: draws replay samples and start states.
+        max_error: imagine only while the model's 1-step error on the newest real batch,
+            before it trains on it, is at most this for both feature deltas and rewards (in
+            units of their scale); ``None``: always.
     """
 
     def __init__(
@@ -366,37 +384,89 @@ class Practice:
         updates_per_iter: int,
         max_disagreement: float | None = None,
         generator: torch.Generator | None = None,
+        max_error: float | None = None,
     ) -> None:
         self.model, self.trainer, self.buffer = model, trainer, buffer
+        self.max_error = max_error
+        self.holdout: dict[str, float] = {}
+        self.cpu_generator = torch.Generator().manual_seed(0)
         self.dynamics, self.observe = dynamics, observe
         self.horizon, self.ratio, self.warmup_steps = horizon, ratio, warmup_steps
         self.updates_per_iter, self.max_disagreement = updates_per_iter, max_disagreement
         self.generator = generator
         self.learns = not isinstance(dynamics, EnvDynamics)
+        # A learned model is scored on every new batch; the true env needs no score.
+        self.scored = self.learns
         # Where the model trains elsewhere (the world-model actor), fetches its newest
         # weights and says whether there are any yet; here, the model is always ready.
         self.refresh: Callable[[], bool] = lambda: True
 
+    HOLDOUT = 2048
+    """Transitions of each new batch the model is scored on before it trains on them."""
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> dict[str, float]:
+        """The model's 1-step error on transitions it has never trained on (the new batch).
+
+        Errors are in units of the targets' scale (1: no better than "no change" / "mean
+        reward"); they gate imagination when ``max_error`` is set.
+        """
+        rows = transitions(
+            batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated
+        )
+        n = int(rows["nodes"].shape[0])
+        if n == 0:
+            return {}
+        pick = torch.randperm(n, generator=self.cpu_generator)[: self.HOLDOUT]
+        rows = {k: v[pick.to(v.device)].to(self.buffer.device) for k, v in rows.items()}
+        _, stats = self.trainer.loss([rows] * self.model.members)
+        self.holdout = stats
+        return {
+            "wm_holdout_delta_mse": stats["delta_mse"],
+            "wm_holdout_reward_mse": stats["reward_mse"],
+        }
+
+    def trusted(self) -> bool:
+        """Whether the model's held-out error allows imagining (always, for the true env)."""
+        if not self.scored or self.max_error is None:
+            return True
+        h = self.holdout
+        return bool(h) and max(h["delta_mse"], h["reward_mse"]) <= self.max_error
+
     def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
-        """Add a real batch to the replay and train the model on the replay."""
+        """Score the model on a new real batch, add it to the replay, train on the replay."""
+        out: dict[str, float] = {}
+        if self.scored and len(self.buffer) and self.refresh():
+            out = self.score(batch)
         self.buffer.add(batch)
         if not self.learns or self.updates_per_iter == 0:
-            return {}
+            return out
         stats = self.trainer.update(self.buffer, self.updates_per_iter, self.generator)
-        return {f"wm_{k}": v for k, v in stats.items()}
+        return {**out, **{f"wm_{k}": v for k, v in stats.items()}}
+
+    def rounds(self) -> int:
+        """Imagined PPO updates per real one: ``ceil(ratio)``, each at most a real batch.
+
+        More imagined samples go into more updates, not bigger ones: PPO takes the same
+        number of gradient steps per batch whatever its size, so a bigger batch would add
+        data but no learning. Each round is rolled by the policy the previous one updated.
+        """
+        return math.ceil(self.ratio) if self.ratio > 0 else 0
 
     def branches(self, real_samples: int) -> int:
-        """How many branches give ``ratio`` imagined samples per real one."""
-        return max(1, round(self.ratio * real_samples / self.horizon)) if self.ratio > 0 else 0
+        """Branches per round, so all rounds give ``ratio`` imagined samples per real one."""
+        if self.ratio <= 0:
+            return 0
+        return max(1, round(self.ratio * real_samples / (self.horizon * self.rounds())))
 
     def imagine(
         self, policy: ActorCritic, real_samples: int, env_steps: int, version: int
     ) -> RolloutBatch | None:
-        """An imagined batch for this iteration, or ``None`` during warm-up."""
+        """One round's imagined batch, or ``None`` during warm-up."""
         n = self.branches(real_samples)
         if env_steps < self.warmup_steps or n == 0 or len(self.buffer) == 0:
             return None
-        if not self.refresh():
+        if not self.refresh() or not self.trusted():
             return None
         starts = self.buffer.sample(n, self.generator)
         return imagine(

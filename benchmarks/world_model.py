@@ -26,19 +26,17 @@ import argparse
 import math
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from agents.world_model import open_loop
 from benchmarks.learning import at_mark
 from benchmarks.spread import TARGET_RETURN, baseline_returns, emit, train_and_evaluate
 from benchmarks.stats import bootstrap_ci, iqm
-from envs.spread import DT
-from orchestrator.config import load_config
-from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
-from orchestrator.runtime.world import model_from_checkpoint
+from orchestrator.cli.dream import dream
 
 ARMS = {
     "model_free": ("spread-gnn", []),
@@ -114,37 +112,54 @@ def run_arm(
     return {"runs": runs}
 
 
-@torch.no_grad()
 def k_step_errors(run_dir: Path, ks: tuple[int, ...] = (1, 5, 15), worlds: int = 200) -> None:
-    """Open-loop agent-position error of the run's model on fresh real trajectories."""
-    ckpt = load_checkpoint(run_dir)
-    cfg = load_config(str(run_dir / "config.yaml"))
-    env = cfg.env.make(worlds, 4242, torch.device("cpu"))
-    policy = policy_from_checkpoint(ckpt)
-    model = model_from_checkpoint(ckpt, cfg, env)
-    obs = env.reset(seed=4242)
-    nodes, acts = [obs.nodes], []
-    for _ in range(max(ks)):
-        a = policy.dist(obs.as_dict()).sample()
-        obs = env.step(a).observation
-        acts.append(a)
-        nodes.append(obs.nodes)
-    n = env.n_agents
-    truth = torch.stack(nodes)  # [K+1, B, E, F]; 25-step episodes: no reset before step 15
-    pred = open_loop(model, truth[0], obs.node_mask, obs.alive, acts)
-    errors: dict[str, dict[int, float]] = {"world_model": {}, "repeat": {}, "constant_velocity": {}}
-    for k in ks:
-        true_pos = truth[k, :, :n, 2:4]
-        guesses = {
-            "world_model": pred[k, :, :n, 2:4],
-            "repeat": truth[0, :, :n, 2:4],
-            "constant_velocity": truth[0, :, :n, 2:4] + k * DT * truth[0, :, :n, 0:2],
-        }
-        for name, guess in guesses.items():
-            errors[name][k] = float((guess - true_pos).norm(dim=-1).mean())
-    for name, by_k in errors.items():
-        for k, value in by_k.items():
-            emit(f"k_step_position_error_{name}", value, "distance", k=k, worlds=worlds)
+    """Open-loop agent-position error of the run's model on fresh real trajectories.
+
+    ``shoal dream``'s measurement: from step 5 of real episodes (agents moving), the model
+    replays the policy's actions on its own, next to "repeat" and "constant velocity".
+    """
+    res = dream(run_dir, steps=max(ks), worlds=worlds, out=run_dir / "dream.png")
+    for name, by_step in res["errors"].items():
+        for k in ks:
+            emit(f"k_step_position_error_{name}", by_step[k - 1], "distance", k=k, worlds=worlds)
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory(seconds: float, ctx: dict[str, Any], overrides: list[str]) -> None:
+    """Resident memory of a ``spread-gnn-wm`` run of ``seconds``, sampled every 5 s.
+
+    The run is its own process, so its RSS is the run's alone. Once the replay holds
+    ``world_model.replay_capacity`` transitions, memory should stop growing.
+    """
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-mem-") as tmp:
+        cmd = [
+            *(sys.executable, "-m", "orchestrator.cli.main", "run", "spread-gnn-wm"),
+            *(f"train.time_limit_s={seconds}", "train.total_env_steps=1000000000"),
+            *("run.progress=false", "redis.enabled=false", f"run.dir={tmp}", *overrides),
+        ]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0, samples = time.monotonic(), []
+        while proc.poll() is None:
+            rss = _rss_mb(proc.pid)
+            if rss is not None:
+                samples.append((time.monotonic() - t0, rss))
+            time.sleep(5)
+        minutes: dict[int, float] = {}
+        for t, rss in samples:
+            minutes[int(t // 60)] = max(minutes.get(int(t // 60), 0.0), rss)
+        emit("world_model_run_peak_rss", max(r for _, r in samples), "MiB",
+             seconds=seconds, rc=proc.returncode,
+             peak_by_minute=[round(v, 1) for _, v in sorted(minutes.items())], **ctx)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,10 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--slow", action="store_true", help="also the PettingZoo path, two arms")
     p.add_argument("--slow-seeds", type=int, default=2, help="seeds of each slow arm")
+    p.add_argument("--memory", type=float, metavar="SECONDS",
+                   help="only: peak RSS of one spread-gnn-wm run this long")  # fmt: skip
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every arm, e.g. world_model.ratio=3")  # fmt: skip
     args = p.parse_args(argv)
     ctx: dict[str, Any] = {"machine": platform.machine(), "overrides": args.overrides}
+    if args.memory:
+        memory(args.memory, ctx, args.overrides)
+        return
     for name, value in baseline_returns().items():
         emit(f"mpe2_spread_{name}_team_return", value, "team_return", **ctx)
     medians: dict[str, float] = {}
@@ -171,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         medians[arm] = _median(reached)
     if "model_free" in medians and "world_model" in medians:
         gain = medians["model_free"] / medians["world_model"]
-        emit("spread_sample_efficiency_gain", gain, "ratio", oracle=medians.get("oracle"), **ctx)
+        oracle = medians.get("oracle")
+        emit("spread_sample_efficiency_gain", gain, "ratio",
+             oracle_gain=oracle and medians["model_free"] / oracle, **ctx)  # fmt: skip
     if args.slow:
         slow = argparse.Namespace(**{**vars(args), "seeds": args.slow_seeds})
         for arm, (preset, extra) in SLOW_ARMS.items():

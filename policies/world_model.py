@@ -1,7 +1,7 @@
 """A learned multi-agent world model over entity sets: one transition, an ensemble for doubt.
 
 Each entity (agents first, then landmarks or obstacles, as every shoal env lays out its graph)
-becomes a token of its features and, for agents, its action. A transformer encoder mixes the
+becomes a token of its features and, for agents, its action. Pre-norm transformer blocks mix the
 tokens, so the agents' interactions (collisions, who covers which landmark) are learned inside
 the transition, where MAMBA puts its attention block; there is no positional encoding, so
 the model is permutation-equivariant over entities and runs with any number of them, like the
@@ -10,6 +10,8 @@ its reward; per world, whether the episode continues.
 
 An ensemble of ``members`` independent networks trained on different bootstrap samples gives
 the model's uncertainty: where members disagree it does not know (Chua et al., 2018; MBPO).
+The members' weights are stacked, so the ensemble runs as one batched computation rather than
+``members`` small ones.
 
 Inputs are ``symlog``-squashed and targets are predicted in units of their running scale
 (DreamerV3's robustness recipe, kept to the two tricks a small vector task needs).
@@ -21,39 +23,57 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies.mlp import mlp
-
 
 def symlog(x: Tensor) -> Tensor:
     """``sign(x) log(1 + |x|)``: keeps large inputs from dominating without clipping them."""
     return torch.sign(x) * torch.log1p(x.abs())
 
 
-class _Member(nn.Module):
-    """One transition network of the ensemble."""
+class _EnsembleLinear(nn.Module):
+    """``K`` independent linear maps applied at once: ``[K, M, I] -> [K, M, O]``."""
 
-    def __init__(self, token_dim: int, node_dim: int, hidden: int, layers: int, heads: int):
+    def __init__(self, k: int, d_in: int, d_out: int) -> None:
         super().__init__()
-        self.embed = mlp(token_dim, hidden, 1)
-        layer = nn.TransformerEncoderLayer(
-            hidden, heads, dim_feedforward=2 * hidden, dropout=0.0, batch_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.delta = nn.Linear(hidden, node_dim)
-        self.reward = nn.Linear(hidden, 1)
-        self.cont = nn.Linear(hidden, 1)
-        # Most steps do not end an episode: start from "continues" (p = 0.95), so an untrained
-        # model does not cut imagined branches short before it has seen a termination.
-        nn.init.constant_(self.cont.bias, 3.0)
+        bound = d_in**-0.5  # nn.Linear's default initialisation, per member
+        self.weight = nn.Parameter(torch.empty(k, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(k, 1, d_out).uniform_(-bound, bound))
 
-    def forward(
-        self, tokens: Tensor, node_mask: Tensor, n_agents: int, alive: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        h = self.encoder(self.embed(tokens), src_key_padding_mask=~node_mask)
-        agents = h[:, :n_agents]
-        weight = alive.unsqueeze(-1).to(h.dtype)
-        pooled = (agents * weight).sum(1) / weight.sum(1).clamp(min=1.0)
-        return self.delta(h), self.reward(agents).squeeze(-1), self.cont(pooled).squeeze(-1)
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class _EnsembleNorm(nn.Module):
+    """Layer norm with a gain and bias per member: ``[K, M, H]``."""
+
+    def __init__(self, k: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(k, 1, hidden))
+        self.bias = nn.Parameter(torch.zeros(k, 1, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class _EnsembleBlock(nn.Module):
+    """A pre-norm transformer block of every member: attention among a world's entities."""
+
+    def __init__(self, k: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = _EnsembleNorm(k, hidden), _EnsembleNorm(k, hidden)
+        self.qkv = _EnsembleLinear(k, hidden, 3 * hidden)
+        self.out = _EnsembleLinear(k, hidden, hidden)
+        self.ff1 = _EnsembleLinear(k, hidden, 2 * hidden)
+        self.ff2 = _EnsembleLinear(k, 2 * hidden, hidden)
+
+    def forward(self, x: Tensor, e: int, key_mask: Tensor) -> Tensor:
+        """``x [K, B*E, H]``; ``key_mask [K*B, 1, 1, E]``, true where an entity exists."""
+        k, m, h = x.shape
+        b, d = m // e, h // self.heads
+        qkv = self.qkv(self.norm1(x)).view(k * b, e, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=key_mask)
+        x = x + self.out(att.transpose(1, 2).reshape(k, m, h))
+        return x + self.ff2(F.relu(self.ff1(self.norm2(x))))
 
 
 class EntityWorldModel(nn.Module):
@@ -93,9 +113,17 @@ class EntityWorldModel(nn.Module):
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.node_dim, self.action_kind, self.action_dim = node_dim, action_kind, action_dim
         token_dim = node_dim + action_dim + 1  # features, action, "is an acting agent"
-        self.members = nn.ModuleList(
-            _Member(token_dim, node_dim, hidden, layers, heads) for _ in range(members)
-        )
+        self.members = members
+        # Every member's weights in one tensor per layer, so the ensemble runs as one batch.
+        self.embed = _EnsembleLinear(members, token_dim, hidden)
+        self.blocks = nn.ModuleList(_EnsembleBlock(members, hidden, heads) for _ in range(layers))
+        self.norm = _EnsembleNorm(members, hidden)
+        self.delta = _EnsembleLinear(members, hidden, node_dim)
+        self.reward = _EnsembleLinear(members, hidden, 1)
+        self.cont = _EnsembleLinear(members, hidden, 1)
+        # Most steps do not end an episode: start from "continues" (p = 0.95), so an untrained
+        # model does not cut imagined branches short before it has seen a termination.
+        nn.init.constant_(self.cont.bias, 3.0)
         # Targets are learned in units of their scale; the trainer keeps these up to date and
         # they travel with the weights.
         self.register_buffer("delta_scale", torch.ones(node_dim))
@@ -115,15 +143,39 @@ class EntityWorldModel(nn.Module):
         per_entity[:, :n, -1] = alive.to(nodes.dtype)
         return torch.cat([symlog(nodes), per_entity], dim=-1)
 
+    def run_members(
+        self, tokens: Tensor, node_mask: Tensor, alive: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Member ``k`` on its own worlds ``tokens[k]``: ``[K, B, E, T]``, masks ``[K, B, ...]``.
+
+        Returns normalised deltas ``[K, B, E, F]``, rewards ``[K, B, N]``, continuation
+        logits ``[K, B]`` (training gives each member its own bootstrap sample this way).
+        """
+        k, b, e, _ = tokens.shape
+        n = alive.shape[-1]
+        key_mask = node_mask.reshape(k * b, 1, 1, e)
+        x = F.relu(self.embed(tokens.reshape(k, b * e, -1)))
+        for block in self.blocks:
+            x = block(x, e, key_mask)
+        h = self.norm(x)
+        delta = self.delta(h).view(k, b, e, -1)
+        agents = h.view(k, b, e, -1)[:, :, :n]
+        reward = self.reward(agents.reshape(k, b * n, -1)).view(k, b, n)
+        weight = alive.unsqueeze(-1).to(h.dtype)
+        pooled = (agents * weight).sum(2) / weight.sum(2).clamp(min=1.0)
+        return delta, reward, self.cont(pooled).view(k, b)
+
     def forward(
         self, nodes: Tensor, node_mask: Tensor, actions: Tensor, alive: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Every member's normalised prediction (see Shapes)."""
+        """Every member's normalised prediction for the same worlds (see Shapes)."""
+        k = self.members
         tokens = self.tokens(nodes, actions, alive)
-        n = alive.shape[1]
-        outs = [m(tokens, node_mask, n, alive) for m in self.members]
-        delta, reward, cont = (torch.stack(x) for x in zip(*outs, strict=True))
-        return delta, reward, cont
+        return self.run_members(
+            tokens.expand(k, *tokens.shape),
+            node_mask.expand(k, *node_mask.shape),
+            alive.expand(k, *alive.shape),
+        )
 
     @torch.no_grad()
     def predict(

@@ -31,6 +31,7 @@ def dream(
     seed: int = 4242,
     which: str = "latest",
     out: str | Path | None = None,
+    start_step: int = 5,
 ) -> dict[str, Any]:
     """Roll policy and model side by side; returns the errors and where the picture went.
 
@@ -41,6 +42,8 @@ def dream(
         seed: seeds the real episodes and the policy's sampling.
         which: ``latest`` or ``best`` checkpoint of a run directory.
         out: the PNG's path (default ``RUN/dream.png``).
+        start_step: real steps played before dreaming starts, so agents are moving (at a
+            reset they stand still, and "constant velocity" would be "repeat").
 
     Returns:
         ``errors`` (``{name: [error after 1..steps steps]}`` for ``world_model``, ``repeat``,
@@ -54,12 +57,17 @@ def dream(
     cfg = Config.model_validate(yaml.safe_load(ckpt["config"]))
     env = cfg.env.make(worlds, seed, torch.device("cpu"))
     model = model_from_checkpoint(ckpt, cfg, env)
-    limit = env.max_episode_steps or steps
-    if not 1 <= steps <= limit:
-        raise ValueError(f"--steps must be between 1 and the episode length {limit}, got {steps}")
+    limit = env.max_episode_steps or steps + start_step
+    if start_step < 0 or not 1 <= steps <= limit - start_step:
+        raise ValueError(
+            f"--start-step ({start_step}) plus --steps ({steps}) must fit in the episode "
+            f"({limit} steps), with --steps at least 1"
+        )
     policy = policy_from_checkpoint(ckpt)
     torch.manual_seed(seed)
     obs = env.reset(seed=seed)
+    for _ in range(start_step):
+        obs = env.step(policy.dist(obs.as_dict()).sample()).observation
     start = obs
     real, actions = [obs.nodes], []
     for _ in range(steps):

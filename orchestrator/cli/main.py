@@ -162,7 +162,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
     try:
         res = dream(
             find_run(args.run), steps=args.steps, worlds=args.worlds, which=args.which,
-            out=args.out,
+            out=args.out, start_step=args.start_step,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("run", metavar="RUN", help="run id or directory (trained with a world model)")
     dr.add_argument("--steps", type=int, default=15, help="steps to dream (default 15)")
     dr.add_argument("--worlds", type=int, default=100, help="real episodes (default 100)")
+    dr.add_argument(
+        "--start-step", type=int, default=5, help="real steps before dreaming (default 5)"
+    )
     dr.add_argument("--which", choices=["best", "latest"], default="latest")
     dr.add_argument("--out", help="PNG path (default RUN/dream.png)")
     dr.set_defaults(func=cmd_dream)

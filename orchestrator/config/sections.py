@@ -250,6 +250,11 @@ class WorldModelConfig(_Section):
     """On Ray: sub-envs of each rollout worker's batch copied to the replay stream, which the
     world-model actor learns from. The stream holds ``redis.replay_maxlen`` chunks of
     ``stream_envs x train.rollout_len`` steps (about 170 bytes a step on spread)."""
+    max_error: float | None = Field(0.5, gt=0)
+    """Imagine only while the model's 1-step error on each new real batch, scored before it
+    trains on it, is at most this for feature deltas and for rewards (mean squared error in
+    units of the targets' scale: 1 is no better than "no change" or "the mean reward");
+    ``null`` imagines from the end of warm-up whatever the model's error."""
     max_disagreement: float | None = Field(None, gt=0)
     """Cut a branch where the members disagree more than this (in units of the targets'
     scale); ``null`` never cuts."""

@@ -27,7 +27,17 @@ GAUGES = {
     "redis_rtt_ms": ("shoal_redis_rtt_ms", "Redis round-trip latency"),
     "wm_delta_mse": ("shoal_world_model_delta_mse", "World-model next-state error (scale units)"),
     "wm_reward_mse": ("shoal_world_model_reward_mse", "World-model reward error (scale units)"),
+    "wm_holdout_delta_mse": (
+        "shoal_world_model_holdout_delta_mse",
+        "World-model next-state error on each new real batch, before training on it",
+    ),
+    "wm_holdout_reward_mse": (
+        "shoal_world_model_holdout_reward_mse",
+        "World-model reward error on each new real batch, before training on it",
+    ),
     "imagined_share": ("shoal_imagined_share", "Share of PPO samples that were imagined"),
+    "imagined_team_reward": ("shoal_imagined_team_reward", "Mean imagined team reward per step"),
+    "real_team_reward": ("shoal_real_team_reward", "Mean real team reward per step"),
 }
 # Row keys that are running totals; each advances one counter (name, description).
 COUNTERS = {

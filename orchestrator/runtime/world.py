@@ -89,11 +89,12 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
         updates_per_iter=wm.updates_per_iter,
         max_disagreement=wm.max_disagreement,
         generator=generator,
+        max_error=wm.max_error,
     )
     if wm.oracle:
         branches = practice.branches(real_samples)
         practice.dynamics = EnvDynamics(cfg.env.make(max(branches, 1), seed + 1, device))
-        practice.learns = False
+        practice.learns = practice.scored = False
     return practice
 
 
@@ -129,14 +130,17 @@ def practise(
     stats = practice.remember_and_fit(batch)
     t1 = time.perf_counter()
     real = batch.env_steps
-    img = practice.imagine(rank.model, real, env_steps, rank.version)
-    imagined = 0
-    if img is not None:
+    imagined, teams = 0, []
+    for _ in range(practice.rounds()):
+        img = practice.imagine(rank.model, real, env_steps, rank.version)
+        if img is None:
+            break
         live = img.obs["alive"].any(-1)  # [H, B]: worlds still imagined at each step
-        team = (img.rewards.sum(-1) * live).sum() / live.sum().clamp(min=1)
+        teams.append(float((img.rewards.sum(-1) * live).sum() / live.sum().clamp(min=1)))
         rank.learner.update(img, lr_frac=lr_frac)
-        imagined = int(live.sum())
-        stats["imagined_team_reward"] = float(team)
+        imagined += int(live.sum())
+    if teams:
+        stats["imagined_team_reward"] = sum(teams) / len(teams)
     stats.update(
         imagined_share=imagined / (imagined + real),
         wm_fit_s=t1 - t0,

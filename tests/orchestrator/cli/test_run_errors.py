@@ -52,19 +52,9 @@ CASES = {
     "device": (["train.device=tpu"], r"train.device: not a torch device"),
     "redis-url": (["redis.url=notaurl"], r"redis.url: must start with redis://"),
     "ray-without-redis": (["redis.enabled=false", "--ray"], r"remove redis.enabled=false"),
-    "wm-horizon": (["world_model.horizon=0"], r"world_model.horizon: .*greater than or equal to 1"),
-    "wm-ratio": (["world_model.ratio=-1"], r"world_model.ratio: .*greater than or equal to 0"),
     "wm-architecture": (
         ["world_model.architecture=rssm"],
         r"world_model.architecture: .*'entity_transformer'",
-    ),
-    "wm-no-entity-graph": (
-        ["world_model.enabled=true", "env.name=rllib:tests.envs.toy_rllib:Relay"],
-        r"world_model.enabled: .* cannot turn imagined entity graphs into observations",
-    ),
-    "wm-ranks": (
-        ["world_model.enabled=true", "learner.num_ranks=2"],
-        r"world_model.enabled needs learner.num_ranks=1",
     ),
     "too-few-cpus": (
         ["ray.num_cpus=1", "rollout.num_workers=2"],

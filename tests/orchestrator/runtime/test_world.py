@@ -28,6 +28,7 @@ TINY = [
     "world_model.warmup_steps=160",
     "world_model.updates_per_iter=3",
     "world_model.batch_size=64",
+    "world_model.max_error=null",
 ]
 
 
@@ -37,7 +38,7 @@ def _rows(run_dir) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("oracle", [False, True], ids=["learned", "oracle"])
-def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, oracle) -> None:
+def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, capsys, oracle) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = load_config("spread-gnn", [*TINY, f"world_model.oracle={str(oracle).lower()}"])
@@ -63,6 +64,14 @@ def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, oracle) -
     moved = any(not torch.equal(saved["model"][k], v) for k, v in resumed["model"].items())
     assert moved
 
+    # `shoal dream`: the model beside the real env, k-step errors and a picture.
+    assert shoal(["dream", str(run_dir), "--steps", "4", "--worlds", "8", "--start-step", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "world model" in out and "constant velocity" in out
+    assert (run_dir / "dream.png").stat().st_size > 0
+    assert shoal(["dream", str(run_dir), "--steps", "30"]) == 2  # longer than an episode
+    assert "must fit in the episode" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(
     "override, message",
@@ -77,6 +86,25 @@ def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, oracle) -
 def test_bad_world_model_settings_are_one_line(override, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config("spread-gnn", ["world_model.enabled=true", override])
+
+
+def test_a_model_that_predicts_new_batches_badly_is_not_imagined_in(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_training(load_config("spread-gnn", [*TINY, "world_model.max_error=1e-9"]), run_dir)
+    rows = _rows(run_dir)
+    assert all(float(r["imagined_share"]) == 0.0 for r in rows)
+    # Scored on each new batch before training on it: a real held-out error, never zero.
+    scored = [float(r["wm_holdout_reward_mse"]) for r in rows if r.get("wm_holdout_reward_mse")]
+    assert len(scored) >= 3 and min(scored) > 0
+
+
+def test_dream_needs_a_run_with_a_world_model(tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_training(load_config("spread-gnn", [*TINY, "world_model.enabled=false"]), run_dir)
+    assert shoal(["dream", str(run_dir)]) == 2
+    assert "holds no world model" in capsys.readouterr().err
 
 
 def test_an_env_that_cannot_observe_imagined_worlds_is_refused(tmp_path, capsys) -> None:
