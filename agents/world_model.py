@@ -400,6 +400,7 @@ class Practice:
         # Where the model trains elsewhere (the world-model actor), fetches its newest
         # weights and says whether there are any yet; here, the model is always ready.
         self.refresh: Callable[[], bool] = lambda: True
+        self.weights_version: int | None = None  # of weights fetched from elsewhere
 
     HOLDOUT = 2048
     """Transitions of each new batch the model is scored on before it trains on them."""
@@ -421,9 +422,12 @@ class Practice:
         rows = {k: v[pick.to(v.device)].to(self.buffer.device) for k, v in rows.items()}
         _, stats = self.trainer.loss([rows] * self.model.members)
         self.holdout = stats
+        ks = sorted({1, 5, self.horizon})
+        k_errors = open_loop_error(self.model, batch, ks, self.HOLDOUT // 8, self.generator)
         return {
             "wm_holdout_delta_mse": stats["delta_mse"],
             "wm_holdout_reward_mse": stats["reward_mse"],
+            **{f"wm_holdout_{k}step_error": v for k, v in k_errors.items()},
         }
 
     def trusted(self) -> bool:
@@ -499,3 +503,39 @@ def open_loop(
         nodes, *_ = model.predict(nodes, node_mask, a, alive, generator)
         out.append(nodes)
     return torch.stack(out)
+
+
+@torch.no_grad()
+def open_loop_error(
+    model: EntityWorldModel,
+    batch: RolloutBatch,
+    ks: list[int],
+    worlds: int = 256,
+    generator: torch.Generator | None = None,
+) -> dict[int, float]:
+    """The model's ``k``-step open-loop error on a real batch, for each ``k`` it can hold.
+
+    From one step of up to ``worlds`` worlds whose episode runs on for ``max(ks)`` steps, the
+    model replays the batch's actions alone; the error after ``k`` steps is the mean distance
+    between predicted and real entity feature vectors (the env's own units).
+    """
+    nodes, mask = batch.obs["nodes"], batch.obs["node_mask"]
+    t_len = nodes.shape[0]
+    ks = [k for k in ks if k < t_len]
+    if not ks:
+        return {}
+    k_max = max(ks)
+    start = t_len - 1 - k_max
+    ended = batch.truncated | batch.terminated.all(-1)  # [T, B]
+    ok = (~ended[start : start + k_max].any(0)).nonzero().squeeze(-1)[:worlds]
+    if ok.numel() == 0:
+        return {}
+    m = mask[start, ok]
+    acts = [batch.actions[start + j, ok] for j in range(k_max)]
+    pred = open_loop(model, nodes[start, ok], m, batch.obs["alive"][start, ok], acts, generator)
+    weight = m.to(nodes.dtype)
+    out = {}
+    for k in ks:
+        dist = (pred[k] - nodes[start + k, ok]).norm(dim=-1)
+        out[k] = float((dist * weight).sum() / weight.sum().clamp(min=1))
+    return out

@@ -111,6 +111,8 @@ def fetch_from(practice: Practice, store: WeightStore) -> None:
         if got is not None:
             held[0], state = got
             practice.model.load_state_dict(state)
+        if held[0] is not None:
+            practice.weights_version = held[0]
         return held[0] is not None
 
     practice.refresh = refresh
@@ -119,12 +121,16 @@ def fetch_from(practice: Practice, store: WeightStore) -> None:
 def practise(
     practice: Practice, rank: LearnerRank, batch: RolloutBatch, env_steps: int, lr_frac: float
 ) -> dict[str, float]:
-    """After the real update: fit the model to the batch, then learn from an imagined one.
+    """After the real update: score and fit the model on the batch, then learn in imagination.
+
+    ``practice.rounds()`` imagined PPO updates follow, each rolled by the policy the previous
+    one left, once warm-up is over and the model's held-out error allows it.
 
     Returns:
-        Statistics for the row: the model's losses (``wm_*``), the seconds fitting and
-        imagining took, the share of this iteration's samples that were imagined, and the
-        mean team reward per step, real and imagined.
+        Statistics for the row: the model's held-out errors and losses (``wm_*``), the
+        seconds fitting and imagining (with its PPO updates) took, the share of this
+        iteration's samples that were imagined, and the mean team reward per step, real and
+        imagined.
     """
     t0 = time.perf_counter()
     stats = practice.remember_and_fit(batch)
@@ -141,6 +147,8 @@ def practise(
         imagined += int(live.sum())
     if teams:
         stats["imagined_team_reward"] = sum(teams) / len(teams)
+    if practice.weights_version is not None:  # on Ray: the actor's weights in use
+        stats["wm_weights_version"] = float(practice.weights_version)
     stats.update(
         imagined_share=imagined / (imagined + real),
         wm_fit_s=t1 - t0,

@@ -51,6 +51,8 @@ def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, capsys, o
         assert "wm_delta_mse" not in rows[-1]  # nothing is learned: the env is the model
         return
     assert float(rows[-1]["wm_delta_mse"]) > 0
+    # Open-loop errors on the new batch before training on it: 1, 5 and H (4) steps.
+    assert all(float(rows[-1][f"wm_holdout_{k}step_error"]) > 0 for k in (1, 4, 5))
     saved = load_checkpoint(run_dir)["extra"]["world_model"]
     assert saved["trainer"]["updates"] == 4 * 3  # 4 iterations x 3 model steps
     # 16 worlds x the steps with a next state in each 10-step batch (a batch's last step has

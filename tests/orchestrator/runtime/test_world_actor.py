@@ -34,6 +34,7 @@ WORLD = [
     "world_model.batch_size=64",
     "world_model.updates_per_iter=2",
     "world_model.warmup_steps=0",
+    "world_model.max_error=null",
     "world_model.actor_cpus=0.5",
     "world_model.stream_envs=8",
     "run.eval_every_s=null",
@@ -57,6 +58,7 @@ def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_p
     assert before["transitions"] > 0 and before["updates"] > 0  # it read the stream and fit
     # The learner imagines with what the actor publishes.
     wait_for(lambda: any(r.get("imagined_share", 0) > 0 for r in rows(run_dir)), 60, "imagining")
+    assert any(r.get("wm_weights_version", 0) >= 1 for r in rows(run_dir))  # the actor's
 
     # It checkpoints itself every few seconds; kill it once it has.
     saved_at = checkpoint_dir(run_dir) / "world_model.pt"
