@@ -101,7 +101,23 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-class Learner:
+class OptimizerState:
+    """A trainer's checkpoint state: its optimiser and update count (the model is separate)."""
+
+    optimizer: torch.optim.Optimizer
+    updates: int
+
+    def state_dict(self) -> dict[str, object]:
+        """Optimiser state and the update count, for checkpoints."""
+        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.updates = int(state["updates"])  # type: ignore[call-overload]
+
+
+class Learner(OptimizerState):
     """Owns the trainable model and optimiser; turns ``RolloutBatch``es into updates.
 
     Args:
@@ -274,12 +290,3 @@ class Learner:
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite training statistics: {out}")
         return out
-
-    def state_dict(self) -> dict[str, object]:
-        """Optimiser state and counters for checkpoints (the model is saved separately)."""
-        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore what ``state_dict`` saved."""
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
-        self.updates = int(state["updates"])  # type: ignore[call-overload]

@@ -108,6 +108,60 @@ class RolloutBatch:
         return RolloutBatch(**kw)
 
 
+class StepLog:
+    """A rollout's per-step tensors, stacked time-major into a :class:`RolloutBatch` at the end.
+
+    The real rollout (:meth:`RolloutWorker.collect`) and the imagined one
+    (``agents.world_model.imagine``) both log here, so they build batches the same way.
+    """
+
+    def __init__(self) -> None:
+        self.obs: list[dict[str, Tensor]] = []
+        self.cols: dict[str, list[Tensor]] = {
+            k: [] for k in ("actions", "logp", "values", "rewards", "terminated", "truncated")
+        }
+        self.next_values: list[Tensor] = []
+
+    def add(
+        self,
+        obs: dict[str, Tensor],
+        actions: Tensor,
+        logp: Tensor,
+        values: Tensor,
+        rewards: Tensor,
+        terminated: Tensor,
+        truncated: Tensor,
+    ) -> None:
+        """One step: what was seen (only the keys the learner reads), done and got."""
+        self.obs.append(obs)
+        for key, value in zip(
+            self.cols, (actions, logp, values, rewards, terminated, truncated), strict=True
+        ):
+            self.cols[key].append(value)
+
+    def bootstrap(self, next_values: Tensor) -> None:
+        """The value of the state after the last logged step."""
+        self.next_values.append(next_values)
+
+    def batch(
+        self,
+        episode_returns: Tensor,
+        episode_lengths: Tensor,
+        weights_version: int,
+        imagined: bool = False,
+    ) -> RolloutBatch:
+        """The logged steps as one ``[T, B, ...]`` batch."""
+        return RolloutBatch(
+            obs={k: torch.stack([o[k] for o in self.obs]) for k in self.obs[0]},
+            **{k: torch.stack(v) for k, v in self.cols.items()},
+            next_values=torch.stack(self.next_values),
+            episode_returns=episode_returns,
+            episode_lengths=episode_lengths,
+            weights_version=weights_version,
+            imagined=imagined,
+        )
+
+
 class RolloutWorker:
     """Owns one ``VecMultiAgentEnv`` and a copy of the policy; produces ``RolloutBatch``es.
 
@@ -150,8 +204,7 @@ class RolloutWorker:
     def collect(self) -> RolloutBatch:
         """Step ``T`` times and return the batch (on the env's device)."""
         env, model, t_len = self.env, self.model, self.rollout_len
-        obs_steps: list[dict[str, Tensor]] = []
-        actions, logps, values, rewards, terms, truncs, next_values = [], [], [], [], [], [], []
+        log = StepLog()
         ep_returns: list[Tensor] = []
         ep_lengths: list[Tensor] = []
         keys = self.keys
@@ -161,13 +214,8 @@ class RolloutWorker:
         for _ in range(t_len):
             res = env.step(action)
             # Keep only what the learner's forward reads: less to stack, ship and index.
-            obs_steps.append({k: v for k, v in batch.items() if k in keys})
-            actions.append(action)
-            logps.append(logp)
-            values.append(value)
-            rewards.append(res.reward)
-            terms.append(res.terminated)
-            truncs.append(res.truncated)
+            seen = {k: v for k, v in batch.items() if k in keys}
+            log.add(seen, action, logp, value, res.reward, res.terminated, res.truncated)
             done = res.done
             obs = res.observation
             batch = obs.as_dict()
@@ -177,8 +225,8 @@ class RolloutWorker:
                 # Bootstrap finished episodes from what they saw last, not the reset state.
                 final_value = model.raw_value(res.final.as_dict())
                 next_value = torch.where(done.unsqueeze(-1), final_value, value)
-            next_values.append(next_value)
-            alive = obs_steps[-1]["alive"]
+            log.bootstrap(next_value)
+            alive = seen["alive"]
             self._ep_return += (res.reward * alive).sum(-1)
             self._ep_len += 1
             if bool(done.any()):
@@ -188,20 +236,11 @@ class RolloutWorker:
                 self._ep_len[done] = 0
         self._obs = obs
         self.total_env_steps += t_len * env.num_envs
-        obs_stacked = {k: torch.stack([o[k] for o in obs_steps]) for k in obs_steps[0]}
         empty = torch.zeros(0, device=env.device)
-        return RolloutBatch(
-            obs=obs_stacked,
-            actions=torch.stack(actions),
-            logp=torch.stack(logps),
-            values=torch.stack(values),
-            rewards=torch.stack(rewards),
-            terminated=torch.stack(terms),
-            truncated=torch.stack(truncs),
-            next_values=torch.stack(next_values),
-            episode_returns=torch.cat(ep_returns) if ep_returns else empty,
-            episode_lengths=(torch.cat(ep_lengths) if ep_lengths else empty.long()),
-            weights_version=self.weights_version,
+        return log.batch(
+            torch.cat(ep_returns) if ep_returns else empty,
+            torch.cat(ep_lengths) if ep_lengths else empty.long(),
+            self.weights_version,
         )
 
 

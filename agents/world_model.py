@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agents.rollout import RolloutBatch
+from agents.ppo import OptimizerState
+from agents.rollout import RolloutBatch, StepLog
 from envs.base import Observation, VecMultiAgentEnv
 from policies.actor_critic import ActorCritic
 from policies.world_model import EntityWorldModel
@@ -73,6 +74,11 @@ def transitions(
     }
 
 
+def batch_transitions(batch: RolloutBatch) -> dict[str, Tensor]:
+    """:func:`transitions` of a rollout batch."""
+    return transitions(batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated)
+
+
 class TransitionBuffer:
     """The last ``capacity`` real transitions (see :func:`transitions`), on ``device``."""
 
@@ -86,9 +92,7 @@ class TransitionBuffer:
 
     def add(self, batch: RolloutBatch) -> int:
         """Append a batch's transitions; returns how many it held."""
-        return self.add_steps(
-            batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated
-        )
+        return self.append(batch_transitions(batch))
 
     def add_steps(
         self,
@@ -99,9 +103,10 @@ class TransitionBuffer:
         truncated: Tensor,
     ) -> int:
         """Append ``T`` time-major steps of ``B`` worlds (see :func:`transitions`)."""
-        return self._append(transitions(obs, actions, rewards, terminated, truncated))
+        return self.append(transitions(obs, actions, rewards, terminated, truncated))
 
-    def _append(self, rows: dict[str, Tensor]) -> int:
+    def append(self, rows: dict[str, Tensor]) -> int:
+        """Append transitions as :func:`transitions` lays them out; returns how many."""
         n = int(rows["nodes"].shape[0])
         if not self.data:
             self.data = {
@@ -127,7 +132,7 @@ class TransitionBuffer:
     def restore(self, rows: dict[str, Tensor]) -> None:
         """Append what :meth:`newest` returned (a resumed run's replay)."""
         if rows and rows["nodes"].shape[0]:
-            self._append(rows)
+            self.append(rows)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``n`` transitions drawn uniformly with replacement."""
@@ -135,7 +140,7 @@ class TransitionBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-class WorldModelTrainer:
+class WorldModelTrainer(OptimizerState):
     """Fits an ensemble to the buffer: each member on its own bootstrap sample.
 
     Args:
@@ -219,15 +224,6 @@ class WorldModelTrainer:
                 out[key] += value / steps
         return out
 
-    def state_dict(self) -> dict[str, object]:
-        """Optimiser state and the update count, for checkpoints (the model is separate)."""
-        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
-        self.updates = int(state["updates"])  # type: ignore[call-overload]
-
 
 class Dynamics(Protocol):
     """One imagined step of ``B`` worlds: the learned model, or the true env (oracle)."""
@@ -308,47 +304,27 @@ def imagine(
     alive = starts["alive"].clone()
     b = nodes.shape[0]
     keys = policy.input_keys
-    steps: list[dict[str, Tensor]] = []
-    acts, logps, values, rewards, terms, truncs, next_values = [], [], [], [], [], [], []
+    log = StepLog()
     obs = observe(nodes).as_dict()
     obs["alive"] = alive.clone()
     action, logp, value = policy.act(obs)
     for t in range(horizon):
-        steps.append({k: v for k, v in obs.items() if k in keys})
+        seen = {k: v for k, v in obs.items() if k in keys}
         nxt, reward, cont, disagreement = dynamics.step(nodes, node_mask, action, alive)
         terminated = (cont < 0.5).unsqueeze(-1) & alive
         cut = torch.zeros(b, dtype=torch.bool, device=nodes.device)
         if max_disagreement is not None:
             cut = disagreement > max_disagreement
         truncated = cut | (t == horizon - 1)
-        acts.append(action)
-        logps.append(logp)
-        values.append(value)
-        rewards.append(reward * alive)
-        terms.append(terminated)
-        truncs.append(truncated)
+        log.add(seen, action, logp, value, reward * alive, terminated, truncated)
         nodes = nxt
         obs = observe(nodes).as_dict()
         alive = alive & ~terminated & ~cut.unsqueeze(-1)  # later steps of cut worlds: masked
         obs["alive"] = alive.clone()
         action, logp, value = policy.act(obs)
-        next_values.append(value)
-    stacked = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
+        log.bootstrap(value)
     empty = torch.zeros(0, device=nodes.device)
-    return RolloutBatch(
-        obs=stacked,
-        actions=torch.stack(acts),
-        logp=torch.stack(logps),
-        values=torch.stack(values),
-        rewards=torch.stack(rewards),
-        terminated=torch.stack(terms),
-        truncated=torch.stack(truncs),
-        next_values=torch.stack(next_values),
-        episode_returns=empty,
-        episode_lengths=empty.long(),
-        weights_version=weights_version,
-        imagined=True,
-    )
+    return log.batch(empty, empty.long(), weights_version, imagined=True)
 
 
 class Practice:
@@ -395,8 +371,6 @@ class Practice:
         self.updates_per_iter, self.max_disagreement = updates_per_iter, max_disagreement
         self.generator = generator
         self.learns = not isinstance(dynamics, EnvDynamics)
-        # A learned model is scored on every new batch; the true env needs no score.
-        self.scored = self.learns
         # Where the model trains elsewhere (the world-model actor), fetches its newest
         # weights and says whether there are any yet; here, the model is always ready.
         self.refresh: Callable[[], bool] = lambda: True
@@ -406,15 +380,12 @@ class Practice:
     """Transitions of each new batch the model is scored on before it trains on them."""
 
     @torch.no_grad()
-    def score(self, batch: RolloutBatch) -> dict[str, float]:
-        """The model's 1-step error on transitions it has never trained on (the new batch).
+    def score(self, batch: RolloutBatch, rows: dict[str, Tensor]) -> dict[str, float]:
+        """The model's error on a new batch it has never trained on; ``rows``: its transitions.
 
-        Errors are in units of the targets' scale (1: no better than "no change" / "mean
-        reward"); they gate imagination when ``max_error`` is set.
+        1-step errors are in units of the targets' scale (1: no better than "no change" /
+        "mean reward"); they gate imagination when ``max_error`` is set.
         """
-        rows = transitions(
-            batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated
-        )
         n = int(rows["nodes"].shape[0])
         if n == 0:
             return {}
@@ -430,6 +401,11 @@ class Practice:
             **{f"wm_holdout_{k}step_error": v for k, v in k_errors.items()},
         }
 
+    @property
+    def scored(self) -> bool:
+        """A learned model is scored on every new batch; the true env needs no score."""
+        return not isinstance(self.dynamics, EnvDynamics)
+
     def trusted(self) -> bool:
         """Whether the model's held-out error allows imagining (always, for the true env)."""
         if not self.scored or self.max_error is None:
@@ -440,9 +416,10 @@ class Practice:
     def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
         """Score the model on a new real batch, add it to the replay, train on the replay."""
         out: dict[str, float] = {}
+        rows = batch_transitions(batch)
         if self.scored and len(self.buffer) and self.refresh():
-            out = self.score(batch)
-        self.buffer.add(batch)
+            out = self.score(batch, rows)
+        self.buffer.append(rows)
         if not self.learns or self.updates_per_iter == 0:
             return out
         stats = self.trainer.update(self.buffer, self.updates_per_iter, self.generator)

@@ -14,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import envs
 from agents.ppo import PPOConfig
+from agents.world_model import WorldModelTrainer
 from envs import EnvSettings, VecMultiAgentEnv
 from policies import EDGE_MODES, POLICY_KINDS, ActorCritic, PolicySpec
+from policies.world_model import EntityWorldModel
 
 
 class ConfigError(ValueError):
@@ -258,6 +260,17 @@ class WorldModelConfig(_Section):
     max_disagreement: float | None = Field(None, gt=0)
     """Cut a branch where the members disagree more than this (in units of the targets'
     scale); ``null`` never cuts."""
+
+    def build(self, env: VecMultiAgentEnv) -> EntityWorldModel:
+        """The world model this section describes, sized for ``env``'s entity graph."""
+        return EntityWorldModel(
+            env.node_dim, env.action_kind, env.action_dim,
+            self.hidden, self.layers, self.heads, self.members,
+        )  # fmt: skip
+
+    def trainer(self, model: EntityWorldModel) -> WorldModelTrainer:
+        """What fits ``model`` with this section's learning rate and batch size."""
+        return WorldModelTrainer(model, lr=self.lr, batch_size=self.batch_size)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> WorldModelConfig:

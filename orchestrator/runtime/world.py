@@ -18,7 +18,6 @@ from agents.world_model import (
     LearnedDynamics,
     Practice,
     TransitionBuffer,
-    WorldModelTrainer,
 )
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
@@ -67,19 +66,11 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
     wm, seed = cfg.world_model, cfg.train.seed
     observer = cfg.env.make(1, seed, device)
     check_env(observer, wm.oracle)
-    model = EntityWorldModel(
-        observer.node_dim,
-        observer.action_kind,
-        observer.action_dim,
-        hidden=wm.hidden,
-        layers=wm.layers,
-        heads=wm.heads,
-        members=wm.members,
-    ).to(device)
+    model = wm.build(observer).to(device)
     generator = torch.Generator(device=device).manual_seed(seed + 7_777)
     practice = Practice(
         model,
-        WorldModelTrainer(model, lr=wm.lr, batch_size=wm.batch_size),
+        wm.trainer(model),
         TransitionBuffer(wm.replay_capacity, device),
         LearnedDynamics(model, generator),
         observer.observe_entities,
@@ -94,7 +85,7 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
     if wm.oracle:
         branches = practice.branches(real_samples)
         practice.dynamics = EnvDynamics(cfg.env.make(max(branches, 1), seed + 1, device))
-        practice.learns = practice.scored = False
+        practice.learns = False
     return practice
 
 
@@ -193,9 +184,6 @@ def model_from_checkpoint(
             f"checkpoint {ckpt['path']} holds no world model: the run trained without "
             "world_model.enabled (e.g. `shoal run spread-gnn-wm`)"
         )
-    wm = cfg.world_model
-    model = EntityWorldModel(
-        env.node_dim, env.action_kind, env.action_dim, wm.hidden, wm.layers, wm.heads, wm.members
-    )
+    model = cfg.world_model.build(env)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from agents.memory import ReplayStream, RunState, WeightStore, connect
-from agents.world_model import TransitionBuffer, WorldModelTrainer
+from agents.world_model import TransitionBuffer
 from orchestrator.config import Config
 from orchestrator.runtime.ray_metrics import RayMetricsSink
 from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
-from policies.world_model import EntityWorldModel
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,9 @@ class WorldModelActor:
         torch.set_num_threads(cfg.train.threads or 1)
         wm = cfg.world_model
         probe = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
-        self.model = EntityWorldModel(
-            probe.node_dim, probe.action_kind, probe.action_dim,
-            wm.hidden, wm.layers, wm.heads, wm.members,
-        )  # fmt: skip
+        self.model = wm.build(probe)
         probe.close()
-        self.trainer = WorldModelTrainer(self.model, lr=wm.lr, batch_size=wm.batch_size)
+        self.trainer = wm.trainer(self.model)
         self.buffer = TransitionBuffer(wm.replay_capacity)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 31_337)
         self.run_dir = Path(run_dir)
