@@ -174,7 +174,9 @@ def cmd_dream(args: argparse.Namespace) -> int:
         highlight=False,
         soft_wrap=True,
     )
-    console.print("  k  " + "".join(f"{k:>9}" for k in dict.fromkeys(shown)), highlight=False)
+    console.print(
+        f"  {'k':<18}" + "".join(f"{k:>9}" for k in dict.fromkeys(shown)), highlight=False
+    )
     for name, values in errors.items():
         cells = "".join(f"{values[k - 1]:>9.4f}" for k in dict.fromkeys(shown))
         console.print(f"  {name.replace('_', ' '):<18}{cells}", highlight=False)
