@@ -184,6 +184,7 @@ class RolloutWorker:
     ) -> None:
         self.env = env
         self.keys = model.input_keys | extra_keys
+        env.restrict_observation(self.keys)
         self.model = model.to(env.device)
         self.model.eval()
         self.rollout_len = rollout_len
@@ -209,7 +210,7 @@ class RolloutWorker:
         ep_lengths: list[Tensor] = []
         keys = self.keys
         obs = self._obs
-        batch = obs.as_dict()
+        batch = model.prepare(obs.as_dict())
         action, logp, value = model.act(batch)
         for _ in range(t_len):
             res = env.step(action)
@@ -218,7 +219,7 @@ class RolloutWorker:
             log.add(seen, action, logp, value, res.reward, res.terminated, res.truncated)
             done = res.done
             obs = res.observation
-            batch = obs.as_dict()
+            batch = model.prepare(obs.as_dict())
             action, logp, value = model.act(batch)
             next_value = value
             if bool(done.any()):

@@ -307,6 +307,7 @@ def imagine(
     log = StepLog()
     obs = observe(nodes).as_dict()
     obs["alive"] = alive.clone()
+    obs = policy.prepare(obs)
     action, logp, value = policy.act(obs)
     for t in range(horizon):
         seen = {k: v for k, v in obs.items() if k in keys}
@@ -321,6 +322,7 @@ def imagine(
         obs = observe(nodes).as_dict()
         alive = alive & ~terminated & ~cut.unsqueeze(-1)  # later steps of cut worlds: masked
         obs["alive"] = alive.clone()
+        obs = policy.prepare(obs)
         action, logp, value = policy.act(obs)
         log.bootstrap(value)
     empty = torch.zeros(0, device=nodes.device)

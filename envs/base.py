@@ -125,6 +125,13 @@ class VecMultiAgentEnv(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most envs hold nothing
         """Release resources held by the env."""
 
+    def restrict_observation(self, keys: frozenset[str]) -> None:  # noqa: B027 - optional
+        """Observation fields no reader needs may be skipped from now on.
+
+        Rollout workers pass the keys their policy (and world model) read. An env may then
+        return zero-width ``obs``/``state`` when neither is among ``keys``; most ignore it.
+        """
+
     def observe_entities(self, nodes: Tensor) -> Observation:
         """What the agents would see in worlds given as entity graphs ``[B, E, F]``.
 

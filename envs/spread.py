@@ -8,8 +8,6 @@ in one batch of tensor ops instead of a Python loop over entities.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -123,12 +121,47 @@ class SpreadEnv(VecMultiAgentEnv):
         n = n_agents
         self._pair_mask = ~torch.eye(n, dtype=torch.bool, device=self.device)
         shape = (num_envs, n, 2)
+        self._pairs: tuple[Tensor, Tensor, Tensor] | None = None
+        self._skip_vectors = False
         self.agent_pos = torch.zeros(shape, dtype=dtype, device=self.device)
         self.agent_vel = torch.zeros(shape, dtype=dtype, device=self.device)
         self.landmark_pos = torch.zeros(shape, dtype=dtype, device=self.device)
         self.steps = torch.zeros(num_envs, dtype=torch.long, device=self.device)
 
     # -- state -------------------------------------------------------------------------------
+
+    @property
+    def agent_pos(self) -> Tensor:
+        """``[B, N, 2]`` agent positions."""
+        return self._agent_pos
+
+    @agent_pos.setter
+    def agent_pos(self, value: Tensor) -> None:
+        self._agent_pos = value
+        self._pairs = None
+
+    def _agent_pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``dx[b, i, j] = x_i - x_j``, ``dy`` likewise, and the distance, each ``[B, N, N]``.
+
+        The O(N²) part of a step, formed once per set of positions: the rewards and the
+        observation after a step and the contact forces of the next step all read it. The
+        coordinates are kept apart so that no ``[B, N, N, 2]`` tensor is needed.
+        """
+        if self._pairs is None:
+            x, y = self._agent_pos.unbind(-1)
+            dx = x.unsqueeze(2) - x.unsqueeze(1)
+            dy = y.unsqueeze(2) - y.unsqueeze(1)
+            self._pairs = (dx, dy, (dx * dx + dy * dy).sqrt())
+        return self._pairs
+
+    def restrict_observation(self, keys: frozenset[str]) -> None:
+        """Skip the per-agent vectors (``obs``, ``state``) when no reader needs them.
+
+        mpe2's observation holds every landmark and every other agent, ``O(N²)`` floats per
+        world: at 48 agents it is most of a step's cost. Graph and transformer policies read
+        the entity graph only; with neither key in ``keys`` both become zero-width.
+        """
+        self._skip_vectors = not ({"obs", "state"} & keys)
 
     def _sample_positions(self, count: int) -> tuple[Tensor, Tensor]:
         n = self.n_agents
@@ -168,22 +201,23 @@ class SpreadEnv(VecMultiAgentEnv):
         return self._u_table[actions]
 
     def _collision_force(self) -> Tensor:
-        delta = self.agent_pos.unsqueeze(2) - self.agent_pos.unsqueeze(1)  # [B, N, N, 2]
-        dist = delta.square().sum(-1).sqrt()
+        dx, dy, dist = self._agent_pairs()  # [B, N, N] each
         k = CONTACT_MARGIN
         penetration = torch.logaddexp(torch.zeros_like(dist), -(dist - 2 * AGENT_SIZE) / k) * k
         # Self pairs have dist 0: mask before dividing so no NaN leaks into the sum.
         safe = torch.where(self._pair_mask, dist, torch.ones_like(dist))
-        f = CONTACT_FORCE * delta / safe.unsqueeze(-1) * penetration.unsqueeze(-1)
-        f = f * self._pair_mask.unsqueeze(-1)
-        return f.sum(dim=2)
+        # mpe2's force on i from j is CONTACT_FORCE * (p_i - p_j) / dist * penetration.
+        w = (CONTACT_FORCE * penetration / safe) * self._pair_mask
+        return torch.stack([(w * dx).sum(dim=2), (w * dy).sum(dim=2)], dim=-1)
 
     def _rewards(self) -> Tensor:
-        d_lm = (
-            (self.agent_pos.unsqueeze(1) - self.landmark_pos.unsqueeze(2)).square().sum(-1).sqrt()
-        )  # [B, L, N]
+        ax, ay = self.agent_pos.unbind(-1)
+        lx, ly = self.landmark_pos.unbind(-1)
+        ddx = ax.unsqueeze(1) - lx.unsqueeze(2)  # [B, L, N]
+        ddy = ay.unsqueeze(1) - ly.unsqueeze(2)
+        d_lm = (ddx * ddx + ddy * ddy).sqrt()
         global_rew = -d_lm.min(dim=2).values.sum(dim=1)  # [B]
-        d_ag = (self.agent_pos.unsqueeze(2) - self.agent_pos.unsqueeze(1)).square().sum(-1).sqrt()
+        d_ag = self._agent_pairs()[2]
         collisions = ((d_ag < 2 * AGENT_SIZE) & self._pair_mask).sum(dim=2)  # [B, N]
         local = -collisions.to(self.dtype)
         return global_rew.unsqueeze(1) * (1.0 - self.local_ratio) + local * self.local_ratio
@@ -207,13 +241,19 @@ class SpreadEnv(VecMultiAgentEnv):
             self.landmark_pos[idx] = landmark_pos
             self.agent_vel[idx] = 0.0
             self.steps[idx] = 0
+            self._pairs = None
             obs = self._observe()
         return StepResult(obs, reward, terminated, truncated, final)
 
     # -- observation -------------------------------------------------------------------------
 
     def _observe(self) -> Observation:
-        return spread_observation(self.agent_pos, self.agent_vel, self.landmark_pos)
+        if self._skip_vectors:
+            return spread_graph(self.agent_pos, self.agent_vel, self.landmark_pos)
+        dx, dy, _ = self._agent_pairs()
+        return spread_observation(
+            self.agent_pos, self.agent_vel, self.landmark_pos, torch.stack([dx, dy], dim=-1)
+        )
 
     # -- worlds given as entity graphs (imagination) -------------------------------------------
 
@@ -248,24 +288,63 @@ def observe_spread_entities(nodes: Tensor, n_agents: int) -> Observation:
     return spread_observation(nodes[:, :n, 2:4], nodes[:, :n, 0:2], nodes[:, n:, 2:4])
 
 
-@functools.cache
-def _others(n: int, device: torch.device) -> Tensor:
-    """``others[i]``: the agents other than ``i``, in mpe2's order (built once per N)."""
-    return torch.tensor([[j for j in range(n) if j != i] for i in range(n)], device=device)
+def _drop_diagonal(x: Tensor) -> Tensor:
+    """``x [B, N, N, ...]`` without its diagonal, as ``[B, N, N-1, ...]``.
+
+    Row ``i`` holds ``x[:, i, j]`` for every ``j != i`` in order (mpe2's "other agents"). A
+    strided copy, not a gather: the flattened ``N x N`` matrix minus its first entry is ``N - 1``
+    rows of ``N + 1``, each starting with a diagonal entry's successor.
+    """
+    b, n = x.shape[:2]
+    rest = x.shape[3:]
+    flat = x.reshape(b, n * n, *rest)[:, 1:]
+    return flat.reshape(b, n - 1, n + 1, *rest)[:, :, :n].reshape(b, n, n - 1, *rest)
 
 
-def spread_observation(agent_pos: Tensor, agent_vel: Tensor, landmark_pos: Tensor) -> Observation:
+def spread_graph(agent_pos: Tensor, agent_vel: Tensor, landmark_pos: Tensor) -> Observation:
+    """The entity graph of ``B`` simple_spread worlds, without the per-agent vectors.
+
+    ``obs`` and ``state`` are zero-width; ``nodes``, ``node_pos``, ``alive`` and the masks are
+    those ``spread_observation`` gives (to float rounding: landmarks are placed directly,
+    not through each agent's relative view).
+    """
+    b, n = agent_pos.shape[:2]
+    node_pos = torch.cat([agent_pos, landmark_pos], dim=1)
+    node_vel = torch.cat([agent_vel, torch.zeros_like(landmark_pos)], dim=1)
+    is_agent = torch.zeros(b, 2 * n, 1, dtype=agent_pos.dtype, device=agent_pos.device)
+    is_agent[:, :n] = 1.0
+    node_type = torch.full((b, 2 * n), NODE_LANDMARK, dtype=torch.long, device=agent_pos.device)
+    node_type[:, :n] = NODE_AGENT
+    return Observation(
+        obs=agent_pos.new_zeros(b, n, 0),
+        state=agent_pos.new_zeros(b, 0),
+        alive=torch.ones(b, n, dtype=torch.bool, device=agent_pos.device),
+        nodes=torch.cat([node_vel, node_pos, is_agent], dim=-1),
+        node_pos=node_pos,
+        node_type=node_type,
+        node_mask=torch.ones(b, 2 * n, dtype=torch.bool, device=agent_pos.device),
+    )
+
+
+def spread_observation(
+    agent_pos: Tensor, agent_vel: Tensor, landmark_pos: Tensor, delta: Tensor | None = None
+) -> Observation:
     """simple_spread observations (and their entity graph) of ``B`` worlds.
 
     Args:
         agent_pos: ``[B, N, 2]``.
         agent_vel: ``[B, N, 2]``.
         landmark_pos: ``[B, N, 2]``.
+        delta: ``agent_pos[:, i] - agent_pos[:, j]`` as ``[B, N, N, 2]`` when the caller has
+            it already (the env forms it once per step).
     """
     b, n = agent_pos.shape[:2]
     pos, vel = agent_pos, agent_vel
+    if delta is None:
+        delta = pos.unsqueeze(2) - pos.unsqueeze(1)
     lm_rel = landmark_pos.unsqueeze(1) - pos.unsqueeze(2)  # [B, N, L, 2]
-    other_rel = pos[:, _others(n, pos.device)] - pos.unsqueeze(2)  # [B, N, N-1, 2]
+    # p_j - p_i is exactly -(p_i - p_j) in floating point.
+    other_rel = -_drop_diagonal(delta)  # [B, N, N-1, 2]
     comm = torch.zeros(b, n, DIM_C * (n - 1), dtype=pos.dtype, device=pos.device)
     obs = torch.cat([vel, pos, lm_rel.reshape(b, n, -1), other_rel.reshape(b, n, -1), comm], dim=-1)
     nodes, node_pos, node_type = spread_entities(obs, n)

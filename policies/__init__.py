@@ -2,7 +2,8 @@
 
 from policies.actor_critic import POLICY_KINDS, ActorCritic, PolicySpec, ValueNorm
 from policies.distributions import ActionHead, Categorical, DiagGaussian
-from policies.gnn import EDGE_MODES, GNNActor, GNNCritic, GraphEncoder, build_edges
+from policies.edges import EDGE_MODES, build_edges, build_neighbours
+from policies.gnn import GNNActor, GNNCritic, GraphEncoder
 from policies.mlp import MLPActor, MLPCritic
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "PolicySpec",
     "ValueNorm",
     "build_edges",
+    "build_neighbours",
 ]

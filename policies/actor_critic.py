@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.distributions import Distribution
+from policies.edges import NEIGHBOURS, build_neighbours
 from policies.gnn import GNNActor, GNNCritic
 from policies.mlp import MLPActor, MLPCritic
 from policies.transformer import TransformerActor, TransformerCritic
@@ -84,9 +85,12 @@ class PolicySpec:
     hidden: int = 64
     layers: int = 2
     heads: int = 2
+    #: Which entities exchange messages (``policies.edges``): GNN edges, and the
+    #: transformer's attention neighbourhood (``complete`` = full attention).
     edges: str = "complete"
     radius: float = 1.0
     k: int = 4
+    max_neighbours: int = 32
 
 
 @dataclass(frozen=True)
@@ -98,16 +102,18 @@ class Architecture:
 
     actor: Callable[[PolicySpec], nn.Module]
     critic: Callable[[PolicySpec], nn.Module]
-    inputs: frozenset[str]
+    inputs: Callable[[PolicySpec], frozenset[str]]
 
 
-def _graph(spec: PolicySpec) -> dict[str, Any]:
+def _entity(spec: PolicySpec) -> dict[str, Any]:
     return {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads,
-            "edges": spec.edges, "radius": spec.radius, "k": spec.k}  # fmt: skip
+            "edges": spec.edges, "radius": spec.radius, "k": spec.k,
+            "max_neighbours": spec.max_neighbours}  # fmt: skip
 
 
-def _attention(spec: PolicySpec) -> dict[str, Any]:
-    return {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads}
+def _local(spec: PolicySpec) -> frozenset[str]:
+    """Neighbour lists travel with the rollout when the edges are not complete."""
+    return frozenset() if spec.edges == "complete" else frozenset({"node_pos", NEIGHBOURS})
 
 
 # The one list of policy kinds: ``model.kind`` and ``model.critic_kind`` are validated
@@ -116,17 +122,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture(
         actor=lambda s: MLPActor(s.obs_dim, s.action_kind, s.action_dim, s.hidden, s.layers),
         critic=lambda s: MLPCritic(s.obs_dim, s.state_dim, s.centralised, s.hidden, s.layers),
-        inputs=frozenset({"obs", "state"}),
+        inputs=lambda s: frozenset({"obs", "state"}),
     ),
     "gnn": Architecture(
-        actor=lambda s: GNNActor(s.node_dim, s.action_kind, s.action_dim, **_graph(s)),
-        critic=lambda s: GNNCritic(s.node_dim, s.centralised, **_graph(s)),
-        inputs=frozenset({"nodes", "node_pos", "node_mask"}),
+        actor=lambda s: GNNActor(s.node_dim, s.action_kind, s.action_dim, **_entity(s)),
+        critic=lambda s: GNNCritic(s.node_dim, s.centralised, **_entity(s)),
+        inputs=lambda s: frozenset({"nodes", "node_pos", "node_mask"}) | _local(s),
     ),
     "transformer": Architecture(
-        actor=lambda s: TransformerActor(s.node_dim, s.action_kind, s.action_dim, **_attention(s)),
-        critic=lambda s: TransformerCritic(s.node_dim, s.centralised, **_attention(s)),
-        inputs=frozenset({"nodes", "node_mask"}),
+        actor=lambda s: TransformerActor(s.node_dim, s.action_kind, s.action_dim, **_entity(s)),
+        critic=lambda s: TransformerCritic(s.node_dim, s.centralised, **_entity(s)),
+        inputs=lambda s: frozenset({"nodes", "node_mask"}) | _local(s),
     ),
 }
 POLICY_KINDS = tuple(ARCHITECTURES)
@@ -154,7 +160,34 @@ class ActorCritic(nn.Module):
         self.actor = actor.actor(spec)
         self.critic = critic.critic(spec)
         self.value_norm = ValueNorm()
-        self.input_keys = frozenset({"alive", "action_mask"} | actor.inputs | critic.inputs)
+        self.input_keys = frozenset(
+            {"alive", "action_mask"} | actor.inputs(spec) | critic.inputs(spec)
+        )
+        # Entity encoders say which layout they use at a size (``layout(num_nodes)``).
+        self._layouts: list[Callable[[int], str]] = [
+            enc.layout
+            for enc in (getattr(self.actor, "encoder", None), getattr(self.critic, "encoder", None))
+            if enc is not None and hasattr(enc, "layout")
+        ]
+
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``batch`` plus what every forward of it would otherwise derive again.
+
+        For k-nearest and radius edges at sizes where an encoder reads neighbour lists, the
+        lists are built once here, shared by actor and critic, and (rollout workers keep
+        every key in ``input_keys``) stored with the rollout, so training's epochs over the
+        batch never rebuild them. Returns ``batch`` itself when there is nothing to add.
+        """
+        if NEIGHBOURS in batch or NEIGHBOURS not in self.input_keys:
+            return batch
+        e = batch["node_pos"].shape[1]
+        if not any(layout(e) == "lists" for layout in self._layouts):
+            return batch
+        s = self.spec
+        nbrs = build_neighbours(
+            batch["node_pos"], batch["node_mask"], s.edges, s.radius, s.k, s.max_neighbours
+        )
+        return {**batch, NEIGHBOURS: nbrs}
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """Training pass: ``(action distribution, normalised values)``.
@@ -177,6 +210,7 @@ class ActorCritic(nn.Module):
         self, batch: dict[str, Tensor], deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Sample actions; return ``(action, log_prob, raw value)``."""
+        batch = self.prepare(batch)
         d = self.dist(batch)
         action = d.mode() if deterministic else d.sample()
         return action, d.log_prob(action), self.value_norm.denormalize(self.value(batch))
@@ -184,4 +218,4 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
         """De-normalised values ``[B, N]`` for bootstrapping."""
-        return self.value_norm.denormalize(self.value(batch))
+        return self.value_norm.denormalize(self.value(self.prepare(batch)))

@@ -18,7 +18,8 @@ class EntityActor(nn.Module):
     """Per-agent actions from agent embeddings.
 
     Args:
-        encoder: maps a batch dict to embeddings ``[B, E, hidden]``.
+        encoder: maps a batch dict to embeddings ``[B, E, hidden]``, and with ``first=N`` to
+            the first ``N`` rows (it may skip work for the others).
         hidden: embedding width.
         action_kind: ``"discrete"`` or ``"continuous"``.
         action_dim: ``A``.
@@ -36,7 +37,7 @@ class EntityActor(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> Distribution:
         """Action distribution for every agent."""
         n = batch["alive"].shape[-1]
-        return self.head(self.encoder(batch)[:, :n], batch.get("action_mask"))
+        return self.head(self.encoder(batch, first=n), batch.get("action_mask"))
 
 
 class EntityCritic(nn.Module):

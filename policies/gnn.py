@@ -1,8 +1,14 @@
 """Graph policies on torch-geometric: entities are nodes, edges come from positions.
 
-Edges are rebuilt from ``node_pos`` on every call (complete, radius or k-nearest), so one set of
-weights runs on any number of agents and entities, and every layer is permutation-equivariant
-over nodes: reorder the agents and the per-agent outputs reorder the same way.
+Edges are rebuilt from ``node_pos`` on every call (complete, radius or k-nearest, see
+``policies.edges``), so one set of weights runs on any number of agents and entities, and
+every layer is permutation-equivariant over nodes: reorder the agents and the per-agent
+outputs reorder the same way.
+
+Each layer is PyG's ``TransformerConv`` (its parameters, its arithmetic), evaluated in the
+layout that is cheapest for the graph at hand: dense ``[B, E, E]`` scores for complete and
+small graphs, neighbour lists ``[B, E, K]`` for k-nearest and radius graphs of many nodes
+(cost ``B · E · K``, proportional to the edges), or PyG's own gather/scatter message passing.
 """
 
 from __future__ import annotations
@@ -11,59 +17,23 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import TransformerConv
 
+from policies.edges import (
+    EDGE_MODES,
+    batch_neighbours,
+    build_adjacency,
+    build_edges,
+    gather_neighbours,
+)
 from policies.entity import EntityActor, EntityCritic
 from policies.mlp import mlp
 
-EDGE_MODES = ("complete", "radius", "knn")
-
-
-def build_adjacency(
-    node_pos: Tensor, node_mask: Tensor, mode: str = "complete", radius: float = 1.0, k: int = 4
-) -> Tensor:
-    """Dense adjacency ``adj[b, i, j]`` = "node ``j`` sends to node ``i``".
-
-    Args:
-        node_pos: ``[B, E, P]`` positions.
-        node_mask: ``[B, E]`` bool, ``False`` for padding (never connected).
-        mode: ``"complete"``, ``"radius"`` (distance <= ``radius``) or ``"knn"`` (the ``k``
-            nearest senders of each receiver).
-        radius: cut-off for ``"radius"``.
-        k: neighbours for ``"knn"``.
-
-    Returns:
-        ``adj [B, E, E]`` bool.
-    """
-    if mode not in EDGE_MODES:
-        raise ValueError(f"edge mode {mode!r} is not one of {EDGE_MODES}")
-    e = node_pos.shape[1]
-    eye = torch.eye(e, dtype=torch.bool, device=node_pos.device)
-    valid = node_mask.unsqueeze(2) & node_mask.unsqueeze(1) & ~eye
-    if mode == "complete" or (mode == "knn" and k >= e - 1):
-        return valid  # distances are only needed to prune edges
-    dist = torch.cdist(node_pos, node_pos)  # [B, i, j]
-    if mode == "radius":
-        return valid & (dist <= radius)
-    d = dist.masked_fill(~valid, float("inf"))
-    kth = d.topk(k, dim=-1, largest=False).values[..., -1:]
-    return valid & (d <= kth)
-
-
-def build_edges(
-    node_pos: Tensor, node_mask: Tensor, mode: str = "complete", radius: float = 1.0, k: int = 4
-) -> tuple[Tensor, Tensor]:
-    """Batched directed edges ``j -> i`` between valid, distinct nodes of each graph.
-
-    Takes the arguments of ``build_adjacency``.
-
-    Returns:
-        ``edge_index [2, M]`` over the flattened ``B * E`` nodes (row 0 senders, row 1
-        receivers) and ``edge_attr [M, P]`` (sender position relative to receiver).
-    """
-    valid = build_adjacency(node_pos, node_mask, mode, radius, k)
-    e = node_pos.shape[1]
-    bi, i, j = valid.nonzero(as_tuple=True)
-    edge_index = torch.stack([bi * e + j, bi * e + i])
-    return edge_index, node_pos[bi, j] - node_pos[bi, i]
+#: How a ``GraphEncoder`` evaluates its layers: chosen per call by ``"auto"``, or forced.
+GRAPH_PATHS = ("auto", "dense", "lists", "pyg")
+#: ``"auto"`` uses neighbour lists for k-nearest/radius graphs above this many nodes. Measured
+#: on 2 CPU cores (1536 agents a batch, k=4, hidden 32, forward + backward per agent): dense
+#: 6.0 us at 24 nodes against 7.4 us for lists, 9.8 against 7.2 at 48, 15.7 against 6.3 at
+#: 192. Lists cost the same per agent at every size; dense grows with the graph.
+LISTS_ABOVE = 32
 
 
 def dense_transformer_conv(
@@ -124,6 +94,64 @@ def attention_bias(adj: Tensor) -> Tensor:
     return torch.zeros(adj.shape, dtype=torch.float32, device=adj.device).masked_fill_(~adj, -1e9)
 
 
+def neighbour_transformer_conv(
+    conv: TransformerConv, x: Tensor, neighbours: Tensor, pos: Tensor, receivers: int | None = None
+) -> Tensor:
+    """``conv`` (a PyG ``TransformerConv`` with ``edge_dim = P``) over neighbour lists.
+
+    Same weights, same result as ``conv(x, edge_index, edge_attr)`` on the edges the lists
+    hold, with ``edge_attr = pos_j - pos_i``; cost ``B · E · K`` instead of ``B · E²``. As in
+    ``dense_transformer_conv``, the edge embedding folds into per-node terms, so one gather
+    of keys and values per layer is all the per-edge work there is.
+
+    Args:
+        conv: the layer whose parameters are used.
+        x: ``[B, E, F]`` node features.
+        neighbours: ``[B, E, K]`` sender indices per receiver, ``-1`` for empty slots
+            (``policies.edges.build_neighbours``).
+        pos: ``[B, E, P]`` node positions.
+        receivers: compute the output of the first ``R`` nodes only (all nodes still send):
+            an actor reads its agents' rows of the last layer and nothing else.
+
+    Returns:
+        ``[B, R, heads * out_channels]`` (``R = E`` by default).
+    """
+    b, e, _ = x.shape
+    r = e if receivers is None else receivers
+    h, c = conv.heads, conv.out_channels
+    hc = h * c
+    kk = neighbours.shape[-1]
+    lin = torch.nn.functional.linear
+    sends = [conv.lin_key, conv.lin_value]
+    receives = [conv.lin_query] + ([conv.lin_skip] if conv.root_weight else [])
+    wp = lin(pos, conv.lin_edge.weight)
+    if r == e:  # one matmul for every projection
+        lins = receives + sends
+        q, *skip, k, v = lin(
+            x, torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins])
+        ).split(hc, dim=-1)
+    else:
+        q, *skip = lin(
+            x[:, :r], torch.cat([m.weight for m in receives]), torch.cat([m.bias for m in receives])
+        ).split(hc, dim=-1)
+        k, v = lin(
+            x, torch.cat([m.weight for m in sends]), torch.cat([m.bias for m in sends])
+        ).split(hc, dim=-1)
+    neighbours = neighbours[:, :r]
+    # Keys and values of each receiver's senders: [B, R, K, H, C].
+    kj, vj = (gather_neighbours(t, neighbours).view(b, r, kk, h, c) for t in (k + wp, v + wp))
+    # q_i . (k_j + W(pos_j - pos_i)): the -q_i . W pos_i term is the same for every j and
+    # cancels in the softmax.
+    scores = (q.view(b, r, 1, h, c) * kj).sum(-1) * (1.0 / c**0.5)  # [B, R, K, H]
+    valid = neighbours >= 0
+    scores = scores.masked_fill(~valid.unsqueeze(-1), -1e9)
+    alpha = torch.softmax(scores, dim=2)
+    # sum_j a_ij (v_j + W(pos_j - pos_i)) = sum_j a_ij (v_j + W pos_j) - W pos_i.
+    out = (alpha.unsqueeze(-1) * vj).sum(2).reshape(b, r, hc) - wp[:, :r]
+    out = out * valid.any(-1, keepdim=True)  # no senders: zero, as PyG gives
+    return out + skip[0] if skip else out
+
+
 class GraphEncoder(nn.Module):
     """Node embeddings from attention message passing (PyG ``TransformerConv``).
 
@@ -135,9 +163,11 @@ class GraphEncoder(nn.Module):
         edges: edge construction, one of ``complete``, ``radius``, ``knn``.
         radius: cut-off for radius graphs.
         k: neighbours for knn graphs.
+        max_neighbours: cap on senders per receiver for radius graphs.
         pos_dim: width of positions (2 for planar worlds).
-        dense: compute each layer densely (``dense_transformer_conv``) when a graph has at
-            most this many nodes, else through PyG's sparse message passing.
+        path: ``"auto"`` (dense for complete graphs and graphs of at most ``LISTS_ABOVE``
+            nodes, neighbour lists otherwise), or one of ``"dense"``, ``"lists"``, ``"pyg"``
+            (PyG's gather/scatter message passing) to force a layout; all compute the same.
 
     Shapes:
         - input: ``nodes [B, E, F]``, ``node_pos [B, E, P]``, ``node_mask [B, E]``.
@@ -153,17 +183,20 @@ class GraphEncoder(nn.Module):
         edges: str = "complete",
         radius: float = 1.0,
         k: int = 4,
+        max_neighbours: int = 32,
         pos_dim: int = 2,
-        dense: int = 32,
+        path: str = "auto",
     ) -> None:
         super().__init__()
-        self.dense = dense
         self.hidden = hidden
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         if edges not in EDGE_MODES:
             raise ValueError(f"edges={edges!r} is not one of {EDGE_MODES}")
-        self.edges, self.radius, self.k = edges, radius, k
+        if path not in GRAPH_PATHS:
+            raise ValueError(f"path={path!r} is not one of {GRAPH_PATHS}")
+        self.edges, self.radius, self.k, self.max_neighbours = edges, radius, k, max_neighbours
+        self.path = path
         self.embed = mlp(node_dim, hidden, 1)
         self.convs = nn.ModuleList(
             # No skip projection: the residual below already carries each node's own state.
@@ -173,19 +206,51 @@ class GraphEncoder(nn.Module):
             for _ in range(layers)
         )
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Embeddings for every node."""
+    def layout(self, num_nodes: int) -> str:
+        """The layout ``forward`` uses for graphs of ``num_nodes`` nodes."""
+        if self.path != "auto":
+            return self.path
+        if self.edges == "complete" or num_nodes <= LISTS_ABOVE:
+            return "dense"
+        return "lists"
+
+    def neighbours(self, batch: dict[str, Tensor]) -> Tensor:
+        """The batch's neighbour lists, carried or freshly built.
+
+        ``ActorCritic.prepare`` builds them once per step and rollouts store them.
+        """
+        return batch_neighbours(batch, self.edges, self.radius, self.k, self.max_neighbours)
+
+    def forward(self, batch: dict[str, Tensor], first: int | None = None) -> Tensor:
+        """Embeddings for every node, or for the first ``first`` nodes (``[B, first, hidden]``).
+
+        With ``first``, the last layer is computed for those receivers only where the
+        layout allows it (neighbour lists): what an actor reads of its agents.
+        """
+        out = self._forward(batch, first)
+        return out if first is None else out[:, :first]
+
+    def _forward(self, batch: dict[str, Tensor], first: int | None) -> Tensor:
         nodes, pos, mask = batch["nodes"], batch["node_pos"], batch["node_mask"]
         b, e, _ = nodes.shape
         h = self.embed(nodes)
-        if e <= self.dense:
-            adj = build_adjacency(pos, mask, self.edges, self.radius, self.k)
+        edges = (self.edges, self.radius, self.k, self.max_neighbours)
+        layout = self.layout(e)
+        if layout == "dense":
+            adj = build_adjacency(pos, mask, *edges)
             bias = attention_bias(adj)
             for conv in self.convs:
                 # Residual keeps a node's own features when it has no neighbours.
                 h = h + torch.relu(dense_transformer_conv(conv, h, adj, pos, bias))
             return h * mask.unsqueeze(-1)
-        edge_index, edge_attr = build_edges(pos, mask, self.edges, self.radius, self.k)
+        if layout == "lists":
+            nbrs = self.neighbours(batch)
+            last = len(self.convs) - 1
+            for i, conv in enumerate(self.convs):
+                r = first if i == last and first is not None else e
+                h = h[:, :r] + torch.relu(neighbour_transformer_conv(conv, h, nbrs, pos, r))
+            return h * mask[:, : h.shape[1]].unsqueeze(-1)
+        edge_index, edge_attr = build_edges(pos, mask, *edges)
         h = h.reshape(b * e, -1)
         for conv in self.convs:
             h = h + torch.relu(conv(h, edge_index, edge_attr))
@@ -199,7 +264,8 @@ class GNNActor(EntityActor):
         node_dim: node feature width.
         action_kind: ``"discrete"`` or ``"continuous"``.
         action_dim: ``A``.
-        **encoder: ``GraphEncoder`` options (hidden, layers, heads, edges, radius, k).
+        **encoder: ``GraphEncoder`` options (hidden, layers, heads, edges, radius, k,
+            max_neighbours, path).
     """
 
     def __init__(self, node_dim: int, action_kind: str, action_dim: int, **encoder: object) -> None:

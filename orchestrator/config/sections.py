@@ -76,9 +76,14 @@ class ModelConfig(_Section):
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
     edges: str = "complete"
-    """GNN edges, one of ``policies.EDGE_MODES``: ``complete``, ``radius`` or ``knn``."""
+    """Which entities exchange messages, one of ``policies.EDGE_MODES``: ``complete``,
+    ``radius`` or ``knn``. GNN edges, and the transformer's attention (``complete`` is full
+    attention; the others attend to each entity's neighbours)."""
     radius: float = Field(1.0, gt=0)
     k: int = Field(4, ge=1)
+    """Neighbours per entity for ``edges=knn``."""
+    max_neighbours: int = Field(32, ge=1)
+    """At most this many (the nearest) neighbours per entity for ``edges=radius``."""
     critic: Literal["centralised", "independent"] = "centralised"
     """``centralised`` is MAPPO, ``independent`` is IPPO."""
     critic_kind: str | None = None
@@ -101,6 +106,7 @@ class ModelConfig(_Section):
             edges=self.edges,
             radius=self.radius,
             k=self.k,
+            max_neighbours=self.max_neighbours,
         )
 
     def build(self, env: VecMultiAgentEnv) -> ActorCritic:

@@ -1,4 +1,5 @@
-"""GNN policies: agreement with PyG's sparse layer, equivariance, size independence."""
+"""GNN and entity-transformer policies: agreement with PyG's layer in every layout,
+equivariance, size independence."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from torch_geometric.nn import TransformerConv
 
 import envs
 from policies import ActorCritic, PolicySpec
-from policies.gnn import GraphEncoder, build_adjacency, build_edges, dense_transformer_conv
+from policies.edges import build_adjacency, build_edges, build_neighbours
+from policies.gnn import GraphEncoder, dense_transformer_conv, neighbour_transformer_conv
+from policies.transformer import EntityTransformer
 
 
 def _graph(b: int = 4, e: int = 7, f: int = 8, seed: int = 0):
@@ -53,12 +56,81 @@ def test_radius_and_knn_edges_respect_masks_and_degree() -> None:
     assert not adj.diagonal(dim1=1, dim2=2).any()
 
 
-@pytest.mark.parametrize("dense", [32, 0], ids=["dense", "sparse"])
-def test_encoder_is_permutation_equivariant(dense: int) -> None:
+@pytest.mark.parametrize("root_weight", [True, False])
+@pytest.mark.parametrize("mode", ["knn", "radius"])
+def test_neighbour_lists_path_equals_pyg_transformer_conv(mode: str, root_weight: bool) -> None:
+    """Neighbour lists (the swarm layout) compute what PyG computes on the same edges."""
+    torch.manual_seed(0)
+    x, pos, mask = _graph(b=4, e=9)
+    conv = TransformerConv(8, 6, heads=3, edge_dim=2, root_weight=root_weight)
+    nbrs = build_neighbours(pos, mask, mode, radius=1.0, k=3, max_neighbours=4)
+    lists = neighbour_transformer_conv(conv, x, nbrs, pos)
+    edge_index, edge_attr = build_edges(pos, mask, mode, radius=1.0, k=3, max_neighbours=4)
+    sparse = conv(x.reshape(-1, 8), edge_index, edge_attr).reshape(4, 9, 18)
+    valid = mask.unsqueeze(-1)
+    torch.testing.assert_close(lists * valid, sparse * valid, atol=1e-5, rtol=1e-5)
+    params = list(conv.parameters())
+    gl = torch.autograd.grad((lists * valid).square().sum(), params, allow_unused=True)
+    gs = torch.autograd.grad((sparse * valid).square().sum(), params, allow_unused=True)
+    for a, b in zip(gl, gs, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("edges", ["complete", "knn", "radius"])
+def test_encoder_layouts_agree(edges: str) -> None:
+    """Every layout of one encoder gives the same embeddings, so ``auto`` may pick any."""
+    torch.manual_seed(3)
+    x, pos, mask = _graph(b=3, e=10, f=5)
+    batch = {"nodes": x, "node_pos": pos, "node_mask": mask}
+    ref = GraphEncoder(5, hidden=16, layers=2, heads=2, edges=edges, k=3, path="pyg")
+    for path in ("dense", "lists", "auto"):
+        enc = GraphEncoder(5, hidden=16, layers=2, heads=2, edges=edges, k=3, path=path)
+        enc.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(enc(batch), ref(batch), atol=1e-5, rtol=1e-5)
+        # An actor's view: the first rows only (lists skip the others in the last layer).
+        torch.testing.assert_close(enc(batch, first=4), ref(batch)[:, :4], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_layout_is_dense_for_small_and_complete_graphs_lists_for_large_sparse_ones() -> None:
+    assert GraphEncoder(5, edges="complete").layout(200) == "dense"
+    assert GraphEncoder(5, edges="knn").layout(6) == "dense"
+    assert GraphEncoder(5, edges="knn").layout(96) == "lists"
+
+
+def test_transformer_local_attention_over_everyone_is_full_attention() -> None:
+    torch.manual_seed(4)
+    x, pos, mask = _graph(b=3, e=7, f=5)
+    batch = {"nodes": x, "node_pos": pos, "node_mask": mask}
+    full = EntityTransformer(5, hidden=16, layers=2, heads=2)
+    local = EntityTransformer(5, hidden=16, layers=2, heads=2, edges="knn", k=6)
+    local.load_state_dict(full.state_dict())
+    valid = mask.unsqueeze(-1)
+    torch.testing.assert_close(local(batch) * valid, full(batch) * valid, atol=1e-5, rtol=1e-5)
+    # With fewer neighbours it is a different (local) function of the same weights.
+    near = EntityTransformer(5, hidden=16, layers=2, heads=2, edges="knn", k=2)
+    near.load_state_dict(full.state_dict())
+    assert not torch.allclose(near(batch) * valid, full(batch) * valid, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kind", "edges", "path"),
+    [
+        ("gnn", "complete", "dense"),
+        ("gnn", "complete", "pyg"),
+        ("gnn", "knn", "lists"),
+        ("transformer", "knn", "lists"),
+    ],  # fmt: skip
+)
+def test_encoder_is_permutation_equivariant(kind: str, edges: str, path: str) -> None:
     torch.manual_seed(1)
     x, pos, mask = _graph(b=3, e=6, f=5)
     mask[:] = True
-    enc = GraphEncoder(5, hidden=16, layers=2, heads=2, dense=dense)
+    if kind == "gnn":
+        enc: torch.nn.Module = GraphEncoder(5, 16, 2, 2, edges=edges, k=3, path=path)
+    else:
+        enc = EntityTransformer(5, 16, 2, 2, edges=edges, k=3)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     out = enc({"nodes": x, "node_pos": pos, "node_mask": mask})
     out_p = enc({"nodes": x[:, perm], "node_pos": pos[:, perm], "node_mask": mask[:, perm]})
@@ -86,3 +158,20 @@ def test_policy_permutes_with_agents_and_runs_at_twice_the_agents(kind: str) -> 
     env6 = envs.make("spread", num_envs=5, n_agents=6, seed=3)
     action, logp, value = model.act(env6.reset().as_dict())
     assert action.shape == (5, 6) and value.shape == (5, 6) and torch.isfinite(logp).all()
+
+
+def test_prepared_neighbours_are_built_once_and_change_nothing() -> None:
+    """``prepare`` adds the lists once for actor and critic; outputs are those without them."""
+    torch.manual_seed(5)
+    env = envs.make("spread", num_envs=4, n_agents=24, seed=0)
+    obs = env.reset().as_dict()
+    spec = PolicySpec("gnn", env.obs_dim, 0, env.node_dim, "discrete", 5, hidden=16, edges="knn")
+    model = ActorCritic(spec)
+    assert "neighbours" in model.input_keys and "state" not in model.input_keys
+    prepared = model.prepare(obs)
+    assert prepared["neighbours"].shape == (4, 48, 4) and model.prepare(prepared) is prepared
+    torch.testing.assert_close(model.dist(prepared).logits, model.dist(obs).logits)
+    torch.testing.assert_close(model.value(prepared), model.value(obs))
+    # Complete edges and small graphs need no lists.
+    small = envs.make("spread", num_envs=4, n_agents=3, seed=0).reset().as_dict()
+    assert "neighbours" not in model.prepare(small)
