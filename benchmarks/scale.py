@@ -110,7 +110,9 @@ def raw_env(n_agents: int, num_envs: int, graph_only: bool) -> float:
     return steps_per_s(lambda: env.step(env.random_actions()), num_envs, 2.0)
 
 
-def throughput(sizes: list[int], agents_per_step: int, iterations: int, threads: int | None) -> None:
+def throughput(
+    sizes: list[int], agents_per_step: int, iterations: int, threads: int | None
+) -> None:
     """One line per (policy, N) and per N for the raw env; each run in its own process."""
     for n in sizes:
         b = max(1, agents_per_step // n)
@@ -214,10 +216,16 @@ def generalisation(
     """A policy trained at ``train_at`` agents, evaluated at 1x, 2x and 4x that size."""
     base = _train("spread-gnn-swarm", _size(train_at, agents_per_step), seconds, root)
     for n in (train_at, 2 * train_at, 4 * train_at):
-        own = base if n == train_at else _train(
-            "spread-gnn-swarm", _size(n, agents_per_step), seconds, root
+        own = (
+            base
+            if n == train_at
+            else _train("spread-gnn-swarm", _size(n, agents_per_step), seconds, root)
         )
-        moved, native, rand = _eval(base, n, episodes), _eval(own, n, episodes), _eval(None, n, episodes)
+        moved, native, rand = (
+            _eval(base, n, episodes),
+            _eval(own, n, episodes),
+            _eval(None, n, episodes),
+        )
         emit(
             "scale_generalisation_team_return",
             moved["team_return"],
@@ -233,7 +241,9 @@ def generalisation(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.scale", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--only", choices=["throughput", "learning", "generalisation"])
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), metavar="N")
     p.add_argument("--agents-per-step", type=int, default=1536)
