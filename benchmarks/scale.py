@@ -15,6 +15,7 @@ The policies:
   size where that critic is sensible (its input grows as N², its cost per world as N³);
 - ``spread-gnn-swarm``: k-nearest edges (k=4) and a graph critic, at every size;
 - ``spread-transformer``: full attention and an MLP critic, as far as ``spread-gnn``;
+- ``spread-transformer-full``: full attention and a transformer critic, at every size;
 - ``spread-transformer-local``: attention over the 4 nearest entities and a transformer
   critic, at every size.
 """
@@ -42,6 +43,7 @@ POLICIES: dict[str, tuple[str, list[str], int]] = {
     "spread-gnn": ("spread-gnn", [], 24),
     "spread-gnn-swarm": ("spread-gnn-swarm", [], 96),
     "spread-transformer": ("spread-transformer", [], 24),
+    "spread-transformer-full": ("spread-transformer", ["model.critic_kind=transformer"], 96),
     "spread-transformer-local": (
         "spread-transformer",
         ["model.edges=knn", "model.k=4", "model.critic_kind=transformer"],

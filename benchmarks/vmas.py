@@ -3,7 +3,8 @@
 Run ``python -m benchmarks.vmas`` (needs ``pip install vmas``). For each scenario, random-action
 env-steps/s of VMAS called directly and of the same worlds through ``envs.make("vmas:...")``,
 measured in turns in the same run; then ``spread-gnn`` settings trained on
-``vmas:navigation`` for ``--seconds``. One JSON line per result.
+``vmas:navigation`` for ``--seconds``, and ``spread-gnn-swarm``'s (k-nearest edges, a graph
+critic) on ``vmas:flocking`` with ``--swarm-agents`` agents. One JSON line per result.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import envs
 from benchmarks.spread import emit, steps_per_s
+from orchestrator.cli.evaluate import evaluate
 from orchestrator.config import load_config
 from orchestrator.runtime.driver import run_training
 
 SCENARIOS = ("navigation", "balance", "transport")
+SWARM_AGENTS = 24
 
 
 def adapter_overhead(scenario: str, num_envs: int, seconds: float) -> None:
@@ -56,37 +60,52 @@ def adapter_overhead(scenario: str, num_envs: int, seconds: float) -> None:
     )
 
 
-def training(seconds: float, num_envs: int) -> None:
-    """spread-gnn's settings on vmas:navigation: env-steps/s and the training episodes' team
-    return at the end, next to random actions' over one 100-step episode of the same worlds."""
+def training(
+    seconds: float,
+    num_envs: int,
+    scenario: str = "navigation",
+    preset: str = "spread-gnn",
+    overrides: tuple[str, ...] = ("model.edges=knn", "model.k=3"),
+    scenario_kwargs: dict[str, int] | None = None,
+) -> None:
+    """A preset's settings on a VMAS scenario: env-steps/s, the training episodes' team return
+    at the end and the best checkpoint's over 100 fresh episodes, next to random actions' over
+    one 100-step episode of the same worlds."""
+    kwargs: dict[str, Any] = dict(scenario_kwargs or {})
     cfg = load_config(
-        "spread-gnn",
+        preset,
         [
-            "env.name=vmas:navigation",
+            f"env.name=vmas:{scenario}",
             "env.max_cycles=100",
             f"env.num_envs={num_envs}",
-            "model.edges=knn",
-            "model.k=3",
+            *(f"env.kwargs.{k}={v}" for k, v in kwargs.items()),
+            *overrides,
             f"train.time_limit_s={seconds}",
             "train.total_env_steps=1000000000",
             "run.progress=false",
             "redis.enabled=false",
         ],
     )
-    env = envs.make("vmas:navigation", num_envs=num_envs, seed=1, max_steps=100)
+    env = envs.make(f"vmas:{scenario}", num_envs=num_envs, seed=1, max_steps=100, **kwargs)
     gen = torch.Generator().manual_seed(1)
     random_return = torch.zeros(num_envs)
     for _ in range(100):  # one whole episode of every world
         random_return += env.step(env.random_actions(gen)).reward.sum(-1)
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         summary = run_training(cfg, Path(tmp))
+        # The run's best checkpoint on 100 fresh episodes of the same scenario.
+        evaluated = evaluate(tmp, episodes=100)
     emit(
-        "vmas_navigation_train_env_steps_per_s",
+        f"vmas_{scenario}_train_env_steps_per_s",
         summary["steps_this_session"] / summary["train_seconds"],
         "env_steps/s",
+        preset=preset,
+        n_agents=env.n_agents,
         num_envs=num_envs,
         train_seconds=round(summary["train_seconds"], 1),
         team_return=round(summary["metrics"]["episode_return"], 3),
+        evaluated_team_return=round(evaluated["mean"], 3),
+        evaluated_stderr=round(evaluated["stderr"], 3),
         random_team_return=round(float(random_return.mean()), 3),
     )
 
@@ -96,10 +115,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-envs", type=int, default=512)
     p.add_argument("--seconds", type=float, default=60.0, help="training time")
+    p.add_argument("--swarm-agents", type=int, default=SWARM_AGENTS, help="flocking team size")
     args = p.parse_args(argv)
     for scenario in SCENARIOS:
         adapter_overhead(scenario, args.num_envs, seconds=2.0)
     training(args.seconds, args.num_envs)
+    # A swarm: spread-gnn-swarm's graph policy and critic (k-nearest edges) flocking.
+    n = args.swarm_agents
+    training(
+        args.seconds,
+        max(1, 1536 // n),
+        scenario="flocking",
+        preset="spread-gnn-swarm",
+        overrides=(),
+        scenario_kwargs={"n_agents": n},
+    )
 
 
 if __name__ == "__main__":

@@ -120,3 +120,34 @@ def test_bad_arguments_name_the_value() -> None:
         SpreadEnv(local_ratio=1.5)
     with pytest.raises(ValueError, match="n_agents"):
         SpreadEnv(n_agents=0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_graph_only_worlds_step_exactly_like_full_ones(n: int) -> None:
+    """Skipping mpe2's per-agent vectors changes what is returned, never the dynamics."""
+    full = SpreadEnv(num_envs=16, n_agents=n, max_cycles=6, seed=3)
+    graph = SpreadEnv(num_envs=16, n_agents=n, max_cycles=6, seed=3)
+    graph.restrict_observation(frozenset({"nodes", "node_pos", "node_mask", "alive"}))
+    a, b = full.reset(), graph.reset()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(14):  # across two auto-resets
+        assert b.obs.shape == (16, n, 0) and b.state.shape == (16, 0)
+        torch.testing.assert_close(b.nodes, a.nodes, atol=1e-6, rtol=0)
+        assert torch.equal(b.node_pos[:, :n], a.node_pos[:, :n])
+        actions = torch.randint(5, (16, n), generator=gen)
+        ra, rb = full.step(actions), graph.step(actions)
+        assert torch.equal(ra.reward, rb.reward) and torch.equal(ra.truncated, rb.truncated)
+        assert torch.equal(full.agent_pos, graph.agent_pos)
+        a, b = ra.observation, rb.observation
+    # Asking for the vectors again brings them back.
+    graph.restrict_observation(frozenset({"obs"}))
+    assert graph.reset().obs.shape == (16, n, full.obs_dim)
+
+
+def test_other_agents_come_in_mpe2_order_without_a_gather() -> None:
+    pos = torch.randn(2, 5, 2)
+    obs = SpreadEnv(num_envs=2, n_agents=5).reset_to(pos, torch.zeros(2, 5, 2)).obs
+    other = obs[..., 4 + 10 : 4 + 10 + 8].reshape(2, 5, 4, 2)
+    for i in range(5):
+        want = torch.stack([pos[:, j] - pos[:, i] for j in range(5) if j != i], dim=1)
+        assert torch.equal(other[:, i], want)
