@@ -94,11 +94,20 @@ class CSVSink:
             self._fh.close()
 
 
-def _shown(row: dict[str, float]) -> dict[str, Any]:
-    """What the bar and the plain line show besides env steps, with defaults for gaps."""
+def _finite_return(row: dict[str, float], last: float) -> float:
+    """The row's team return, or ``last`` when no episode ended in its batch (NaN)."""
+    value = row.get("episode_return", math.nan)
+    return value if math.isfinite(value) else last
+
+
+def _shown(row: dict[str, float], last_return: float = math.nan) -> dict[str, Any]:
+    """What the bar and the plain line show besides env steps, with defaults for gaps.
+
+    Long episodes do not end in every batch: the return shown is then the last one seen.
+    """
     return {
         "sps": row.get("env_steps_per_s", 0.0),
-        "ret": row.get("episode_return", math.nan),
+        "ret": _finite_return(row, last_return),
         "pl": row.get("policy_loss", 0.0),
         "vl": row.get("value_loss", 0.0),
     }
@@ -125,6 +134,7 @@ class ProgressSink:
         self.t0 = time.monotonic()
         self._last_line = -math.inf
         self._pending: dict[str, float] | None = None  # logged, not printed yet
+        self._return = math.nan  # the last finite team return
         self.progress: Progress | None = None
         if self.console.is_terminal:
             self.progress = Progress(
@@ -148,8 +158,10 @@ class ProgressSink:
 
     def log(self, row: dict[str, float]) -> None:
         """Move the bar, or print a line if the last one is ``every_s`` old."""
+        self._return = _finite_return(row, self._return)
         if self.progress is not None:
-            self.progress.update(self.task, completed=row["env_steps"], **_shown(row))
+            shown = _shown(row, self._return)
+            self.progress.update(self.task, completed=row["env_steps"], **shown)
             return
         self._pending = row
         now = time.monotonic()
@@ -159,7 +171,7 @@ class ProgressSink:
 
     def line(self, row: dict[str, float]) -> str:
         """The plain progress line for ``row``."""
-        steps, f = row["env_steps"], _shown(row)
+        steps, f = row["env_steps"], _shown(row, self._return)
         share = f" ({min(100.0, 100 * steps / self.total):.0f}%)" if self.total > 0 else ""
         elapsed = int(time.monotonic() - self.t0)
         return (
@@ -190,8 +202,13 @@ class Metrics:
         self.t0 = time.monotonic()
 
     def log(self, row: dict[str, float]) -> None:
-        """Send one row everywhere."""
-        self.latest = row
+        """Send one row everywhere.
+
+        Sinks get the row as it is; ``latest`` (what a run's summary reports) keeps the last
+        finite team return when no episode ended in this row's batch.
+        """
+        last = self.latest.get("episode_return", math.nan)
+        self.latest = {**row, "episode_return": _finite_return(row, last)}
         for s in self.sinks:
             s.log(row)
 

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from orchestrator.cli import main as cli
 from orchestrator.runtime import metrics
-from orchestrator.runtime.metrics import ProgressSink
+from orchestrator.runtime.metrics import Metrics, ProgressSink
 from tests.cli import shoal
 
 
@@ -108,3 +108,14 @@ def test_csv_gains_a_column_when_a_row_brings_a_new_key(tmp_path) -> None:
     resumed.close()
     assert path.read_text().splitlines()[-1] == "4.0,,-45.0"
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_a_batch_without_finished_episodes_shows_the_last_return() -> None:
+    """Long episodes do not end in every batch; the line and the summary keep the last one."""
+    out = io.StringIO()
+    sink = ProgressSink(100, console=Console(file=out, width=200), every_s=0.0)
+    metrics = Metrics([sink])
+    metrics.log({**_row(10), "episode_return": -7.25})
+    metrics.log({**_row(20), "episode_return": float("nan")})
+    assert "return -7.25" in out.getvalue().splitlines()[-1]
+    assert metrics.latest["episode_return"] == -7.25 and metrics.latest["env_steps"] == 20
