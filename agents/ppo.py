@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from agents.rollout import RolloutBatch
-from policies.actor_critic import ActorCritic
+from policies.actor_critic import Policy
+from policies.groups import GroupedActorCritic, GroupValueNorm
 
 
 class PPOConfig(BaseModel):
@@ -122,6 +124,10 @@ class Learner(OptimizerState):
 
     Args:
         model: the policy; may be wrapped (e.g. ``DistributedDataParallel``) as ``train_model``.
+            With agent groups (``policies.groups.GroupedActorCritic``) each trained group has
+            its own Adam parameter group (its own rate) and gradient clip, advantages and
+            value targets are normalised per policy, and frozen groups' agents are left out
+            of the loss.
         cfg: PPO settings.
         train_model: the module whose ``forward`` is called in training (DDP wrapper or
             ``model`` itself).
@@ -132,7 +138,7 @@ class Learner(OptimizerState):
 
     def __init__(
         self,
-        model: ActorCritic,
+        model: Policy,
         cfg: PPOConfig,
         train_model: nn.Module | None = None,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
@@ -140,7 +146,17 @@ class Learner(OptimizerState):
         self.model = model
         self.train_model = train_model if train_model is not None else model
         self.cfg = cfg
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
+        params: Any = model.parameters()
+        self._clip_groups: list[list[nn.Parameter]] = [list(model.parameters())]
+        # Grouped policies: which policy each agent's statistics belong to, which are trained.
+        self._unit_of_agent: Tensor | None = getattr(model, "unit_of_agent", None)
+        self._train_mask: Tensor | None = getattr(model, "train_mask", None)
+        if isinstance(model, GroupedActorCritic):
+            params = model.optimizer_groups(cfg.lr)
+            if not params:
+                raise ValueError("every agent group is frozen (train=false): nothing to train")
+            self._clip_groups = [g["params"] for g in params]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
         self.all_reduce_mean = all_reduce_mean or _identity
         self.updates = 0
 
@@ -155,6 +171,20 @@ class Learner(OptimizerState):
         mean = stats[0] / stats[2].clamp(min=1.0)
         var = stats[1] / stats[2].clamp(min=1.0) - mean.square()
         return mean, var.clamp(min=0.0).sqrt()
+
+    def _unit_mean_std(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-policy (grouped model) global mean and std of ``x [..., N]``, and which had any."""
+        index = self._unit_of_agent
+        assert index is not None
+        units = int(index.max()) + 1
+        m = mask.to(x.dtype)
+        per_agent = torch.stack([x * m, x * x * m, m]).flatten(1, -2).sum(1)  # [3, N]
+        onehot = nn.functional.one_hot(index, units).to(x.dtype)
+        stats = self.all_reduce_mean(per_agent @ onehot)  # [3, U]
+        count = stats[2].clamp(min=1.0)
+        mean = stats[0] / count
+        var = stats[1] / count - mean.square()
+        return mean, var.clamp(min=0.0).sqrt(), stats[2] > 0
 
     @torch.no_grad()
     def refresh(self, batch: RolloutBatch, done: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -189,8 +219,10 @@ class Learner(OptimizerState):
         cfg, model = self.cfg, self.model
         batch = batch.to(self.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_frac
+            group["lr"] = group.get("base_lr", cfg.lr) * lr_frac
         alive = batch.obs["alive"]
+        if self._train_mask is not None:  # frozen groups' agents never reach a loss
+            alive = alive & self._train_mask.to(alive.device)
         done = batch.terminated | batch.truncated.unsqueeze(-1)
         prox_logp, values, next_values = batch.logp, batch.values, batch.next_values
         weight: Tensor | None = None
@@ -207,15 +239,24 @@ class Learner(OptimizerState):
             cfg.gae_lambda,
         )
         vn = model.value_norm
+        index = self._unit_of_agent
         if cfg.value_norm:
             # Fold global (all-rank) statistics into the normaliser, identically on every rank.
-            mean, std = self._global_mean_std(returns, alive)
-            vn.update_from_moments(mean, std.square() + mean.square())
+            if isinstance(vn, GroupValueNorm):
+                mean, std, active = self._unit_mean_std(returns, alive)
+                vn.update_from_moments(mean, std.square() + mean.square(), active)
+            else:
+                mean, std = self._global_mean_std(returns, alive)
+                vn.update_from_moments(mean, std.square() + mean.square())
         target = vn.normalize(returns) if cfg.value_norm else returns
         old_v = vn.normalize(values) if cfg.value_norm else values
         if cfg.adv_norm:
-            mean, std = self._global_mean_std(adv, alive)
-            adv = (adv - mean) / (std + 1e-8)
+            if index is not None:
+                mean, std, _ = self._unit_mean_std(adv, alive)
+                adv = (adv - mean[index]) / (std[index] + 1e-8)
+            else:
+                mean, std = self._global_mean_std(adv, alive)
+                adv = (adv - mean) / (std + 1e-8)
 
         t_len = batch.rewards.shape[0]
         # Minibatches are sets of time steps across all envs: every rank takes the same
@@ -235,7 +276,7 @@ class Learner(OptimizerState):
                 mb_obs = {
                     k: v[idx].flatten(0, 1) for k, v in batch.obs.items() if k in model.input_keys
                 }
-                mb_alive = mb_obs["alive"].to(adv.dtype)
+                mb_alive = alive[idx].flatten(0, 1).to(adv.dtype)
                 count = mb_alive.sum().clamp(min=1.0)
 
                 dist, value = self.train_model(mb_obs)
@@ -259,7 +300,8 @@ class Learner(OptimizerState):
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                norms = [nn.utils.clip_grad_norm_(p, cfg.max_grad_norm) for p in self._clip_groups]
+                grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
                 self.optimizer.step()
 
                 with torch.no_grad():

@@ -17,9 +17,12 @@ import torch
 from torch import Tensor
 
 from envs.base import Observation, VecMultiAgentEnv
-from policies.actor_critic import ActorCritic
+from policies.actor_critic import Policy
 
 log = logging.getLogger(__name__)
+
+# Per-episode statistics: joined along the episode axis, not split over learner ranks.
+_EPISODE_STATS = ("episode_returns", "episode_lengths", "episode_agent_returns")
 
 
 @dataclass
@@ -35,6 +38,8 @@ class RolloutBatch:
           final observation's when the episode ended there (terminations are zeroed by GAE).
         - episode_returns / episode_lengths: ``[K]`` team returns (sum over agents and steps)
           and lengths of the episodes that finished inside this batch.
+        - episode_agent_returns: ``[K, N]`` each agent's own return in those episodes (agent
+          groups report a return per group from it); ``None`` where not recorded.
         - imagined: the batch was rolled in a world model, not a real env.
     """
 
@@ -50,6 +55,7 @@ class RolloutBatch:
     episode_lengths: Tensor
     weights_version: int = 0
     imagined: bool = False
+    episode_agent_returns: Tensor | None = None
 
     @property
     def env_steps(self) -> int:
@@ -80,8 +86,8 @@ class RolloutBatch:
             kw: dict[str, Any] = {}
             for f in fields(self):
                 v = getattr(self, f.name)
-                if f.name in ("episode_returns", "episode_lengths"):
-                    v = v if p == 0 else v[:0]  # statistics travel with shard 0 only
+                if f.name in _EPISODE_STATS:
+                    v = v if p == 0 or v is None else v[:0]  # statistics travel with shard 0
                 elif isinstance(v, Tensor):
                     v = v[:, s]
                 elif isinstance(v, dict):
@@ -97,8 +103,8 @@ class RolloutBatch:
         kw: dict[str, Any] = {}
         for f in fields(first):
             vals = [getattr(b, f.name) for b in batches]
-            if f.name in ("episode_returns", "episode_lengths"):
-                kw[f.name] = torch.cat(vals)
+            if f.name in _EPISODE_STATS:
+                kw[f.name] = None if any(v is None for v in vals) else torch.cat(vals)
             elif isinstance(vals[0], Tensor):
                 kw[f.name] = torch.cat(vals, dim=1)
             elif isinstance(vals[0], dict):
@@ -149,9 +155,11 @@ class StepLog:
         episode_lengths: Tensor,
         weights_version: int,
         imagined: bool = False,
+        episode_agent_returns: Tensor | None = None,
     ) -> RolloutBatch:
         """The logged steps as one ``[T, B, ...]`` batch."""
         return RolloutBatch(
+            episode_agent_returns=episode_agent_returns,
             obs={k: torch.stack([o[k] for o in self.obs]) for k in self.obs[0]},
             **{k: torch.stack(v) for k, v in self.cols.items()},
             next_values=torch.stack(self.next_values),
@@ -177,7 +185,7 @@ class RolloutWorker:
     def __init__(
         self,
         env: VecMultiAgentEnv,
-        model: ActorCritic,
+        model: Policy,
         rollout_len: int,
         seed: int = 0,
         extra_keys: frozenset[str] = frozenset(),
@@ -192,7 +200,7 @@ class RolloutWorker:
         torch.manual_seed(seed)
         self._obs: Observation = env.reset(seed=seed)
         b = env.num_envs
-        self._ep_return = torch.zeros(b, device=env.device)
+        self._ep_return = torch.zeros(b, env.n_agents, device=env.device)  # per agent
         self._ep_len = torch.zeros(b, dtype=torch.long, device=env.device)
         self.total_env_steps = 0
 
@@ -228,7 +236,7 @@ class RolloutWorker:
                 next_value = torch.where(done.unsqueeze(-1), final_value, value)
             log.bootstrap(next_value)
             alive = seen["alive"]
-            self._ep_return += (res.reward * alive).sum(-1)
+            self._ep_return += res.reward * alive
             self._ep_len += 1
             if bool(done.any()):
                 ep_returns.append(self._ep_return[done].clone())
@@ -238,10 +246,12 @@ class RolloutWorker:
         self._obs = obs
         self.total_env_steps += t_len * env.num_envs
         empty = torch.zeros(0, device=env.device)
+        per_agent = torch.cat(ep_returns) if ep_returns else empty.view(0, env.n_agents)
         return log.batch(
-            torch.cat(ep_returns) if ep_returns else empty,
+            per_agent.sum(-1),
             torch.cat(ep_lengths) if ep_lengths else empty.long(),
             self.weights_version,
+            episode_agent_returns=per_agent,
         )
 
 
@@ -266,11 +276,21 @@ class LocalRollouts:
         }
 
 
-@torch.no_grad()
 def episode_returns(
-    model: ActorCritic, env: VecMultiAgentEnv, episodes: int, seed: int, greedy: bool = False
+    model: Policy, env: VecMultiAgentEnv, episodes: int, seed: int, greedy: bool = False
 ) -> list[float]:
     """Team returns (summed over agents and steps) of ``episodes`` whole episodes.
+
+    The sums of :func:`agent_returns`' rows; see there for how episodes are drawn.
+    """
+    return agent_returns(model, env, episodes, seed, greedy).sum(-1).tolist()
+
+
+@torch.no_grad()
+def agent_returns(
+    model: Policy, env: VecMultiAgentEnv, episodes: int, seed: int, greedy: bool = False
+) -> Tensor:
+    """Each agent's return (summed over steps) in ``episodes`` whole episodes, ``[episodes, N]``.
 
     Every sub-env of ``env`` plays from a reset seeded with ``seed``; only the first episodes
     of each sub-env count until there are enough, so that short episodes never bias the
@@ -279,23 +299,23 @@ def episode_returns(
     episodes for the same weights.
     """
     width = env.num_envs
-    returns: list[float] = []
+    rows: list[Tensor] = []
     cuda = [env.device.index or 0] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         obs = env.reset(seed=seed)
-        running = torch.zeros(width, device=env.device)
+        running = torch.zeros(width, env.n_agents, device=env.device)
         counted = torch.zeros(width, dtype=torch.long)
         quota = torch.full((width,), episodes // width)
         quota[: episodes % width] += 1
-        while len(returns) < episodes:
-            dist = model.dist(obs.as_dict())
+        while len(rows) < episodes:
+            dist = model.dist(model.prepare(obs.as_dict()))
             res = env.step(dist.mode() if greedy else dist.sample())
-            running += (res.reward.float() * obs.alive).sum(-1)
+            running += res.reward.float() * obs.alive
             for i in res.done.nonzero().flatten().tolist():
                 if counted[i] < quota[i]:
-                    returns.append(float(running[i]))
+                    rows.append(running[i].cpu().clone())
                     counted[i] += 1
                 running[i] = 0.0
             obs = res.observation
-    return returns
+    return torch.stack(rows)

@@ -26,7 +26,7 @@ from torch import Tensor
 from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch, StepLog
 from envs.base import Observation, VecMultiAgentEnv
-from policies.actor_critic import ActorCritic
+from policies.actor_critic import Policy
 from policies.world_model import EntityWorldModel
 
 Observe = Callable[[Tensor], Observation]
@@ -274,7 +274,7 @@ class EnvDynamics:
 
 @torch.no_grad()
 def imagine(
-    policy: ActorCritic,
+    policy: Policy,
     dynamics: Dynamics,
     observe: Observe,
     starts: dict[str, Tensor],
@@ -443,7 +443,7 @@ class Practice:
         return max(1, round(self.ratio * real_samples / (self.horizon * self.rounds())))
 
     def imagine(
-        self, policy: ActorCritic, real_samples: int, env_steps: int, version: int
+        self, policy: Policy, real_samples: int, env_steps: int, version: int
     ) -> RolloutBatch | None:
         """One round's imagined batch, or ``None`` during warm-up."""
         n = self.branches(real_samples)

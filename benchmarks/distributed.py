@@ -334,7 +334,7 @@ def bench_weights(repeats: int) -> None:
 def bench_allreduce(num_envs: int, updates: int) -> None:
     cfg = load_config("spread-gnn", [*RAY_QUIET, "learner.num_ranks=2", f"env.num_envs={num_envs}"])
     env = cfg.env.make(num_envs, seed=0, device=torch.device("cpu"))
-    batch = RolloutWorker(env, cfg.model.build(env), cfg.train.rollout_len).collect()
+    batch = RolloutWorker(env, cfg.build_policy(env), cfg.train.rollout_len).collect()
     shards = batch.split_envs(2)
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
         group = LearnerGroup(cfg, Path(tmp), None, "bench", f"shoal-bench-{uuid.uuid4().hex[:6]}")
@@ -355,7 +355,7 @@ def bench_allreduce(num_envs: int, updates: int) -> None:
     # A rank's all-reduce time includes waiting for the slower rank: report the mean share
     # and each rank's.
     shares = [t["allreduce_s"] / t["update_s"] for t in times]
-    params = sum(p.numel() for p in cfg.model.build(env).parameters())
+    params = sum(p.numel() for p in cfg.build_policy(env).parameters())
     emit(
         "allreduce_share_k2",
         100 * statistics.mean(shares),

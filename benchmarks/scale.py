@@ -70,7 +70,7 @@ def measure_one(
     cfg = load_config(preset, [*overrides, f"env.n_agents={n_agents}", f"env.num_envs={num_envs}"])
     base_rss = _peak_rss_mib()
     env = cfg.env.make(num_envs, 0, torch.device("cpu"))
-    model = cfg.model.build(env)
+    model = cfg.build_policy(env)
     worker = RolloutWorker(env, model, cfg.train.rollout_len, seed=0)
     learner = Learner(model, cfg.train)
     collect_s = update_s = 0.0

@@ -1,9 +1,10 @@
 """shoal envs: the batch-first ``VecMultiAgentEnv`` contract, native scenarios, adapters."""
 
-from envs.base import EnvError, Observation, StepResult, VecMultiAgentEnv
+from envs.base import AgentInfo, EnvError, Observation, StepResult, VecMultiAgentEnv, name_group
 from envs.registry import EnvSettings, available, make, register
 
 __all__ = [
+    "AgentInfo",
     "EnvError",
     "EnvSettings",
     "Observation",
@@ -11,5 +12,6 @@ __all__ = [
     "VecMultiAgentEnv",
     "available",
     "make",
+    "name_group",
     "register",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
@@ -60,6 +61,29 @@ class Observation:
             c = cond.view(-1, *([1] * (a.dim() - 1)))
             kw[f.name] = torch.where(c, a, b)
         return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent slot: its name and its own observation and action widths.
+
+    The batch tensors are as wide as the widest agent (``obs_dim``, ``action_dim``); an agent's
+    own ``obs_dim`` are the leading features of its row, its ``action_dim`` the leading actions
+    (the rest is padding). Agent groups (``policies.groups``) give each group its own widths.
+    """
+
+    name: str
+    obs_dim: int
+    action_dim: int
+
+
+def name_group(name: str) -> str:
+    """The env's own group of an agent: its name without a trailing index.
+
+    ``adversary_0`` -> ``adversary``, ``agent_12`` -> ``agent``, ``speaker_0`` -> ``speaker``:
+    the convention of PettingZoo's MPE and of VMAS.
+    """
+    return re.sub(r"[_-]?\d+$", "", name) or name
 
 
 @dataclass
@@ -121,6 +145,12 @@ class VecMultiAgentEnv(abc.ABC):
             actions: ``[B, N]`` long for discrete actions, ``[B, N, action_dim]`` float for
                 continuous ones.
         """
+
+    def agent_info(self) -> list[AgentInfo]:
+        """Every agent slot in order: by default ``agent_<i>``, all of the env's full widths."""
+        return [
+            AgentInfo(f"agent_{i}", self.obs_dim, self.action_dim) for i in range(self.n_agents)
+        ]
 
     def close(self) -> None:  # noqa: B027 - optional hook, most envs hold nothing
         """Release resources held by the env."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, Observation, StepResult, VecMultiAgentEnv
+from envs.base import AgentInfo, EnvError, Observation, StepResult, VecMultiAgentEnv
 
 EntityFn = Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
 ObserveFn = Callable[[Tensor, int], Observation]
@@ -50,8 +50,9 @@ class PettingZooVecEnv(VecMultiAgentEnv):
 
     Agents are the env's ``possible_agents`` in order. Agents that leave an episode early are
     marked not alive and see zeros. Observations of different widths are zero-padded to the
-    widest. Action masks come from dict observations (``{"observation", "action_mask"}``) or
-    from ``infos[agent]["action_mask"]``.
+    widest, and discrete actions an agent does not have are masked (``agent_info`` gives each
+    agent's own widths). Action masks come from dict observations (``{"observation",
+    "action_mask"}``) or from ``infos[agent]["action_mask"]``.
 
     Args:
         factory: callable returning a ``ParallelEnv``; called ``num_envs`` times.
@@ -88,16 +89,28 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         self._dict_obs = isinstance(obs_spaces[0], gymnasium.spaces.Dict)
         if self._dict_obs:
             obs_spaces = [s["observation"] for s in obs_spaces]
-        self.obs_dim = max(int(np.prod(s.shape)) for s in obs_spaces)
-        act = first.action_space(self.agents[0])
-        if isinstance(act, gymnasium.spaces.Discrete):
-            self.action_kind, self.action_dim = "discrete", int(act.n)
-        elif isinstance(act, gymnasium.spaces.Box):
-            self.action_kind, self.action_dim = "continuous", int(np.prod(act.shape))
-            self.action_low = float(np.min(act.low))
-            self.action_high = float(np.max(act.high))
+        self._obs_dims = [int(np.prod(s.shape)) for s in obs_spaces]
+        self.obs_dim = max(self._obs_dims)
+        acts = [first.action_space(a) for a in self.agents]
+        if all(isinstance(a, gymnasium.spaces.Discrete) for a in acts):
+            self.action_kind = "discrete"
+            self._action_dims = [int(a.n) for a in acts]
+        elif all(isinstance(a, gymnasium.spaces.Box) for a in acts):
+            self.action_kind = "continuous"
+            self._action_dims = [int(np.prod(a.shape)) for a in acts]
+            self.action_low = float(min(np.min(a.low) for a in acts))
+            self.action_high = float(max(np.max(a.high) for a in acts))
         else:
-            raise ValueError(f"unsupported action space {act!r}: use Discrete or Box")
+            raise ValueError(
+                f"unsupported action spaces {sorted({type(a).__name__ for a in acts})}: use "
+                "Discrete or Box, the same kind for every agent"
+            )
+        # Agents with fewer discrete actions than the widest have the rest masked (a shared
+        # policy must never pick an action an agent does not have).
+        self.action_dim = max(self._action_dims)
+        self._own_actions = np.zeros((self.n_agents, self.action_dim), bool)
+        for j, width in enumerate(self._action_dims):
+            self._own_actions[j, :width] = True
         self.max_episode_steps = getattr(first.unwrapped, "max_cycles", None)
         self._has_state = True  # probed on the first reset: ParallelEnv.state may raise
         self._obs = np.zeros((num_envs, self.n_agents, self.obs_dim), np.float32)
@@ -115,16 +128,17 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         live = set(obs) if done else set(self.envs[i].agents)
         self._obs[i] = 0.0
         self._alive[i] = False
-        self._mask[i] = True
+        self._mask[i] = self._own_actions
         for j, agent in enumerate(self.agents):
             if agent not in obs or agent not in live:
                 continue
             o = obs[agent]
             if self._dict_obs:
-                self._mask[i, j] = np.asarray(o["action_mask"], bool)
+                self._mask[i, j, : self._action_dims[j]] = np.asarray(o["action_mask"], bool)
                 o = o["observation"]
             elif isinstance(infos.get(agent), dict) and "action_mask" in infos[agent]:
-                self._mask[i, j] = np.asarray(infos[agent]["action_mask"], bool)
+                mask = np.asarray(infos[agent]["action_mask"], bool)
+                self._mask[i, j, : self._action_dims[j]] = mask
             flat = np.asarray(o, np.float32).reshape(-1)
             self._obs[i, j, : flat.size] = flat
             self._alive[i, j] = True
@@ -184,7 +198,7 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         done_envs = []
         for i, env in enumerate(self.envs):
             live = list(env.agents)
-            step_actions = {a: acts[i, self.agents.index(a)] for a in live}
+            step_actions = {a: self._own(acts[i, self.agents.index(a)], a) for a in live}
             obs, rew, term, trunc, infos = env.step(step_actions)
             for j, agent in enumerate(self.agents):
                 reward[i, j] = float(rew.get(agent, 0.0))
@@ -207,6 +221,19 @@ class PettingZooVecEnv(VecMultiAgentEnv):
             truncated=torch.as_tensor(truncated, device=self.device),
             final=final,
         )
+
+    def _own(self, action: np.ndarray, agent: str) -> np.ndarray:
+        """An agent's action in its own space: a continuous one without the padded dims."""
+        if self.action_kind == "continuous":
+            return action[: self._action_dims[self.agents.index(agent)]]
+        return action
+
+    def agent_info(self) -> list[AgentInfo]:
+        """The env's ``possible_agents`` with their own observation and action widths."""
+        return [
+            AgentInfo(name, d, a)
+            for name, d, a in zip(self.agents, self._obs_dims, self._action_dims, strict=True)
+        ]
 
     def observe_entities(self, nodes: Tensor) -> Observation:
         """What the agents would see in worlds given as entity graphs (see ``observe_fn``)."""

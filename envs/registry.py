@@ -1,6 +1,6 @@
 """Find envs by name: ``envs.make("spread", num_envs=1024, n_agents=3)``.
 
-Three kinds of name: a registered one (``spread``, ``mpe2-spread``), an adapter prefix
+Three kinds of name: a registered one (``spread``, ``mpe2-spread``, ``tag``), an adapter prefix
 (``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``, ``vmas:<scenario>``), and
 nothing else. Each kind says which of shoal's common settings (:class:`EnvSettings`) it takes,
 so callers pass the same settings whatever the env, and every failure to build an env is one
@@ -18,6 +18,7 @@ from envs.base import EnvError, VecMultiAgentEnv
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
 from envs.spread import SpreadEnv, observe_spread_entities, spread_entities
+from envs.tag import TagEnv
 from envs.vmas import VmasVecEnv
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,8 @@ class EnvSettings:
     """The env settings a shoal config names for every env (``env.n_agents``, ...).
 
     Not every env has all of them: each registered env and adapter says which it takes
-    (``register(..., takes=...)``): native scenarios and ``mpe2-spread`` all four, VMAS the
-    time limit and the action kind, ``pettingzoo:`` and ``rllib:`` envs none.
+    (``register(..., takes=...)``): ``spread`` and ``mpe2-spread`` all four, ``tag`` and VMAS
+    the time limit and the action kind, ``pettingzoo:`` and ``rllib:`` envs none.
     """
 
     n_agents: int = 3
@@ -134,8 +135,14 @@ def _make_mpe2_spread(
     )
 
 
+def _tag(s: EnvSettings) -> dict[str, Any]:
+    # Team sizes are simple_tag's own arguments (num_adversaries, num_good, num_obstacles).
+    return {"max_cycles": s.max_cycles, "continuous_actions": s.continuous_actions}
+
+
 register("spread", SpreadEnv)
 register("mpe2-spread", _make_mpe2_spread)
+register("tag", TagEnv, takes=_tag)
 
 
 def make(

@@ -8,10 +8,10 @@ but ``B`` worlds step in one batch of tensor ops.
 
 Agents come in mpe2's order, adversaries first. The two sides see different widths (an
 adversary sees every good agent's velocity, a good agent every other one's); the narrower
-observations are zero-padded at the end, as the PettingZoo adapter pads them. Until agent
-groups exist every agent shares one policy and the team return sums both sides, which is a
-number without meaning for a competitive game: this env is the native fast path agent groups
-will train on.
+observations are zero-padded at the end, as the PettingZoo adapter pads them; ``agent_info``
+gives each side's own width, so agent groups (``groups:`` in a run config) give predators and
+prey their own policies without the padding. Registered as ``tag``; team sizes are
+``env.kwargs`` (``num_adversaries``, ``num_good``, ``num_obstacles``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from envs.base import Observation, StepResult, VecMultiAgentEnv
+from envs.base import AgentInfo, Observation, StepResult, VecMultiAgentEnv
 from envs.spread import _DISCRETE_U, CONTACT_FORCE, CONTACT_MARGIN, DAMPING, DT
 
 ADVERSARY_SIZE, GOOD_SIZE, OBSTACLE_SIZE = 0.075, 0.05, 0.2
@@ -142,6 +142,14 @@ class TagEnv(VecMultiAgentEnv):
         self.agent_vel = torch.zeros_like(self.agent_pos)
         self.obstacle_pos = torch.zeros(num_envs, num_obstacles, 2, dtype=dtype, device=self.device)
         self.steps = torch.zeros(num_envs, dtype=torch.long, device=self.device)
+
+    def agent_info(self) -> list[AgentInfo]:
+        """mpe2's names (``adversary_<i>``, then ``agent_<j>``) and each side's own width."""
+        a, g = self.num_adversaries, self.num_good
+        good_dim = self.obs_dim - 2  # a good agent sees no velocity of its own in the list
+        return [AgentInfo(f"adversary_{i}", self.obs_dim, 5) for i in range(a)] + [
+            AgentInfo(f"agent_{j}", good_dim, 5) for j in range(g)
+        ]
 
     # -- state -------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from envs.base import EnvError, Observation, StepResult, VecMultiAgentEnv
+from envs.base import AgentInfo, EnvError, Observation, StepResult, VecMultiAgentEnv
 
 
 def _import_vmas() -> Any:
@@ -105,7 +105,9 @@ class VmasVecEnv(VecMultiAgentEnv):
         self.n_agents = len(self.env.agents)
         self.max_episode_steps = max_steps
         obs_spaces = list(self.env.observation_space)
-        self.obs_dim = max(int(np.prod(s.shape)) for s in obs_spaces)
+        self._names = [a.name for a in self.env.agents]
+        self._obs_dims = [int(np.prod(s.shape)) for s in obs_spaces]
+        self.obs_dim = max(self._obs_dims)
         kinds = {_space_kind(s) for s in self.env.action_space}
         if len(kinds) != 1:
             raise ValueError(f"VMAS scenario {scenario!r} gives agents different action spaces")
@@ -134,6 +136,13 @@ class VmasVecEnv(VecMultiAgentEnv):
             node_mask=every.clone(),
             action_mask=None,
         )
+
+    def agent_info(self) -> list[AgentInfo]:
+        """VMAS's agent names (e.g. ``adversary_0``, ``agent_0``) and observation widths."""
+        return [
+            AgentInfo(name, d, self.action_dim)
+            for name, d in zip(self._names, self._obs_dims, strict=True)
+        ]
 
     def reset(self, seed: int | None = None) -> Observation:
         """Reset every world (reseeding VMAS first when ``seed`` is given)."""

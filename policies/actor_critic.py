@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,22 @@ class ValueNorm(nn.Module):
         """Normalised -> raw."""
         mean, std = self._stats()
         return x * std + mean
+
+
+class Normaliser(Protocol):
+    """Value normalisation as learners and rollout workers use it (:class:`ValueNorm`)."""
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw -> normalised."""
+        ...
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised -> raw."""
+        ...
+
+    def update_from_moments(self, mean: Tensor, mean_sq: Tensor) -> None:
+        """Fold a batch's (all-rank) first two moments into the statistics."""
+        ...
 
 
 @dataclass
@@ -138,8 +154,55 @@ ARCHITECTURES: dict[str, Architecture] = {
 POLICY_KINDS = tuple(ARCHITECTURES)
 
 
-class ActorCritic(nn.Module):
-    """A policy and its critic.
+class Policy(nn.Module):
+    """What rollout workers and learners need of a policy, whatever is inside it.
+
+    :class:`ActorCritic` (one policy every agent shares) and
+    :class:`policies.groups.GroupedActorCritic` (a policy per agent group) implement it.
+    Subclasses set ``input_keys`` and ``value_norm`` and implement ``dist`` and ``value``.
+    """
+
+    input_keys: frozenset[str]
+    value_norm: Normaliser
+
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``batch`` plus what every forward of it would otherwise derive again."""
+        return batch
+
+    def dist(self, batch: dict[str, Tensor]) -> Distribution:
+        """Action distribution ``[B, N]``."""
+        raise NotImplementedError
+
+    def value(self, batch: dict[str, Tensor]) -> Tensor:
+        """Normalised values ``[B, N]`` (what the critic is trained on)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
+        """Training pass: ``(action distribution, normalised values)``.
+
+        Learners call this (through ``DistributedDataParallel`` when K > 1) so gradient
+        all-reduce covers actor and critic in one backward.
+        """
+        return self.dist(batch), self.value(batch)
+
+    @torch.no_grad()
+    def act(
+        self, batch: dict[str, Tensor], deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sample actions; return ``(action, log_prob, raw value)``."""
+        batch = self.prepare(batch)
+        d = self.dist(batch)
+        action = d.mode() if deterministic else d.sample()
+        return action, d.log_prob(action), self.value_norm.denormalize(self.value(batch))
+
+    @torch.no_grad()
+    def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
+        """De-normalised values ``[B, N]`` for bootstrapping."""
+        return self.value_norm.denormalize(self.value(self.prepare(batch)))
+
+
+class ActorCritic(Policy):
+    """A policy and its critic, shared by every agent.
 
     Args:
         spec: dimensions and architecture.
@@ -189,14 +252,6 @@ class ActorCritic(nn.Module):
         )
         return {**batch, NEIGHBOURS: nbrs}
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
-        """Training pass: ``(action distribution, normalised values)``.
-
-        Learners call this (through ``DistributedDataParallel`` when K > 1) so gradient
-        all-reduce covers actor and critic in one backward.
-        """
-        return self.dist(batch), self.value(batch)
-
     def dist(self, batch: dict[str, Tensor]) -> Distribution:
         """Action distribution ``[B, N]``."""
         return self.actor(batch)  # type: ignore[no-any-return]
@@ -204,18 +259,3 @@ class ActorCritic(nn.Module):
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]`` (what the critic is trained on)."""
         return self.critic(batch)  # type: ignore[no-any-return]
-
-    @torch.no_grad()
-    def act(
-        self, batch: dict[str, Tensor], deterministic: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample actions; return ``(action, log_prob, raw value)``."""
-        batch = self.prepare(batch)
-        d = self.dist(batch)
-        action = d.mode() if deterministic else d.sample()
-        return action, d.log_prob(action), self.value_norm.denormalize(self.value(batch))
-
-    @torch.no_grad()
-    def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
-        """De-normalised values ``[B, N]`` for bootstrapping."""
-        return self.value_norm.denormalize(self.value(self.prepare(batch)))

@@ -73,7 +73,77 @@ class DiagGaussian:
         return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
 
 
-Distribution = Categorical | DiagGaussian
+def agent_rows(d: Categorical | DiagGaussian, index: Tensor) -> Categorical | DiagGaussian:
+    """The distribution of agents ``index`` only (agents are the dim before the last)."""
+    if isinstance(d, Categorical):
+        return Categorical(d.logits.index_select(-2, index))
+    return DiagGaussian(d.mean.index_select(-2, index), d.log_std.index_select(-2, index))
+
+
+class GroupedDistribution:
+    """Several groups' distributions over their own agents, read as one over all ``N``.
+
+    Args:
+        parts: each group's distribution over its agents ``[..., N_g]``.
+        agents: each group's agent slots, ``[N_g]`` long, in the same order.
+        action_kind: ``"discrete"`` or ``"continuous"``.
+        action_dim: the env's (widest) continuous action width: narrower groups' actions are
+            zero-padded to it; their padded dims are read by nobody.
+        inverse: ``argsort(cat(agents))`` when the caller keeps it.
+
+    Shapes: ``sample``/``mode`` give ``[..., N]`` (or ``[..., N, A]``); ``log_prob`` and
+    ``entropy`` ``[..., N]``, every agent's entry from its own group.
+    """
+
+    def __init__(
+        self,
+        parts: list[Categorical | DiagGaussian],
+        agents: list[Tensor],
+        action_kind: str,
+        action_dim: int,
+        inverse: Tensor | None = None,
+    ) -> None:
+        self.parts, self.agents = parts, agents
+        self.continuous = action_kind == "continuous"
+        self.action_dim = action_dim
+        # Where each slot's entry lands in the groups' outputs concatenated.
+        self._inverse = torch.argsort(torch.cat(agents)) if inverse is None else inverse
+
+    def _join(self, values: list[Tensor], agent_dim: int) -> Tensor:
+        return torch.cat(values, dim=agent_dim).index_select(agent_dim, self._inverse)
+
+    def _actions(self, draws: list[Tensor]) -> Tensor:
+        if not self.continuous:
+            return self._join(draws, -1)
+        pad = [nn.functional.pad(d, (0, self.action_dim - d.shape[-1])) for d in draws]
+        return self._join(pad, -2)
+
+    def sample(self) -> Tensor:
+        """Every group samples its agents' actions."""
+        return self._actions([p.sample() for p in self.parts])
+
+    def mode(self) -> Tensor:
+        """Every group's most likely actions."""
+        return self._actions([p.mode() for p in self.parts])
+
+    def log_prob(self, action: Tensor) -> Tensor:
+        """``[..., N]``: each agent's action under its group's policy."""
+        out = []
+        for part, idx in zip(self.parts, self.agents, strict=True):
+            if self.continuous:
+                assert isinstance(part, DiagGaussian)
+                own = action.index_select(-2, idx)[..., : part.mean.shape[-1]]
+            else:
+                own = action.index_select(-1, idx)
+            out.append(part.log_prob(own))
+        return self._join(out, -1)
+
+    def entropy(self) -> Tensor:
+        """``[..., N]``: each agent's entropy under its group's policy."""
+        return self._join([p.entropy() for p in self.parts], -1)
+
+
+Distribution = Categorical | DiagGaussian | GroupedDistribution
 
 
 class ActionHead(nn.Module):

@@ -1,5 +1,8 @@
 """``shoal eval`` and ``shoal plot``: mean team return ± stderr of a checkpoint, a run's curve.
 
+Agent-group runs are evaluated on their own env with a return per group, and
+:func:`cross_play` plays a run's checkpoints against each other.
+
 A run trained on the native ``spread`` is evaluated by default on the real mpe2
 ``simple_spread_v3`` through the PettingZoo adapter, so numbers are comparable with any other
 library evaluated on the same env; any other run on the env it trained on.
@@ -13,9 +16,17 @@ from typing import Any
 
 import torch
 
-from agents.rollout import episode_returns
+from agents.rollout import agent_returns, episode_returns
+from envs import VecMultiAgentEnv
 from orchestrator.config import Config
-from orchestrator.runtime.checkpoint import BEST, load_checkpoint, policy_from_checkpoint
+from orchestrator.runtime.checkpoint import (
+    BEST,
+    copy_group,
+    list_checkpoints,
+    load_checkpoint,
+    policy_from_checkpoint,
+)
+from policies.actor_critic import Policy
 
 
 def evaluate(
@@ -52,6 +63,10 @@ def evaluate(
     if (Path(checkpoint) / "meta.json").is_file() or Path(checkpoint).is_file():
         which = "given"
     cfg = Config.model_validate(_yaml(ckpt["config"]))
+    if "policy_groups" in ckpt["meta"]:
+        return _evaluate_groups(
+            ckpt, cfg, env_name, n_agents, episodes, greedy, seed, parallel, which
+        )
     spec = ckpt["meta"]["policy_spec"]
     n = n_agents or cfg.env.n_agents
     if n != cfg.env.n_agents and spec["kind"] == "mlp":
@@ -93,6 +108,113 @@ def evaluate(
         "env_steps": ckpt["meta"]["counters"]["env_steps"],
         "wall_time": ckpt["meta"]["counters"].get("wall_time"),
         "returns": returns,
+    }
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((r - mean) ** 2 for r in values) / max(len(values) - 1, 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def _group_env(
+    cfg: Config, env_name: str | None, n_agents: int | None, width: int, seed: int
+) -> VecMultiAgentEnv:
+    if n_agents is not None:
+        raise ValueError("--n-agents is for shared policies; an agent-group run keeps its teams")
+    if env_name is not None and env_name != cfg.env.name:
+        raise ValueError(
+            f"this run's agent groups were trained on '{cfg.env.name}'; evaluate it there "
+            "(its groups are assigned by the env's agent names and widths)"
+        )
+    return cfg.env.make(width, seed, torch.device("cpu"))
+
+
+def group_returns(model: Policy, per_agent: torch.Tensor) -> dict[str, list[float]]:
+    """Each group's per-episode return (its agents' returns summed) from ``[episodes, N]``."""
+    return {
+        g.name: per_agent[:, list(g.agents)].sum(-1).tolist() for g in getattr(model, "groups", [])
+    }
+
+
+def _evaluate_groups(
+    ckpt: dict[str, Any],
+    cfg: Config,
+    env_name: str | None,
+    n_agents: int | None,
+    episodes: int,
+    greedy: bool,
+    seed: int,
+    parallel: int,
+    which: str,
+) -> dict[str, Any]:
+    """:func:`evaluate` for an agent-group run: a return per group on the run's own env."""
+    env = _group_env(cfg, env_name, n_agents, min(parallel, episodes), seed)
+    model = policy_from_checkpoint(ckpt)
+    model.eval()
+    per_agent = agent_returns(model, env, episodes, seed=seed, greedy=greedy)
+    env.close()
+    per_group = group_returns(model, per_agent)
+    trained = [i for g in getattr(model, "groups", []) if g.train for i in g.agents]
+    mean, stderr = _mean_stderr(per_agent[:, trained].sum(-1).tolist())
+    return {
+        "mean": mean,
+        "stderr": stderr,
+        "groups": {
+            name: dict(zip(("mean", "stderr"), _mean_stderr(v), strict=True))
+            for name, v in per_group.items()
+        },
+        "episodes": per_agent.shape[0],
+        "n_agents": env.n_agents,
+        "env": cfg.env.name,
+        "checkpoint": str(ckpt["path"]),
+        "which": which,
+        "env_steps": ckpt["meta"]["counters"]["env_steps"],
+        "wall_time": ckpt["meta"]["counters"].get("wall_time"),
+        "returns": per_agent[:, trained].sum(-1).tolist(),
+    }
+
+
+def cross_play(
+    run: str | Path, episodes: int = 100, seed: int = 12345, parallel: int = 100
+) -> dict[str, Any]:
+    """Every kept checkpoint of an agent-group run against every other: progress made visible.
+
+    Cell ``[i][j]`` is each group's mean return when the run's first group (e.g. the
+    predators) acts with checkpoint ``i`` and every other group with checkpoint ``j``; the
+    diagonal is the run as it trained. Rows are checkpoints, oldest first.
+
+    Returns:
+        ``checkpoints`` (env steps of each), ``groups`` (names; the first is the row group),
+        ``table`` (``table[group][i][j]``), ``episodes``.
+    """
+    run_dir = Path(run)
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no checkpoints/step-* in '{run_dir}': is it a shoal run?")
+    ckpts = [load_checkpoint(c) for c in found]
+    if "policy_groups" not in ckpts[0]["meta"]:
+        raise ValueError(f"'{run_dir}' has no agent groups: cross-play needs a groups: run")
+    cfg = Config.model_validate(_yaml(ckpts[0]["config"]))
+    env = _group_env(cfg, None, None, min(parallel, episodes), seed)
+    models = [policy_from_checkpoint(c) for c in ckpts]
+    first = ckpts[0]["meta"]["policy_groups"][0]["name"]
+    table: dict[str, list[list[float]]] = {}
+    for i, row in enumerate(models):
+        for j in range(len(models)):
+            mixed = policy_from_checkpoint(ckpts[j])
+            copy_group(mixed, row, first)
+            mixed.eval()
+            per_agent = agent_returns(mixed, env, episodes, seed=seed)
+            for name, values in group_returns(mixed, per_agent).items():
+                cell = table.setdefault(name, [[math.nan] * len(models) for _ in models])
+                cell[i][j] = sum(values) / len(values)
+    env.close()
+    return {
+        "checkpoints": [int(c["meta"]["counters"]["env_steps"]) for c in ckpts],
+        "groups": list(table),
+        "table": table,
+        "episodes": episodes,
     }
 
 

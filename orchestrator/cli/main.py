@@ -81,12 +81,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         cfg, resume_dir = _load_run_config(args)
-        preflight(cfg)
+        groups = preflight(cfg)
     except (ConfigError, EnvError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_USAGE)
     run_dir = resume_dir or new_run_dir(cfg)
+    n = sum(len(agents) for agents in groups.values())
+    teams = ""
+    if cfg.groups:
+        teams = " (" + ", ".join(f"{g} x{len(a)}" for g, a in groups.items()) + ")"
     console.print(
-        f"[bold]shoal[/] run [cyan]{cfg.preset}[/]: {cfg.env.name} N={cfg.env.n_agents} "
+        f"[bold]shoal[/] run [cyan]{cfg.preset}[/]: {cfg.env.name} N={n}{teams} "
         f"B={cfg.env.num_envs} model={cfg.model.kind} -> {run_dir}",
         highlight=False,
     )
@@ -112,6 +116,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         rows.append(("throughput", f"{rate:,.0f} env-steps/s"))
     if m.get("episode_return") is not None:
         rows.append(("team return (train)", f"{m['episode_return']:.2f}"))
+    for key, value in m.items():
+        if key.startswith("return/") and value is not None:
+            rows.append((f"{key.removeprefix('return/')} return (train)", f"{value:.2f}"))
     best = Path(summary["run_dir"]) / "checkpoints" / "best" / "meta.json"
     if best.is_file():
         value = json.loads(best.read_text())["eval_return"]
@@ -129,6 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint and print mean team return ± standard error."""
     from orchestrator.cli.evaluate import evaluate
 
+    if args.cross_play:
+        return _cross_play(args)
     try:
         res = evaluate(
             find_run(args.checkpoint),
@@ -150,8 +159,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
         highlight=False,
         soft_wrap=True,
     )
+    for name, g in res.get("groups", {}).items():
+        console.print(
+            f"  group {name}: return {g['mean']:.2f} ± {g['stderr']:.2f}", highlight=False
+        )
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "returns"}))  # noqa: T201
+    return EXIT_OK
+
+
+def _cross_play(args: argparse.Namespace) -> int:
+    """``shoal eval RUN --cross-play``: a table per group of checkpoints against each other."""
+    from rich.table import Table
+
+    from orchestrator.cli.evaluate import cross_play
+
+    try:
+        res = cross_play(find_run(args.checkpoint), episodes=args.episodes, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    steps = [f"{s:,}" for s in res["checkpoints"]]
+    row_group = res["groups"][0]
+    for name in res["groups"]:
+        table = Table(
+            title=f"{name} return: rows = {row_group} at env step, columns = the other groups at",
+            title_justify="left",
+        )
+        table.add_column(row_group)
+        for label in steps:
+            table.add_column(label, justify="right")
+        for label, cells in zip(steps, res["table"][name], strict=True):
+            table.add_row(label, *(f"{v:.2f}" for v in cells))
+        console.print(table)
+    if args.json:
+        print(json.dumps(res))  # noqa: T201
     return EXIT_OK
 
 
@@ -198,13 +239,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """List presets shipped with shoal."""
+    import torch
+
     for name in preset_names():
         cfg = load_config(name)
+        env = cfg.env.make(1, 0, torch.device("cpu"))  # presets use native envs: instant
+        groups = f" groups={','.join(cfg.groups)}" if cfg.groups else ""
         console.print(
-            f"[cyan]{name}[/]  env={cfg.env.name} N={cfg.env.n_agents} model={cfg.model.kind} "
-            f"critic={cfg.model.critic}",
+            f"[cyan]{name}[/]  env={cfg.env.name} N={env.n_agents} model={cfg.model.kind} "
+            f"critic={cfg.model.critic}{groups}",
             highlight=False,
         )
+        env.close()
     return EXIT_OK
 
 
@@ -270,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["best", "latest"],
         help="for a run: its best evaluated checkpoint or its latest (default: best if the run "
         "kept one, else latest)",
+    )
+    ev.add_argument(
+        "--cross-play",
+        action="store_true",
+        help="agent-group runs: play every kept checkpoint's first group against every "
+        "checkpoint's other groups, a table per group",
     )
     ev.add_argument("--json", action="store_true", help="also print a JSON line")
     ev.set_defaults(func=cmd_eval)

@@ -7,6 +7,7 @@ raises ``ConfigError`` whose message is one line naming the key and what it acce
 from __future__ import annotations
 
 import os
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ def _format_error(e: ValidationError, model: type[BaseModel]) -> str:
     if err["type"] == "extra_forbidden":
         section: Any = model
         for p in err["loc"][:-1]:
+            if typing.get_origin(section) is dict:  # a named entry (groups.<name>)
+                section = typing.get_args(section)[1]
+                continue
             section = section.model_fields[str(p)].annotation
         valid = ", ".join(section.model_fields)
         where = ".".join(str(p) for p in err["loc"][:-1]) or "the top level"

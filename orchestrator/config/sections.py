@@ -2,7 +2,7 @@
 
 Each section is a pydantic model that rejects unknown keys; :class:`Config` checks the
 combinations across sections. ``env``, ``model`` and ``train`` build what they describe
-(``cfg.env.make(...)``, ``cfg.model.build(env)``, ``cfg.train.torch_device()``).
+(``cfg.env.make(...)``, ``cfg.build_policy(env)``, ``cfg.train.torch_device()``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import envs
 from agents.ppo import PPOConfig
 from agents.world_model import WorldModelTrainer
 from envs import EnvSettings, VecMultiAgentEnv
+from orchestrator.config.groups import GroupConfig, GroupError, build_policy
 from policies import EDGE_MODES, POLICY_KINDS, ActorCritic, PolicySpec
+from policies.actor_critic import Policy
 from policies.world_model import EntityWorldModel
 
 
@@ -110,7 +112,10 @@ class ModelConfig(_Section):
         )
 
     def build(self, env: VecMultiAgentEnv) -> ActorCritic:
-        """The policy this section describes, sized for ``env``."""
+        """The one shared policy this section describes, sized for ``env``.
+
+        Ignores agent groups: a run builds its policy with :meth:`Config.build_policy`.
+        """
         return ActorCritic(self.spec(env))
 
     @field_validator("kind", "critic_kind")
@@ -341,6 +346,19 @@ class Config(_Section):
     world_model: WorldModelConfig = Field(default_factory=WorldModelConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    """Agent groups (``orchestrator/config/groups.py``); empty: every agent shares one policy."""
+
+    def build_policy(self, env: VecMultiAgentEnv) -> Policy:
+        """The run's policy sized for ``env``: shared, or one per agent group.
+
+        Raises:
+            ConfigError: a ``groups`` entry that does not fit the env, naming the key.
+        """
+        try:
+            return build_policy(self.model, self.groups, env)
+        except GroupError as e:
+            raise ConfigError(str(e)) from None
 
     def reserved_cpus(self) -> float:
         """Ray CPUs the run's actors reserve (rollout workers, learner ranks, world model)."""
@@ -374,6 +392,11 @@ class Config(_Section):
                 f"({self.model.heads})"
             )
         wm = self.world_model
+        if self.groups and wm.enabled:
+            raise ValueError(
+                "world_model.enabled cannot be combined with groups yet: imagination acts with "
+                "one shared policy (planned)"
+            )
         if wm.enabled and k > 1:
             raise ValueError(
                 "world_model.enabled needs learner.num_ranks=1: ranks would have to agree on "

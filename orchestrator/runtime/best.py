@@ -3,8 +3,10 @@
 A run's last checkpoint is not always its best: PPO can fall back after a peak. Every
 ``run.eval_every_s`` rank 0 plays ``run.eval_episodes`` episodes of the run's own env with the
 current weights (one batched rollout on a vectorised env) and, when the mean team return beats
-the best so far, writes the checkpoint ``best`` beside the ``step-*`` ones. ``shoal eval RUN``
-uses it unless told ``--which latest``; ``--resume`` always continues from the latest.
+the best so far (with agent groups: the return of the groups being trained, each group's
+return logged beside it), writes the checkpoint ``best`` beside the ``step-*`` ones.
+``shoal eval RUN`` uses it unless told ``--which latest``; ``--resume`` always continues from
+the latest.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agents.rollout import episode_returns
+from agents.rollout import agent_returns
 from orchestrator.config import config_to_yaml
 from orchestrator.runtime.checkpoint import BEST, save_checkpoint
 
@@ -70,9 +72,13 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
 
     def evaluate() -> dict[str, float]:
         t0 = time.perf_counter()
-        returns = episode_returns(rank.model, env, n, seed=EVAL_SEED)
+        per_agent = agent_returns(rank.model, env, n, seed=EVAL_SEED)
         eval_s = time.perf_counter() - t0
-        value = sum(returns) / len(returns)
+        groups = getattr(rank.model, "groups", [])
+        per_group = {g.name: float(per_agent[:, list(g.agents)].sum(-1).mean()) for g in groups}
+        # With agent groups the run's return is that of the groups it trains.
+        trained = [i for g in groups if g.train for i in g.agents]
+        value = float((per_agent[:, trained] if groups else per_agent).sum(-1).mean())
         if best.improved(value):
             save_checkpoint(
                 rank.run_dir / "checkpoints",
@@ -83,6 +89,7 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
                 name=BEST,
                 meta={"eval_return": value, "eval_episodes": n, "eval_env": cfg.env.name},
             )
-        return {"eval_return": value, "best_eval_return": best.best, "eval_s": eval_s}
+        columns = {f"eval_return/{name}": v for name, v in per_group.items()}
+        return {"eval_return": value, **columns, "best_eval_return": best.best, "eval_s": eval_s}
 
     return evaluate

@@ -11,14 +11,14 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from policies.actor_critic import ActorCritic, PolicySpec
+from policies.actor_critic import Policy
+from policies.groups import GroupedActorCritic, policy_from_meta, policy_meta
 
 CKPT_PREFIX = "step-"
 # Counted per run, not restored from a checkpoint older than them.
@@ -78,7 +78,7 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     ckpt_root: Path,
     *,
-    model: ActorCritic,
+    model: Policy,
     learner_state: dict[str, Any],
     counters: dict[str, Any],
     config_yaml: str,
@@ -116,7 +116,7 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / "rng.pt")
         for key, state in (extra or {}).items():
             torch.save(state, tmp / f"{key}.pt")
-        record = {"counters": counters, "policy_spec": asdict(model.spec), "format": 1}
+        record = {"counters": counters, **policy_meta(model), "format": 1}
         (tmp / "meta.json").write_text(json.dumps({**record, **(meta or {})}, indent=2))
         (tmp / "config.yaml").write_text(config_yaml)
         for f in tmp.iterdir():
@@ -211,12 +211,15 @@ def load_checkpoint(
 
 def policy_from_checkpoint(
     ckpt: dict[str, Any], device: str | torch.device = "cpu", **spec_overrides: Any
-) -> ActorCritic:
-    """Rebuild the policy a checkpoint holds (``spec_overrides`` e.g. for a new obs size)."""
-    spec = PolicySpec(**{**ckpt["meta"]["policy_spec"], **spec_overrides})
-    model = ActorCritic(spec).to(device)
+) -> Policy:
+    """Rebuild the policy a checkpoint holds (``spec_overrides`` e.g. for a new obs size).
+
+    Agent-group checkpoints (``policy_groups`` in ``meta.json``) rebuild as they were trained.
+    """
+    grouped = "policy_groups" in ckpt["meta"]
+    model = policy_from_meta(ckpt["meta"], **({} if grouped else spec_overrides)).to(device)
     state = ckpt["model"]
-    if spec_overrides:
+    if spec_overrides and not grouped:
         # A size-agnostic actor may run with another team size while an MLP critic, which is
         # tied to the training N, cannot: keep the actor, leave a mismatched critic untrained.
         own = model.state_dict()
@@ -231,6 +234,51 @@ def policy_from_checkpoint(
         return model
     model.load_state_dict(state)
     return model
+
+
+def copy_group(model: Policy, source: Policy, group: str) -> None:
+    """Give ``model``'s group ``group`` the weights of ``source``'s group of that name.
+
+    Raises:
+        ValueError: either has no such group, or the two policies differ in shape; one line.
+    """
+    if not isinstance(model, GroupedActorCritic) or not isinstance(source, GroupedActorCritic):
+        raise ValueError("copying a group's weights needs agent groups on both sides")
+    names = [g.name for g in source.groups]
+    if group not in names:
+        raise ValueError(f"it has no group '{group}' (its groups: {names})")
+    src = [u for u, gi in zip(source.units, source.unit_group, strict=True)
+           if source.groups[gi].name == group]  # fmt: skip
+    gi = [g.name for g in model.groups].index(group)
+    dst = [u for u, i in zip(model.units, model.unit_group, strict=True) if i == gi]
+    try:
+        if len(src) != len(dst):
+            raise ValueError(f"{len(src)} policies there, {len(dst)} here")
+        for a, b in zip(dst, src, strict=True):
+            a.load_state_dict(b.state_dict())
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"its '{group}' policy does not fit this one: {first}") from None
+
+
+def init_groups(model: Policy, inits: dict[str, str], device: str | torch.device) -> None:
+    """Start groups from other runs' weights.
+
+    ``inits`` maps a group to a run directory or checkpoint (the run's best checkpoint when it
+    has one) holding a group of the same name and shape.
+
+    Raises:
+        ValueError: the checkpoint has no such group, or it has another shape; one line.
+    """
+    for gname, path in inits.items():
+        which = BEST if (Path(path) / "checkpoints" / BEST).is_dir() else "latest"
+        ckpt = load_checkpoint(path, device, which=which)
+        source = policy_from_meta(ckpt["meta"])
+        source.load_state_dict(ckpt["model"])
+        try:
+            copy_group(model, source, gname)
+        except ValueError as e:
+            raise ValueError(f"groups.{gname}.init ({ckpt['path']}): {e}") from None
 
 
 def checkpoint_counters(path: str | Path | None) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from rich.console import Console
 from envs import EnvError
 from envs.registry import describe
 from orchestrator.config import Config, ConfigError, config_to_yaml, redact_url
+from orchestrator.config.groups import GroupError, check_inits
 from orchestrator.runtime import world
-from orchestrator.runtime.checkpoint import checkpoint_counters, list_checkpoints
+from orchestrator.runtime.checkpoint import checkpoint_counters, init_groups, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
 from orchestrator.runtime.loop import FatalRunError, redis_outage
 from orchestrator.runtime.metrics import CSVSink, Metrics, MetricsSink, ProgressSink, RunStateSink
@@ -99,7 +100,15 @@ def check_services(cfg: Config, timeout_s: float = 5.0) -> None:
             raise ConfigError(f"redis.url={redact_url(cfg.redis.url)}: {describe(e)}") from None
 
 
-def preflight(cfg: Config) -> None:
+def check_group_inits(groups: dict[str, Any]) -> None:
+    """Every ``groups.<name>.init`` exists (as a :class:`ConfigError`)."""
+    try:
+        check_inits(groups)
+    except GroupError as e:
+        raise ConfigError(str(e)) from None
+
+
+def preflight(cfg: Config) -> dict[str, list[str]]:
     """Check, before anything starts, what would otherwise fail inside a process or an actor.
 
     Checks the topology and that the services to join answer, then builds one sub-env and the
@@ -107,23 +116,35 @@ def preflight(cfg: Config) -> None:
     or a policy that does not fit the env is one line here instead of a library's traceback
     from a Ray actor.
 
+    Returns:
+        The agents by group, by name (one group ``team`` without ``groups``).
+
     Raises:
         ConfigError: an impossible combination, naming the keys.
         EnvError: the env cannot be built or stepped with this config.
     """
     check_topology(cfg)
     cfg.train.torch_device()
+    check_group_inits(cfg.groups)
     check_services(cfg)
     env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
     try:
         if cfg.world_model.enabled:
             world.check_env(env, cfg.world_model.oracle)
-        policy = cfg.model.build(env)
+        policy = cfg.build_policy(env)
+        inits = {name: g.init for name, g in cfg.groups.items() if g.init is not None}
+        try:
+            init_groups(policy, inits, "cpu")
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
         obs = env.reset(seed=cfg.train.seed)
         with torch.no_grad():
             action, _, _ = policy.act(obs.as_dict())
         env.step(action)
-    except EnvError:
+        names = [a.name for a in env.agent_info()]
+        slots = getattr(policy, "group_agents", lambda: {"team": range(len(names))})()
+        return {group: [names[i] for i in agents] for group, agents in slots.items()}
+    except (EnvError, ConfigError):
         raise
     except Exception as e:  # the env's or the policy's own failure, as one line
         log.debug("preflight of env %r failed", cfg.env.name, exc_info=True)

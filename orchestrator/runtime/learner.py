@@ -35,6 +35,7 @@ from orchestrator.runtime import process_group, world
 from orchestrator.runtime.best import periodic_evaluation
 from orchestrator.runtime.checkpoint import (
     fresh_counters,
+    init_groups,
     load_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -166,13 +167,16 @@ class LearnerRank:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         probe = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
-        self.model = cfg.model.build(probe).to(self.device)
+        self.model = cfg.build_policy(probe).to(self.device)
         probe.close()
         self.counters = fresh_counters()
         ckpt = load_checkpoint(resume, self.device) if resume else None
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.counters.update(ckpt["meta"]["counters"])
+        else:
+            inits = {name: g.init for name, g in cfg.groups.items() if g.init is not None}
+            init_groups(self.model, inits, self.device)
         train_model: torch.nn.Module = self.model
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None
         if self.world_size > 1:
@@ -378,6 +382,27 @@ class LearnerRank:
         names = [rollout_name(i) for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
         return ActorRollouts(cfg, names, self.namespace)
 
+    def _group_return_sums(self, batch: RolloutBatch) -> dict[str, float]:
+        """Each agent group's return summed over the batch's finished episodes.
+
+        A group's return is the sum of its agents' own returns; ``{}`` without groups.
+        """
+        groups = getattr(self.model, "groups", None)
+        if not groups:
+            return {}
+        per_agent = batch.episode_agent_returns
+        out = {}
+        for g in groups:
+            if per_agent is None or not per_agent.numel():
+                out[g.name] = 0.0
+            else:
+                out[g.name] = float(per_agent[:, list(g.agents)].sum())
+        return out
+
+    @property
+    def _trained(self) -> dict[str, bool]:
+        return {g.name: g.train for g in getattr(self.model, "groups", [])}
+
     def _step(
         self, rollouts: LocalRollouts | ActorRollouts, lr_frac: float
     ) -> tuple[int, dict[str, float]]:
@@ -395,14 +420,21 @@ class LearnerRank:
         if self._weights is not None:
             self._weights.publish(self.model.state_dict(), self.version)
         ep = batch.episode_returns
+        group_sums = self._group_return_sums(batch)
+        if group_sums:  # grouped: the run's return is that of the groups it trains
+            trained = [self._trained[name] for name in group_sums]
+            ep_sum = sum(v for v, t in zip(group_sums.values(), trained, strict=True) if t)
+        else:
+            ep_sum = float(ep.sum()) if ep.numel() else 0.0
         sums = torch.tensor(
             [
                 float(batch.env_steps),
-                float(ep.sum()) if ep.numel() else 0.0,
+                ep_sum,
                 float(batch.episode_lengths.float().sum()) if ep.numel() else 0.0,
                 float(ep.numel()),
                 rstats["rollout_restarts"],
                 rstats["batches_recollected"],
+                *group_sums.values(),
             ],
             dtype=torch.float64,
             device=self.device,
@@ -411,13 +443,17 @@ class LearnerRank:
         if self.world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        env_steps, ret_sum, len_sum, episodes, restarts, recollected = sums.tolist()
+        env_steps, ret_sum, len_sum, episodes, restarts, recollected, *per_group = sums.tolist()
         counters["rollout_restarts"] += int(restarts)
         counters["batches_recollected"] += int(recollected)
         row = {
             "episode_return": ret_sum / episodes if episodes else math.nan,
             "episode_length": len_sum / episodes if episodes else math.nan,
             "episodes": episodes,
+            **{
+                f"return/{name}": value / episodes if episodes else math.nan
+                for name, value in zip(group_sums, per_group, strict=True)
+            },
             **stats,
             "weights_version": float(self.version),
             "weights_staleness": float(worst.item()),

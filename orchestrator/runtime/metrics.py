@@ -100,17 +100,35 @@ def _finite_return(row: dict[str, float], last: float) -> float:
     return value if math.isfinite(value) else last
 
 
-def _shown(row: dict[str, float], last_return: float = math.nan) -> dict[str, Any]:
+GROUP_RETURN = "return/"
+"""Prefix of an agent group's return in a metrics row (``return/<group>``)."""
+
+
+def _shown(
+    row: dict[str, float], last_return: float = math.nan, groups: dict[str, float] | None = None
+) -> dict[str, Any]:
     """What the bar and the plain line show besides env steps, with defaults for gaps.
 
     Long episodes do not end in every batch: the return shown is then the last one seen.
+    With agent groups each group's return follows (``groups``: the last finite ones).
     """
+    per_group = "".join(f" {g} {v:.2f}" for g, v in (groups or {}).items())
     return {
         "sps": row.get("env_steps_per_s", 0.0),
         "ret": _finite_return(row, last_return),
+        "groups": f" ({per_group.strip()})" if per_group else "",
         "pl": row.get("policy_loss", 0.0),
         "vl": row.get("value_loss", 0.0),
     }
+
+
+def _group_returns(row: dict[str, float], last: dict[str, float]) -> dict[str, float]:
+    """Each group's latest finite return: ``row``'s, else the one in ``last``."""
+    out = dict(last)
+    for key, value in row.items():
+        if key.startswith(GROUP_RETURN) and math.isfinite(value):
+            out[key.removeprefix(GROUP_RETURN)] = value
+    return out
 
 
 class ProgressSink:
@@ -135,6 +153,7 @@ class ProgressSink:
         self._last_line = -math.inf
         self._pending: dict[str, float] | None = None  # logged, not printed yet
         self._return = math.nan  # the last finite team return
+        self._groups: dict[str, float] = {}  # and each agent group's
         self.progress: Progress | None = None
         if self.console.is_terminal:
             self.progress = Progress(
@@ -142,7 +161,7 @@ class ProgressSink:
                 BarColumn(),
                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
                 TextColumn("{task.fields[sps]:>9,.0f} steps/s"),
-                TextColumn("return {task.fields[ret]:>8.2f}"),
+                TextColumn("return {task.fields[ret]:>8.2f}{task.fields[groups]}"),
                 TextColumn("π {task.fields[pl]:+.3f} v {task.fields[vl]:.3f}"),
                 TimeElapsedColumn(),
                 console=self.console,
@@ -159,8 +178,9 @@ class ProgressSink:
     def log(self, row: dict[str, float]) -> None:
         """Move the bar, or print a line if the last one is ``every_s`` old."""
         self._return = _finite_return(row, self._return)
+        self._groups = _group_returns(row, self._groups)
         if self.progress is not None:
-            shown = _shown(row, self._return)
+            shown = _shown(row, self._return, self._groups)
             self.progress.update(self.task, completed=row["env_steps"], **shown)
             return
         self._pending = row
@@ -171,12 +191,12 @@ class ProgressSink:
 
     def line(self, row: dict[str, float]) -> str:
         """The plain progress line for ``row``."""
-        steps, f = row["env_steps"], _shown(row, self._return)
+        steps, f = row["env_steps"], _shown(row, self._return, self._groups)
         share = f" ({min(100.0, 100 * steps / self.total):.0f}%)" if self.total > 0 else ""
         elapsed = int(time.monotonic() - self.t0)
         return (
             f"train {steps:,.0f}/{self.total:,} env-steps{share}"
-            f"  {f['sps']:,.0f} env-steps/s  return {f['ret']:.2f}"
+            f"  {f['sps']:,.0f} env-steps/s  return {f['ret']:.2f}{f['groups']}"
             f"  pi-loss {f['pl']:+.3f} v-loss {f['vl']:.3f}"
             f"  {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
         )
@@ -199,6 +219,7 @@ class Metrics:
     def __init__(self, sinks: list[MetricsSink]) -> None:
         self.sinks = sinks
         self.latest: dict[str, float] = {}
+        self._groups: dict[str, float] = {}
         self.t0 = time.monotonic()
 
     def log(self, row: dict[str, float]) -> None:
@@ -208,7 +229,9 @@ class Metrics:
         finite team return when no episode ended in this row's batch.
         """
         last = self.latest.get("episode_return", math.nan)
-        self.latest = {**row, "episode_return": _finite_return(row, last)}
+        groups = {GROUP_RETURN + g: v for g, v in _group_returns(row, self._groups).items()}
+        self._groups = {k.removeprefix(GROUP_RETURN): v for k, v in groups.items()}
+        self.latest = {**row, **groups, "episode_return": _finite_return(row, last)}
         for s in self.sinks:
             s.log(row)
 

@@ -3,7 +3,8 @@
 Ray exports these with a ``ray_`` prefix, counters with a ``_total`` suffix:
 ``ray_shoal_env_steps_total``, ``ray_shoal_episode_team_return`` and so on. Every series is
 tagged with ``run_id`` and ``role`` (``learner``, ``rollout`` or ``driver``), which is what
-``deploy/monitoring/grafana/shoal-dashboard.json`` filters on.
+``deploy/monitoring/grafana/shoal-dashboard.json`` filters on. With agent groups each group's
+return is one more series of ``ray_shoal_group_return``, tagged with its ``group``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ COUNTERS = {
 }
 
 
+# An agent group's return (row key ``return/<group>``), one series per group.
+GROUP_GAUGE = ("shoal_group_return", "Mean return of an agent group in finished episodes")
+GROUP_TAG_KEYS = (*TAG_KEYS, "group")
+
+
 def exported_names() -> list[str]:
     """Every series name as Prometheus sees it (``ray_`` prefix, ``_total`` on counters)."""
-    gauges = [f"ray_{name}" for name, _ in GAUGES.values()]
+    gauges = [f"ray_{name}" for name, _ in (*GAUGES.values(), GROUP_GAUGE)]
     return gauges + [f"ray_{name}_total" for name, _ in COUNTERS.values()]
 
 
@@ -76,6 +82,7 @@ class RayMetricsSink:
             for key, (name, desc) in COUNTERS.items()
         }
         self._totals = dict.fromkeys(COUNTERS, 0.0)
+        self._group = Gauge(GROUP_GAUGE[0], description=GROUP_GAUGE[1], tag_keys=GROUP_TAG_KEYS)
 
     def log(self, row: dict[str, Any]) -> None:
         """Set every gauge present in ``row`` and advance the counters to its totals."""
@@ -83,6 +90,13 @@ class RayMetricsSink:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 gauge.set(float(value), tags=self.tags)
+        for key, value in row.items():
+            if (
+                key.startswith("return/")
+                and isinstance(value, (int, float))
+                and math.isfinite(value)
+            ):
+                self._group.set(float(value), tags={**self.tags, "group": key.split("/", 1)[1]})
         for key, counter in self._counters.items():
             total = float(row.get(key, self._totals[key]))
             if total > self._totals[key]:

@@ -101,7 +101,7 @@ class RolloutActor:
         wm = cfg.world_model.enabled
         keys = WORLD_KEYS if wm else frozenset()
         self.worker = RolloutWorker(
-            env, cfg.model.build(env), cfg.train.rollout_len, seed, extra_keys=keys
+            env, cfg.build_policy(env), cfg.train.rollout_len, seed, extra_keys=keys
         )
         # A world model learns from the stream: it gets more of each batch than a sample.
         self.replay_envs = max(cfg.redis.replay_envs, cfg.world_model.stream_envs if wm else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,8 @@ def test_every_key_the_readme_documents_exists() -> None:
         for name in re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", keys):
             owner, key = name.split(".") if "." in name else (section, name)
             model = fields[owner].annotation
+            if typing.get_origin(model) is dict:  # named entries: groups.<name>.<key>
+                model = typing.get_args(model)[1]
             assert key in model.model_fields, f"README documents {owner}.{key}, which is no key"
 
 

@@ -60,6 +60,36 @@ CASES = {
         ["ray.num_cpus=1", "rollout.num_workers=2"],
         r"ray.num_cpus=1 but the run reserves 3 CPUs",
     ),
+    # Agent groups are checked against the env's agent names, in preflight.
+    "group-pattern": (
+        ["env.name=tag", "groups.prey.agents=nobody_*", "groups.adversary.share=true"],
+        r"groups.prey.agents: 'nobody_\*' matches no agent \(the env's agents: adversary_0",
+    ),
+    "group-missing-agent": (
+        ["env.name=tag", "groups.adversary.train=true"],
+        r"agent agent_0 is in no group: add groups.agent or a pattern",
+    ),
+    "group-claimed-twice": (
+        ["env.name=tag", "groups.adversary.share=true", "groups.all.agents=*"],
+        r"agent adversary_0 is claimed by groups.adversary and groups.all",
+    ),
+    "group-not-in-env": (
+        ["env.name=tag", "groups.predator.train=true"],
+        r"groups.predator: the env has no agents named predator_<i> \(its groups: adversary, agent",
+    ),
+    "group-widths": (
+        ["env.name=tag", "groups.everyone.agents=*"],
+        r"groups.everyone: its agents see different observation/action widths",
+    ),
+    "group-key": (
+        ["env.name=tag", "groups.adversary.trian=false"],
+        r"groups.adversary.trian: "
+        r"unknown key; valid keys in groups.adversary: agents, share, train",
+    ),
+    "group-init": (
+        ["env.name=tag", "groups.adversary.init=/nonexistent/run", "groups.agent.train=true"],
+        r"groups.adversary.init: no run directory or checkpoint at '/nonexistent/run'",
+    ),
 }
 
 

@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from orchestrator.cli.main import main as shoal
 from orchestrator.config import load_config
@@ -44,9 +45,11 @@ def test_best_checkpoint_is_the_policy_of_the_best_evaluation(tmp_path, monkeypa
 
     def synthetic(model, env, episodes, seed, greedy=False):
         seen.append(next(stream))
-        return [seen[-1]] * episodes
+        per_agent = torch.zeros(episodes, env.n_agents)
+        per_agent[:, 0] = seen[-1]  # the team's return, all on the first agent
+        return per_agent
 
-    monkeypatch.setattr(best_module, "episode_returns", synthetic)
+    monkeypatch.setattr(best_module, "agent_returns", synthetic)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     summary = run_training(load_config("spread-mlp", TINY), run_dir)
@@ -101,9 +104,9 @@ def test_a_slow_evaluation_is_spaced_to_a_tenth_of_the_run(tmp_path, monkeypatch
     def slow(model, env, episodes, seed, greedy=False):  # as a PettingZoo env stepped in a loop
         calls.append(1.0)
         time.sleep(0.3)
-        return [-50.0] * episodes
+        return torch.full((episodes, env.n_agents), -50.0 / env.n_agents)
 
-    monkeypatch.setattr(best_module, "episode_returns", slow)
+    monkeypatch.setattr(best_module, "agent_returns", slow)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     summary = run_training(load_config("spread-mlp", TINY), run_dir)

@@ -1,0 +1,247 @@
+"""Agent groups: a policy (actor, critic, value normaliser) per group of agent slots.
+
+BenchMARL's agent groups and RLlib's policy mapping, in the shape shoal's loop already
+consumes: :class:`GroupedActorCritic` is a :class:`~policies.actor_critic.Policy` like
+:class:`~policies.actor_critic.ActorCritic`, so rollout workers, learner ranks (and DDP),
+weights in Redis and checkpoints carry groups unchanged. Inside, each group's networks see
+only their own agents at their own widths:
+
+- an MLP actor or critic reads its agents' observation rows, cut to the group's own
+  ``obs_dim`` (no padding from a wider group), and its action head has the group's own
+  number of actions;
+- a graph or transformer actor or critic reads the whole entity graph (every agent is an
+  entity of everyone's world) and its agents' output rows are kept.
+
+A group whose parameters are not shared (``shared=False``) has one policy per agent. A group
+with ``train=False`` is frozen: its parameters take no gradient, its agents are left out of
+the loss, and it acts with the weights it was built or loaded with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from policies.actor_critic import ARCHITECTURES, ActorCritic, Policy, PolicySpec, ValueNorm
+from policies.distributions import Categorical, DiagGaussian, GroupedDistribution, agent_rows
+
+# Keys whose tensors have an agent axis ``[..., N, ...]`` that an MLP view cuts to its agents.
+_AGENT_DIM = {"obs": -2, "alive": -1, "action_mask": -2}
+
+
+@dataclass(frozen=True)
+class AgentGroup:
+    """One group: which agent slots, with which policy, trained how.
+
+    Attributes:
+        name: the group's name (``groups.<name>`` in a run config, a column in metrics).
+        agents: agent slots, increasing.
+        spec: the group's policy, sized with the group's own ``obs_dim`` and ``action_dim``.
+        train: ``False`` freezes the group.
+        shared: one policy for the whole group (``True``) or one per agent.
+        lr: the group's learning rate (``None``: the run's ``train.lr``).
+    """
+
+    name: str
+    agents: tuple[int, ...]
+    spec: PolicySpec
+    train: bool = True
+    shared: bool = True
+    lr: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (checkpoint metadata)."""
+        return {**asdict(self), "agents": list(self.agents)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AgentGroup:
+        """Inverse of :meth:`as_dict`."""
+        spec = PolicySpec(**data["spec"])
+        return AgentGroup(**{**data, "agents": tuple(data["agents"]), "spec": spec})
+
+
+class GroupValueNorm(nn.Module):
+    """Each policy's own value normaliser, applied to its agents' columns ``[..., N]``.
+
+    ``update_from_moments`` takes one mean and mean square per policy (``[U]``), with
+    ``active`` saying which policies had samples (a frozen group's never do).
+    """
+
+    def __init__(self, norms: list[ValueNorm], unit_of_agent: Tensor) -> None:
+        super().__init__()
+        self.norms = norms  # owned (and checkpointed) by the policies themselves
+        self.unit_of_agent: Tensor
+        self.register_buffer("unit_of_agent", unit_of_agent, persistent=False)
+
+    def _stats(self) -> tuple[Tensor, Tensor]:
+        means, stds = zip(*(n._stats() for n in self.norms), strict=True)
+        idx = self.unit_of_agent
+        return torch.stack(means)[idx], torch.stack(stds)[idx]
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw -> normalised, each agent by its policy's statistics."""
+        mean, std = self._stats()
+        return (x - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised -> raw."""
+        mean, std = self._stats()
+        return x * std + mean
+
+    @torch.no_grad()
+    def update_from_moments(
+        self, mean: Tensor, mean_sq: Tensor, active: Tensor | None = None
+    ) -> None:
+        """Fold per-policy moments ``[U]`` (already reduced over ranks) into each normaliser."""
+        for u, norm in enumerate(self.norms):
+            if active is None or bool(active[u]):
+                norm.update_from_moments(mean[u], mean_sq[u])
+
+
+class GroupedActorCritic(Policy):
+    """A policy per agent group behind one ``Policy`` interface.
+
+    Args:
+        groups: the groups; together they hold every agent slot ``0 .. N-1`` once.
+        action_kind: the env's action kind (every group shares it).
+        action_dim: the env's widest action width (the width of continuous action tensors).
+
+    Attributes:
+        units: one :class:`ActorCritic` per shared group, or per agent of an unshared one.
+        unit_of_agent: ``[N]`` long, which unit acts for each slot (value normalisation and
+            advantage normalisation use one set of statistics per unit).
+        train_mask: ``[N]`` bool, the slot's group is trained.
+    """
+
+    unit_of_agent: Tensor
+    train_mask: Tensor
+    _inverse: Tensor
+
+    def __init__(self, groups: list[AgentGroup], action_kind: str, action_dim: int) -> None:
+        super().__init__()
+        slots = sorted(i for g in groups for i in g.agents)
+        if slots != list(range(len(slots))):
+            raise ValueError(f"groups must hold every agent slot once, got {slots}")
+        self.groups = groups
+        self.action_kind, self.action_dim = action_kind, action_dim
+        self.n_agents = len(slots)
+        self.units = nn.ModuleList()
+        self._units: list[ActorCritic] = []  # the same modules, typed
+        self.unit_group: list[int] = []
+        agents: list[Tensor] = []
+        for gi, g in enumerate(groups):
+            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
+                unit = ActorCritic(g.spec)
+                unit.requires_grad_(g.train)
+                self.units.append(unit)
+                self._units.append(unit)
+                self.unit_group.append(gi)
+                agents.append(torch.tensor(members, dtype=torch.long))
+        unit_of_agent = torch.empty(self.n_agents, dtype=torch.long)
+        for u, idx in enumerate(agents):
+            unit_of_agent[idx] = u
+        for u, idx in enumerate(agents):
+            self.register_buffer(f"_agents_{u}", idx, persistent=False)
+        self.register_buffer("unit_of_agent", unit_of_agent, persistent=False)
+        # Units' outputs concatenated, then put back in slot order.
+        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
+        train = torch.tensor([groups[self.unit_group[int(u)]].train for u in unit_of_agent])
+        self.register_buffer("train_mask", train, persistent=False)
+        norms = [u.value_norm for u in self._units if isinstance(u.value_norm, ValueNorm)]
+        self.value_norm = GroupValueNorm(norms, unit_of_agent)
+        self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
+        # Each unit's networks read its own agents' rows (mlp) or the whole graph.
+        self._rows = [
+            (ARCHITECTURES[g.spec.kind], ARCHITECTURES[g.spec.critic_kind or g.spec.kind])
+            for g in (groups[i] for i in self.unit_group)
+        ]
+        self._mlp = ARCHITECTURES["mlp"]
+
+    def unit_agents(self, u: int) -> Tensor:
+        """Agent slots of unit ``u``."""
+        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
+
+    def group_agents(self) -> dict[str, list[int]]:
+        """Each group's agent slots, by name."""
+        return {g.name: list(g.agents) for g in self.groups}
+
+    def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam parameter groups: one per trained unit, at its group's rate (``base_lr``)."""
+        out = []
+        for unit, gi in zip(self._units, self.unit_group, strict=True):
+            g = self.groups[gi]
+            if g.train:
+                rate = g.lr if g.lr is not None else lr
+                out.append({"params": list(unit.parameters()), "lr": rate, "base_lr": rate})
+        return out
+
+    def _view(self, batch: dict[str, Tensor], u: int, own_rows: bool) -> dict[str, Tensor]:
+        """What unit ``u``'s actor or critic reads: its agents' rows at its own widths."""
+        spec = self._units[u].spec
+        view = dict(batch)
+        idx = self.unit_agents(u)
+        if "action_mask" in batch:
+            view["action_mask"] = batch["action_mask"][..., : spec.action_dim]
+        if own_rows:
+            for key, dim in _AGENT_DIM.items():
+                if key in view:
+                    view[key] = view[key].index_select(dim, idx)
+            view["obs"] = view["obs"][..., : spec.obs_dim]
+        return view
+
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Neighbour lists once for every unit (groups share the run's edge settings)."""
+        for unit in self._units:
+            batch = unit.prepare(batch)
+        return batch
+
+    def dist(self, batch: dict[str, Tensor]) -> GroupedDistribution:
+        """Every group's distribution over its own agents, read as one ``[B, N]``."""
+        parts: list[Categorical | DiagGaussian] = []
+        agents = []
+        for u, unit in enumerate(self._units):
+            own = self._rows[u][0] is self._mlp
+            d = unit.actor(self._view(batch, u, own))
+            idx = self.unit_agents(u)
+            parts.append(d if own else agent_rows(d, idx))
+            agents.append(idx)
+        return GroupedDistribution(
+            parts, agents, self.action_kind, self.action_dim, inverse=self._inverse
+        )
+
+    def value(self, batch: dict[str, Tensor]) -> Tensor:
+        """Normalised values ``[B, N]``, each agent's from its group's critic."""
+        values = []
+        for u, unit in enumerate(self._units):
+            own = self._rows[u][1] is self._mlp
+            v = unit.critic(self._view(batch, u, own))
+            values.append(v if own else v.index_select(-1, self.unit_agents(u)))
+        return torch.cat(values, dim=-1).index_select(-1, self._inverse)
+
+
+def policy_meta(model: Policy) -> dict[str, Any]:
+    """What a checkpoint records to rebuild ``model`` (``policy_spec`` or ``policy_groups``)."""
+    if isinstance(model, GroupedActorCritic):
+        return {
+            "policy_groups": [g.as_dict() for g in model.groups],
+            "action_kind": model.action_kind,
+            "action_dim": model.action_dim,
+        }
+    assert isinstance(model, ActorCritic)
+    return {"policy_spec": asdict(model.spec)}
+
+
+def policy_from_meta(meta: dict[str, Any], **spec_overrides: Any) -> Policy:
+    """The (untrained) policy :func:`policy_meta` describes."""
+    if "policy_groups" in meta:
+        groups = [AgentGroup.from_dict(g) for g in meta["policy_groups"]]
+        return GroupedActorCritic(groups, meta["action_kind"], meta["action_dim"])
+    return ActorCritic(PolicySpec(**{**meta["policy_spec"], **spec_overrides}))
+
+
+def with_widths(spec: PolicySpec, obs_dim: int, action_dim: int, **overrides: Any) -> PolicySpec:
+    """``spec`` resized to a group's own widths, with architecture ``overrides``."""
+    return replace(spec, obs_dim=obs_dim, action_dim=action_dim, **overrides)
