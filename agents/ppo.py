@@ -148,9 +148,8 @@ class Learner(OptimizerState):
         self.cfg = cfg
         params: Any = model.parameters()
         self._clip_groups: list[list[nn.Parameter]] = [list(model.parameters())]
-        # Grouped policies: which policy each agent's statistics belong to, which are trained.
+        # Grouped policies: which policy each agent's statistics belong to.
         self._unit_of_agent: Tensor | None = getattr(model, "unit_of_agent", None)
-        self._train_mask: Tensor | None = getattr(model, "train_mask", None)
         if isinstance(model, GroupedActorCritic):
             params = model.optimizer_groups(cfg.lr)
             if not params:
@@ -221,8 +220,9 @@ class Learner(OptimizerState):
         for group in self.optimizer.param_groups:
             group["lr"] = group.get("base_lr", cfg.lr) * lr_frac
         alive = batch.obs["alive"]
-        if self._train_mask is not None:  # frozen groups' agents never reach a loss
-            alive = alive & self._train_mask.to(alive.device)
+        if isinstance(model, GroupedActorCritic):
+            # Frozen groups' agents, and agents that played a past version, reach no loss.
+            alive = model.learn_mask(batch.obs)
         done = batch.terminated | batch.truncated.unsqueeze(-1)
         prox_logp, values, next_values = batch.logp, batch.values, batch.next_values
         weight: Tensor | None = None

@@ -7,6 +7,7 @@ on every path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -296,12 +297,14 @@ def agent_returns(
     of each sub-env count until there are enough, so that short episodes never bias the
     sample. Action sampling draws from a forked RNG: evaluating in the middle of training
     leaves the training's random stream as it was, and the same ``seed`` gives the same
-    episodes for the same weights.
+    episodes for the same weights. Every group acts with its current weights (never a
+    self-play past version).
     """
     width = env.num_envs
     rows: list[Tensor] = []
     cuda = [env.device.index or 0] if env.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    current = getattr(model, "current_only", contextlib.nullcontext)  # not self-play's past
+    with torch.random.fork_rng(devices=cuda), current():
         torch.manual_seed(seed)
         obs = env.reset(seed=seed)
         running = torch.zeros(width, env.n_agents, device=env.device)

@@ -15,10 +15,18 @@ only their own agents at their own widths:
 A group whose parameters are not shared (``shared=False``) has one policy per agent. A group
 with ``train=False`` is frozen: its parameters take no gradient, its agents are left out of
 the loss, and it acts with the weights it was built or loaded with.
+
+Self-play: a group with ``past_share > 0`` plays that share of the sub-envs with a *past
+version* of itself (frozen copies of its policies, ``past``, whose weights the learner draws
+from the group's opponent pool). Its opponents learn against the mix of its current and past
+versions; its own samples from those sub-envs never reach its loss (``learn_mask``). Which
+agents acted with a past version travels with the rollout (key ``past_agents``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -27,6 +35,9 @@ from torch import Tensor, nn
 
 from policies.actor_critic import ARCHITECTURES, ActorCritic, Policy, PolicySpec, ValueNorm
 from policies.distributions import Categorical, DiagGaussian, GroupedDistribution, agent_rows
+
+#: Batch key: ``[B, N]`` bool, the agent acted with its group's past version (self-play).
+PAST = "past_agents"
 
 # Keys whose tensors have an agent axis ``[..., N, ...]`` that an MLP view cuts to its agents.
 _AGENT_DIM = {"obs": -2, "alive": -1, "action_mask": -2}
@@ -43,6 +54,8 @@ class AgentGroup:
         train: ``False`` freezes the group.
         shared: one policy for the whole group (``True``) or one per agent.
         lr: the group's learning rate (``None``: the run's ``train.lr``).
+        past_share: the share of sub-envs in which the group acts with a past version of
+            itself (self-play against an opponent pool; 0: never).
     """
 
     name: str
@@ -51,6 +64,7 @@ class AgentGroup:
     train: bool = True
     shared: bool = True
     lr: float | None = None
+    past_share: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (checkpoint metadata)."""
@@ -150,9 +164,20 @@ class GroupedActorCritic(Policy):
         self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
         train = torch.tensor([groups[self.unit_group[int(u)]].train for u in unit_of_agent])
         self.register_buffer("train_mask", train, persistent=False)
+        # Past versions (self-play): a frozen copy of each unit of a group with past_share > 0.
+        self.past = nn.ModuleDict()
+        for u, unit in enumerate(self._units):
+            if groups[self.unit_group[u]].past_share > 0:
+                copy = ActorCritic(unit.spec)
+                copy.load_state_dict(unit.state_dict())
+                copy.requires_grad_(False)
+                self.past[str(u)] = copy
+        self.use_past = True
         norms = [u.value_norm for u in self._units if isinstance(u.value_norm, ValueNorm)]
         self.value_norm = GroupValueNorm(norms, unit_of_agent)
         self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
+        if len(self.past):
+            self.input_keys |= {PAST}
         # Each unit's networks read its own agents' rows (mlp) or the whole graph.
         self._rows = [
             (ARCHITECTURES[g.spec.kind], ARCHITECTURES[g.spec.critic_kind or g.spec.kind])
@@ -193,10 +218,67 @@ class GroupedActorCritic(Policy):
         return view
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Neighbour lists once for every unit (groups share the run's edge settings)."""
+        """Neighbour lists once for every unit (groups share the run's edge settings).
+
+        With self-play, also which agents act with a past version (key ``past_agents``): in
+        the last ``past_share`` of the sub-envs, the agents of that group.
+        """
         for unit in self._units:
             batch = unit.prepare(batch)
-        return batch
+        if not len(self.past) or not self.use_past or PAST in batch:
+            return batch
+        alive = batch["alive"]
+        past = torch.zeros_like(alive, dtype=torch.bool)
+        b = alive.shape[0]
+        for g in self.groups:
+            envs = round(g.past_share * b)
+            if envs:
+                past[b - envs :, list(g.agents)] = True
+        return {**batch, PAST: past}
+
+    @contextlib.contextmanager
+    def current_only(self) -> Iterator[None]:
+        """Act with every group's current weights (evaluation), not its past versions."""
+        before, self.use_past = self.use_past, False
+        try:
+            yield
+        finally:
+            self.use_past = before
+
+    def learn_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[..., N]`` bool: the samples a loss learns from.
+
+        Live agents of trained groups, less those that acted with a past version of their group.
+        """
+        mask = batch["alive"] & self.train_mask
+        if PAST in batch:
+            mask = mask & ~batch[PAST]
+        return mask
+
+    def _past(self, u: int) -> ActorCritic:
+        past = self.past[str(u)]
+        assert isinstance(past, ActorCritic)
+        return past
+
+    def group_units(self, name: str) -> list[int]:
+        """The units of group ``name``."""
+        gi = [g.name for g in self.groups].index(name)
+        return [u for u, i in enumerate(self.unit_group) if i == gi]
+
+    def snapshot(self, name: str) -> dict[str, Tensor]:
+        """A copy of group ``name``'s current weights (an opponent-pool entry)."""
+        return {
+            f"{j}.{k}": v.detach().clone()
+            for j, u in enumerate(self.group_units(name))
+            for k, v in self._units[u].state_dict().items()
+        }
+
+    def load_past(self, name: str, state: dict[str, Tensor]) -> None:
+        """Let group ``name``'s past version act with ``state`` (a :meth:`snapshot`)."""
+        for j, u in enumerate(self.group_units(name)):
+            prefix = f"{j}."
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            self._past(u).load_state_dict(own)
 
     def dist(self, batch: dict[str, Tensor]) -> GroupedDistribution:
         """Every group's distribution over its own agents, read as one ``[B, N]``."""
@@ -204,9 +286,15 @@ class GroupedActorCritic(Policy):
         agents = []
         for u, unit in enumerate(self._units):
             own = self._rows[u][0] is self._mlp
-            d = unit.actor(self._view(batch, u, own))
+            view = self._view(batch, u, own)
+            d = unit.actor(view)
             idx = self.unit_agents(u)
-            parts.append(d if own else agent_rows(d, idx))
+            d = d if own else agent_rows(d, idx)
+            if PAST in batch and str(u) in self.past:
+                old = self._past(u).actor(view)
+                old = old if own else agent_rows(old, idx)
+                d = _where(batch[PAST].index_select(-1, idx), old, d)
+            parts.append(d)
             agents.append(idx)
         return GroupedDistribution(
             parts, agents, self.action_kind, self.action_dim, inverse=self._inverse
@@ -220,6 +308,14 @@ class GroupedActorCritic(Policy):
             v = unit.critic(self._view(batch, u, own))
             values.append(v if own else v.index_select(-1, self.unit_agents(u)))
         return torch.cat(values, dim=-1).index_select(-1, self._inverse)
+
+
+def _where(cond: Tensor, a: Any, b: Any) -> Categorical | DiagGaussian:
+    """Per agent, distribution ``a`` where ``cond [..., N]`` holds, else ``b``."""
+    c = cond.unsqueeze(-1)
+    if isinstance(b, Categorical):
+        return Categorical(torch.where(c, a.logits, b.logits))
+    return DiagGaussian(torch.where(c, a.mean, b.mean), torch.where(c, a.log_std, b.log_std))
 
 
 def policy_meta(model: Policy) -> dict[str, Any]:

@@ -10,7 +10,8 @@ section like::
         train: false               # frozen
         model: {hidden: 32}        # overrides of the run's model section
 
-gives each group its own actor, critic, value normaliser, Adam parameter group and return.
+gives each group its own actor, critic, value normaliser, Adam parameter group and return;
+``groups.<name>.pool`` adds self-play against the group's own past versions.
 Agents are assigned against the env's own names (``VecMultiAgentEnv.agent_info``), so the
 checks (an agent in no group, a pattern that matches nothing, an agent claimed twice, a group
 whose agents see different widths) run in preflight, before anything starts.
@@ -60,6 +61,20 @@ class GroupModelConfig(BaseModel):
         return value
 
 
+class PoolConfig(BaseModel):
+    """Self-play: the group also plays past versions of itself, kept in an opponent pool."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    size: int = Field(0, ge=0)
+    """Past versions kept (in Redis like weights, and in checkpoints); 0: no self-play."""
+    every: int = Field(10, ge=1)
+    """Updates between snapshots of the group into its pool."""
+    share: float = Field(0.5, gt=0, le=1)
+    """Share of the sub-envs in which the group acts with a past version drawn from its pool
+    (redrawn at every snapshot); its opponents learn against both."""
+
+
 class GroupConfig(BaseModel):
     """One agent group."""
 
@@ -78,6 +93,7 @@ class GroupConfig(BaseModel):
     """A run directory or checkpoint whose group of the same name this group starts from
     (e.g. predators trained in an earlier run, frozen as the opponent)."""
     model: GroupModelConfig = Field(default_factory=GroupModelConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
 
     @field_validator("agents", mode="before")
     @classmethod
@@ -173,7 +189,13 @@ def build_policy(
                 f"groups.{gname}.model: hidden ({spec.hidden}) must be divisible by heads "
                 f"({spec.heads})"
             )
-        built.append(AgentGroup(gname, tuple(slots), spec, g.train, g.share, g.lr))
+        if g.pool.size and not g.train:
+            raise GroupError(
+                f"groups.{gname}.pool.size={g.pool.size} needs groups.{gname}.train=true: a "
+                "frozen group has no past versions to play"
+            )
+        share = g.pool.share if g.pool.size else 0.0
+        built.append(AgentGroup(gname, tuple(slots), spec, g.train, g.share, g.lr, share))
     return GroupedActorCritic(built, env.action_kind, env.action_dim)
 
 

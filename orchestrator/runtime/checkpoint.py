@@ -256,6 +256,9 @@ def copy_group(model: Policy, source: Policy, group: str) -> None:
             raise ValueError(f"{len(src)} policies there, {len(dst)} here")
         for a, b in zip(dst, src, strict=True):
             a.load_state_dict(b.state_dict())
+        for u in model.group_units(group):  # a self-play past version starts from it too
+            if str(u) in model.past:
+                model.past[str(u)].load_state_dict(model.units[u].state_dict())
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"its '{group}' policy does not fit this one: {first}") from None

@@ -42,6 +42,8 @@ from orchestrator.runtime.checkpoint import (
 )
 from orchestrator.runtime.loop import FatalRunError, redis_outage, run_loop
 from orchestrator.runtime.metrics import Metrics
+from orchestrator.runtime.pool import POOL_PREFIX, SelfPlay
+from policies.groups import GroupedActorCritic
 
 if TYPE_CHECKING:
     from agents.memory import RunState, WeightStore
@@ -127,6 +129,7 @@ class LearnerRank:
         self._store: Any = None
         self._republish = threading.Event()
         self._weights: WeightStore | None = None  # rank 0 with Redis only
+        self.self_play: SelfPlay | None = None  # groups with an opponent pool
         self._state: RunState | None = None
         self._last_publish_check = self._last_stop_poll = 0.0
         self.version = 0
@@ -198,15 +201,34 @@ class LearnerRank:
         if cfg.world_model.enabled:
             real = cfg.train.rollout_len * (cfg.env.num_envs // self.world_size)
             self.practice = world.build_practice(cfg, real, self.device)
+        self.self_play = self._build_self_play()
         if ckpt is not None:
             self.learner.load_state_dict(ckpt["learner"])
+            if self.self_play is not None and "pool" in ckpt["extra"]:
+                self.self_play.load_state_dict(ckpt["extra"]["pool"])
             if self.practice is not None and "world_model" in ckpt["extra"]:
                 world.load_state_dict(self.practice, ckpt["extra"]["world_model"])
             set_rng_state(ckpt["rng"])
             log.info("rank %d resumed from %s", self.rank, ckpt["path"])
 
+    def _build_self_play(self) -> SelfPlay | None:
+        pools = {
+            name: (g.pool.size, g.pool.every)
+            for name, g in self.cfg.groups.items()
+            if g.pool.size > 0
+        }
+        if not pools:
+            return None
+        assert isinstance(self.model, GroupedActorCritic)
+        return SelfPlay(self.model, pools, self.cfg.train.seed)
+
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current model, learner and counters (rank 0)."""
+        extra: dict[str, Any] = {}
+        if self.practice is not None:
+            extra["world_model"] = world.state_dict(self.practice)
+        if self.self_play is not None:
+            extra["pool"] = self.self_play.state_dict()
         return save_checkpoint(
             self.run_dir / "checkpoints",
             model=self.model,
@@ -214,7 +236,7 @@ class LearnerRank:
             counters=dict(self.counters),
             config_yaml=config_to_yaml(self.cfg),
             keep=self.cfg.run.keep_checkpoints,
-            extra={"world_model": world.state_dict(self.practice)} if self.practice else None,
+            extra=extra or None,
         )
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -308,6 +330,15 @@ class LearnerRank:
                 world.fetch_from(self.practice, store)
         try:
             self.version = self._start_version()
+            if self.self_play is not None:
+                if client is not None:
+                    for name, pool in self.self_play.pools.items():
+                        pool.store = WeightStore(
+                            client, self.run_id, keep=pool.size, name=POOL_PREFIX + name
+                        )
+                        for v, state in sorted(pool.versions.items()):
+                            pool.store.publish(state, v)  # a resumed run's pool, in Redis
+                self.self_play.start(self.version)
             if self._weights is not None:
                 self._weights.publish(self.model.state_dict(), self.version)
             rollouts = self._rollouts()
@@ -417,6 +448,9 @@ class LearnerRank:
             stats.update(world.practise(self.practice, self, batch, steps, lr_frac))
         update_s = time.perf_counter() - t0
         self.version += 1
+        if self.self_play is not None:  # before publishing: workers act with the drawn past
+            self.self_play.after_update(self.learner.updates, self.version)
+            stats.update(self.self_play.stats(self.version))
         if self._weights is not None:
             self._weights.publish(self.model.state_dict(), self.version)
         ep = batch.episode_returns

@@ -106,3 +106,30 @@ def test_a_grouped_run_resumes_with_every_group(tmp_path) -> None:
     assert steps == sorted(steps)
     state = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
     assert any(k.startswith("units.1.") for k in state)
+
+
+def test_self_play_pool_lives_in_redis_and_checkpoints(tmp_path, redis_server) -> None:
+    from agents.memory import WeightStore, connect
+    from orchestrator.runtime.pool import POOL_PREFIX
+
+    run_dir = tmp_path / "selfplay"
+    run_dir.mkdir()
+    overrides = [o for o in TINY if o != "redis.enabled=false"]
+    cfg = load_config(
+        "tag-mlp",
+        [*overrides, f"redis.url={redis_server.url}", "train.total_env_steps=1600",
+         "groups.agent.pool.size=3", "groups.agent.pool.every=2", "run.name=selfplay"],
+    )  # fmt: skip
+    run_training(cfg, run_dir)
+    rows = _rows(run_dir)
+    assert float(rows[-1]["pool_size/agent"]) == 3.0  # 10 updates, a snapshot every 2, kept 3
+    ckpt = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+    pool = ckpt["extra"]["pool"]["agent"]
+    assert len(pool) == 3
+    # The run's own Redis keys are namespaced by its directory's name.
+    store = WeightStore(connect(redis_server.url), run_dir.name, name=POOL_PREFIX + "agent")
+    assert sorted(store.versions()) == sorted(int(v) for v in pool)
+    newest = max(pool, key=int)
+    _, fetched = store.fetch(int(newest))
+    for k, v in pool[newest].items():
+        assert torch.equal(fetched[k], v), k

@@ -175,3 +175,43 @@ def test_grouped_distribution_reads_each_agent_from_its_group(continuous: bool) 
     torch.testing.assert_close(lp[:, [0, 2]], parts[0].log_prob(own[0]))
     torch.testing.assert_close(lp[:, [1]], parts[1].log_prob(own[1]))
     torch.testing.assert_close(ent[:, [1]], parts[1].entropy())
+
+
+# -- self-play: a group also plays past versions of itself -------------------------------------
+
+
+def test_a_past_version_acts_in_its_share_of_the_worlds_and_never_reaches_the_loss() -> None:
+    cfg = tag_config("groups.agent.pool.size=4", "groups.agent.pool.share=0.5")
+    env = cfg.env.make(8, 0, torch.device("cpu"))
+    model = cfg.build_policy(env)
+    assert isinstance(model, GroupedActorCritic) and "1" in model.past
+    past = model.snapshot("agent")
+    model.load_past("agent", {k: torch.randn_like(v) if v.is_floating_point() else v
+                              for k, v in past.items()})  # fmt: skip
+    obs = model.prepare(env.reset(seed=0).as_dict())
+    flags = obs["past_agents"]
+    assert flags[4:, 3].all() and not flags[:4].any() and not flags[:, :3].any()
+    d = model.dist(obs)
+    prey_now = model.units[1].actor(model._view(obs, 1, True)).logits
+    prey_past = model.past["1"].actor(model._view(obs, 1, True)).logits
+    torch.testing.assert_close(d.parts[1].logits[:4], prey_now[:4])
+    torch.testing.assert_close(d.parts[1].logits[4:], prey_past[4:])
+    assert not model.learn_mask(obs)[4:, 3].any() and model.learn_mask(obs)[:, :3].all()
+    with model.current_only():  # evaluation plays the current prey everywhere
+        assert "past_agents" not in model.prepare(env.reset(seed=0).as_dict())
+
+
+def test_a_group_playing_only_past_versions_does_not_learn() -> None:
+    model, start = _train(tag_config("groups.agent.pool.size=2", "groups.agent.pool.share=1.0"))
+    now = model.state_dict()
+    prey = [k for k in now if k.startswith("units.1.") and "value_norm" not in k]
+    predators = [k for k in now if k.startswith("units.0.") and now[k].is_floating_point()]
+    assert all(torch.equal(now[k], start[k]) for k in prey)
+    assert max((now[k] - start[k]).abs().max().item() for k in predators) > 1e-4
+
+
+def test_a_frozen_group_cannot_have_a_pool() -> None:
+    cfg = tag_config("groups.agent.pool.size=2", "groups.agent.train=false")
+    env = cfg.env.make(2, 0, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"groups.agent.pool.size=2 needs groups.agent.train"):
+        cfg.build_policy(env)
