@@ -207,6 +207,24 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grou
 # -- whole runs ----------------------------------------------------------------------------
 
 
+def test_groups_with_self_play_train_on_workers_and_two_ranks(ray_instance, tmp_path) -> None:
+    cfg = tiny(
+        *GROUPED, "rollout.num_workers=2", "learner.num_ranks=2", "train.total_env_steps=1600",
+        "groups.agent.pool.size=2", "groups.agent.pool.every=1",
+    )  # fmt: skip
+    run_dir = new_run_dir(tmp_path, "groups")
+    summary = run_training(cfg, run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=1)
+    assert {"return/adversary", "return/agent", "pool_size/agent"} <= set(table[-1])
+    assert table[-1]["pool_size/agent"] == 2
+    ckpt = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+    assert [g["name"] for g in ckpt["meta"]["policy_groups"]] == ["adversary", "agent"]
+    assert len(ckpt["extra"]["pool"]["agent"]) == 2
+    assert any(k.startswith("past.") for k in ckpt["model"])  # the past version acts on workers
+
+
 def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, tmp_path) -> None:
     cfg = tiny("rollout.num_workers=2", "train.total_env_steps=3200")
     run_dir = new_run_dir(tmp_path, "kill-worker")
