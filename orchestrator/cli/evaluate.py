@@ -11,6 +11,7 @@ library evaluated on the same env; any other run on the env it trained on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,20 +227,51 @@ def _yaml(text: str) -> dict[str, Any]:
     return data
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write a PNG learning curve (team return and env-steps/s against env steps).
+def reference_returns(cfg: Config, episodes: int = 100, seed: int = 12345) -> dict[str, float]:
+    """Mean returns of uniformly random actions and of doing nothing on ``cfg``'s env.
 
-    Raises:
-        FileNotFoundError: the run directory has no metrics.csv.
+    Random actions are uniform over each agent's own actions (or its action box); doing
+    nothing is action 0 (mpe2's no-op) or a zero action vector. The return is the run's: the
+    whole team's, or with agent groups that of the groups being trained.
     """
+    width = min(episodes, 100)
+    env = cfg.env.make(width, seed, torch.device("cpu"))
+    infos = env.agent_info()
+    if cfg.groups:
+        from orchestrator.config.groups import assign_agents
+
+        slots = assign_agents(cfg.groups, infos)
+        counted = [i for g, agents in slots.items() if cfg.groups[g].train for i in agents]
+    else:
+        counted = list(range(env.n_agents))
+    widths = torch.tensor([a.action_dim for a in infos])
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in ("random", "no-op"):
+        env.reset(seed=seed)
+        running = torch.zeros(width)
+        done_returns: list[float] = []
+        while len(done_returns) < episodes:
+            if env.action_kind == "discrete":
+                u = torch.rand((width, env.n_agents), generator=gen)
+                act = (u * widths).long() if name == "random" else torch.zeros_like(u).long()
+            elif name == "random":
+                act = env.random_actions(gen)
+            else:
+                act = torch.zeros(width, env.n_agents, env.action_dim)
+            res = env.step(act)
+            running += res.reward[:, counted].float().sum(-1)
+            for i in res.done.nonzero().flatten().tolist():
+                done_returns.append(float(running[i]))
+                running[i] = 0.0
+        out[name] = sum(done_returns[:episodes]) / episodes
+    env.close()
+    return out
+
+
+def _curve(run_dir: Path) -> tuple[list[float], list[float], list[float]]:
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
     path = run_dir / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.csv in '{run_dir}': is it a shoal run directory?")
@@ -250,17 +282,69 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps = [float(r["env_steps"]) for r in rows]
     ret = [float(r["episode_return"]) if r.get("episode_return") else math.nan for r in rows]
     wall = [float(r["wall_time"]) for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(steps, ret, color="tab:blue")
+    return steps, ret, wall
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path], out: str | Path | None = None, references: bool = True
+) -> Path:
+    """Write a PNG of several runs' team returns against env steps and against wall time.
+
+    Each run is a line labelled by its directory's name; the returns of random actions and of
+    doing nothing on each run's env (:func:`reference_returns`) are dashed lines.
+
+    Args:
+        run_dirs: run directories (a sweep's trials, or runs to compare).
+        out: the PNG; by default ``learning_curve.png`` in the first run (one run) or
+            ``comparison.png`` beside the first run (several).
+        references: draw the random and no-op lines.
+
+    Raises:
+        FileNotFoundError: a directory has no metrics.csv (its path is in the message).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs = [Path(d) for d in run_dirs]
+    curves = [_curve(d) for d in dirs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for d, (steps, ret, wall) in zip(dirs, curves, strict=True):
+        (line,) = ax1.plot(steps, ret, label=d.name)
+        ax2.plot(wall, ret, color=line.get_color(), label=d.name)
+    if references:
+        seen: dict[str, dict[str, float]] = {}
+        for d in dirs:
+            cfg = Config.model_validate(_yaml((d / "config.yaml").read_text()))
+            key = cfg.env.model_dump_json() + repr(sorted(cfg.groups))
+            if key in seen:
+                continue
+            seen[key] = reference_returns(cfg)
+            env_label = cfg.env.name if len(dirs) == 1 or len(seen) == 1 else d.name
+            for (name, value), style in zip(seen[key].items(), ("--", ":"), strict=True):
+                for ax in (ax1, ax2):
+                    ax.axhline(value, color="grey", linestyle=style, linewidth=1,
+                               label=f"{name} ({env_label}): {value:.1f}")  # fmt: skip
     ax1.set_xlabel("env steps")
     ax1.set_ylabel("team return (sum over agents and steps)")
-    ax1.grid(alpha=0.3)
-    ax2.plot(wall, ret, color="tab:green")
     ax2.set_xlabel("wall time (s)")
-    ax2.grid(alpha=0.3)
-    fig.suptitle(f"shoal: {run_dir.name}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    title = dirs[0].name if len(dirs) == 1 else f"{len(dirs)} runs"
+    fig.suptitle(f"shoal: {title}")
     fig.tight_layout()
-    out_path = Path(out) if out else run_dir / "learning_curve.png"
+    if out is None:
+        out = (
+            dirs[0] / "learning_curve.png" if len(dirs) == 1 else dirs[0].parent / "comparison.png"
+        )
+    out_path = Path(out)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, references: bool = True) -> Path:
+    """Write one run's PNG learning curve (see :func:`plot_runs`)."""
+    return plot_runs([run_dir], out, references)

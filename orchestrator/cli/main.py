@@ -2,7 +2,7 @@
 
 ``shoal run spread-gnn train.lr=1e-3``   train locally (or on Ray with workers/ranks set)
 ``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2 (RUN: id or directory)
-``shoal plot RUN_DIR``                   learning curve PNG
+``shoal plot RUN [RUN ...]``             learning curves PNG (several runs overlaid)
 ``shoal presets``                        list shipped presets
 ``shoal envs``                           list env names (registered, adapters, VMAS scenarios)
 ``shoal status`` / ``shoal stop RUN``    run state from Redis (``orchestrator.cli.status``)
@@ -99,6 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         return _fail(str(e))
     _print_summary(summary)
+    if cfg.run.plot and (run_dir / "metrics.csv").is_file():
+        from orchestrator.cli.evaluate import plot_run
+
+        console.print(f" learning curve       {plot_run(run_dir)}", markup=False, highlight=False)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "checkpoints"}))  # noqa: T201
     return EXIT_INTERRUPTED if summary["reason"] == "interrupted" else EXIT_OK
@@ -226,12 +230,13 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    """Write the learning curve PNG of a run directory."""
-    from orchestrator.cli.evaluate import plot_run
+    """Write the learning curves of one or several runs, with random and no-op lines."""
+    from orchestrator.cli.evaluate import plot_runs
 
     try:
-        out = plot_run(find_run(args.run_dir), args.out)
-    except FileNotFoundError as e:
+        runs = [find_run(r) for r in args.runs]
+        out = plot_runs(runs, args.out, references=not args.no_references)
+    except (FileNotFoundError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
     console.print(f"wrote {out}")
     return EXIT_OK
@@ -326,9 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="also print a JSON line")
     ev.set_defaults(func=cmd_eval)
 
-    pl = sub.add_parser("plot", help="write a PNG learning curve of a run")
-    pl.add_argument("run_dir", metavar="RUN", help="run id or directory")
-    pl.add_argument("--out", help="PNG path (default RUN/learning_curve.png)")
+    pl = sub.add_parser(
+        "plot", help="write a PNG of one or several runs' learning curves (steps and wall time)"
+    )
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run ids or directories")
+    pl.add_argument(
+        "--out",
+        help="PNG path (default RUN/learning_curve.png for one run, comparison.png beside the "
+        "first run for several)",
+    )
+    pl.add_argument(
+        "--no-references",
+        action="store_true",
+        help="leave out the random-action and no-op lines (which play 100 episodes per env)",
+    )
     pl.set_defaults(func=cmd_plot)
 
     dr = sub.add_parser(

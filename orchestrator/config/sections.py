@@ -312,6 +312,8 @@ class RunConfig(_Section):
     log_every_s: float = Field(2.0, gt=0)
     plot: bool = False
     """Write ``learning_curve.png`` at the end of the run."""
+    tensorboard: bool = True
+    """TensorBoard event files in ``RUN_DIR/tensorboard`` (every ``metrics.csv`` column)."""
     progress: bool = True
 
 

@@ -27,7 +27,14 @@ from orchestrator.runtime import world
 from orchestrator.runtime.checkpoint import checkpoint_counters, init_groups, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
 from orchestrator.runtime.loop import FatalRunError, redis_outage
-from orchestrator.runtime.metrics import CSVSink, Metrics, MetricsSink, ProgressSink, RunStateSink
+from orchestrator.runtime.metrics import (
+    CSVSink,
+    Metrics,
+    MetricsSink,
+    ProgressSink,
+    RunStateSink,
+    TensorBoardSink,
+)
 from orchestrator.runtime.rundir import CONFIG_FILE, write_summary
 
 if TYPE_CHECKING:
@@ -98,6 +105,20 @@ def check_services(cfg: Config, timeout_s: float = 5.0) -> None:
                 client.ping()
         except Exception as e:  # the client's own failure (refused, auth, TLS), as one line
             raise ConfigError(f"redis.url={redact_url(cfg.redis.url)}: {describe(e)}") from None
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _tensorboard(log_dir: Path, purge_step: int | None) -> MetricsSink:
+    """The run's TensorBoard sink, or none (with a warning) where tensorboardX is missing."""
+    try:
+        return TensorBoardSink(log_dir, purge_step)
+    except ImportError:
+        log.warning(
+            "tensorboardX is not installed: no TensorBoard files (pip install tensorboardX)"
+        )
+        return Metrics([])
 
 
 def check_group_inits(groups: dict[str, Any]) -> None:
@@ -244,6 +265,11 @@ def run_training(
     if resume is not None:
         csv_sink.truncate(start["env_steps"])  # rows past the checkpoint will be redone
     sinks: list[MetricsSink] = [csv_sink, *(extra_sinks or [])]
+    if cfg.run.tensorboard:
+        # TensorBoard drops an earlier session's steps from ``purge`` on; the checkpoint's own
+        # step was logged before the checkpoint was written and stays.
+        purge = int(start["env_steps"]) + 1 if resume is not None else None
+        sinks.append(_tensorboard(run_dir / TENSORBOARD_DIR, purge))
     if cfg.run.progress:
         sinks.append(ProgressSink(cfg.train.total_env_steps, start["env_steps"], console))
     metrics = Metrics(sinks)

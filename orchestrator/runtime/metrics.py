@@ -1,8 +1,9 @@
 """One call site, several destinations: the terminal, files in the run directory, Redis.
 
 A :class:`Metrics` fans each row out to its sinks: :class:`ProgressSink` (the terminal),
-:class:`CSVSink` (``metrics.csv``), :class:`RunStateSink` (Redis, for ``shoal status``) and,
-on Ray, :class:`~orchestrator.runtime.ray_metrics.RayMetricsSink`. The driver owns them.
+:class:`CSVSink` (``metrics.csv``), :class:`TensorBoardSink` (event files in ``tensorboard/``),
+:class:`RunStateSink` (Redis, for ``shoal status``) and, on Ray,
+:class:`~orchestrator.runtime.ray_metrics.RayMetricsSink`. The driver owns them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,41 @@ class CSVSink:
         """Close the file."""
         if self._fh is not None:
             self._fh.close()
+
+
+class TensorBoardSink:
+    """TensorBoard event files: every numeric column of ``metrics.csv`` as a scalar.
+
+    Scalars are logged against ``env_steps`` (the CSV's x axis) under the CSV's column names
+    (``episode_return``, ``return/<group>``, ...), so ``tensorboard --logdir runs`` compares
+    runs as ``shoal plot`` does. Written with ``tensorboardX`` (installed with Ray Tune), which
+    needs no TensorFlow.
+
+    Args:
+        log_dir: the run's ``tensorboard`` directory.
+        purge_step: for a resumed run, the first env step after its checkpoint: TensorBoard
+            drops what an earlier session logged from there on (progress a crash lost, redone).
+    """
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        from tensorboardX import SummaryWriter  # type: ignore[import-untyped]
+
+        # A file per session: two sessions in one second would otherwise share a name.
+        suffix = f".{os.getpid()}.{time.time_ns()}"
+        self.writer = SummaryWriter(
+            str(log_dir), purge_step=purge_step, flush_secs=10, filename_suffix=suffix
+        )
+
+    def log(self, row: dict[str, float]) -> None:
+        """One scalar per finite numeric column, at the row's env step."""
+        step = int(row.get("env_steps", 0))
+        for key, value in row.items():
+            if key != "env_steps" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
 
 
 def _finite_return(row: dict[str, float], last: float) -> float:
