@@ -3,6 +3,7 @@
 ``shoal run spread-gnn train.lr=1e-3``   train locally (or on Ray with workers/ranks set)
 ``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2 (RUN: id or directory)
 ``shoal plot RUN [RUN ...]``             learning curves PNG (several runs overlaid)
+``shoal render RUN [--out FILE.gif]``    an episode of the trained policy, drawn
 ``shoal presets``                        list shipped presets
 ``shoal envs``                           list env names (registered, adapters, VMAS scenarios)
 ``shoal status`` / ``shoal stop RUN``    run state from Redis (``orchestrator.cli.status``)
@@ -242,6 +243,31 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    """Draw an episode of a run's policy into a GIF."""
+    from orchestrator.cli.render import render
+
+    try:
+        res = render(
+            find_run(args.run),
+            out=args.out,
+            n_agents=args.n_agents,
+            seed=args.seed,
+            greedy=args.greedy,
+            which=args.which,
+            fps=args.fps,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    console.print(
+        f"wrote {res['out']}: {res['frames']} frames, team return {res['team_return']:.2f} "
+        f"({res['checkpoint']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return EXIT_OK
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """List presets shipped with shoal."""
     import torch
@@ -346,6 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out the random-action and no-op lines (which play 100 episodes per env)",
     )
     pl.set_defaults(func=cmd_plot)
+
+    rd = sub.add_parser(
+        "render",
+        help="draw an episode of a run's policy into a GIF",
+        description="Play one episode of a run's policy on its own env (native spread and tag, "
+        "mpe2-spread, VMAS) and write it as a GIF, the team return on every frame.",
+    )
+    rd.add_argument("run", metavar="RUN", help="run id or directory, or a checkpoint directory")
+    rd.add_argument("--out", help="GIF path (default RUN/episode.gif)")
+    rd.add_argument("--n-agents", type=int, help="team size (graph/transformer policies)")
+    rd.add_argument("--seed", type=int, default=0, help="the episode's seed (default 0)")
+    rd.add_argument("--greedy", action="store_true", help="most likely action, not sampled")
+    rd.add_argument("--which", choices=["best", "latest"], help="default: best if kept")
+    rd.add_argument("--fps", type=int, default=10, help="frames per second (default 10)")
+    rd.set_defaults(func=cmd_render)
 
     dr = sub.add_parser(
         "dream",
