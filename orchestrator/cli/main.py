@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -268,6 +269,57 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Search hyper-parameters on Ray Tune; every trial is a shoal run."""
+    import time
+
+    from rich.table import Table
+
+    from orchestrator.cli import sweep
+
+    try:
+        if args.resume:
+            sweep_dir = Path(args.resume)
+            spec_file = sweep_dir / sweep.SWEEP_FILE
+            if not spec_file.is_file():
+                raise FileNotFoundError(f"no {sweep.SWEEP_FILE} in '{sweep_dir}': not a sweep")
+            saved = json.loads(spec_file.read_text())
+            spec, options = saved["spec"], saved["options"]
+        else:
+            if not args.source:
+                raise ConfigError("name a preset or config file, then key=SPACE arguments")
+            source, yaml_spaces = sweep.read_sweep_section(args.source)
+            overrides, spaces = sweep.split_args(args.overrides)
+            spec = sweep.check(source, overrides, {**yaml_spaces, **spaces})
+            options = {"samples": args.samples, "max_concurrent": args.max_concurrent,
+                       "metric": args.metric, "asha": args.asha}  # fmt: skip
+            name = Path(source).stem if source.endswith((".yaml", ".yml")) else source
+            sweep_dir = Path(args.dir) / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            sweep_dir.mkdir(parents=True)
+            (sweep_dir / sweep.SWEEP_FILE).write_text(
+                json.dumps({"spec": spec, "options": options}, indent=2)
+            )
+    except (ConfigError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    console.print(f"[bold]shoal[/] sweep -> {sweep_dir}", highlight=False)
+    res = sweep.run_sweep(spec, sweep_dir, resume=bool(args.resume), **options)
+    metric = res["metric"]
+    table = Table(title=f"{len(res['trials'])} trials, by {metric}", title_justify="left")
+    keys = list(dict.fromkeys(k for r in res["trials"] for k in r))
+    for k in keys:
+        table.add_column(k, justify="right" if k != "trial" else "left")
+    order = sorted(res["trials"], key=lambda r: -(r.get(metric) or -math.inf))
+    for r in order:
+        table.add_row(
+            *(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+        )
+    console.print(table)
+    console.print(f"results: {sweep_dir / 'results.csv'}", highlight=False)
+    if res["best_yaml"] is not None:
+        console.print(f"best: {res['best_yaml']}  (shoal run {res['best_yaml']})", highlight=False)
+    return EXIT_OK
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """List presets shipped with shoal."""
     import torch
@@ -372,6 +424,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out the random-action and no-op lines (which play 100 episodes per env)",
     )
     pl.set_defaults(func=cmd_plot)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="search hyper-parameters on Ray Tune (each trial a shoal run)",
+        description="Sample configs from search spaces (key=loguniform(a,b), uniform(a,b), "
+        "randint(a,b), choice(v,...), grid(v,...)) and train each as an in-process shoal "
+        "run; writes results.csv and best.yaml in the sweep directory.",
+    )
+    sw.add_argument("source", nargs="?", metavar="PRESET|FILE", help="preset or YAML config")
+    sw.add_argument("overrides", nargs="*", metavar="KEY=VALUE|KEY=SPACE")
+    sw.add_argument("--samples", type=int, default=4, help="configs sampled (default 4)")
+    sw.add_argument("--max-concurrent", type=int, help="trials at once (default: one per CPU)")
+    sw.add_argument(
+        "--metric",
+        choices=["episode_return", "eval_return"],
+        default="episode_return",
+        help="what the trials are ranked (and ASHA stops them) by",
+    )
+    sw.add_argument("--asha", action="store_true", help="stop trials that fall behind (ASHA)")
+    sw.add_argument("--dir", default="runs", help="where the sweep directory goes (runs)")
+    sw.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep that was stopped")
+    sw.set_defaults(func=cmd_sweep)
 
     rd = sub.add_parser(
         "render",
