@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -32,6 +33,7 @@ from orchestrator.cli.jobs_client import (
     WORKING_DIR_EXCLUDES,
     JobsError,
     ShoalJobs,
+    make_submission_id,
     status_name,
 )
 
@@ -125,14 +127,21 @@ def _follow(jobs: ShoalJobs, job_id: str) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     jobs = ShoalJobs(args.address)
     target = _config_target(args.target, args.working_dir)
+    entrypoint, submission_id = None, args.submission_id
+    if args.sweep:
+        entrypoint = _sweep_entrypoint(args, target)
+        submission_id = submission_id or make_submission_id(f"sweep-{Path(target).stem}")
+    elif args.samples is not None or args.max_concurrent is not None or args.asha:
+        raise JobsError("--samples, --max-concurrent and --asha go with --sweep", exit_code=2)
     jobs.connect()
     excludes = ", ".join(WORKING_DIR_EXCLUDES[:4])
     _out.print(f"uploading {escape(args.working_dir)} (without {excludes}, ...)")
     # The job's driver must join the cluster it runs on, not start a Ray of its own.
     job_id = jobs.submit(
         [target, *args.overrides, "--address", "auto"],
+        entrypoint=entrypoint,
         working_dir=args.working_dir,
-        submission_id=args.submission_id,
+        submission_id=submission_id,
     )
     _out.print(f"submitted [bold]{job_id}[/]")
     _out.print(f"dashboard: {jobs.dashboard_url(job_id)}")
@@ -144,6 +153,27 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     started = jobs.wait(job_id, timeout=args.start_timeout, until={"RUNNING", *TERMINAL_STATUSES})
     _out.print(f"{job_id} {_styled(started)}; `shoal jobs logs {job_id} --follow` follows it")
     return 1 if started in ("FAILED", "STOPPED") else 0
+
+
+def _sweep_entrypoint(args: argparse.Namespace, target: str) -> str:
+    """``shoal sweep ... --address auto``, its spaces checked here before anything is sent."""
+    from orchestrator.cli import sweep
+    from orchestrator.config import ConfigError
+
+    local = args.target if Path(args.target).is_file() else target
+    try:
+        source, yaml_spaces = sweep.read_sweep_section(local)
+        overrides, spaces = sweep.split_args(args.overrides)
+        sweep.check(source, overrides, {**yaml_spaces, **spaces})
+    except ConfigError as exc:
+        raise JobsError(str(exc), exit_code=2) from None
+    command = ["python", "-m", "orchestrator.cli", "sweep", target, *args.overrides]
+    command += ["--samples", str(args.samples or 4), "--metric", args.metric]
+    if args.max_concurrent is not None:
+        command += ["--max-concurrent", str(args.max_concurrent)]
+    if args.asha:
+        command.append("--asha")
+    return shlex.join([*command, "--address", "auto"])
 
 
 def _format_time(millis: int | None) -> str:
@@ -248,7 +278,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "submit",
         help="run a preset or config file as a Ray job",
         description="Upload the working dir and run `shoal run PRESET|FILE [overrides...]` "
-        "as a Ray job. Waits until the job leaves PENDING unless --no-wait or --follow.",
+        "(or, with --sweep, `shoal sweep`) as a Ray job. Waits until the job leaves "
+        "PENDING unless --no-wait or --follow.",
     )
     submit.add_argument("target", metavar="PRESET|FILE", help="preset name or config file")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -261,6 +292,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         default=600.0,
         help="seconds to wait for the job to leave PENDING (default: 600)",
     )
+    search = submit.add_argument_group("sweeps", "run `shoal sweep` as the job instead")
+    search.add_argument(
+        "--sweep",
+        action="store_true",
+        help="the job is `shoal sweep PRESET|FILE KEY=SPACE ...` on the cluster's nodes",
+    )
+    search.add_argument("--samples", type=int, help="configs sampled (default 4)")
+    search.add_argument("--max-concurrent", type=int, help="trials at once (default: free CPUs)")
+    search.add_argument(
+        "--metric", choices=["episode_return", "eval_return"], default="episode_return"
+    )
+    search.add_argument("--asha", action="store_true", help="stop trials that fall behind")
     mode = submit.add_mutually_exclusive_group()
     mode.add_argument("--follow", action="store_true", help="stream logs until the job ends")
     mode.add_argument("--no-wait", action="store_true", help="return right after submitting")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,8 +272,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Search hyper-parameters on Ray Tune; every trial is a shoal run."""
     import time
 
-    from rich.table import Table
-
     from orchestrator.cli import sweep
 
     try:
@@ -294,7 +291,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             options = {"samples": args.samples, "max_concurrent": args.max_concurrent,
                        "metric": args.metric, "asha": args.asha}  # fmt: skip
             name = Path(source).stem if source.endswith((".yaml", ".yml")) else source
-            sweep_dir = Path(args.dir) / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            sweep_dir = Path(args.dir or spec["run_dir"]) / f"sweep-{name}-{stamp}"
             sweep_dir.mkdir(parents=True)
             (sweep_dir / sweep.SWEEP_FILE).write_text(
                 json.dumps({"spec": spec, "options": options}, indent=2)
@@ -302,18 +300,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_USAGE)
     console.print(f"[bold]shoal[/] sweep -> {sweep_dir}", highlight=False)
-    res = sweep.run_sweep(spec, sweep_dir, resume=bool(args.resume), **options)
-    metric = res["metric"]
-    table = Table(title=f"{len(res['trials'])} trials, by {metric}", title_justify="left")
-    keys = list(dict.fromkeys(k for r in res["trials"] for k in r))
-    for k in keys:
-        table.add_column(k, justify="right" if k != "trial" else "left")
-    order = sorted(res["trials"], key=lambda r: -(r.get(metric) or -math.inf))
-    for r in order:
-        table.add_row(
-            *(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
-        )
-    console.print(table)
+    live = console if console.is_terminal else None
+    res = sweep.run_sweep(
+        spec, sweep_dir, resume=bool(args.resume), address=args.address, console=live, **options
+    )
+    title = f"{len(res['trials'])} trials, by {res['metric']}"
+    console.print(sweep.results_table(res["trials"], res["metric"], title))
     console.print(f"results: {sweep_dir / 'results.csv'}", highlight=False)
     if res["best_yaml"] is not None:
         console.print(f"best: {res['best_yaml']}  (shoal run {res['best_yaml']})", highlight=False)
@@ -443,8 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the trials are ranked (and ASHA stops them) by",
     )
     sw.add_argument("--asha", action="store_true", help="stop trials that fall behind (ASHA)")
-    sw.add_argument("--dir", default="runs", help="where the sweep directory goes (runs)")
+    sw.add_argument(
+        "--dir", help="where the sweep directory goes (default: the config's run.dir, runs/)"
+    )
     sw.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep that was stopped")
+    sw.add_argument(
+        "--address",
+        help="run the trials on this Ray cluster ('auto' inside a job; `shoal submit --sweep` "
+        "sets it)",
+    )
     sw.set_defaults(func=cmd_sweep)
 
     rd = sub.add_parser(

@@ -138,7 +138,7 @@ def check(source: str, overrides: list[str], spaces: dict[str, str]) -> dict[str
         for value in _examples(kind, args):
             _load(source, [*base, f"{key}={json.dumps(value)}"])
     return {"source": str(Path(source).resolve()) if Path(source).is_file() else source,
-            "overrides": overrides, "spaces": spaces}  # fmt: skip
+            "overrides": overrides, "spaces": spaces, "run_dir": cfg.run.dir}  # fmt: skip
 
 
 def _load(source: str, overrides: list[str]):  # type: ignore[no-untyped-def]
@@ -235,24 +235,49 @@ def run_sweep(
     metric: str,
     asha: bool,
     resume: bool = False,
+    address: str | None = None,
+    console: Any = None,
 ) -> dict[str, Any]:
-    """Run (or continue) the sweep; returns ``trials`` (rows), ``best`` and ``best_yaml``."""
+    """Run (or continue) the sweep; returns ``trials`` (rows), ``best`` and ``best_yaml``.
+
+    Args:
+        spec: What :func:`check` returned (source, overrides, spaces).
+        sweep_dir: The sweep's directory (``sweep.json``, ``tune/``, ``trials/``).
+        samples: Configs sampled from the spaces (each ``grid`` value that many times).
+        max_concurrent: Trials at once; ``None`` lets Tune fill the free CPUs.
+        metric: The row key trials are ranked by (and ASHA stops them by).
+        asha: Stop trials whose ``metric`` falls behind (ASHA, on env steps).
+        resume: Continue the sweep saved in ``sweep_dir/tune`` instead of starting one.
+        address: A Ray cluster to run the trials on (``"auto"`` inside a Ray job); by
+            default a local Ray with one trial slot per CPU. On several nodes ``sweep_dir``
+            must be on storage every node mounts, since each trial writes its run there.
+        console: A rich console to keep the live results table on while trials run.
+    """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     spec = {**spec, "dir": str(sweep_dir.resolve()), "metric": metric}
-    ray.init(
-        num_cpus=max(1, os.cpu_count() or 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    if address:  # a cluster's Ray (inside `shoal submit --sweep`: "auto"); trials go to its nodes
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(
+            num_cpus=max(1, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    keys = list(spec["spaces"])
+    live = _live_table(metric, keys, console) if console is not None else None
+    callbacks = [live] if live is not None else []  # Tune appends its own to this list
     try:
         trainable = tune.with_resources(_trainable, {"cpu": 1})
         path = str((sweep_dir / TUNE_DIR).resolve())
         if resume:
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+            local = getattr(tuner, "_local_tuner", None)  # Tuner.restore takes no callbacks
+            if local is not None:
+                local.get_run_config().callbacks = callbacks
         else:
             base = _load(spec["source"], [*spec["overrides"], *TRIAL_OVERRIDES])
             scheduler = None
@@ -272,10 +297,17 @@ def run_sweep(
                     scheduler=scheduler,
                 ),
                 run_config=tune.RunConfig(
-                    name=TUNE_DIR, storage_path=str(sweep_dir.resolve()), verbose=0
+                    name=TUNE_DIR,
+                    storage_path=str(sweep_dir.resolve()),
+                    verbose=0,
+                    callbacks=callbacks,
                 ),
             )
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        finally:
+            if live is not None:
+                live.stop()
     finally:
         ray.shutdown()
     rows = []
@@ -309,3 +341,85 @@ def run_sweep(
         best_yaml = sweep_dir / "best.yaml"
         best_yaml.write_text(config_to_yaml(cfg))
     return {"trials": rows, "best": best, "best_yaml": best_yaml, "metric": metric}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else "-"
+    return "-" if value is None else str(value)
+
+
+def results_table(rows: list[dict[str, Any]], metric: str, title: str | None = None) -> Any:
+    """A rich table of trial rows, best ``metric`` first."""
+    from rich.table import Table
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = Table(title=title, title_justify="left")
+    for k in keys:
+        table.add_column(k, justify="left" if k in ("trial", "status") else "right")
+
+    def score(r: dict[str, Any]) -> float:
+        v = r.get(metric)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+    for r in sorted(rows, key=score, reverse=True):
+        table.add_row(*(_cell(r.get(k)) for k in keys))
+    return table
+
+
+def _live_table(metric: str, keys: list[str], console: Any) -> Any:  # noqa: C901
+    """A Tune callback keeping :func:`results_table` of the trials on screen as they report."""
+    import time
+
+    from ray.tune import Callback
+    from rich.live import Live
+
+    class LiveTable(Callback):  # type: ignore[misc]
+        def __init__(self, console: Any) -> None:
+            self.rows: dict[str, dict[str, Any]] = {}
+            self.last = 0.0
+            self.live: Any = Live(console=console, auto_refresh=False, transient=True)
+            self.live.start()
+
+        # Tune pickles its run config, callbacks included; the screen stays here.
+        def __getstate__(self) -> dict[str, Any]:
+            return {"rows": self.rows, "last": self.last, "live": None}
+
+        def stop(self) -> None:
+            if self.live is not None:
+                self.live.stop()
+
+        def update(self, trial: Any, status: str, result: dict[str, Any] | None = None) -> None:
+            result = result or trial.last_result or {}
+            self.rows[trial.trial_id] = {
+                "trial": trial.trial_id,
+                **{k: (trial.config or {}).get(k) for k in keys},
+                metric: result.get(metric),
+                "env_steps": result.get("env_steps"),
+                "status": status,
+            }
+            now = time.monotonic()
+            if self.live is None:
+                return
+            if status != "running" or now - self.last > 1.0:  # redraws throttled to 1/s
+                self.last = now
+                done = sum(r["status"] != "running" for r in self.rows.values())
+                title = f"sweep: {done}/{len(self.rows)} trials done"
+                self.live.update(results_table(list(self.rows.values()), metric, title))
+                self.live.refresh()
+
+        def on_trial_start(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
+            self.update(trial, "running")
+
+        def on_trial_result(
+            self, iteration: int, trials: Any, trial: Any, result: dict, **info: Any
+        ) -> None:
+            self.update(trial, "running", result)
+
+        def on_trial_complete(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
+            self.update(trial, "done")
+
+        def on_trial_error(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
+            self.update(trial, "error")
+
+    return LiveTable(console)

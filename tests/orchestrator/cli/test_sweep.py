@@ -111,3 +111,43 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(tmp_path) -> Non
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows)
     assert (first / "metrics.csv").read_text() == before  # the finished trial was not redone
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_submitted_to_a_cluster_runs_there_as_a_job(tmp_path, monkeypatch, capsys) -> None:
+    from orchestrator.cli.jobs_client import ShoalJobs
+    from tests.ray_head import ray_head
+
+    root = Path(__file__).resolve().parents[3]
+    with ray_head(auth=False, num_cpus=2) as head:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        code = shoal(
+            [
+                "submit", "--sweep", *BASE, "train.lr=grid(1e-3,3e-3)", f"run.dir={tmp_path}",
+                "--samples", "1", "--address", head.address, "--working-dir", str(root),
+                "--follow",
+            ]
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0, out[-3000:]
+        job = re.search(r"submitted (shoal-sweep-spread-mlp-\S+)", out)
+        assert job, out[-2000:]
+        assert ShoalJobs(head.address).status(job.group(1)) == "SUCCEEDED"
+    assert "2 trials, by episode_return" in out
+    (sweep_dir,) = tmp_path.glob("sweep-spread-mlp-*")
+    with open(sweep_dir / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 3e-3]
+    assert all((sweep_dir / "trials" / r["trial"] / "metrics.csv").is_file() for r in rows)
+    assert load_config(str(sweep_dir / "best.yaml")).train.total_env_steps == 400
+
+
+def test_a_bad_space_is_refused_before_a_sweep_is_submitted(capsys) -> None:
+    # Checked on the user's machine: no cluster is contacted (the address is unreachable).
+    args = ["submit", "--sweep", *BASE, "train.lr=loguniform(0,1)"]
+    assert shoal([*args, "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: loguniform needs low > 0" in err and err.count("\n") == 1, err
+    assert shoal(["submit", *BASE, "--samples", "2", "--address", "http://127.0.0.1:9"]) == 2
+    assert "go with --sweep" in capsys.readouterr().err
