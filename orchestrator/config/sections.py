@@ -314,6 +314,15 @@ class RunConfig(_Section):
     """Write ``learning_curve.png`` at the end of the run."""
     tensorboard: bool = True
     """TensorBoard event files in ``RUN_DIR/tensorboard`` (every ``metrics.csv`` column)."""
+    loggers: list[Literal["wandb", "mlflow"]] = []
+    """Experiment trackers fed the same rows as ``metrics.csv``: ``wandb`` and ``mlflow``
+    (``orchestrator/runtime/trackers.py``)."""
+    experiment: str = Field("shoal", min_length=1)
+    """The W&B project and the MLflow experiment a tracked run goes to."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """``offline`` needs no account or network (``wandb sync`` uploads later)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``, else ``mlruns/`` beside the run."""
     progress: bool = True
 
 

@@ -36,6 +36,7 @@ from orchestrator.runtime.metrics import (
     TensorBoardSink,
 )
 from orchestrator.runtime.rundir import CONFIG_FILE, write_summary
+from orchestrator.runtime.trackers import check_trackers, tracker_sinks
 
 if TYPE_CHECKING:
     from orchestrator.runtime.services import SharedMemory
@@ -146,6 +147,7 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
     """
     check_topology(cfg)
     cfg.train.torch_device()
+    check_trackers(cfg.run.loggers)
     check_group_inits(cfg.groups)
     check_services(cfg)
     env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
@@ -272,6 +274,7 @@ def run_training(
         sinks.append(_tensorboard(run_dir / TENSORBOARD_DIR, purge))
     if cfg.run.progress:
         sinks.append(ProgressSink(cfg.train.total_env_steps, start["env_steps"], console))
+    sinks += tracker_sinks(cfg, run_dir)
     metrics = Metrics(sinks)
     fatal: tuple[type[BaseException], ...] = (FatalRunError, *redis_outage(cfg.redis.enabled))
     try:
