@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: run test lint bench setup redis clean
+.PHONY: run test lint bench setup redis browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed redis
+setup: $(VENV)/.installed redis browser
 
 # Tests and local runs start their own private redis-server; this only makes sure the binary exists.
 redis:
 	@command -v redis-server >/dev/null || ( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server )
+
+# CI also installs headless Chromium so the dashboard browser test runs there (it skips without one).
+browser:
+	@[ "$$CI" != true ] || command -v chromium >/dev/null || ( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium )
 
 run: setup
 	$(VENV)/bin/shoal run spread-gnn $(ARGS)
