@@ -3,7 +3,7 @@
 ``shoal run spread-gnn train.lr=1e-3``   train locally (or on Ray with workers/ranks set)
 ``shoal eval RUN_OR_CHECKPOINT``         mean team return on real mpe2 (RUN: id or directory)
 ``shoal plot RUN [RUN ...]``             learning curves PNG (several runs overlaid)
-``shoal render RUN [--out FILE.gif]``    an episode of the trained policy, drawn
+``shoal render RUN [--out FILE.gif|.mp4]`` an episode of the trained policy, drawn
 ``shoal presets``                        list shipped presets
 ``shoal envs``                           list env names (registered, adapters, VMAS scenarios)
 ``shoal status`` / ``shoal stop RUN``    run state from Redis (``orchestrator.cli.status``)
@@ -244,7 +244,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    """Draw an episode of a run's policy into a GIF."""
+    """Draw an episode of a run's policy into a GIF or MP4."""
     from orchestrator.cli.render import render
 
     try:
@@ -448,12 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rd = sub.add_parser(
         "render",
-        help="draw an episode of a run's policy into a GIF",
+        help="draw an episode of a run's policy into a GIF or MP4",
         description="Play one episode of a run's policy on its own env (native spread and tag, "
-        "mpe2-spread, VMAS) and write it as a GIF, the team return on every frame.",
+        "mpe2-spread, VMAS) and write it as a GIF or MP4, the team return on every frame.",
     )
     rd.add_argument("run", metavar="RUN", help="run id or directory, or a checkpoint directory")
-    rd.add_argument("--out", help="GIF path (default RUN/episode.gif)")
+    rd.add_argument("--out", help=".gif or .mp4 path (default RUN/episode.gif)")
     rd.add_argument("--n-agents", type=int, help="team size (graph/transformer policies)")
     rd.add_argument("--seed", type=int, default=0, help="the episode's seed (default 0)")
     rd.add_argument("--greedy", action="store_true", help="most likely action, not sampled")

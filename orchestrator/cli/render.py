@@ -1,4 +1,4 @@
-"""``shoal render``: an episode of a trained policy, drawn frame by frame into a GIF.
+"""``shoal render``: an episode of a trained policy, drawn frame by frame into a GIF or MP4.
 
 Frames are drawn from what the env already reports, its entity graph: ``node_pos`` and
 ``node_type`` place every agent and every other entity (landmarks, obstacles). That covers
@@ -12,6 +12,7 @@ entities have no positions is a one-line error.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,25 @@ def _frame(obs: Observation, env: VecMultiAgentEnv, colours: list[str], title: s
     return image.convert("RGB")
 
 
+def _write_mp4(frames: list[Any], out: Path, fps: float) -> None:
+    """H.264 in an MP4 through imageio-ffmpeg's bundled ffmpeg, frames padded to 16 px blocks."""
+    import imageio_ffmpeg
+    import numpy as np
+    from PIL import Image
+
+    width, height = frames[0].size
+    size = (-(-width // 16) * 16, -(-height // 16) * 16)
+    writer = imageio_ffmpeg.write_frames(str(out), size, fps=fps, macro_block_size=16)
+    writer.send(None)  # start ffmpeg
+    try:
+        for frame in frames:
+            canvas = Image.new("RGB", size, "white")
+            canvas.paste(frame, (0, 0))
+            writer.send(np.ascontiguousarray(np.asarray(canvas)))
+    finally:
+        writer.close()
+
+
 def render(
     run: str | Path,
     out: str | Path | None = None,
@@ -79,12 +99,12 @@ def render(
 
     Args:
         run: run or checkpoint directory.
-        out: the GIF (default ``RUN/episode.gif``); only ``.gif`` is written.
+        out: the GIF or MP4 (default ``RUN/episode.gif``); MP4 needs imageio-ffmpeg.
         n_agents: another team size (graph and transformer policies).
         seed: the episode's reset and sampling seed.
         greedy: most likely actions instead of sampled ones.
         which: ``best`` or ``latest`` (default: best when the run kept one).
-        fps: frames per second of the GIF.
+        fps: frames per second of the GIF or video.
 
     Returns:
         ``out``, ``frames`` (steps + 1: the first observation, then one per step),
@@ -92,12 +112,18 @@ def render(
         ``checkpoint``.
 
     Raises:
-        ValueError: an output that is not a GIF, or an env without entity positions.
+        ValueError: an output that is neither .gif nor .mp4 (or .mp4 without imageio-ffmpeg),
+            or an env without entity positions.
     """
     run = Path(run)
     out_path = Path(out) if out is not None else run / "episode.gif"
-    if out_path.suffix.lower() != ".gif":
-        raise ValueError(f"--out {out_path}: shoal render writes GIFs; name a .gif file")
+    if out_path.suffix.lower() not in (".gif", ".mp4"):
+        raise ValueError(f"--out {out_path}: shoal render writes .gif or .mp4; name one of those")
+    if out_path.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ValueError(
+            f"--out {out_path}: MP4 needs imageio-ffmpeg; pip install imageio-ffmpeg "
+            "(or write a .gif)"
+        )
     if which is None:
         which = BEST if (run / "checkpoints" / BEST).is_dir() else "latest"
     ckpt = load_checkpoint(run, which=which)
@@ -157,9 +183,16 @@ def render(
     finally:
         env.close()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(
-        out_path, save_all=True, append_images=frames[1:], duration=math.ceil(1000 / fps), loop=0
-    )
+    if out_path.suffix.lower() == ".mp4":
+        _write_mp4(frames, out_path, fps)
+    else:
+        frames[0].save(
+            out_path,
+            save_all=True,
+            append_images=frames[1:],
+            duration=math.ceil(1000 / fps),
+            loop=0,
+        )
     ret = float(per_agent[counted].sum() if counted is not None else per_agent.sum())
     return {
         "out": str(out_path),

@@ -47,8 +47,8 @@ def test_render_reports_each_groups_return(tmp_path) -> None:
 
 def test_render_mistakes_are_one_line(tmp_path, capsys) -> None:
     run_dir = _run(tmp_path, "spread-mlp")
-    assert shoal(["render", str(run_dir), "--out", str(tmp_path / "x.mp4")]) == 2
-    assert "writes GIFs" in capsys.readouterr().err
+    assert shoal(["render", str(run_dir), "--out", str(tmp_path / "x.avi")]) == 2
+    assert ".gif or .mp4" in capsys.readouterr().err
     assert shoal(["render", str(run_dir), "--n-agents", "6"]) == 2  # an MLP is tied to its team
     assert "graph or transformer" in capsys.readouterr().err
     sl = _run(
@@ -57,4 +57,27 @@ def test_render_mistakes_are_one_line(tmp_path, capsys) -> None:
     assert shoal(["render", str(sl)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no positions to draw" in err
+    assert not (tmp_path / "x.avi").exists()
+
+
+def test_render_writes_an_mp4_with_a_frame_per_step(tmp_path, capsys) -> None:
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    run_dir = _run(tmp_path, "spread-gnn", "env.max_cycles=7")
+    out = tmp_path / "episode.mp4"
+    assert shoal(["render", str(run_dir), "--out", str(out), "--fps", "8"]) == 0
+    frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(out))
+    assert frames == 8 and seconds == pytest.approx(1.0, abs=0.2)
+
+
+def test_an_mp4_without_imageio_ffmpeg_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    run_dir = _run(tmp_path, "spread-mlp")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "imageio_ffmpeg" else real(n, *a)
+    )
+    assert shoal(["render", str(run_dir), "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pip install imageio-ffmpeg" in err
     assert not (tmp_path / "x.mp4").exists()
