@@ -1,8 +1,11 @@
-"""The README's Layout table and docs/DESIGN.md name files that exist; every module has a row."""
+"""The README's Layout table, links and images and docs/DESIGN.md name files that exist (and
+that a clone gets); every module has a row."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +49,20 @@ def test_every_module_is_found_from_the_layout_table() -> None:
                 continue
             covered = rel in named or any(str(rel).startswith(f) for f in folders - {f"{package}/"})
             assert covered, f"README's Layout table does not say where {rel} belongs"
+
+
+def test_every_local_link_and_image_in_the_readme_exists_and_is_committed() -> None:
+    readme = (ROOT / "README.md").read_text()
+    targets = {t for t in re.findall(r"\]\(([^)#\s]+)\)", readme) if "://" not in t}
+    assert any(t.endswith(".png") for t in targets)
+    missing = sorted(t for t in targets if not (ROOT / t).exists())
+    assert not missing, missing
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        # An ignored file exists here but never reaches a clone (or the page a user reads).
+        ignored = subprocess.run(
+            ["git", "check-ignore", *sorted(targets)], cwd=ROOT, capture_output=True, text=True
+        ).stdout.split()
+        assert not ignored, f"README links to git-ignored files: {ignored}"
 
 
 def test_files_named_in_the_design_doc_exist() -> None:
