@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.cli.jobs_client import ShoalJobs  # noqa: E402
-from tests.browser import dump_dom, screenshot  # noqa: E402
+from tests.browser import dom_until, screenshot  # noqa: E402
 from tests.ray_head import ray_head  # noqa: E402
 
 OUT = ROOT / "docs" / "images"
@@ -42,11 +42,10 @@ def main() -> None:
         try:
             if jobs.wait(job, timeout=120, until={"RUNNING", "FAILED"}) != "RUNNING":
                 raise SystemExit(f"job {job} did not start:\n{jobs.logs(job)[-3000:]}")
-            deadline = time.monotonic() + 180
-            while "shoal-rollout-0" not in dump_dom(f"{head.address}/#/actors"):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the shoal actors did not show within 180 s")
-                time.sleep(2)
+            if "shoal-rollout-0" not in dom_until(
+                f"{head.address}/#/actors", ["shoal-rollout-0"], 180
+            ):
+                raise SystemExit("the shoal actors did not show within 180 s")
             time.sleep(20)  # a few iterations, so the job's log and the actor table fill in
             pages = {
                 "dashboard-jobs.png": ("/#/jobs", (1400, 620)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -23,7 +24,10 @@ def find_chromium() -> str | None:
     return None
 
 
-def _run(browser: str, args: list[str], url: str, budget_ms: int) -> str:
+def _run(browser: str | None, args: list[str], url: str, budget_ms: int) -> str:
+    browser = browser or find_chromium()
+    if browser is None:
+        raise RuntimeError("no headless Chromium (apt install chromium)")
     # A throwaway profile: no state from earlier runs, nothing left in the user's home.
     with tempfile.TemporaryDirectory(prefix="shoal-chromium-") as profile:
         command = [
@@ -41,10 +45,17 @@ def _run(browser: str, args: list[str], url: str, budget_ms: int) -> str:
 
 def dump_dom(url: str, *, budget_ms: int = 15000, browser: str | None = None) -> str:
     """The page's DOM after its scripts ran for ``budget_ms`` of virtual time."""
-    browser = browser or find_chromium()
-    if browser is None:
-        raise RuntimeError("no headless Chromium (apt install chromium)")
     return _run(browser, ["--dump-dom"], url, budget_ms)
+
+
+def dom_until(url: str, needles: list[str], timeout: float, *, budget_ms: int = 10000) -> str:
+    """The rendered DOM of ``url`` once it holds every needle (or the last one at timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dom = dump_dom(url, budget_ms=budget_ms)
+        if all(needle in dom for needle in needles) or time.monotonic() > deadline:
+            return dom
+        time.sleep(2.0)
 
 
 def screenshot(
@@ -56,9 +67,6 @@ def screenshot(
     browser: str | None = None,
 ) -> Path:
     """A PNG of the page at ``size`` after its scripts ran for ``budget_ms`` of virtual time."""
-    browser = browser or find_chromium()
-    if browser is None:
-        raise RuntimeError("no headless Chromium (apt install chromium)")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     _run(browser, [f"--window-size={size[0]},{size[1]}", f"--screenshot={out}"], url, budget_ms)

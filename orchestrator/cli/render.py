@@ -117,9 +117,10 @@ def render(
     """
     run = Path(run)
     out_path = Path(out) if out is not None else run / "episode.gif"
-    if out_path.suffix.lower() not in (".gif", ".mp4"):
+    video = out_path.suffix.lower() == ".mp4"
+    if not video and out_path.suffix.lower() != ".gif":
         raise ValueError(f"--out {out_path}: shoal render writes .gif or .mp4; name one of those")
-    if out_path.suffix.lower() == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+    if video and importlib.util.find_spec("imageio_ffmpeg") is None:
         raise ValueError(
             f"--out {out_path}: MP4 needs imageio-ffmpeg; pip install imageio-ffmpeg "
             "(or write a .gif)"
@@ -183,7 +184,7 @@ def render(
     finally:
         env.close()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix.lower() == ".mp4":
+    if video:
         _write_mp4(frames, out_path, fps)
     else:
         frames[0].save(

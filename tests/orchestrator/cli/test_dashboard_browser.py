@@ -7,14 +7,13 @@ a user would see. Skipped, with the reason, where no Chromium is installed.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from orchestrator.cli.jobs_client import ShoalJobs
-from tests.browser import dump_dom, find_chromium
+from tests.browser import dom_until, find_chromium
 from tests.ray_head import ray_head
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -36,16 +35,6 @@ pytestmark = [
 ]
 
 
-def _page_until(url: str, needles: list[str], timeout: float) -> str:
-    """The rendered DOM of ``url`` once it holds every needle (or the last one at timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        dom = dump_dom(url, budget_ms=10000)
-        if all(needle in dom for needle in needles) or time.monotonic() > deadline:
-            return dom
-        time.sleep(2.0)
-
-
 def test_dashboard_shows_the_job_and_its_actors_by_name(tmp_path, monkeypatch) -> None:
     # Token auth off: with it on, the dashboard first asks the browser for the token.
     with ray_head(auth=False, num_cpus=2) as head:
@@ -60,13 +49,13 @@ def test_dashboard_shows_the_job_and_its_actors_by_name(tmp_path, monkeypatch) -
         )  # fmt: skip
         try:
             assert jobs.wait(job, timeout=120, until={"RUNNING", "FAILED"}) == "RUNNING"
-            actors = _page_until(
+            actors = dom_until(
                 f"{head.address}/#/actors", ["shoal-learner-0", "shoal-rollout-0"], 150
             )
             assert "shoal-learner-0" in actors and "shoal-rollout-0" in actors, (
                 actors[-3000:] + jobs.logs(job)[-2000:]
             )
-            listing = _page_until(f"{head.address}/#/jobs", [job], 60)
+            listing = dom_until(f"{head.address}/#/jobs", [job], 60)
             assert job in listing, listing[-3000:]
         finally:
             jobs.stop(job)
