@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.spread import emit
+from tests.cli import shoal
 
 TRIAL = ["run.progress=false", "redis.enabled=false", "train.threads=1"]
 
@@ -31,9 +30,7 @@ TRIAL = ["run.progress=false", "redis.enabled=false", "train.threads=1"]
 def _shoal(*args: str) -> float:
     """Wall seconds of one ``shoal`` command; its output only on failure."""
     t0 = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True
-    )
+    done = shoal(*args, timeout=3600)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"shoal {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
