@@ -5,10 +5,13 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ActionKind = Literal["discrete", "continuous"]
 
@@ -169,6 +172,15 @@ class VecMultiAgentEnv(abc.ABC):
         observations. Optional; envs that cannot say raise ``NotImplementedError``.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot observe given entity graphs")
+
+    def frame(self) -> np.ndarray | None:
+        """World 0 as the env draws it, ``[H, W, 3]`` uint8, after the last reset or step.
+
+        After a step that ended world 0's episode it shows the episode's end (the ``final``
+        view), not the next episode's start. ``None`` (the default): this env does not draw
+        itself; ``shoal render`` then draws its entity positions.
+        """
+        return None
 
     def random_actions(self, generator: torch.Generator | None = None) -> Tensor:
         """Uniformly random legal actions, ``[B, N]`` or ``[B, N, action_dim]``."""

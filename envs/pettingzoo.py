@@ -117,6 +117,8 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         self._alive = np.zeros((num_envs, self.n_agents), bool)
         self._mask = np.ones((num_envs, self.n_agents, self.action_dim), bool)
         self._state: list[np.ndarray] = [np.zeros(0, np.float32)] * num_envs
+        self._draws = getattr(first, "render_mode", None) == "rgb_array"
+        self._frame: np.ndarray | None = None
         probe = self.reset(seed=seed)
         self.state_dim = probe.state.shape[1]
         self.node_dim = probe.nodes.shape[2]
@@ -184,7 +186,16 @@ class PettingZooVecEnv(VecMultiAgentEnv):
         """Reset every instance; instance ``i`` gets ``seed + i`` when a seed is given."""
         for i in range(self.num_envs):
             self._reset_one(i, None if seed is None else seed + i)
+        self._capture()
         return self._snapshot()
+
+    def _capture(self) -> None:
+        if self._draws:
+            self._frame = np.asarray(self.envs[0].render(), np.uint8)
+
+    def frame(self) -> np.ndarray | None:
+        """Instance 0's ``render()`` when the env was built with ``render_mode="rgb_array"``."""
+        return self._frame
 
     def step(self, actions: Tensor) -> StepResult:
         """Step every instance; finished ones are reset and their final view kept."""
@@ -206,6 +217,8 @@ class PettingZooVecEnv(VecMultiAgentEnv):
             truncated[i] = any(trunc.get(a, False) for a in live)
             done = bool(truncated[i]) or not env.agents
             self._write(i, obs, infos, done)
+            if i == 0:
+                self._capture()  # before a finished episode is reset: its last picture
             if done:
                 done_envs.append(i)
         final = self._snapshot()

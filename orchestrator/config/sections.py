@@ -310,6 +310,12 @@ class RunConfig(_Section):
     eval_episodes: int = Field(200, ge=1)
     """Episodes per evaluation, all stepped together (one batched rollout on native envs)."""
     log_every_s: float = Field(2.0, gt=0)
+    render_every_s: float | None = Field(None, gt=0)
+    """Film an episode of the current policy this often, and once at the end, into
+    ``RUN_DIR/videos/step-<env steps>.<render_format>`` (as ``shoal render`` draws it);
+    ``null`` (the default): never."""
+    render_format: Literal["gif", "mp4"] = "gif"
+    """``mp4`` needs imageio-ffmpeg (the ``video`` extra)."""
     plot: bool = False
     """Write ``learning_curve.png`` at the end of the run."""
     tensorboard: bool = True

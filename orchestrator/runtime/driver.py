@@ -9,6 +9,7 @@ train_on_ray`, which starts the same class as actors and relays their rows to th
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -23,7 +24,7 @@ from envs import EnvError
 from envs.registry import describe
 from orchestrator.config import Config, ConfigError, config_to_yaml, redact_url
 from orchestrator.config.groups import GroupError, check_inits
-from orchestrator.runtime import world
+from orchestrator.runtime import video, world
 from orchestrator.runtime.checkpoint import checkpoint_counters, init_groups, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
 from orchestrator.runtime.loop import FatalRunError, redis_outage
@@ -130,6 +131,17 @@ def check_group_inits(groups: dict[str, Any]) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_render(cfg: Config) -> None:
+    """``run.render_format=mp4`` with videos on needs imageio-ffmpeg (as a :class:`ConfigError`)."""
+    if cfg.run.render_every_s is None or cfg.run.render_format != "mp4":
+        return
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ConfigError(
+            "run.render_format=mp4 needs imageio-ffmpeg: pip install 'shoal[video]' "
+            "(or run.render_format=gif)"
+        )
+
+
 def preflight(cfg: Config) -> dict[str, list[str]]:
     """Check, before anything starts, what would otherwise fail inside a process or an actor.
 
@@ -150,8 +162,14 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
     check_trackers(cfg.run.loggers)
     check_group_inits(cfg.groups)
     check_services(cfg)
+    check_render(cfg)
     env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
     try:
+        if cfg.run.render_every_s is not None:
+            try:
+                video.check_drawable(env, cfg.env.name)
+            except video.CannotDraw as e:
+                raise ConfigError(f"run.render_every_s: {e}") from None
         if cfg.world_model.enabled:
             world.check_env(env, cfg.world_model.oracle)
         policy = cfg.build_policy(env)

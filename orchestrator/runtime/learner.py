@@ -43,6 +43,7 @@ from orchestrator.runtime.checkpoint import (
 from orchestrator.runtime.loop import FatalRunError, redis_outage, run_loop
 from orchestrator.runtime.metrics import Metrics
 from orchestrator.runtime.pool import POOL_PREFIX, SelfPlay
+from orchestrator.runtime.video import periodic_film
 from policies.groups import GroupedActorCritic
 
 if TYPE_CHECKING:
@@ -354,6 +355,7 @@ class LearnerRank:
                 agree=self._agree,
                 time_limit_s=time_limit_s,
                 evaluate=periodic_evaluation(self) if self.rank == 0 else None,
+                film=periodic_film(self) if self.rank == 0 else None,
             )
         except outage as err:
             raise FatalRunError(str(err)) from None

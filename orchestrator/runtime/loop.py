@@ -98,6 +98,7 @@ def run_loop(
     agree: Callable[[str | None], str | None] = _same,
     time_limit_s: float | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    film: Callable[[], float] | None = None,
 ) -> LoopResult:
     """Collect, learn, log, checkpoint, repeat, until a stop condition holds.
 
@@ -115,6 +116,9 @@ def run_loop(
         evaluate: called every ``run.eval_every_s`` (rank 0), or less often when its
             ``eval_s`` is more than a tenth of that; its statistics join that iteration's
             row, which is logged whatever ``run.log_every_s`` says.
+        film: writes a video of the current policy and returns the seconds it took; called
+            every ``run.render_every_s`` (rank 0), spaced like ``evaluate``, and once more when
+            the run ends other than by an interrupt or a failure.
 
     Returns:
         Why it stopped, the last checkpoint written, the loop's duration and start counter.
@@ -125,6 +129,7 @@ def run_loop(
     start_steps = int(counters["env_steps"])
     last_ckpt = last_log = last_eval = t_start
     eval_every = cfg.run.eval_every_s or 0.0
+    last_film, film_every = t_start, cfg.run.render_every_s or 0.0
     window_steps, window_t = 0, t_start
     reason = "total_env_steps reached"
     ckpt_path: Path | None = None
@@ -163,6 +168,9 @@ def run_loop(
                     # On an env stepped in a Python loop an evaluation can cost seconds: space
                     # them so they never take more than a tenth of the run.
                     eval_every = max(cfg.run.eval_every_s or 0.0, 10 * row.get("eval_s", 0.0))
+                if film is not None and now - last_film >= film_every:
+                    film_every = max(cfg.run.render_every_s or 0.0, 10 * film())
+                    last_film = time.monotonic()
                 pending = row
                 if evaluated or now - last_log >= cfg.run.log_every_s:
                     metrics.log(row)
@@ -188,4 +196,6 @@ def run_loop(
             metrics.log(pending)
         if metrics.latest and checkpoint is not None and not failed:
             ckpt_path = checkpoint()
+        if film is not None and not failed and reason != "interrupted" and metrics.latest:
+            film()  # the policy the run ends with
     return LoopResult(reason, ckpt_path, time.monotonic() - t_start, start_steps, metrics.latest)

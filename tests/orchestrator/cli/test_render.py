@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 from PIL import Image
 
@@ -51,13 +53,23 @@ def test_render_mistakes_are_one_line(tmp_path, capsys) -> None:
     assert ".gif or .mp4" in capsys.readouterr().err
     assert shoal(["render", str(run_dir), "--n-agents", "6"]) == 2  # an MLP is tied to its team
     assert "graph or transformer" in capsys.readouterr().err
-    sl = _run(
-        tmp_path, "spread-mlp", "env.name=pettingzoo:mpe2.simple_speaker_listener_v4", name="sl"
-    )
-    assert shoal(["render", str(sl)]) == 2
+    toy = "pettingzoo:tests.envs.test_registry_and_adapter:_MaskedToy"  # no renderer
+    blind = _run(tmp_path, "spread-mlp", f"env.name={toy}", name="blind")
+    assert shoal(["render", str(blind)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no positions to draw" in err
+    assert err.startswith("error: ") and "rgb_array" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.avi").exists()
+
+
+def test_render_films_a_pettingzoo_env_with_its_own_renderer(tmp_path) -> None:
+    # speaker_listener's entities have no positions shoal knows of; mpe2 draws it itself.
+    run_dir = _run(tmp_path, "spread-mlp", "env.name=pettingzoo:mpe2.simple_speaker_listener_v4")
+    res = render(run_dir, out=tmp_path / "sl.gif")
+    gif = Image.open(tmp_path / "sl.gif")
+    assert res["frames"] == gif.n_frames == 26  # max_cycles 25, plus the first observation
+    assert gif.size == (320, 342)  # mpe2's 700 x 700, scaled, under the title strip
+    first = gif.convert("RGB")
+    assert len(set(first.getdata())) > 10  # a picture, not a blank canvas
 
 
 def test_render_writes_an_mp4_with_a_frame_per_step(tmp_path, capsys) -> None:
@@ -81,3 +93,23 @@ def test_an_mp4_without_imageio_ffmpeg_is_one_line(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install imageio-ffmpeg" in err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_videos_during_training_leave_the_training_as_it_was(tmp_path) -> None:
+    steps = ["env.max_cycles=7", "train.total_env_steps=480", "run.log_every_s=0.001"]
+    filmed = _run(tmp_path, "spread-gnn", *steps, "run.render_every_s=0.001", name="filmed")
+    plain = _run(tmp_path, "spread-gnn", *steps, name="plain")
+    videos = sorted((filmed / "videos").glob("step-*.gif"))
+    # one after the first iteration, the next ones spaced so that videos cost at most a tenth
+    # of the run, and the last the policy the run ended with
+    assert len(videos) >= 2 and videos[-1].name == "step-000000000480.gif"
+    assert all(Image.open(v).n_frames == 8 for v in videos)
+    assert not (plain / "videos").exists()
+
+    # Filming samples from a forked RNG: the filmed run trained exactly as the plain one did.
+    def learning(run_dir):  # noqa: ANN001, ANN202
+        with open(run_dir / "metrics.csv") as f:
+            keys = ("policy_loss", "value_loss", "grad_norm", "episode_return")
+            return [[row[k] for k in keys] for row in csv.DictReader(f)]
+
+    assert len(learning(filmed)) == 6 and learning(filmed) == learning(plain)

@@ -48,6 +48,14 @@ CASES = {
         r"VMAS scenario 'navigation' does not use \{'bogus': 1\} \(env.kwargs\)",
     ),
     "spread-kwarg": (["env.kwargs.bogus=1"], r"cannot build env 'spread': TypeError: .*'bogus'"),
+    "render-blind-env": (
+        [
+            "env.name=pettingzoo:tests.envs.test_registry_and_adapter:_MaskedToy",
+            "run.render_every_s=10",
+        ],
+        r"run.render_every_s: env '.*_MaskedToy' neither renders rgb_array frames nor gives",
+    ),
+    "render-format": (["run.render_format=avi"], r"run.render_format: .*'gif' or 'mp4'"),
     "model-kind": (["model.kind=cnn"], r"model.kind: .*'mlp', 'gnn' or 'transformer'"),
     "device": (["train.device=tpu"], r"train.device: not a torch device"),
     "redis-url": (["redis.url=notaurl"], r"redis.url: must start with redis://"),
