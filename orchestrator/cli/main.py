@@ -129,6 +129,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         value = json.loads(best.read_text())["eval_return"]
         rows.append(("best eval return", f"{value:.2f} (own env; checkpoints/best)"))
     rows.append(("run dir", summary["run_dir"]))
+    videos = sorted((Path(summary["run_dir"]) / "videos").glob("step-*"))
+    if videos:
+        rows.append(("videos", f"{len(videos)}, the last {videos[-1]}"))
     if summary.get("checkpoint"):
         rows.append(("checkpoint", summary["checkpoint"]))
         rows.append(("next", f"shoal eval {summary['run_dir']}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 from PIL import Image
@@ -95,7 +96,7 @@ def test_an_mp4_without_imageio_ffmpeg_is_one_line(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_videos_during_training_leave_the_training_as_it_was(tmp_path) -> None:
+def test_videos_during_training_leave_the_training_as_it_was(tmp_path, capsys) -> None:
     steps = ["env.max_cycles=7", "train.total_env_steps=480", "run.log_every_s=0.001"]
     filmed = _run(tmp_path, "spread-gnn", *steps, "run.render_every_s=0.001", name="filmed")
     plain = _run(tmp_path, "spread-gnn", *steps, name="plain")
@@ -105,6 +106,9 @@ def test_videos_during_training_leave_the_training_as_it_was(tmp_path) -> None:
     assert len(videos) >= 2 and videos[-1].name == "step-000000000480.gif"
     assert all(Image.open(v).n_frames == 8 for v in videos)
     assert not (plain / "videos").exists()
+    assert shoal(["run", "spread-gnn", f"run.dir={tmp_path}", "run.name=cli", *TINY[:-1],
+                  "run.render_every_s=1000"]) == 0  # fmt: skip
+    assert re.search(r"videos +1, the last ", capsys.readouterr().out)
 
     # Filming samples from a forked RNG: the filmed run trained exactly as the plain one did.
     def learning(run_dir):  # noqa: ANN001, ANN202
