@@ -377,6 +377,8 @@ class Practice:
         # weights and says whether there are any yet; here, the model is always ready.
         self.refresh: Callable[[], bool] = lambda: True
         self.weights_version: int | None = None  # of weights fetched from elsewhere
+        # The newest version published elsewhere (``None``: the model trains here).
+        self.latest_version: Callable[[], int | None] = lambda: None
 
     HOLDOUT = 2048
     """Transitions of each new batch the model is scored on before it trains on them."""

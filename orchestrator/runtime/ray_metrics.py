@@ -36,6 +36,11 @@ GAUGES = {
         "shoal_world_model_holdout_reward_mse",
         "World-model reward error on each new real batch, before training on it",
     ),
+    "wm_weights_version": ("shoal_world_model_weights_version", "World-model weights in use"),
+    "wm_weights_staleness": (
+        "shoal_world_model_weights_staleness",
+        "World-model versions published beyond the ones imagined with",
+    ),
     "imagined_share": ("shoal_imagined_share", "Share of PPO samples that were imagined"),
     "imagined_team_reward": ("shoal_imagined_team_reward", "Mean imagined team reward per step"),
     "real_team_reward": ("shoal_real_team_reward", "Mean real team reward per step"),

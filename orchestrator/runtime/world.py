@@ -107,6 +107,7 @@ def fetch_from(practice: Practice, store: WeightStore) -> None:
         return held[0] is not None
 
     practice.refresh = refresh
+    practice.latest_version = store.latest_version
 
 
 def practise(
@@ -140,6 +141,10 @@ def practise(
         stats["imagined_team_reward"] = sum(teams) / len(teams)
     if practice.weights_version is not None:  # on Ray: the actor's weights in use
         stats["wm_weights_version"] = float(practice.weights_version)
+        # Versions the actor published beyond the ones this iteration imagined with.
+        latest = practice.latest_version()
+        if latest is not None:
+            stats["wm_weights_staleness"] = float(max(latest - practice.weights_version, 0))
     stats.update(
         imagined_share=imagined / (imagined + real),
         wm_fit_s=t1 - t0,
