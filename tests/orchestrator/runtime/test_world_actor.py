@@ -59,6 +59,7 @@ def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_p
     # The learner imagines with what the actor publishes.
     wait_for(lambda: any(r.get("imagined_share", 0) > 0 for r in rows(run_dir)), 60, "imagining")
     assert any(r.get("wm_weights_version", 0) >= 1 for r in rows(run_dir))  # the actor's
+
     def lags() -> list[float]:
         return [r["wm_weights_staleness"] for r in rows(run_dir) if "wm_weights_staleness" in r]
 
