@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -287,6 +287,19 @@ def episode_returns(
     return agent_returns(model, env, episodes, seed, greedy).sum(-1).tolist()
 
 
+@contextlib.contextmanager
+def apart(model: Policy, device: torch.device, seed: int) -> Iterator[None]:
+    """Act off the training's random stream, and every group with its current weights.
+
+    Inside, the RNG is a fork seeded with ``seed`` and self-play's past versions are not used.
+    """
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    current = getattr(model, "current_only", contextlib.nullcontext)
+    with torch.random.fork_rng(devices=cuda), current():
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def agent_returns(
     model: Policy, env: VecMultiAgentEnv, episodes: int, seed: int, greedy: bool = False
@@ -302,10 +315,7 @@ def agent_returns(
     """
     width = env.num_envs
     rows: list[Tensor] = []
-    cuda = [env.device.index or 0] if env.device.type == "cuda" else []
-    current = getattr(model, "current_only", contextlib.nullcontext)  # not self-play's past
-    with torch.random.fork_rng(devices=cuda), current():
-        torch.manual_seed(seed)
+    with apart(model, env.device, seed):
         obs = env.reset(seed=seed)
         running = torch.zeros(width, env.n_agents, device=env.device)
         counted = torch.zeros(width, dtype=torch.long)

@@ -7,7 +7,6 @@ for PettingZoo envs that have one (mpe2's scenarios), otherwise the env's entity
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 
 from orchestrator.config import Config
 from orchestrator.runtime.checkpoint import BEST, load_checkpoint, policy_from_checkpoint
-from orchestrator.runtime.video import film, film_env, write_video
+from orchestrator.runtime.video import film, film_env, require_ffmpeg, write_video
 
 
 def _yaml(text: str) -> dict[str, Any]:
@@ -60,11 +59,8 @@ def render(
     video = out_path.suffix.lower() == ".mp4"
     if not video and out_path.suffix.lower() != ".gif":
         raise ValueError(f"--out {out_path}: shoal render writes .gif or .mp4; name one of those")
-    if video and importlib.util.find_spec("imageio_ffmpeg") is None:
-        raise ValueError(
-            f"--out {out_path}: MP4 needs imageio-ffmpeg; pip install imageio-ffmpeg "
-            "(or write a .gif)"
-        )
+    if video:
+        require_ffmpeg(f"--out {out_path}: MP4", "write a .gif")
     if which is None:
         which = BEST if (run / "checkpoints" / BEST).is_dir() else "latest"
     ckpt = load_checkpoint(run, which=which)

@@ -9,7 +9,6 @@ train_on_ray`, which starts the same class as actors and relays their rows to th
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -135,11 +134,10 @@ def check_render(cfg: Config) -> None:
     """``run.render_format=mp4`` with videos on needs imageio-ffmpeg (as a :class:`ConfigError`)."""
     if cfg.run.render_every_s is None or cfg.run.render_format != "mp4":
         return
-    if importlib.util.find_spec("imageio_ffmpeg") is None:
-        raise ConfigError(
-            "run.render_format=mp4 needs imageio-ffmpeg: pip install 'shoal[video]' "
-            "(or run.render_format=gif)"
-        )
+    try:
+        video.require_ffmpeg("run.render_format=mp4", "run.render_format=gif")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def preflight(cfg: Config) -> dict[str, list[str]]:

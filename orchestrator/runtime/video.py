@@ -16,7 +16,7 @@ with neither is a :class:`CannotDraw` error.
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import logging
 import math
 import time
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agents.rollout import apart
 from envs import Observation, VecMultiAgentEnv, name_group
 from envs.pettingzoo import PettingZooVecEnv
 
@@ -62,6 +63,12 @@ def _cannot(name: str) -> CannotDraw:
         "draw; shoal draws native spread and tag, VMAS scenarios and PettingZoo envs with an "
         "rgb_array render mode"
     )
+
+
+def require_ffmpeg(what: str, instead: str) -> None:
+    """Raise ``ValueError`` naming ``what`` unless imageio-ffmpeg (MP4 output) is installed."""
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise ValueError(f"{what} needs imageio-ffmpeg; pip install imageio-ffmpeg (or {instead})")
 
 
 def check_drawable(env: VecMultiAgentEnv, name: str) -> None:
@@ -187,13 +194,10 @@ def film(
         return _titled(env.frame(), title) if own else _drawn(view, env, colours, title)
 
     frames = [picture(obs, 0)]
-    cuda = [env.device.index or 0] if env.device.type == "cuda" else []
-    current = getattr(model, "current_only", contextlib.nullcontext)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda), current():
-            torch.manual_seed(seed)
+        with torch.no_grad(), apart(model, env.device, seed):
             for t in range(1, 100_000):
                 d = model.dist(model.prepare(obs.as_dict()))
                 res = env.step(d.mode() if greedy else d.sample())
@@ -260,9 +264,9 @@ def periodic_film(rank: LearnerRank) -> Callable[[], float] | None:
 
     def record() -> float:
         nonlocal broken
-        t0 = time.perf_counter()
         if broken:
             return 0.0
+        t0 = time.perf_counter()
         path = out / f"step-{int(rank.counters['env_steps']):012d}.{cfg.run.render_format}"
         try:
             episode = film(rank.model, env, cfg.env.name, seed=EVAL_SEED)
