@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=25_600, help="real env steps per checkpoint")
     p.add_argument("--max-env-steps", type=int, default=600_000)
     p.add_argument("--time-limit", type=float, default=300.0, help="wall seconds cap a run")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
+                   help="native-spread arms (none, with --slow: only the slow path)")  # fmt: skip
     p.add_argument("--slow", action="store_true", help="also the PettingZoo path, two arms")
     p.add_argument("--slow-seeds", type=int, default=2, help="seeds of each slow arm")
     p.add_argument("--memory", type=float, metavar="SECONDS",
