@@ -329,6 +329,22 @@ def imagine(
     return log.batch(empty, empty.long(), weights_version, imagined=True)
 
 
+class Fitter(Protocol):
+    """Fits the model elsewhere while the rank steps its envs (``world_model.fit_process``)."""
+
+    def start(self, rows: list[dict[str, Tensor]], steps: int) -> None:
+        """Hand over the replay's new transitions and fit ``steps`` times, without waiting."""
+        ...
+
+    def collect(self) -> dict[str, float]:
+        """Wait for the fit, load its weights into the model; its loss terms."""
+        ...
+
+    def close(self) -> None:
+        """Stop fitting elsewhere."""
+        ...
+
+
 class Practice:
     """What a learner does with a world model every iteration: remember, fit, imagine.
 
@@ -379,6 +395,10 @@ class Practice:
         self.weights_version: int | None = None  # of weights fetched from elsewhere
         # The newest version published elsewhere (``None``: the model trains here).
         self.latest_version: Callable[[], int | None] = lambda: None
+        # With a fitter the model fits while the next real batch is collected: transitions
+        # the fitter has not been sent yet wait here for :meth:`fit_behind`.
+        self.fitter: Fitter | None = None
+        self.unfitted: list[dict[str, Tensor]] = []
 
     HOLDOUT = 2048
     """Transitions of each new batch the model is scored on before it trains on them."""
@@ -418,16 +438,38 @@ class Practice:
         return bool(h) and max(h["delta_mse"], h["reward_mse"]) <= self.max_error
 
     def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
-        """Score the model on a new real batch, add it to the replay, train on the replay."""
+        """Score the model on a new real batch, add it to the replay, train on the replay.
+
+        With a fitter the training is the fit :meth:`fit_behind` started last iteration,
+        waited for here; this batch joins the next one.
+        """
         out: dict[str, float] = {}
+        fitted: dict[str, float] | None = None
+        if self.fitter is not None and self.learns:
+            fitted = self.fitter.collect()
         rows = batch_transitions(batch)
         if self.scored and len(self.buffer) and self.refresh():
             out = self.score(batch, rows)
         self.buffer.append(rows)
         if not self.learns or self.updates_per_iter == 0:
             return out
-        stats = self.trainer.update(self.buffer, self.updates_per_iter, self.generator)
-        return {**out, **{f"wm_{k}": v for k, v in stats.items()}}
+        if fitted is None:
+            fitted = self.trainer.update(self.buffer, self.updates_per_iter, self.generator)
+        else:
+            self.unfitted.append(rows)
+        return {**out, **{f"wm_{k}": v for k, v in fitted.items()}}
+
+    def fit_behind(self) -> None:
+        """With a fitter: start fitting on the replay, to run while the next batch is collected."""
+        if self.fitter is None or not self.learns or self.updates_per_iter == 0:
+            return
+        rows, self.unfitted = self.unfitted, []
+        self.fitter.start(rows, self.updates_per_iter)
+
+    def close(self) -> None:
+        """Stop the fitter, if any."""
+        if self.fitter is not None:
+            self.fitter.close()
 
     def rounds(self) -> int:
         """Imagined PPO updates per real one: ``ceil(ratio)``, each at most a real batch.

@@ -112,6 +112,7 @@ class EntityWorldModel(nn.Module):
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.node_dim, self.action_kind, self.action_dim = node_dim, action_kind, action_dim
+        self.hidden, self.layers, self.heads = hidden, layers, heads
         token_dim = node_dim + action_dim + 1  # features, action, "is an acting agent"
         self.members = members
         # Every member's weights in one tensor per layer, so the ensemble runs as one batch.

@@ -268,6 +268,11 @@ class WorldModelConfig(_Section):
     trains on it, is at most this for feature deltas and for rewards (mean squared error in
     units of the targets' scale: 1 is no better than "no change" or "the mean reward");
     ``null`` imagines from the end of warm-up whatever the model's error."""
+    fit_process: bool = False
+    """In-process runs: fit the model in a child process while the next real batch is
+    collected, so the model imagines with weights fitted up to the previous batch. Pays where
+    real steps are slow (a Python-loop env such as the PettingZoo path leaves a core to the
+    fit); on Ray the ``shoal-world-model`` actor fits anyway."""
     max_disagreement: float | None = Field(None, gt=0)
     """Cut a branch where the members disagree more than this (in units of the targets'
     scale); ``null`` never cuts."""

@@ -362,6 +362,8 @@ class LearnerRank:
         finally:
             if client is not None:
                 client.close()
+            if self.practice is not None:
+                self.practice.close()
         return {
             "reason": res.reason,
             "checkpoint": str(res.checkpoint) if res.checkpoint else None,

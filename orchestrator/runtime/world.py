@@ -21,6 +21,7 @@ from agents.world_model import (
 )
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
+from orchestrator.runtime.fit_process import FitProcess
 from policies.world_model import EntityWorldModel
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
         branches = practice.branches(real_samples)
         practice.dynamics = EnvDynamics(cfg.env.make(max(branches, 1), seed + 1, device))
         practice.learns = False
+    elif wm.fit_process:  # started at the first fit; never on Ray, where the actor fits
+        practice.fitter = FitProcess(practice.trainer, practice.buffer, generator, device)
     return practice
 
 
@@ -118,9 +121,13 @@ def practise(
     ``practice.rounds()`` imagined PPO updates follow, each rolled by the policy the previous
     one left, once warm-up is over and the model's held-out error allows it.
 
+    With ``world_model.fit_process`` the fit runs in a child process from the end of this
+    call until the next one, while the next real batch is collected.
+
     Returns:
         Statistics for the row: the model's held-out errors and losses (``wm_*``), the
-        seconds fitting and imagining (with its PPO updates) took, the share of this
+        seconds fitting (with a fit process: waiting for it) and imagining (with its PPO
+        updates) took, the share of this
         iteration's samples that were imagined, and the mean team reward per step, real and
         imagined.
     """
@@ -137,6 +144,9 @@ def practise(
         teams.append(float((img.rewards.sum(-1) * live).sum() / live.sum().clamp(min=1)))
         rank.learner.update(img, lr_frac=lr_frac)
         imagined += int(live.sum())
+    t2 = time.perf_counter()
+    practice.fit_behind()
+    fit_s = t1 - t0 + time.perf_counter() - t2
     if teams:
         stats["imagined_team_reward"] = sum(teams) / len(teams)
     if practice.weights_version is not None:  # on Ray: the actor's weights in use
@@ -147,8 +157,8 @@ def practise(
             stats["wm_weights_staleness"] = float(max(latest - practice.weights_version, 0))
     stats.update(
         imagined_share=imagined / (imagined + real),
-        wm_fit_s=t1 - t0,
-        wm_imagine_s=time.perf_counter() - t1,
+        wm_fit_s=fit_s,
+        wm_imagine_s=t2 - t1,
         real_team_reward=float(batch.rewards.sum(-1).mean()),
     )
     return stats
