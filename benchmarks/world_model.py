@@ -105,7 +105,9 @@ def run_arm(
             **ctx,
         )
     for mark in range(args.every, args.max_env_steps + 1, args.every):
-        values = [v for r in runs if (v := at_mark(r["evals"], "env_steps", mark)) is not None]
+        # A run counts at the marks it trained to (a time limit may end it sooner).
+        trained = [r for r in runs if r["evals"] and r["evals"][-1]["env_steps"] >= mark]
+        values = [v for r in trained if (v := at_mark(r["evals"], "env_steps", mark)) is not None]
         if values:
             lo, hi = bootstrap_ci(values)
             emit(f"{arm}_iqm_return_at_{mark}_steps", iqm(values), "team_return",

@@ -86,7 +86,10 @@ def _serve(conn: Connection, setup: bytes) -> None:
             }
         except BaseException:
             reply = {"error": traceback.format_exc()}
-        conn.send_bytes(_dumps(reply))
+        try:
+            conn.send_bytes(_dumps(reply))
+        except OSError:  # the rank closed the pipe (it stopped): nothing is waiting
+            return
 
 
 class FitProcess:
@@ -215,10 +218,15 @@ class FitProcess:
         return dict(reply["stats"])
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the child (it is a daemon, so it also ends with the rank)."""
-        proc, conn = self.proc, self.conn
+        """Stop the child (it is a daemon, so it also ends with the rank).
+
+        A fit still running is nobody's any more: its child is killed rather than waited for.
+        """
+        proc, conn, pending = self.proc, self.conn, self.pending
         self.proc = self.conn = None
         self.pending = False
+        if pending and proc is not None:
+            proc.kill()
         if conn is not None:
             try:
                 conn.send_bytes(_dumps({"stop": True}))

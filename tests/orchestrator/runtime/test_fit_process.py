@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import signal
 
 import pytest
 import torch
@@ -104,3 +105,12 @@ def test_a_run_fits_behind_its_collection_and_resumes(tmp_path) -> None:
     resumed = load_checkpoint(run_dir)["extra"]["world_model"]
     assert resumed["trainer"]["updates"] == 4 * 3  # a new child went on from the checkpoint
     assert any(not torch.equal(saved["model"][k], v) for k, v in resumed["model"].items())
+
+
+def test_closing_does_not_wait_for_a_fit_nobody_will_collect() -> None:
+    trainer, buffer, generator = _fit_pair()
+    proc = FitProcess(trainer, buffer, generator, torch.device("cpu"))
+    proc.start([], steps=100_000)
+    child = proc.proc
+    proc.close(timeout=600)  # waiting would let the fit finish and the child exit 0
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
