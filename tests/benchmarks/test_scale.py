@@ -21,3 +21,13 @@ def test_every_policy_names_a_preset_and_a_size_limit() -> None:
 
     for preset, _, largest in POLICIES.values():
         assert preset in preset_names() and largest >= 24
+
+
+@pytest.mark.parametrize("n_agents", [3, 6])
+def test_the_scripted_assignment_is_a_yardstick_above_random(n_agents: int) -> None:
+    from benchmarks.scale import _assignment, _eval
+
+    scripted, rand = _assignment(n_agents, episodes=20), _eval(None, n_agents, episodes=20)
+    # Matched agents driving to their landmarks close most of random's shortfall.
+    assert scripted["team_return"] > rand["team_return"] + 10 * scripted["stderr"]
+    assert scripted["per_agent"] == pytest.approx(scripted["team_return"] / n_agents)
