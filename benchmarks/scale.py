@@ -30,12 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from benchmarks.spread import emit, steps_per_s
+
+if TYPE_CHECKING:
+    from envs.spread import SpreadEnv
 
 SIZES = (3, 6, 12, 24, 48, 96)
 #: policy name -> (preset, overrides, largest N it is measured at)
@@ -167,23 +172,32 @@ def _train(preset: str, overrides: list[str], seconds: float, root: Path) -> Pat
     return run_dir
 
 
+def _native_episodes(
+    n_agents: int, episodes: int, act: Callable[[SpreadEnv], Tensor]
+) -> dict[str, float]:
+    """Team return of ``act`` over one whole episode of ``episodes`` native spread worlds."""
+    import envs
+    from envs.spread import SpreadEnv
+
+    env = envs.make("spread", num_envs=episodes, n_agents=n_agents, seed=12345)
+    assert isinstance(env, SpreadEnv)
+    env.reset(seed=12345)
+    total = torch.zeros(episodes)
+    for _ in range(env.max_episode_steps or 25):
+        total += env.step(act(env)).reward.sum(-1)
+    mean, stderr = float(total.mean()), float(total.std() / episodes**0.5)
+    return {"team_return": mean, "stderr": stderr, "per_agent": mean / n_agents}
+
+
 def _eval(run_dir: Path | None, n_agents: int, episodes: int) -> dict[str, float]:
     """Mean team return at ``n_agents`` on native spread (``None``: uniformly random)."""
     if run_dir is None:
-        import envs
-
-        env = envs.make("spread", num_envs=episodes, n_agents=n_agents, seed=12345)
-        env.reset(seed=12345)
-        total = torch.zeros(episodes)
         gen = torch.Generator().manual_seed(12345)
-        for _ in range(env.max_episode_steps or 25):
-            total += env.step(env.random_actions(gen)).reward.sum(-1)
-        mean, stderr = float(total.mean()), float(total.std() / episodes**0.5)
-    else:
-        from orchestrator.cli.evaluate import evaluate
+        return _native_episodes(n_agents, episodes, lambda env: env.random_actions(gen))
+    from orchestrator.cli.evaluate import evaluate
 
-        res = evaluate(run_dir, env_name="spread", n_agents=n_agents, episodes=episodes)
-        mean, stderr = res["mean"], res["stderr"]
+    res = evaluate(run_dir, env_name="spread", n_agents=n_agents, episodes=episodes)
+    mean, stderr = res["mean"], res["stderr"]
     return {"team_return": mean, "stderr": stderr, "per_agent": mean / n_agents}
 
 
@@ -198,29 +212,27 @@ def _assignment(n_agents: int, episodes: int) -> dict[str, float]:
     """
     from scipy.optimize import linear_sum_assignment
 
-    import envs
-    from envs.spread import _DISCRETE_U, DAMPING, DT, SENSITIVITY, SpreadEnv
+    from envs.spread import _DISCRETE_U, DAMPING, DT, SENSITIVITY
 
-    env = envs.make("spread", num_envs=episodes, n_agents=n_agents, seed=12345)
-    assert isinstance(env, SpreadEnv)
-    env.reset(seed=12345)
-    target = torch.empty_like(env.agent_pos)
-    dist = torch.cdist(env.agent_pos, env.landmark_pos)  # [B, agent, landmark]
-    for b in range(episodes):
-        rows, cols = linear_sum_assignment(dist[b].numpy())
-        target[b, torch.as_tensor(rows)] = env.landmark_pos[b, torch.as_tensor(cols)]
     accel = (torch.tensor(_DISCRETE_U) * SENSITIVITY).view(1, 1, 5, 2)
-    total = torch.zeros(episodes)
-    for _ in range(env.max_episode_steps or 25):
+    targets: list[Tensor] = []  # [B, N, 2] once the first step has seen the start
+
+    def act(env: SpreadEnv) -> Tensor:
+        if not targets:
+            target = torch.empty_like(env.agent_pos)
+            dist = torch.cdist(env.agent_pos, env.landmark_pos)  # [B, agent, landmark]
+            for b in range(dist.shape[0]):
+                rows, cols = linear_sum_assignment(dist[b].numpy())
+                target[b, torch.as_tensor(rows)] = env.landmark_pos[b, torch.as_tensor(cols)]
+            targets.append(target)
         p, v = env.agent_pos.unsqueeze(2), env.agent_vel.unsqueeze(2)
         p = p + v * DT  # mpe2 moves with the old velocity, then accelerates
         for _step in range(2):
             v = v * (1.0 - DAMPING) + accel * DT
             p = p + v * DT
-        action = (p - target.unsqueeze(2)).norm(dim=-1).argmin(-1)  # [B, N]
-        total += env.step(action).reward.sum(-1)
-    mean, stderr = float(total.mean()), float(total.std() / episodes**0.5)
-    return {"team_return": mean, "stderr": stderr, "per_agent": mean / n_agents}
+        return (p - targets[0].unsqueeze(2)).norm(dim=-1).argmin(-1)  # [B, N]
+
+    return _native_episodes(n_agents, episodes, act)
 
 
 def _size(n: int, agents_per_step: int) -> list[str]:
