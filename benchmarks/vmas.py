@@ -4,7 +4,8 @@ Run ``python -m benchmarks.vmas`` (needs ``pip install vmas``). For each scenari
 env-steps/s of VMAS called directly and of the same worlds through ``envs.make("vmas:...")``,
 measured in turns in the same run; then ``spread-gnn`` settings trained on
 ``vmas:navigation`` for ``--seconds``, and ``spread-gnn-swarm``'s (k-nearest edges, a graph
-critic) on ``vmas:flocking`` with ``--swarm-agents`` agents. One JSON line per result.
+critic) on ``vmas:discovery`` with ``--swarm-agents`` agents (half as many targets, each
+found when two agents reach it), given ``--swarm-seconds``. One JSON line per result.
 """
 
 from __future__ import annotations
@@ -116,20 +117,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-envs", type=int, default=512)
     p.add_argument("--seconds", type=float, default=60.0, help="training time")
-    p.add_argument("--swarm-agents", type=int, default=SWARM_AGENTS, help="flocking team size")
+    p.add_argument("--swarm-agents", type=int, default=SWARM_AGENTS, help="discovery team size")
+    p.add_argument("--swarm-seconds", type=float, default=300.0, help="swarm training time")
     args = p.parse_args(argv)
     for scenario in SCENARIOS:
         adapter_overhead(scenario, args.num_envs, seconds=2.0)
     training(args.seconds, args.num_envs)
-    # A swarm: spread-gnn-swarm's graph policy and critic (k-nearest edges) flocking.
+    # A swarm: spread-gnn-swarm's graph policy and critic (k-nearest edges) covering targets.
     n = args.swarm_agents
     training(
-        args.seconds,
+        args.swarm_seconds,
         max(1, 1536 // n),
-        scenario="flocking",
+        scenario="discovery",
         preset="spread-gnn-swarm",
         overrides=(),
-        scenario_kwargs={"n_agents": n},
+        scenario_kwargs={"n_agents": n, "n_targets": max(1, n // 2), "agents_per_target": 2},
     )
 
 
