@@ -173,18 +173,22 @@ def _train(preset: str, overrides: list[str], seconds: float, root: Path) -> Pat
 
 
 def _native_episodes(
-    n_agents: int, episodes: int, act: Callable[[SpreadEnv], Tensor]
+    n_agents: int, episodes: int, plan: Callable[[SpreadEnv], Callable[[], Tensor]]
 ) -> dict[str, float]:
-    """Team return of ``act`` over one whole episode of ``episodes`` native spread worlds."""
+    """Team return over one whole episode of ``episodes`` native spread worlds.
+
+    ``plan`` sees the worlds once, reset, and returns what acts at every step.
+    """
     import envs
     from envs.spread import SpreadEnv
 
     env = envs.make("spread", num_envs=episodes, n_agents=n_agents, seed=12345)
     assert isinstance(env, SpreadEnv)
     env.reset(seed=12345)
+    act = plan(env)
     total = torch.zeros(episodes)
     for _ in range(env.max_episode_steps or 25):
-        total += env.step(act(env)).reward.sum(-1)
+        total += env.step(act()).reward.sum(-1)
     mean, stderr = float(total.mean()), float(total.std() / episodes**0.5)
     return {"team_return": mean, "stderr": stderr, "per_agent": mean / n_agents}
 
@@ -193,7 +197,7 @@ def _eval(run_dir: Path | None, n_agents: int, episodes: int) -> dict[str, float
     """Mean team return at ``n_agents`` on native spread (``None``: uniformly random)."""
     if run_dir is None:
         gen = torch.Generator().manual_seed(12345)
-        return _native_episodes(n_agents, episodes, lambda env: env.random_actions(gen))
+        return _native_episodes(n_agents, episodes, lambda env: lambda: env.random_actions(gen))
     from orchestrator.cli.evaluate import evaluate
 
     res = evaluate(run_dir, env_name="spread", n_agents=n_agents, episodes=episodes)
@@ -215,24 +219,25 @@ def _assignment(n_agents: int, episodes: int) -> dict[str, float]:
     from envs.spread import _DISCRETE_U, DAMPING, DT, SENSITIVITY
 
     accel = (torch.tensor(_DISCRETE_U) * SENSITIVITY).view(1, 1, 5, 2)
-    targets: list[Tensor] = []  # [B, N, 2] once the first step has seen the start
 
-    def act(env: SpreadEnv) -> Tensor:
-        if not targets:
-            target = torch.empty_like(env.agent_pos)
-            dist = torch.cdist(env.agent_pos, env.landmark_pos)  # [B, agent, landmark]
-            for b in range(dist.shape[0]):
-                rows, cols = linear_sum_assignment(dist[b].numpy())
-                target[b, torch.as_tensor(rows)] = env.landmark_pos[b, torch.as_tensor(cols)]
-            targets.append(target)
-        p, v = env.agent_pos.unsqueeze(2), env.agent_vel.unsqueeze(2)
-        p = p + v * DT  # mpe2 moves with the old velocity, then accelerates
-        for _step in range(2):
-            v = v * (1.0 - DAMPING) + accel * DT
-            p = p + v * DT
-        return (p - targets[0].unsqueeze(2)).norm(dim=-1).argmin(-1)  # [B, N]
+    def plan(env: SpreadEnv) -> Callable[[], Tensor]:
+        target = torch.empty_like(env.agent_pos)  # [B, N, 2]
+        dist = torch.cdist(env.agent_pos, env.landmark_pos)  # [B, agent, landmark]
+        for b in range(dist.shape[0]):
+            rows, cols = linear_sum_assignment(dist[b].numpy())
+            target[b, torch.as_tensor(rows)] = env.landmark_pos[b, torch.as_tensor(cols)]
 
-    return _native_episodes(n_agents, episodes, act)
+        def act() -> Tensor:
+            p, v = env.agent_pos.unsqueeze(2), env.agent_vel.unsqueeze(2)
+            p = p + v * DT  # mpe2 moves with the old velocity, then accelerates
+            for _step in range(2):
+                v = v * (1.0 - DAMPING) + accel * DT
+                p = p + v * DT
+            return (p - target.unsqueeze(2)).norm(dim=-1).argmin(-1)  # [B, N]
+
+        return act
+
+    return _native_episodes(n_agents, episodes, plan)
 
 
 def _size(n: int, agents_per_step: int) -> list[str]:
