@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--swarm-agents", type=int, default=SWARM_AGENTS, help="discovery team size")
     p.add_argument("--swarm-seconds", type=float, default=300.0, help="swarm training time")
     args = p.parse_args(argv)
+    if args.swarm_agents < 2:
+        p.error(
+            f"--swarm-agents {args.swarm_agents}: discovery needs at least 2 agents "
+            "(2 must reach a target to find it)"
+        )
     for scenario in SCENARIOS:
         adapter_overhead(scenario, args.num_envs, seconds=2.0)
     training(args.seconds, args.num_envs)
