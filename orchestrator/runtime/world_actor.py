@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -31,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 1.0
 CHECKPOINT_EVERY_S = 10.0
+CHECKPOINT_FILE = "world_model.pt"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -121,26 +121,26 @@ class WorldModelActor:
     def checkpoint(self) -> Path:
         """Write the model, its optimiser and the counters, atomically."""
         final = checkpoint_dir(self.run_dir)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".world_model.", dir=final.parent))
+        final.mkdir(parents=True, exist_ok=True)
         state = {
             "model": self.model.state_dict(),
             "trainer": self.trainer.state_dict(),
             "counters": {"version": self.version, "transitions": self.transitions},
             "last_id": self.last_id,
         }
-        torch.save(state, tmp / "world_model.pt")
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=".world_model.old.", dir=final.parent))
-            os.rename(final, old / "world_model")
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fd, tmp = tempfile.mkstemp(prefix=".world_model.", suffix=".tmp", dir=final)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            # One rename over the old file: a kill at any moment leaves one whole checkpoint.
+            os.replace(tmp, final / CHECKPOINT_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return final
 
     def _restore(self) -> bool:
-        path = checkpoint_dir(self.run_dir) / "world_model.pt"
+        path = checkpoint_dir(self.run_dir) / CHECKPOINT_FILE
         if not path.is_file():
             return False
         state = torch.load(path, weights_only=True)

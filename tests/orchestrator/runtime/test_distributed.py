@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import ray
@@ -32,6 +32,7 @@ from orchestrator.config import Config, load_config
 from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
 from orchestrator.runtime.driver import run_training
 from orchestrator.runtime.placement import LearnerGroup
+from orchestrator.runtime.rundir import CONN_FILE
 from orchestrator.runtime.services import RedisServer
 from policies.groups import policy_from_meta, policy_meta
 
@@ -118,11 +119,16 @@ def descendants(pid: int) -> list[int]:
 class Background:
     """``run_training`` in a thread; ``result()`` re-raises what it raised."""
 
+    #: Runs not yet stopped; ``stop_background_runs`` ends them after each test.
+    live: ClassVar[list[Background]] = []
+
     def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
         self.out: dict[str, Any] = {}
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(cfg, run_dir), daemon=True)
         self.thread.start()
+        Background.live.append(self)
 
     def _run(self, cfg: Config, run_dir: Path) -> None:
         try:
@@ -136,6 +142,34 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.out
+
+    def stop(self, timeout: float = RUN_TIMEOUT) -> None:
+        """Ask the run to checkpoint and exit, as ``shoal stop`` does, and wait for it."""
+        if self.thread.is_alive():
+            url = self.cfg.redis.url
+            conn = self.run_dir / CONN_FILE
+            if url is None and conn.is_file():
+                url = json.loads(conn.read_text())["url"]
+            if url is not None:
+                with contextlib.suppress(Exception):  # its Redis may be what the test stopped
+                    client = connect(url, outage_timeout=5)
+                    try:
+                        RunState(client, self.run_dir.name).request_stop()
+                    finally:
+                        client.close()
+        self.thread.join(timeout)
+
+
+@pytest.fixture(autouse=True)
+def stop_background_runs() -> Iterator[None]:
+    """End the runs a test started, passed or failed.
+
+    A test that fails mid-run would otherwise leave its run training through the next tests
+    and, once the module's Ray instance shuts down under it, abort the whole session.
+    """
+    yield
+    while Background.live:
+        Background.live.pop().stop()
 
 
 def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int) -> None:

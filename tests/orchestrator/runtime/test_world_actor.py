@@ -13,11 +13,12 @@ import torch
 from agents.memory import RunState, WeightStore, connect
 from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
 from orchestrator.runtime.world_actor import checkpoint_dir
-from tests.orchestrator.runtime.test_distributed import (  # noqa: F401 - ray_instance: fixture
+from tests.orchestrator.runtime.test_distributed import (  # noqa: F401 - fixtures
     Background,
     new_run_dir,
     ray_instance,
     rows,
+    stop_background_runs,
     tiny,
     wait_for,
 )
