@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from policies.distributions import Distribution
-from policies.edges import NEIGHBOURS, build_neighbours
+from policies.edges import LIST_LAYOUTS, NEIGHBOURS, build_neighbours
 from policies.gnn import GNNActor, GNNCritic
 from policies.mlp import MLPActor, MLPCritic
 from policies.transformer import TransformerActor, TransformerCritic
@@ -244,7 +244,7 @@ class ActorCritic(Policy):
         if NEIGHBOURS in batch or NEIGHBOURS not in self.input_keys:
             return batch
         e = batch["node_pos"].shape[1]
-        if not any(layout(e) == "lists" for layout in self._layouts):
+        if not any(layout(e) in LIST_LAYOUTS for layout in self._layouts):
             return batch
         s = self.spec
         nbrs = build_neighbours(

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 EDGE_MODES = ("complete", "radius", "knn")
+#: Encoder layouts that read neighbour lists (the others build a dense adjacency).
+LIST_LAYOUTS = ("dense_lists", "lists")
 #: The batch key under which ``build_neighbours``'s lists travel with a rollout.
 NEIGHBOURS = "neighbours"
 #: Upper bound on ``B · chunk · E`` distances held at once while building neighbour lists.

@@ -6,9 +6,17 @@ every layer is permutation-equivariant over nodes: reorder the agents and the pe
 outputs reorder the same way.
 
 Each layer is PyG's ``TransformerConv`` (its parameters, its arithmetic), evaluated in the
-layout that is cheapest for the graph at hand: dense ``[B, E, E]`` scores for complete and
-small graphs, neighbour lists ``[B, E, K]`` for k-nearest and radius graphs of many nodes
-(cost ``B · E · K``, proportional to the edges), or PyG's own gather/scatter message passing.
+layout that is cheapest for the graph at hand:
+
+- ``dense``: ``[B, E, E]`` scores and a softmax over every sender the adjacency allows; the
+  layout of complete graphs, whose cost is ``E²`` however it is stored;
+- ``dense_lists``: k-nearest and radius graphs of up to ``LISTS_ABOVE`` nodes: the senders come
+  from neighbour lists ``[B, E, K]``, the scores and the weighted sum from two dense matrix
+  products, the softmax over the ``K`` listed senders only;
+- ``lists``: larger k-nearest and radius graphs: keys and values gathered per listed sender,
+  cost ``B · E · K``, proportional to the edges;
+- ``pyg``: PyG's own gather/scatter message passing (the reference the others are tested
+  against).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from torch_geometric.nn import TransformerConv
 
 from policies.edges import (
     EDGE_MODES,
+    LIST_LAYOUTS,
     batch_neighbours,
     build_adjacency,
     build_edges,
@@ -28,12 +37,42 @@ from policies.entity import EntityActor, EntityCritic
 from policies.mlp import mlp
 
 #: How a ``GraphEncoder`` evaluates its layers: chosen per call by ``"auto"``, or forced.
-GRAPH_PATHS = ("auto", "dense", "lists", "pyg")
-#: ``"auto"`` uses neighbour lists for k-nearest/radius graphs above this many nodes. Measured
-#: on 2 CPU cores (1536 agents a batch, k=4, hidden 32, forward + backward per agent): dense
-#: 6.0 us at 24 nodes against 7.4 us for lists, 9.8 against 7.2 at 48, 15.7 against 6.3 at
-#: 192. Lists cost the same per agent at every size; dense grows with the graph.
-LISTS_ABOVE = 32
+GRAPH_PATHS = ("auto", "dense", "dense_lists", "lists", "pyg")
+#: ``"auto"`` evaluates k-nearest and radius graphs of more nodes than this with gathers
+#: (``lists``), smaller ones with dense products (``dense_lists``). Measured on 2 CPU cores,
+#: training ``spread-gnn-swarm`` at 1536 agents a step (k=4, hidden 32; agent-steps/s, dense
+#: products against gathers): 33k against 25k at 48 nodes, 22-27k against 22-25k at 96 (a
+#: tie within run-to-run noise), 17k against 25k at 192. BLAS products over ``E²`` pairs beat
+#: memory-bound gathers over ``E · K`` edges until ``E`` is some 25 times ``K``.
+LISTS_ABOVE = 96
+
+
+def _project(
+    conv: TransformerConv, x: Tensor, pos: Tensor, r: int
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """Queries (and skip) of the first ``r`` nodes; keys, values and ``W_e pos`` of all.
+
+    Returns:
+        ``q [B, r, HC]``, ``skip [B, r, HC]`` or ``None``, ``k``, ``v``, ``wp`` ``[B, E, HC]``.
+    """
+    lin = torch.nn.functional.linear
+    hc = conv.heads * conv.out_channels
+    sends = [conv.lin_key, conv.lin_value]
+    receives = [conv.lin_query] + ([conv.lin_skip] if conv.root_weight else [])
+    wp = lin(pos, conv.lin_edge.weight)  # lin_edge has no bias
+    if r == x.shape[1]:  # one matmul for every projection
+        lins = receives + sends
+        q, *skip, k, v = lin(
+            x, torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins])
+        ).split(hc, dim=-1)
+    else:
+        q, *skip = lin(
+            x[:, :r], torch.cat([m.weight for m in receives]), torch.cat([m.bias for m in receives])
+        ).split(hc, dim=-1)
+        k, v = lin(
+            x, torch.cat([m.weight for m in sends]), torch.cat([m.bias for m in sends])
+        ).split(hc, dim=-1)
+    return q, (skip[0] if skip else None), k, v, wp
 
 
 def dense_transformer_conv(
@@ -60,14 +99,7 @@ def dense_transformer_conv(
     b, e, _ = x.shape
     h, c = conv.heads, conv.out_channels
     hc = h * c
-    # One matmul for query, key, value (and skip) instead of three or four.
-    lins = [conv.lin_query, conv.lin_key, conv.lin_value]
-    if conv.root_weight:
-        lins.append(conv.lin_skip)
-    weight = torch.cat([lin.weight for lin in lins])
-    b_all = torch.cat([lin.bias for lin in lins])
-    q, k, v, *skip = torch.nn.functional.linear(x, weight, b_all).split(hc, dim=-1)
-    wp = torch.nn.functional.linear(pos, conv.lin_edge.weight)  # W_e pos, lin_edge has no bias
+    q, skip, k, v, wp = _project(conv, x, pos, e)
     kp, vp = k + wp, v + wp
     # Heads to the batch dim: [B*H, E, C] (a copy only when H > 1).
     q, kp, vp, wq = (
@@ -86,7 +118,7 @@ def dense_transformer_conv(
     out = out.view(b, h, e, c).transpose(1, 2).reshape(b, e, hc)
     # A receiver without senders gets zero from PyG; here softmax spread it over padding.
     out = out * adj.any(-1, keepdim=True)
-    return out + skip[0] if skip else out
+    return out + skip if skip is not None else out
 
 
 def attention_bias(adj: Tensor) -> Tensor:
@@ -121,22 +153,7 @@ def neighbour_transformer_conv(
     h, c = conv.heads, conv.out_channels
     hc = h * c
     kk = neighbours.shape[-1]
-    lin = torch.nn.functional.linear
-    sends = [conv.lin_key, conv.lin_value]
-    receives = [conv.lin_query] + ([conv.lin_skip] if conv.root_weight else [])
-    wp = lin(pos, conv.lin_edge.weight)
-    if r == e:  # one matmul for every projection
-        lins = receives + sends
-        q, *skip, k, v = lin(
-            x, torch.cat([m.weight for m in lins]), torch.cat([m.bias for m in lins])
-        ).split(hc, dim=-1)
-    else:
-        q, *skip = lin(
-            x[:, :r], torch.cat([m.weight for m in receives]), torch.cat([m.bias for m in receives])
-        ).split(hc, dim=-1)
-        k, v = lin(
-            x, torch.cat([m.weight for m in sends]), torch.cat([m.bias for m in sends])
-        ).split(hc, dim=-1)
+    q, skip, k, v, wp = _project(conv, x, pos, r)
     neighbours = neighbours[:, :r]
     # Keys and values of each receiver's senders: [B, R, K, H, C].
     kj, vj = (gather_neighbours(t, neighbours).view(b, r, kk, h, c) for t in (k + wp, v + wp))
@@ -149,7 +166,57 @@ def neighbour_transformer_conv(
     # sum_j a_ij (v_j + W(pos_j - pos_i)) = sum_j a_ij (v_j + W pos_j) - W pos_i.
     out = (alpha.unsqueeze(-1) * vj).sum(2).reshape(b, r, hc) - wp[:, :r]
     out = out * valid.any(-1, keepdim=True)  # no senders: zero, as PyG gives
-    return out + skip[0] if skip else out
+    return out + skip if skip is not None else out
+
+
+def dense_neighbour_transformer_conv(
+    conv: TransformerConv, x: Tensor, neighbours: Tensor, pos: Tensor, receivers: int | None = None
+) -> Tensor:
+    """``neighbour_transformer_conv``'s result from dense matrix products.
+
+    Every receiver's scores against every node come from one ``bmm`` (``[B·H, R, E]``); the
+    ``K`` listed senders' scores are picked out of it, softmaxed, scattered back into a
+    mostly-zero ``[B·H, R, E]`` weight matrix, and a second ``bmm`` sums the values. This
+    does ``E / K`` times the arithmetic of gathering keys and values, but in BLAS instead of
+    memory-bound ``[B, R, K, C]`` products, so it is the faster layout for graphs of up to
+    ``LISTS_ABOVE`` nodes.
+
+    Args:
+        conv: the layer whose parameters are used.
+        x: ``[B, E, F]`` node features.
+        neighbours: ``[B, E, K]`` sender indices per receiver, ``-1`` for empty slots.
+        pos: ``[B, E, P]`` node positions.
+        receivers: compute the output of the first ``R`` nodes only.
+
+    Returns:
+        ``[B, R, heads * out_channels]`` (``R = E`` by default).
+    """
+    b, e, _ = x.shape
+    r = e if receivers is None else receivers
+    h, c = conv.heads, conv.out_channels
+    q, skip, k, v, wp = _project(conv, x, pos, r)
+
+    def per_head(t: Tensor) -> Tensor:  # [B, n, H*C] -> [B*H, n, C] (a copy only when H > 1)
+        return t.view(b, -1, h, c).transpose(1, 2).reshape(b * h, -1, c)
+
+    lists = neighbours[:, :r]
+    valid = lists >= 0
+    kk = lists.shape[-1]
+    # Heads share the lists; an empty slot points at node 0 with a zero weight.
+    index = lists.clamp(min=0).unsqueeze(1).expand(b, h, r, kk).reshape(b * h, r, kk)
+    valid_h = valid.unsqueeze(1).expand(b, h, r, kk).reshape(b * h, r, kk)
+    # q_i . (k_j + W pos_j); the -q_i . W pos_i term cancels in the softmax.
+    scores = torch.bmm(per_head(q), per_head(k + wp).transpose(1, 2)).gather(2, index)
+    scores = (scores * (1.0 / c**0.5)).masked_fill(~valid_h, -1e9)
+    alpha = torch.softmax(scores, dim=-1) * valid_h
+    # A sum, not an overwrite: empty slots add their zero to node 0's weight.
+    weights = torch.zeros(b * h, r, e, dtype=alpha.dtype, device=alpha.device)
+    weights = weights.scatter_add(2, index, alpha)
+    # sum_j a_ij (v_j + W(pos_j - pos_i)) = sum_j a_ij (v_j + W pos_j) - W pos_i.
+    out = torch.bmm(weights, per_head(v + wp)) - per_head(wp[:, :r])
+    out = out.view(b, h, r, c).transpose(1, 2).reshape(b, r, h * c)
+    out = out * valid.any(-1, keepdim=True)  # no senders: zero, as PyG gives
+    return out + skip if skip is not None else out
 
 
 class GraphEncoder(nn.Module):
@@ -165,9 +232,9 @@ class GraphEncoder(nn.Module):
         k: neighbours for knn graphs.
         max_neighbours: cap on senders per receiver for radius graphs.
         pos_dim: width of positions (2 for planar worlds).
-        path: ``"auto"`` (dense for complete graphs and graphs of at most ``LISTS_ABOVE``
-            nodes, neighbour lists otherwise), or one of ``"dense"``, ``"lists"``, ``"pyg"``
-            (PyG's gather/scatter message passing) to force a layout; all compute the same.
+        path: ``"auto"`` (``dense`` for complete graphs; for k-nearest and radius graphs
+            ``dense_lists`` up to ``LISTS_ABOVE`` nodes, ``lists`` beyond), or one of
+            ``GRAPH_PATHS`` to force a layout; all compute the same.
 
     Shapes:
         - input: ``nodes [B, E, F]``, ``node_pos [B, E, P]``, ``node_mask [B, E]``.
@@ -210,9 +277,9 @@ class GraphEncoder(nn.Module):
         """The layout ``forward`` uses for graphs of ``num_nodes`` nodes."""
         if self.path != "auto":
             return self.path
-        if self.edges == "complete" or num_nodes <= LISTS_ABOVE:
+        if self.edges == "complete":
             return "dense"
-        return "lists"
+        return "dense_lists" if num_nodes <= LISTS_ABOVE else "lists"
 
     def neighbours(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's neighbour lists, carried or freshly built.
@@ -225,7 +292,7 @@ class GraphEncoder(nn.Module):
         """Embeddings for every node, or for the first ``first`` nodes (``[B, first, hidden]``).
 
         With ``first``, the last layer is computed for those receivers only where the
-        layout allows it (neighbour lists): what an actor reads of its agents.
+        layout allows it (the neighbour-list layouts): what an actor reads of its agents.
         """
         out = self._forward(batch, first)
         return out if first is None else out[:, :first]
@@ -243,12 +310,17 @@ class GraphEncoder(nn.Module):
                 # Residual keeps a node's own features when it has no neighbours.
                 h = h + torch.relu(dense_transformer_conv(conv, h, adj, pos, bias))
             return h * mask.unsqueeze(-1)
-        if layout == "lists":
+        if layout in LIST_LAYOUTS:
+            layer = (
+                neighbour_transformer_conv
+                if layout == "lists"
+                else dense_neighbour_transformer_conv
+            )
             nbrs = self.neighbours(batch)
             last = len(self.convs) - 1
             for i, conv in enumerate(self.convs):
                 r = first if i == last and first is not None else e
-                h = h[:, :r] + torch.relu(neighbour_transformer_conv(conv, h, nbrs, pos, r))
+                h = h[:, :r] + torch.relu(layer(conv, h, nbrs, pos, r))
             return h * mask[:, : h.shape[1]].unsqueeze(-1)
         edge_index, edge_attr = build_edges(pos, mask, *edges)
         h = h.reshape(b * e, -1)

@@ -10,7 +10,13 @@ from torch_geometric.nn import TransformerConv
 import envs
 from policies import ActorCritic, PolicySpec
 from policies.edges import build_adjacency, build_edges, build_neighbours
-from policies.gnn import GraphEncoder, dense_transformer_conv, neighbour_transformer_conv
+from policies.gnn import (
+    LISTS_ABOVE,
+    GraphEncoder,
+    dense_neighbour_transformer_conv,
+    dense_transformer_conv,
+    neighbour_transformer_conv,
+)
 from policies.transformer import EntityTransformer
 
 
@@ -56,19 +62,26 @@ def test_radius_and_knn_edges_respect_masks_and_degree() -> None:
     assert not adj.diagonal(dim1=1, dim2=2).any()
 
 
+@pytest.mark.parametrize("layer", [neighbour_transformer_conv, dense_neighbour_transformer_conv])
 @pytest.mark.parametrize("root_weight", [True, False])
 @pytest.mark.parametrize("mode", ["knn", "radius"])
-def test_neighbour_lists_path_equals_pyg_transformer_conv(mode: str, root_weight: bool) -> None:
-    """Neighbour lists (the swarm layout) compute what PyG computes on the same edges."""
+def test_neighbour_list_layouts_equal_pyg_transformer_conv(
+    mode: str, root_weight: bool, layer
+) -> None:
+    """Both neighbour-list layouts (gathers; dense products) compute what PyG computes."""
     torch.manual_seed(0)
     x, pos, mask = _graph(b=4, e=9)
     conv = TransformerConv(8, 6, heads=3, edge_dim=2, root_weight=root_weight)
     nbrs = build_neighbours(pos, mask, mode, radius=1.0, k=3, max_neighbours=4)
-    lists = neighbour_transformer_conv(conv, x, nbrs, pos)
+    assert (nbrs < 0).all(-1).any()  # padded receivers: no senders at all
+    assert (nbrs < 0).any() and not (nbrs < 0).all(-1).all()
+    lists = layer(conv, x, nbrs, pos)
     edge_index, edge_attr = build_edges(pos, mask, mode, radius=1.0, k=3, max_neighbours=4)
     sparse = conv(x.reshape(-1, 8), edge_index, edge_attr).reshape(4, 9, 18)
     valid = mask.unsqueeze(-1)
     torch.testing.assert_close(lists * valid, sparse * valid, atol=1e-5, rtol=1e-5)
+    # The first receivers alone, as an actor's last layer asks: the same rows.
+    torch.testing.assert_close(layer(conv, x, nbrs, pos, 4), lists[:, :4], atol=1e-5, rtol=1e-5)
     params = list(conv.parameters())
     gl = torch.autograd.grad((lists * valid).square().sum(), params, allow_unused=True)
     gs = torch.autograd.grad((sparse * valid).square().sum(), params, allow_unused=True)
@@ -85,7 +98,7 @@ def test_encoder_layouts_agree(edges: str) -> None:
     x, pos, mask = _graph(b=3, e=10, f=5)
     batch = {"nodes": x, "node_pos": pos, "node_mask": mask}
     ref = GraphEncoder(5, hidden=16, layers=2, heads=2, edges=edges, k=3, path="pyg")
-    for path in ("dense", "lists", "auto"):
+    for path in ("dense", "dense_lists", "lists", "auto"):
         enc = GraphEncoder(5, hidden=16, layers=2, heads=2, edges=edges, k=3, path=path)
         enc.load_state_dict(ref.state_dict())
         torch.testing.assert_close(enc(batch), ref(batch), atol=1e-5, rtol=1e-5)
@@ -93,10 +106,11 @@ def test_encoder_layouts_agree(edges: str) -> None:
         torch.testing.assert_close(enc(batch, first=4), ref(batch)[:, :4], atol=1e-5, rtol=1e-5)
 
 
-def test_auto_layout_is_dense_for_small_and_complete_graphs_lists_for_large_sparse_ones() -> None:
+def test_auto_layout_is_dense_for_complete_graphs_and_lists_for_sparse_ones() -> None:
     assert GraphEncoder(5, edges="complete").layout(200) == "dense"
-    assert GraphEncoder(5, edges="knn").layout(6) == "dense"
-    assert GraphEncoder(5, edges="knn").layout(96) == "lists"
+    assert GraphEncoder(5, edges="knn").layout(6) == "dense_lists"
+    assert GraphEncoder(5, edges="radius").layout(LISTS_ABOVE) == "dense_lists"
+    assert GraphEncoder(5, edges="knn").layout(LISTS_ABOVE + 1) == "lists"
 
 
 def test_transformer_local_attention_over_everyone_is_full_attention() -> None:
@@ -119,6 +133,7 @@ def test_transformer_local_attention_over_everyone_is_full_attention() -> None:
     [
         ("gnn", "complete", "dense"),
         ("gnn", "complete", "pyg"),
+        ("gnn", "knn", "dense_lists"),
         ("gnn", "knn", "lists"),
         ("transformer", "knn", "lists"),
     ],  # fmt: skip
@@ -172,6 +187,8 @@ def test_prepared_neighbours_are_built_once_and_change_nothing() -> None:
     assert prepared["neighbours"].shape == (4, 48, 4) and model.prepare(prepared) is prepared
     torch.testing.assert_close(model.dist(prepared).logits, model.dist(obs).logits)
     torch.testing.assert_close(model.value(prepared), model.value(obs))
-    # Complete edges and small graphs need no lists.
+    # Small graphs read lists too; complete edges never do.
     small = envs.make("spread", num_envs=4, n_agents=3, seed=0).reset().as_dict()
-    assert "neighbours" not in model.prepare(small)
+    assert model.prepare(small)["neighbours"].shape == (4, 6, 4)
+    spec = PolicySpec("gnn", env.obs_dim, 0, env.node_dim, "discrete", 5, hidden=16)
+    assert "neighbours" not in ActorCritic(spec).prepare(obs)
