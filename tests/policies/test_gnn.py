@@ -113,19 +113,40 @@ def test_auto_layout_is_dense_for_complete_graphs_and_lists_for_sparse_ones() ->
     assert GraphEncoder(5, edges="knn").layout(LISTS_ABOVE + 1) == "lists"
 
 
-def test_transformer_local_attention_over_everyone_is_full_attention() -> None:
+@pytest.mark.parametrize("path", ["dense_lists", "lists"])
+def test_transformer_local_attention_over_everyone_is_full_attention(path: str) -> None:
     torch.manual_seed(4)
     x, pos, mask = _graph(b=3, e=7, f=5)
     batch = {"nodes": x, "node_pos": pos, "node_mask": mask}
     full = EntityTransformer(5, hidden=16, layers=2, heads=2)
-    local = EntityTransformer(5, hidden=16, layers=2, heads=2, edges="knn", k=6)
+    local = EntityTransformer(5, hidden=16, layers=2, heads=2, edges="knn", k=6, path=path)
     local.load_state_dict(full.state_dict())
     valid = mask.unsqueeze(-1)
     torch.testing.assert_close(local(batch) * valid, full(batch) * valid, atol=1e-5, rtol=1e-5)
     # With fewer neighbours it is a different (local) function of the same weights.
-    near = EntityTransformer(5, hidden=16, layers=2, heads=2, edges="knn", k=2)
+    near = EntityTransformer(5, hidden=16, layers=2, heads=2, edges="knn", k=2, path=path)
     near.load_state_dict(full.state_dict())
     assert not torch.allclose(near(batch) * valid, full(batch) * valid, atol=1e-3)
+
+
+@pytest.mark.parametrize("edges", ["knn", "radius"])
+def test_transformer_local_attention_layouts_agree(edges: str) -> None:
+    """Masked fused attention and gathered neighbours: the same values and gradients."""
+    torch.manual_seed(6)
+    x, pos, mask = _graph(b=3, e=12, f=5)
+    batch = {"nodes": x, "node_pos": pos, "node_mask": mask}
+    kw = {"hidden": 16, "layers": 2, "heads": 2, "edges": edges, "k": 3, "max_neighbours": 4}
+    gathered = EntityTransformer(5, **kw, path="lists")  # type: ignore[arg-type]
+    masked = EntityTransformer(5, **kw, path="dense_lists")  # type: ignore[arg-type]
+    masked.load_state_dict(gathered.state_dict())
+    a, b = gathered(batch), masked(batch)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), list(gathered.parameters()))
+    gb = torch.autograd.grad(b.square().sum(), list(masked.parameters()))
+    for p, q in zip(ga, gb, strict=True):
+        torch.testing.assert_close(q, p, atol=1e-3, rtol=1e-4)
+    assert EntityTransformer(5, edges="knn").layout(48) == "dense_lists"
+    assert EntityTransformer(5, edges="knn").layout(1000) == "lists"
 
 
 @pytest.mark.parametrize(
@@ -135,6 +156,7 @@ def test_transformer_local_attention_over_everyone_is_full_attention() -> None:
         ("gnn", "complete", "pyg"),
         ("gnn", "knn", "dense_lists"),
         ("gnn", "knn", "lists"),
+        ("transformer", "knn", "dense_lists"),
         ("transformer", "knn", "lists"),
     ],  # fmt: skip
 )
@@ -145,7 +167,7 @@ def test_encoder_is_permutation_equivariant(kind: str, edges: str, path: str) ->
     if kind == "gnn":
         enc: torch.nn.Module = GraphEncoder(5, 16, 2, 2, edges=edges, k=3, path=path)
     else:
-        enc = EntityTransformer(5, 16, 2, 2, edges=edges, k=3)
+        enc = EntityTransformer(5, 16, 2, 2, edges=edges, k=3, path=path)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     out = enc({"nodes": x, "node_pos": pos, "node_mask": mask})
     out_p = enc({"nodes": x[:, perm], "node_pos": pos[:, perm], "node_mask": mask[:, perm]})
