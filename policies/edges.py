@@ -6,8 +6,9 @@ Edges are rebuilt from ``node_pos`` on every step, in one of two layouts:
   sensible one for complete graphs, whose cost is ``E²`` however it is stored;
 - **neighbour lists** ``[B, E, K]`` (``build_neighbours``): the ``K`` senders of each
   receiver (k nearest, or the nearest within a radius), ``-1`` where a receiver has fewer.
-  Layers that read them cost ``B · E · K``, proportional to the edges used, so a swarm of
-  100 agents costs per agent what a team of 3 does.
+  Layers read them through dense products up to ~100 entities, and beyond by gathering each
+  listed sender, at a cost ``B · E · K`` proportional to the edges used, so a swarm of 100
+  agents costs per agent about what a team of 3 does.
 
 Neighbour lists come from a batched top-k over squared distances, taken over chunks of
 receivers so memory stays ``O(B · chunk · E)`` rather than ``B · E²``. Measured on 2 CPU cores
