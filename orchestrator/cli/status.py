@@ -21,7 +21,7 @@ from rich.table import Table
 from orchestrator.runtime.rundir import CONN_FILE, SUMMARY_FILE, find_run
 
 
-def _connect_for(target: str | None, redis_url: str | None) -> tuple[Any, str | None]:
+def connect_for(target: str | None, redis_url: str | None) -> tuple[Any, str | None]:
     """Find the Redis that holds ``target`` (a run dir or run id)."""
     from agents.memory import connect
 
@@ -65,7 +65,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     table = Table("run", "status", "env steps", "steps/s", "return", "heartbeat")
     args.run = args.run and find_run(args.run, args.runs_dir)
-    client, run_id = _connect_for(args.run, args.redis_url)
+    client, run_id = connect_for(args.run, args.redis_url)
     try:
         if client is not None:
             ids = [run_id] if run_id else list_runs(client)
@@ -79,7 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             dirs = [Path(args.run)] if args.run else _local_runs(Path(args.runs_dir))
             for d in dirs:
                 if (d / CONN_FILE).is_file():
-                    c, local_id = _connect_for(str(d), None)
+                    c, local_id = connect_for(str(d), None)
                     try:
                         table.add_row(*_row(RunState(c, local_id or d.name).get()))
                     except Exception as e:  # noqa: BLE001 - a dead run must not hide the others
@@ -127,7 +127,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     console = Console(soft_wrap=True)
     target = find_run(args.run, args.runs_dir)
-    client, run_id = _connect_for(target, args.redis_url)
+    client, run_id = connect_for(target, args.redis_url)
     summary = Path(target) / SUMMARY_FILE
     if client is None and summary.is_file():
         reason = json.loads(summary.read_text()).get("reason")

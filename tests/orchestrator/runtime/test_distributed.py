@@ -28,11 +28,11 @@ import torch
 from agents.memory import ReplayStream, RunState, WeightStore, connect
 from agents.ppo import Learner
 from agents.rollout import RolloutWorker
+from orchestrator.cli.status import connect_for
 from orchestrator.config import Config, load_config
 from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
 from orchestrator.runtime.driver import run_training
 from orchestrator.runtime.placement import LearnerGroup
-from orchestrator.runtime.rundir import CONN_FILE
 from orchestrator.runtime.services import RedisServer
 from policies.groups import policy_from_meta, policy_meta
 
@@ -146,15 +146,11 @@ class Background:
     def stop(self, timeout: float = RUN_TIMEOUT) -> None:
         """Ask the run to checkpoint and exit, as ``shoal stop`` does, and wait for it."""
         if self.thread.is_alive():
-            url = self.cfg.redis.url
-            conn = self.run_dir / CONN_FILE
-            if url is None and conn.is_file():
-                url = json.loads(conn.read_text())["url"]
-            if url is not None:
-                with contextlib.suppress(Exception):  # its Redis may be what the test stopped
-                    client = connect(url, outage_timeout=5)
+            with contextlib.suppress(Exception):  # its Redis may be what the test stopped
+                client, run_id = connect_for(str(self.run_dir), self.cfg.redis.url)
+                if client is not None:
                     try:
-                        RunState(client, self.run_dir.name).request_stop()
+                        RunState(client, run_id).request_stop()
                     finally:
                         client.close()
         self.thread.join(timeout)

@@ -13,7 +13,7 @@ import torch
 
 from agents.memory import RunState, WeightStore, connect
 from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
-from orchestrator.runtime.world_actor import checkpoint_dir
+from orchestrator.runtime.world_actor import CHECKPOINT_FILE, checkpoint_dir
 from tests.orchestrator.runtime.test_distributed import (  # noqa: F401 - fixtures
     Background,
     new_run_dir,
@@ -71,7 +71,7 @@ def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_p
     assert all(lag >= 0 and lag == int(lag) for lag in lags())  # whole versions behind
 
     # It checkpoints itself every few seconds; kill it once it has.
-    saved_at = checkpoint_dir(run_dir) / "world_model.pt"
+    saved_at = checkpoint_dir(run_dir) / CHECKPOINT_FILE
     wait_for(saved_at.is_file, 60, "the world-model actor's first checkpoint")
     os.kill(before["pid"], signal.SIGKILL)
     after = wait_for(
@@ -94,7 +94,7 @@ def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_p
         client.close()
     summary = run.result()
     assert summary["reason"] == "stop requested"
-    saved = torch.load(checkpoint_dir(run_dir) / "world_model.pt", weights_only=True)
+    saved = torch.load(checkpoint_dir(run_dir) / CHECKPOINT_FILE, weights_only=True)
     assert saved["counters"]["version"] >= later["version"]
     assert saved["trainer"]["updates"] >= later["updates"]
 
