@@ -43,6 +43,11 @@ class PPOConfig(BaseModel):
     gamma: float = Field(0.99, ge=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
     clip: float = Field(0.2, gt=0)
+    dual_clip: float | None = Field(3.0, gt=1)
+    """Bound on the ratio's pull for negative advantages (dual-clip PPO, Ye et al., 2020):
+    past ``dual_clip`` a sample gives no gradient. PPO's clip bounds the ratio above only for
+    positive advantages, so one sample of a once-rare action whose probability grew 75-fold
+    can outweigh a whole minibatch; ``null`` is plain PPO."""
     value_clip: float = Field(0.2, gt=0)
     vf_coef: float = Field(1.0, ge=0)
     ent_coef: float = Field(0.01, ge=0)
@@ -158,6 +163,8 @@ class Learner(OptimizerState):
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
         self.all_reduce_mean = all_reduce_mean or _identity
         self.updates = 0
+        self.trace: list[dict[str, Any]] | None = None
+        """Set to a list to record one diagnostic record per update (``run.update_log``)."""
 
     @property
     def device(self) -> torch.device:
@@ -240,6 +247,9 @@ class Learner(OptimizerState):
         )
         vn = model.value_norm
         index = self._unit_of_agent
+        record: dict[str, Any] | None = None
+        if self.trace is not None:
+            record = _batch_record(batch, adv, returns, alive, vn)
         if cfg.value_norm:
             # Fold global (all-rank) statistics into the normaliser, identically on every rank.
             if isinstance(vn, GroupValueNorm):
@@ -250,6 +260,8 @@ class Learner(OptimizerState):
                 vn.update_from_moments(mean, std.square() + mean.square())
         target = vn.normalize(returns) if cfg.value_norm else returns
         old_v = vn.normalize(values) if cfg.value_norm else values
+        if record is not None:
+            record["value_norm_after"] = _norm_stats(vn)
         if cfg.adv_norm:
             if index is not None:
                 mean, std, _ = self._unit_mean_std(adv, alive)
@@ -265,6 +277,10 @@ class Learner(OptimizerState):
         stats: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
         stats.update(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0)
         kl_max = 0.0
+        per_mb: dict[str, list[float]] = {
+            k: []
+            for k in ("kl", "clip_frac", "grad_norm", "entropy", "ratio_max", "neg_adv_weight")
+        }
         n_mb, stopped = 0, False
         planned = cfg.epochs * min(cfg.minibatches, t_len)
         for _ in range(cfg.epochs):
@@ -286,6 +302,8 @@ class Learner(OptimizerState):
                 ratio = log_ratio.exp()
                 a = adv[idx].flatten(0, 1)
                 pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+                if cfg.dual_clip is not None:
+                    pg = torch.where(a < 0, pg.clamp(max=-cfg.dual_clip * a), pg)
                 if weight is not None:
                     pg = pg * weight[idx].flatten(0, 1)
                 policy_loss = (pg * mb_alive).sum() / count
@@ -314,6 +332,18 @@ class Learner(OptimizerState):
                     kl_max = max(kl_max, kl.item())
                     stats["clip_frac"] += ((clipped * mb_alive).sum() / count).item()
                     stats["grad_norm"] += float(grad_norm)
+                    if record is not None:
+                        per_mb["kl"].append(kl.item())
+                        per_mb["clip_frac"].append(((clipped * mb_alive).sum() / count).item())
+                        per_mb["grad_norm"].append(float(grad_norm))
+                        per_mb["entropy"].append(entropy.item())
+                        # The largest ratio, and the gradient weight of negative-advantage
+                        # samples (their |A| * ratio), which the clip leaves unbounded above.
+                        live = mb_alive > 0
+                        per_mb["ratio_max"].append(float(ratio[live].max()))
+                        neg = (a < 0) & live & (ratio > 1 + cfg.clip)
+                        weight_neg = (ratio * a.abs() * neg).sum() / count
+                        per_mb["neg_adv_weight"].append(float(weight_neg))
                 n_mb += 1
                 if cfg.target_kl is not None:
                     # Every rank sees the same mean KL, so all stop at the same minibatch.
@@ -331,4 +361,43 @@ class Learner(OptimizerState):
         out["minibatches_done"] = n_mb / planned  # below 1 when target_kl stopped the update
         if not all(math.isfinite(v) for v in out.values()):
             raise FloatingPointError(f"non-finite training statistics: {out}")
+        if record is not None and self.trace is not None:
+            record.update(update=self.updates, lr=out["lr"], minibatches=per_mb)
+            self.trace.append(record)
         return out
+
+
+def _norm_stats(vn: Any) -> list[float]:
+    """A value normaliser's ``[mean, std]`` (flattened over policies for grouped models)."""
+    stats = getattr(vn, "_stats", None)
+    if stats is None:
+        return []
+    mean, std = stats()
+    return [*mean.flatten().tolist(), *std.flatten().tolist()]
+
+
+@torch.no_grad()
+def _batch_record(
+    batch: RolloutBatch, adv: Tensor, returns: Tensor, alive: Tensor, vn: Any
+) -> dict[str, Any]:
+    """What an update learns from, before it changes anything (``run.update_log``)."""
+    m = alive.to(adv.dtype)
+    count = m.sum().clamp(min=1.0)
+
+    def moments(x: Tensor) -> list[float]:
+        mean = (x * m).sum() / count
+        return [float(mean), float((((x - mean) * m).square().sum() / count).sqrt())]
+
+    ended = batch.terminated.all(-1) | batch.truncated
+    terminated = (batch.terminated.all(-1) & ~batch.truncated).sum()
+    return {
+        "episode_return": float(batch.episode_returns.mean())
+        if batch.episode_returns.numel()
+        else math.nan,
+        "advantage": moments(adv),
+        "returns": moments(returns),
+        "values": moments(batch.values),
+        "value_norm_before": _norm_stats(vn),
+        "terminated_share": float(terminated / ended.sum().clamp(min=1)),
+        "episodes_ended": int(ended.sum()),
+    }

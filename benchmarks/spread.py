@@ -13,6 +13,7 @@ env.num_envs=256`` (``env.num_envs`` is per rollout worker).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -96,23 +97,33 @@ def baseline_returns(episodes: int = 100, seed: int = 12345) -> dict[str, float]
 
 def train_and_evaluate(
     preset: str,
-    time_limit: float,
+    time_limit: float | None,
     overrides: list[str],
     eval_episodes: int = 100,
     inspect: Callable[[Path], None] | None = None,
+    env_steps: int | None = None,
+    eval_every_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``preset`` for ``time_limit`` wall seconds, checkpointing every 10 s.
+    """Train ``preset`` for ``time_limit`` wall seconds or ``env_steps``, then evaluate.
 
-    Evaluation happens afterwards, on real mpe2, so it never eats into training time.
+    Checkpoints fall every ``eval_every_steps`` env steps when given, else every 10 s; each
+    is evaluated afterwards on real mpe2, so evaluation never eats into training time. Every
+    iteration's training return is kept too (``train``: ``env_steps`` and ``episode_return``
+    pairs from the run's ``metrics.csv``).
     """
     tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
     try:
         common = [
-            f"train.time_limit_s={time_limit}",
-            "train.total_env_steps=1000000000",
-            "run.checkpoint_every_s=10",
+            f"train.total_env_steps={env_steps or 1_000_000_000}",
             "run.keep_checkpoints=1000",
             "run.progress=false",
+            "run.log_every_s=1e-9",  # a metrics row every iteration
+            *([f"train.time_limit_s={time_limit}"] if time_limit else []),
+            *(
+                [f"run.checkpoint_every_steps={eval_every_steps}", "run.checkpoint_every_s=1e9"]
+                if eval_every_steps
+                else ["run.checkpoint_every_s=10"]
+            ),
         ]
         distributed = runs_on_ray(load_config(preset, overrides))
         extra = RAY_QUIET if distributed else ["redis.enabled=false"]
@@ -141,12 +152,18 @@ def train_and_evaluate(
             inspect(run_dir)
         best = run_dir / "checkpoints" / "best"  # kept by the run's own periodic evaluation
         best_eval = evaluate(best, episodes=eval_episodes) if best.is_dir() else None
+        with open(run_dir / "metrics.csv", newline="") as fh:
+            train = [
+                (float(r["env_steps"]), float(r["episode_return"] or "nan"))
+                for r in csv.DictReader(fh)
+            ]
         return {
             "best": best_eval and {k: best_eval[k] for k in ("env_steps", "wall_time", "mean")},
             "cfg": cfg,
             "summary": summary,
             "setup_s": setup_s,
             "evals": evals,
+            "train": train,
             "reached": reached,
             "sps": summary["steps_this_session"] / summary["train_seconds"],
         }

@@ -312,9 +312,17 @@ class RunConfig(_Section):
     eval_every_s: float | None = Field(10.0, gt=0)
     """Evaluate the policy this often on the run's own env and keep the best one as
     ``checkpoints/best`` (``shoal eval`` uses it); ``null`` turns it off."""
+    eval_every_steps: int | None = Field(None, ge=1)
+    """Evaluate each time the env-step counter passes a multiple of this instead, so that
+    evaluations (and so ``checkpoints/best``) fall at the same env steps on every machine;
+    ``null``: by ``eval_every_s``."""
     eval_episodes: int = Field(200, ge=1)
     """Episodes per evaluation, all stepped together (one batched rollout on native envs)."""
     log_every_s: float = Field(2.0, gt=0)
+    update_log: bool = False
+    """Write one JSON line per update to ``RUN_DIR/updates.jsonl``: the batch's return,
+    advantage and value-target scale, the value normaliser before and after, and each
+    minibatch's KL, clip fraction, entropy and gradient norm before clipping (diagnosis)."""
     render_every_s: float | None = Field(None, gt=0)
     """Film an episode of the current policy this often, and once at the end, into
     ``RUN_DIR/videos/step-<env steps>.<render_format>`` (as ``shoal render`` draws it);

@@ -56,7 +56,9 @@ class BestTracker:
 
 
 def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | None:
-    """The evaluation ``run_loop`` calls on rank 0; ``None`` with ``run.eval_every_s=null``.
+    """The evaluation ``run_loop`` calls on rank 0; ``None`` when evaluation is off.
+
+    Off means neither ``run.eval_every_s`` nor ``run.eval_every_steps`` is set.
 
     Returns:
         A function returning ``eval_return`` (this evaluation's mean team return),
@@ -64,7 +66,7 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
         ``checkpoints/best`` when ``eval_return`` is a new best.
     """
     cfg = rank.cfg
-    if cfg.run.eval_every_s is None:
+    if cfg.run.eval_every_s is None and cfg.run.eval_every_steps is None:
         return None
     n = cfg.run.eval_episodes
     env = cfg.env.make(n, EVAL_SEED, rank.device)

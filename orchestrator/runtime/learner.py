@@ -13,6 +13,7 @@ Nothing here imports Ray or Redis at module level: the in-process path runs with
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -198,6 +199,8 @@ class LearnerRank:
         self.learner = Learner(
             self.model, cfg.train, train_model=train_model, all_reduce_mean=all_reduce_mean
         )
+        if cfg.run.update_log and self.rank == 0:
+            self.learner.trace = []
         self.practice = None
         if cfg.world_model.enabled:
             real = cfg.train.rollout_len * (cfg.env.num_envs // self.world_size)
@@ -417,6 +420,15 @@ class LearnerRank:
         names = [rollout_name(i) for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
         return ActorRollouts(cfg, names, self.namespace)
 
+    def _write_trace(self, env_steps: int) -> None:
+        """Append the learner's per-update records to ``updates.jsonl`` (``run.update_log``)."""
+        trace = self.learner.trace
+        assert trace is not None
+        with open(self.run_dir / "updates.jsonl", "a") as fh:
+            for record in trace:
+                fh.write(json.dumps({"env_steps": env_steps, **record}) + "\n")
+        trace.clear()
+
     def _group_return_sums(self, batch: RolloutBatch) -> dict[str, float]:
         """Each agent group's return summed over the batch's finished episodes.
 
@@ -447,6 +459,8 @@ class LearnerRank:
         staleness = self.version - batch.weights_version
         t0 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
+        if self.learner.trace:
+            self._write_trace(int(counters["env_steps"]) + batch.env_steps * self.world_size)
         if self.practice is not None:
             steps = int(self.counters["env_steps"])
             stats.update(world.practise(self.practice, self, batch, steps, lr_frac))

@@ -8,6 +8,7 @@ the bookkeeping.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import Config
-from orchestrator.runtime.metrics import Metrics
+from orchestrator.runtime.metrics import Fall, Metrics
 
 
 class FatalRunError(RuntimeError):
@@ -88,6 +89,16 @@ def _same(reason: str | None) -> str | None:
     return reason
 
 
+def crossed(every: int | None, env_steps: int, steps: int) -> bool:
+    """Whether the last ``steps`` took the counter past a multiple of ``every``."""
+    return every is not None and env_steps // every > (env_steps - steps) // every
+
+
+def _fall(counters: dict[str, Any], key: str) -> Fall:
+    best, largest = counters.get(key, (None, 0.0))
+    return Fall((best, float(largest)))
+
+
 def run_loop(
     cfg: Config,
     counters: dict[str, Any],
@@ -113,9 +124,10 @@ def run_loop(
         agree: turns this process's stop reason into the one every rank acts on (identity
             on one rank; a broadcast from rank 0 in a learner group).
         time_limit_s: stop after this many seconds of this loop.
-        evaluate: called every ``run.eval_every_s`` (rank 0), or less often when its
-            ``eval_s`` is more than a tenth of that; its statistics join that iteration's
-            row, which is logged whatever ``run.log_every_s`` says.
+        evaluate: called each time the env-step counter passes a multiple of
+            ``run.eval_every_steps`` (rank 0); without it every ``run.eval_every_s``, or less
+            often when its ``eval_s`` is more than a tenth of that. Its statistics join that
+            iteration's row, which is logged whatever ``run.log_every_s`` says.
         film: writes a video of the current policy and returns the seconds it took; called
             every ``run.render_every_s`` (rank 0), spaced like ``evaluate``, and once more when
             the run ends other than by an interrupt or a failure.
@@ -135,6 +147,8 @@ def run_loop(
     ckpt_path: Path | None = None
     pending: dict[str, float] | None = None
     failed = False
+    # Stability as it happens: every iteration's training return, not only logged rows.
+    train_fall, eval_fall = _fall(counters, "return_fall"), _fall(counters, "eval_return_fall")
     try:
         with sigterm_as_interrupt():
             while counters["env_steps"] < total:
@@ -161,13 +175,22 @@ def run_loop(
                     "env_steps_per_s": window_steps / max(now - window_t, 1e-9),
                     **stats,
                 }
-                evaluated = evaluate is not None and now - last_eval >= eval_every
+                row["return_fall"] = train_fall.add(row.get("episode_return", math.nan))
+                counters["return_fall"] = train_fall.state
+                if cfg.run.eval_every_steps is not None:
+                    evaluated = crossed(cfg.run.eval_every_steps, counters["env_steps"], steps)
+                else:
+                    evaluated = now - last_eval >= eval_every
                 if evaluate is not None and evaluated:
                     row.update(evaluate())
+                    row["eval_return_fall"] = eval_fall.add(row["eval_return"])
+                    counters["eval_return_fall"] = eval_fall.state
                     last_eval = time.monotonic()
                     # On an env stepped in a Python loop an evaluation can cost seconds: space
                     # them so they never take more than a tenth of the run.
                     eval_every = max(cfg.run.eval_every_s or 0.0, 10 * row.get("eval_s", 0.0))
+                else:
+                    evaluated = False
                 if film is not None and now - last_film >= film_every:
                     film_every = max(cfg.run.render_every_s or 0.0, 10 * film())
                     last_film = time.monotonic()
@@ -176,13 +199,9 @@ def run_loop(
                     metrics.log(row)
                     pending = None
                     last_log, window_steps, window_t = now, 0, now
-                every_steps = cfg.run.checkpoint_every_steps
-                crossed = every_steps is not None and (
-                    counters["env_steps"] // every_steps
-                    > (counters["env_steps"] - steps) // every_steps
-                )
+                by_steps = crossed(cfg.run.checkpoint_every_steps, counters["env_steps"], steps)
                 if checkpoint is not None and (
-                    crossed or now - last_ckpt >= cfg.run.checkpoint_every_s
+                    by_steps or now - last_ckpt >= cfg.run.checkpoint_every_s
                 ):
                     ckpt_path = checkpoint()
                     last_ckpt = now

@@ -130,6 +130,30 @@ class TensorBoardSink:
         self.writer.close()
 
 
+class Fall:
+    """The largest fall of a stream of returns below its best so far (0 while it never falls).
+
+    The run's stability as a user sees it: fed every iteration's training return (each the
+    mean of thousands of episodes, so a fall is real), or every evaluation. ``state`` is
+    ``(best, largest fall)``, saved with the run's counters so a resumed run goes on.
+    """
+
+    def __init__(self, state: tuple[float | None, float] = (None, 0.0)) -> None:
+        self.best, self.largest = state
+
+    def add(self, value: float) -> float:
+        """Take the next return (NaN is skipped); returns the largest fall so far."""
+        if math.isfinite(value):
+            self.best = value if self.best is None else max(self.best, value)
+            self.largest = max(self.largest, self.best - value)
+        return self.largest
+
+    @property
+    def state(self) -> tuple[float | None, float]:
+        """``(best, largest fall)``."""
+        return self.best, self.largest
+
+
 def _finite_return(row: dict[str, float], last: float) -> float:
     """The row's team return, or ``last`` when no episode ended in its batch (NaN)."""
     value = row.get("episode_return", math.nan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -234,3 +236,59 @@ def test_a_kl_early_stop_ends_an_update_whose_kl_exceeds_the_target() -> None:
     model.load_state_dict(init)
     generous = Learner(model, PPOConfig(lr=3e-2, epochs=4, minibatches=2, target_kl=10.0))
     assert generous.update(batch)["minibatches_done"] == 1.0
+
+
+def _one_sample_batch(advantage_sign: float, ratio: float) -> tuple[ActorCritic, RolloutBatch]:
+    """A one-step batch whose one action's acting probability was ``1/ratio`` of today's."""
+    env, model = _setup(num_envs=1, seed=4)
+    batch = RolloutWorker(env, model, rollout_len=1, seed=4).collect()
+    with torch.no_grad():
+        dist, _ = model({k: v.flatten(0, 1) for k, v in batch.obs.items()})
+        logp = dist.log_prob(batch.actions.flatten(0, 1)).view_as(batch.logp)
+    batch.logp = logp - math.log(ratio)
+    # Rewards far from the critic's guess give every agent an advantage of that sign.
+    batch.rewards = torch.full_like(batch.rewards, 100.0 * advantage_sign)
+    batch.truncated[:] = False
+    batch.terminated[:] = True
+    return model, batch
+
+
+@pytest.mark.parametrize("dual_clip", [3.0, None])
+def test_dual_clip_cuts_the_pull_of_a_grown_ratio_on_a_negative_advantage(dual_clip) -> None:
+    # Ratio 75 (a once-rare action grown 75-fold) with a negative advantage: plain PPO's loss
+    # is ratio * |A| and its gradient grows with the ratio; the dual clip holds it at 3 |A|.
+    model, batch = _one_sample_batch(-1.0, 75.0)
+    cfg = PPOConfig(epochs=1, minibatches=1, adv_norm=False, value_norm=False, vf_coef=0.0,
+                    ent_coef=0.0, dual_clip=dual_clip, lr=1e-3)  # fmt: skip
+    learner = Learner(model, cfg)
+    actor = [p for n, p in model.named_parameters() if n.startswith("actor")]
+    before = [p.detach().clone() for p in actor]
+    stats = learner.update(batch)
+    moved = any(not torch.equal(p, b) for p, b in zip(actor, before, strict=True))
+    assert moved == (dual_clip is None)  # the guard triggers: no gradient reaches the actor
+    if dual_clip is not None:
+        assert stats["policy_loss"] == pytest.approx(dual_clip * 100.0, rel=0.05)
+
+
+def test_dual_clip_leaves_positive_advantages_to_the_ordinary_clip() -> None:
+    model, batch = _one_sample_batch(1.0, 75.0)  # clipped at 1 + clip already: no gradient
+    cfg = PPOConfig(epochs=1, minibatches=1, vf_coef=0.0, ent_coef=0.0, value_norm=False,
+                    adv_norm=False)  # fmt: skip
+    stats = Learner(model, cfg).update(batch)
+    assert stats["policy_loss"] < 0 and stats["clip_frac"] == 1.0
+
+
+def test_update_log_records_every_minibatch() -> None:
+    env, model = _setup()
+    learner = Learner(model, PPOConfig(epochs=2, minibatches=3))
+    learner.trace = []
+    batch = RolloutWorker(env, model, rollout_len=6, seed=5).collect()
+    learner.update(batch)
+    learner.update(batch)
+    first, second = learner.trace
+    assert (first["update"], second["update"]) == (1, 2)
+    assert all(len(v) == 6 for v in first["minibatches"].values())  # 2 epochs x 3
+    assert first["minibatches"]["kl"][0] == 0.0  # the first step starts at the acting policy
+    assert len(first["value_norm_before"]) == len(first["value_norm_after"]) == 2
+    assert first["value_norm_before"] != first["value_norm_after"]
+    assert first["terminated_share"] == 0.0 and first["episodes_ended"] == 16  # 5-step limits

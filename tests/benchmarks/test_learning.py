@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.learning import at_mark, seed_figures
+import math
+
+from benchmarks.learning import at_mark, seed_figures, train_fall_after_target
 
 EVALS = [
     {"wall_time": 10.4, "env_steps": 150_000, "mean": -60.0},
@@ -27,3 +29,29 @@ def test_seed_figures() -> None:
     assert f["largest_drop"] == 8.0 and f["best_to_last_drop"] == 3.0
     never = seed_figures([{"wall_time": 10, "env_steps": 1, "mean": -70.0}])
     assert never["seconds_to_target"] is None and never["largest_drop"] == 0.0
+
+
+def test_a_step_mark_takes_the_checkpoint_placed_at_it_up_to_one_batch_past() -> None:
+    # Checkpoints fall at the first iteration (12,800 steps) past each 150k.
+    assert at_mark(EVALS, "env_steps", 290_000, slack=12_800) == -44.0
+    assert at_mark(EVALS, "env_steps", 280_000, slack=12_800) == -60.0
+
+
+def test_training_fall_counts_from_the_first_iteration_at_the_target() -> None:
+    nan = math.nan
+    train = [
+        (0, -60.0),
+        (1, -80.0),
+        (2, -70.0),
+        (3, nan),
+        (4, -44.0),
+        (5, -33.0),
+        (6, -40.0),
+        (7, -31.0),
+    ]
+    assert train_fall_after_target(train) == 7.0  # -33 then -40
+    assert train_fall_after_target([(1, -90.0), (2, -50.0), (3, -80.0)]) is None  # never there
+    # The climb before the target is not a fall, however noisy.
+    assert train_fall_after_target([(1, -60.0), (2, -75.0), (3, -45.0), (4, -46.0)]) == 1.0
+    f = seed_figures(EVALS, train)
+    assert f["train_fall_after_target"] == 7.0 and f["train_fall"] == 20.0  # -60 to -80

@@ -119,3 +119,13 @@ def test_a_batch_without_finished_episodes_shows_the_last_return() -> None:
     metrics.log({**_row(20), "episode_return": float("nan")})
     assert "return -7.25" in out.getvalue().splitlines()[-1]
     assert metrics.latest["episode_return"] == -7.25 and metrics.latest["env_steps"] == 20
+
+
+def test_fall_is_the_largest_drop_below_the_best_so_far_and_resumes_from_its_state() -> None:
+    fall = metrics.Fall()
+    stream = [-60.0, -40.0, float("nan"), -45.0, -30.0, -38.0, -31.0, -20.0, -24.0]
+    seen = [fall.add(v) for v in stream]
+    assert seen == [0, 0, 0, 5, 5, 8, 8, 8, 8]  # NaN (no episode ended) changes nothing
+    assert fall.state == (-20.0, 8.0)
+    resumed = metrics.Fall(fall.state)
+    assert resumed.add(-29.0) == 9.0  # measured against the best before the resume
