@@ -30,6 +30,7 @@ from envs import EnvError
 from orchestrator.cli.jobs import register_cli as register_jobs
 from orchestrator.cli.status import register_cli as register_status
 from orchestrator.config import Config, ConfigError, load_config, preset_names
+from orchestrator.runtime.checkpoint import CheckpointError
 from orchestrator.runtime.rundir import find_run
 
 # Lines are never cut to the console's width (80 columns when it is a pipe or a log file):
@@ -45,6 +46,16 @@ def _fail(message: str, code: int = EXIT_FAIL) -> int:
     return code
 
 
+def _message(e: BaseException) -> str:
+    """One line for an error: an OS error on a path says which path and what to do."""
+    if isinstance(e, OSError) and e.filename is not None:
+        reason = e.strerror or type(e).__name__
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            reason = "a file stands where a directory is needed"
+        return f"'{e.filename}': {reason}; give a path you can write (or that exists, for inputs)"
+    return str(e)
+
+
 def _split_source(source: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     if source is not None and "=" in source:
         return None, [source, *overrides]
@@ -56,10 +67,11 @@ def _load_run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     source, overrides = _split_source(args.source, args.overrides)
     resume_dir: Path | None = None
     if args.resume:
-        from orchestrator.runtime.checkpoint import resolve_checkpoint
+        from orchestrator.runtime.checkpoint import load_checkpoint, resolve_checkpoint
 
         args.resume = find_run(args.resume)
         ckpt = resolve_checkpoint(args.resume)
+        load_checkpoint(ckpt)  # a damaged checkpoint is refused before anything starts
         resume_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         if source is None:
             source = str(resume_dir / "config.yaml")
@@ -83,9 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg, resume_dir = _load_run_config(args)
         groups = preflight(cfg)
-    except (ConfigError, EnvError, FileNotFoundError) as e:
-        return _fail(str(e), EXIT_USAGE)
-    run_dir = resume_dir or new_run_dir(cfg)
+        run_dir = resume_dir or new_run_dir(cfg)
+    except (ConfigError, EnvError, CheckpointError, FileNotFoundError) as e:
+        return _fail(_message(e), EXIT_USAGE)
     n = sum(len(agents) for agents in groups.values())
     teams = ""
     if cfg.groups:
@@ -157,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             which=args.which,
         )
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(_message(e), EXIT_USAGE)
     which = {"best": "the best checkpoint", "latest": "the latest checkpoint"}
     console.print(
         f"team return {res['mean']:.2f} ± {res['stderr']:.2f} (stderr) over {res['episodes']} "
@@ -185,7 +197,7 @@ def _cross_play(args: argparse.Namespace) -> int:
     try:
         res = cross_play(find_run(args.checkpoint), episodes=args.episodes, seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(_message(e), EXIT_USAGE)
     steps = [f"{s:,}" for s in res["checkpoints"]]
     row_group = res["groups"][0]
     for name in res["groups"]:
@@ -214,7 +226,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
             out=args.out, start_step=args.start_step,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(_message(e), EXIT_USAGE)
     errors = res["errors"]
     shown = [k for k in (1, 5, 15, args.steps) if k <= args.steps]
     console.print(
@@ -241,7 +253,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         runs = [find_run(r) for r in args.runs]
         out = plot_runs(runs, args.out, references=not args.no_references)
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(_message(e), EXIT_USAGE)
     console.print(f"wrote {out}")
     return EXIT_OK
 
@@ -261,7 +273,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             fps=args.fps,
         )
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(_message(e), EXIT_USAGE)
     console.print(
         f"wrote {res['out']}: {res['frames']} frames, team return {res['team_return']:.2f} "
         f"({res['checkpoint']})",
@@ -276,6 +288,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
     from orchestrator.cli import sweep
+    from orchestrator.runtime.rundir import make_dir
 
     try:
         if args.resume:
@@ -296,12 +309,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             name = Path(source).stem if source.endswith((".yaml", ".yml")) else source
             stamp = time.strftime("%Y%m%d-%H%M%S")
             sweep_dir = Path(args.dir or spec["run_dir"]) / f"sweep-{name}-{stamp}"
-            sweep_dir.mkdir(parents=True)
+            make_dir(sweep_dir, "--dir" if args.dir else "run.dir")
             (sweep_dir / sweep.SWEEP_FILE).write_text(
                 json.dumps({"spec": spec, "options": options}, indent=2)
             )
     except (ConfigError, FileNotFoundError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(_message(e), EXIT_USAGE)
     console.print(f"[bold]shoal[/] sweep -> {sweep_dir}", highlight=False)
     live = console if console.is_terminal else None
     res = sweep.run_sweep(
@@ -521,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # A path the user gave that cannot be read or written (an --out in a read-only
+        # directory, a file where a directory should be): one line, not a traceback.
+        return _fail(_message(e), EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,40 @@ BEST = "best"
 _CORE_FILES = frozenset({"model", "learner", "rng"})
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: a file missing, truncated or not a checkpoint's."""
+
+
+# What reading a damaged file raises: json and yaml errors are ValueErrors, torch.load raises
+# UnpicklingError, RuntimeError (a broken zip), KeyError or EOFError on garbage.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)
+
+
+def _read(ckpt: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    """``reader(ckpt / name)``, or a :class:`CheckpointError` naming the file and what to do."""
+    try:
+        return reader(ckpt / name)
+    except _UNREADABLE as e:
+        what = (
+            "is missing"
+            if isinstance(e, FileNotFoundError)
+            else f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})"
+            if str(e).strip()
+            else f"cannot be read ({type(e).__name__})"
+        )
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' is damaged: {name} {what}; use another checkpoint (an earlier "
+            f"step-* beside it) or start a new run"
+        ) from None
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict) or "counters" not in meta:
+        raise ValueError("no counters in it")
+    return meta
+
+
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     """Accept a checkpoint directory, a run directory or a file in a checkpoint.
 
@@ -191,18 +227,25 @@ def load_checkpoint(
     ``extra`` holds every other saved state by name (e.g. ``world_model``). Everything
     tensor-valued is loaded with ``weights_only=True``: no code from the file runs.
     ``which`` picks a run directory's ``latest`` or ``best`` checkpoint.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        CheckpointError: one of its files is missing or damaged; one line naming it.
     """
     ckpt = resolve_checkpoint(path, which)
-    meta = json.loads((ckpt / "meta.json").read_text())
+
+    def tensors(f: Path) -> Any:
+        return torch.load(f, map_location=device, weights_only=True)
+
     return {
         "path": ckpt,
-        "meta": meta,
-        "model": torch.load(ckpt / "model.pt", map_location=device, weights_only=True),
-        "learner": torch.load(ckpt / "learner.pt", map_location=device, weights_only=True),
-        "rng": torch.load(ckpt / "rng.pt", weights_only=True),
-        "config": (ckpt / "config.yaml").read_text(),
+        "meta": _read(ckpt, "meta.json", _meta),
+        "model": _read(ckpt, "model.pt", tensors),
+        "learner": _read(ckpt, "learner.pt", tensors),
+        "rng": _read(ckpt, "rng.pt", tensors),
+        "config": _read(ckpt, "config.yaml", Path.read_text),
         "extra": {
-            f.stem: torch.load(f, map_location=device, weights_only=True)
+            f.stem: _read(ckpt, f.name, tensors)
             for f in sorted(ckpt.glob("*.pt"))
             if f.stem not in _CORE_FILES
         },
@@ -288,7 +331,7 @@ def checkpoint_counters(path: str | Path | None) -> dict[str, Any]:
     """The counters a run continues from: those of the checkpoint ``path``, else fresh ones."""
     counters = fresh_counters()
     if path is not None:
-        meta = json.loads((resolve_checkpoint(path) / "meta.json").read_text())
+        meta = _read(resolve_checkpoint(path), "meta.json", _meta)
         counters.update(meta["counters"])
     return counters
 

@@ -359,6 +359,7 @@ class LearnerRank:
                 time_limit_s=time_limit_s,
                 evaluate=periodic_evaluation(self) if self.rank == 0 else None,
                 film=periodic_film(self) if self.rank == 0 else None,
+                fatal=(FatalRunError, *outage),
             )
         except outage as err:
             raise FatalRunError(str(err)) from None

@@ -110,6 +110,7 @@ def run_loop(
     time_limit_s: float | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
     film: Callable[[], float] | None = None,
+    fatal: tuple[type[BaseException], ...] = (FatalRunError,),
 ) -> LoopResult:
     """Collect, learn, log, checkpoint, repeat, until a stop condition holds.
 
@@ -131,6 +132,10 @@ def run_loop(
         film: writes a video of the current policy and returns the seconds it took; called
             every ``run.render_every_s`` (rank 0), spaced like ``evaluate``, and once more when
             the run ends other than by an interrupt or a failure.
+        fatal: failures that end the run between whole iterations (a service lost for good):
+            the state is whole, so it is checkpointed before the error goes on, as a
+            :class:`FatalRunError` that says where. Any other failure keeps the last good
+            checkpoint instead.
 
     Returns:
         Why it stopped, the last checkpoint written, the loop's duration and start counter.
@@ -139,6 +144,7 @@ def run_loop(
     t_start = time.monotonic()
     wall0 = float(counters["wall_time"])
     start_steps = int(counters["env_steps"])
+    start_iteration = int(counters["iteration"])
     last_ckpt = last_log = last_eval = t_start
     eval_every = cfg.run.eval_every_s or 0.0
     last_film, film_every = t_start, cfg.run.render_every_s or 0.0
@@ -207,6 +213,15 @@ def run_loop(
                     last_ckpt = now
     except KeyboardInterrupt:
         reason = "interrupted"
+    except fatal as err:
+        failed = True
+        if checkpoint is None or counters["iteration"] == start_iteration:
+            raise
+        ckpt_path = checkpoint()
+        raise FatalRunError(
+            f"{err}; what the run learned up to env step {int(counters['env_steps']):,} is "
+            f"saved in {ckpt_path} (shoal run --resume continues from it)"
+        ) from None
     except BaseException:
         failed = True  # the state may be half-updated: keep the last good checkpoint
         raise

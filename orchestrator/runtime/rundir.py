@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Config, RunConfig
+from orchestrator.config import Config, ConfigError, RunConfig
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -28,7 +28,24 @@ def new_run_dir(cfg: Config) -> Path:
     while path.exists() and cfg.run.name is None:
         path = Path(cfg.run.dir) / f"{name}-{suffix}"
         suffix += 1
-    path.mkdir(parents=True, exist_ok=True)
+    return make_dir(path, "run.dir")
+
+
+def make_dir(path: Path, key: str) -> Path:
+    """Create ``path`` (and its parents), or say in one line which key to change.
+
+    Raises:
+        ConfigError: ``path`` cannot be created (no permission, a file in the way, a
+            read-only or full disk), naming ``key``.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(
+            f"{key}: cannot create '{path}' ({reason}); choose a directory you can write, "
+            f"e.g. {key}=$HOME/runs"
+        ) from None
     return path
 
 

@@ -56,3 +56,53 @@ def test_evaluations_fall_where_the_env_step_counter_passes_each_mark(tmp_path) 
     assert falls[-1] == max(max(returns[: i + 1]) - returns[i] for i in range(len(returns)))
     train_falls = [float(r["return_fall"]) for r in rows]
     assert train_falls == sorted(train_falls) and all(math.isfinite(f) for f in train_falls)
+
+
+def _loop(tmp_path: Path, step, saved: list[int] | None = None):
+    from orchestrator.runtime.checkpoint import fresh_counters
+    from orchestrator.runtime.loop import run_loop
+    from orchestrator.runtime.metrics import Metrics
+
+    cfg = load_config("spread-mlp", ["train.total_env_steps=1000"])
+    saved = [] if saved is None else saved
+    counters = fresh_counters()
+
+    def checkpoint() -> Path:
+        saved.append(int(counters["env_steps"]))
+        return tmp_path / f"step-{counters['env_steps']}"
+
+    result = run_loop(cfg, counters, step, Metrics([]), checkpoint)
+    return result, saved
+
+
+def test_a_fatal_error_mid_run_checkpoints_what_was_learned_and_says_where(tmp_path) -> None:
+    import pytest
+
+    from orchestrator.runtime.loop import FatalRunError
+
+    calls = [0]
+
+    def step(lr_frac: float) -> tuple[int, dict[str, float]]:
+        calls[0] += 1
+        if calls[0] == 4:
+            raise FatalRunError("Redis at 127.0.0.1:1 stayed unreachable for 30 s")
+        return 100, {"episode_return": -50.0}
+
+    saved: list[int] = []
+    with pytest.raises(FatalRunError, match=r"unreachable.*env step 300 is saved in .*step-300"):
+        _loop(tmp_path, step, saved)
+    assert saved == [300]
+
+
+def test_any_other_failure_keeps_the_last_good_checkpoint(tmp_path) -> None:
+    import pytest
+
+    def step(lr_frac: float) -> tuple[int, dict[str, float]]:
+        raise FloatingPointError("non-finite training statistics")
+
+    saved: list[int] = []
+    with pytest.raises(FloatingPointError):
+        _loop(tmp_path, step, saved)
+    assert saved == []  # the state may be half-updated: nothing is written over the last good
+    result, saved = _loop(tmp_path, lambda f: (100, {"episode_return": -50.0}))
+    assert saved[-1] == 1000 and result.reason == "total_env_steps reached"
