@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: run test lint bench setup redis browser clean
+.PHONY: run test test-fast lint bench setup redis browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(ARGS)
+
+# Quick feedback: no Ray, Redis, torch.distributed or slow end-to-end tests.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow and not ray and not redis and not distributed" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

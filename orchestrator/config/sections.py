@@ -13,12 +13,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import envs
+from agents.algorithm import algorithm_spec
 from agents.ppo import PPOConfig
 from agents.world_model import WorldModelTrainer
 from envs import EnvSettings, VecMultiAgentEnv
 from orchestrator.config.groups import GroupConfig, GroupError, build_policy
-from policies import EDGE_MODES, POLICY_KINDS, ActorCritic, PolicySpec
-from policies.actor_critic import Policy
+from policies import EDGE_MODES, ActorCritic, PolicySpec
+from policies.actor_critic import ARCHITECTURES, Policy
 from policies.world_model import EntityWorldModel
 
 
@@ -121,7 +122,8 @@ class ModelConfig(_Section):
     @field_validator("kind", "critic_kind")
     @classmethod
     def _known_kind(cls, value: str | None) -> str | None:
-        return value if value is None else _one_of(value, POLICY_KINDS)
+        # Read at validation time: an architecture added to the registry is a kind at once.
+        return value if value is None else _one_of(value, tuple(ARCHITECTURES))
 
     @field_validator("edges")
     @classmethod
@@ -130,7 +132,15 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(PPOConfig):
-    """PPO (every :class:`agents.ppo.PPOConfig` field) and the length of the run."""
+    """The algorithm, its settings and the length of the run.
+
+    The settings are PPO's (every :class:`agents.ppo.PPOConfig` field), which on-policy
+    actor-critic algorithms share.
+    """
+
+    algorithm: str = "ppo"
+    """One of ``agents.algorithm.ALGORITHMS`` (``ppo``: MAPPO or IPPO, by ``model.critic``),
+    or ``module:SPEC`` for an algorithm defined outside shoal."""
 
     total_env_steps: int = Field(5_000_000, ge=1)
     time_limit_s: float | None = Field(None, gt=0)
@@ -141,6 +151,12 @@ class TrainConfig(PPOConfig):
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads (default: what torch picks)."""
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        algorithm_spec(value)
+        return value
 
     @field_validator("device")
     @classmethod

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.console import Console
 
+from agents.algorithm import algorithm_spec
 from envs import EnvError
 from envs.registry import describe
 from orchestrator.config import Config, ConfigError, config_to_yaml, redact_url
@@ -170,6 +171,10 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
                 raise ConfigError(f"run.render_every_s: {e}") from None
         if cfg.world_model.enabled:
             world.check_env(env, cfg.world_model.oracle)
+        try:
+            algorithm_spec(cfg.train.algorithm).check(env.action_kind)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         policy = cfg.build_policy(env)
         inits = {name: g.init for name, g in cfg.groups.items() if g.init is not None}
         try:

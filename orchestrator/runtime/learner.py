@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from agents.ppo import Learner
+from agents.algorithm import Algorithm, algorithm_spec
 from agents.rollout import LocalRollouts, RolloutBatch, RolloutWorker
 from orchestrator.config import Config, config_to_yaml
 from orchestrator.runtime import process_group, world
@@ -196,10 +196,9 @@ class LearnerRank:
             )
             all_reduce_mean = process_group.all_reduce_mean
         self.train_model = train_model
-        self.learner = Learner(
-            self.model, cfg.train, train_model=train_model, all_reduce_mean=all_reduce_mean
-        )
-        if cfg.run.update_log and self.rank == 0:
+        spec = algorithm_spec(cfg.train.algorithm)
+        self.learner: Algorithm = spec.build(self.model, cfg.train, train_model, all_reduce_mean)
+        if cfg.run.update_log and self.rank == 0 and hasattr(self.learner, "trace"):
             self.learner.trace = []
         self.practice = None
         if cfg.world_model.enabled:
@@ -423,7 +422,7 @@ class LearnerRank:
 
     def _write_trace(self, env_steps: int) -> None:
         """Append the learner's per-update records to ``updates.jsonl`` (``run.update_log``)."""
-        trace = self.learner.trace
+        trace = getattr(self.learner, "trace", None)
         assert trace is not None
         with open(self.run_dir / "updates.jsonl", "a") as fh:
             for record in trace:
@@ -460,7 +459,7 @@ class LearnerRank:
         staleness = self.version - batch.weights_version
         t0 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
-        if self.learner.trace:
+        if getattr(self.learner, "trace", None):
             self._write_trace(int(counters["env_steps"]) + batch.env_steps * self.world_size)
         if self.practice is not None:
             steps = int(self.counters["env_steps"])

@@ -255,6 +255,24 @@ def test_groups_with_self_play_train_on_workers_and_two_ranks(ray_instance, tmp_
     assert any(k.startswith("past.") for k in ckpt["model"])  # the past version acts on workers
 
 
+def test_an_algorithm_from_outside_shoal_trains_on_workers_and_two_ranks(
+    ray_instance, tmp_path
+) -> None:
+    # A2C is registered by its import path only: the learner, loop and actors are untouched.
+    a2c = ["train.algorithm=tests.agents.a2c:A2C", "rollout.num_workers=2", "learner.num_ranks=2"]
+    run_dir = new_run_dir(tmp_path, "a2c")
+    summary = run_training(tiny(*a2c, "train.total_env_steps=1600"), run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=1)
+    assert {"a2c_policy_loss", "a2c_value_loss"} <= set(table[-1]) and "approx_kl" not in table[-1]
+    updates = load_checkpoint(run_dir)["learner"]["updates"]
+    assert updates == table[-1]["weights_version"]  # one A2C step per batch
+    summary = run_training(tiny(*a2c, "train.total_env_steps=2400"), run_dir, resume=str(run_dir))
+    assert summary["counters"]["env_steps"] == 2400
+    assert load_checkpoint(run_dir)["learner"]["updates"] > updates  # resumed its own count
+
+
 def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, tmp_path) -> None:
     cfg = tiny("rollout.num_workers=2", "train.total_env_steps=3200")
     run_dir = new_run_dir(tmp_path, "kill-worker")

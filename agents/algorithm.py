@@ -1,0 +1,163 @@
+"""The algorithm seam: what a learning algorithm declares, and the registry that finds it.
+
+A learner rank never names a concrete algorithm. It looks ``train.algorithm`` up here and gets
+an :class:`AlgorithmSpec`: capability flags that preflight checks against the env before
+anything starts, what acting must record per step, the batch layout it learns from, and
+``build``, which returns the object the rank trains with (an :class:`Algorithm`: ``update``,
+its checkpoint state, its update count). Self-play, world-model imagination, agent groups and
+K learner ranks talk to that protocol only.
+
+Adding an algorithm is one module that defines its spec, plus one line in :data:`ALGORITHMS`;
+an algorithm outside shoal is named by its import path instead, ``train.algorithm=
+my_package.my_module:SPEC`` (so Ray's learner processes import it too).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from agents.rollout import RolloutBatch
+from policies.actor_critic import Policy
+
+#: What acting records per step today (``Policy.act``): an algorithm may ask for no more.
+ACTING_OUTPUTS = frozenset({"logp", "value"})
+#: Batch layouts: random time steps across envs (today's), whole sequence chunks with their
+#: start hidden states, replayed transitions. Only the first is built yet.
+LAYOUTS = ("time_steps", "chunks", "transitions")
+BUILT_LAYOUTS = frozenset({"time_steps"})
+
+
+class Algorithm(Protocol):
+    """What a learner rank trains with: built by an :class:`AlgorithmSpec`."""
+
+    updates: int
+    """Updates done so far (self-play counts its snapshots by it)."""
+
+    def update(
+        self, batch: RolloutBatch, lr_frac: float = 1.0, staleness: int = 0
+    ) -> dict[str, float]:
+        """Learn from one batch (this rank's shard; K ranks call it together).
+
+        Args:
+            batch: time-major ``[T, B, ...]`` in the spec's layout.
+            lr_frac: multiplies the learning rate (linear decay).
+            staleness: how many updates old the weights that acted were.
+
+        Returns:
+            Its statistics, named as the spec's ``metrics`` says; every value finite.
+        """
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the model that a checkpoint must hold (optimisers, counts)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+Build = Callable[[Policy, BaseModel, nn.Module, Callable[[Tensor], Tensor] | None], Algorithm]
+"""``build(model, train_config, train_model, all_reduce_mean)``: ``train_model`` is the module
+to call in training (the DDP wrapper on K ranks), ``all_reduce_mean`` averages a tensor over
+the ranks (``None`` on one), so global statistics make K ranks reproduce one."""
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """An algorithm's declaration; ``train.algorithm`` names one.
+
+    Args:
+        name: what ``train.algorithm`` says.
+        build: see :data:`Build`.
+        discrete, continuous: the action kinds it can learn.
+        on_policy: learns from the batch just acted (off-policy algorithms replay).
+        acting: what acting must record per step (a subset of :data:`ACTING_OUTPUTS`).
+        layout: the batch layout it learns from (one of :data:`LAYOUTS`).
+        metrics: the names its ``update`` returns, for dashboards and docs.
+    """
+
+    name: str
+    build: Build
+    discrete: bool = True
+    continuous: bool = True
+    on_policy: bool = True
+    acting: frozenset[str] = ACTING_OUTPUTS
+    layout: str = "time_steps"
+    metrics: tuple[str, ...] = ()
+
+    def check(self, action_kind: str) -> None:
+        """Refuse, in one line naming ``train.algorithm``, what this algorithm cannot learn.
+
+        Raises:
+            ValueError: an action kind it does not support, or a layout or acting output
+                that shoal's rollouts do not build yet.
+        """
+        ok = self.discrete if action_kind == "discrete" else self.continuous
+        if not ok:
+            raise ValueError(
+                f"train.algorithm={self.name} does not learn {action_kind} actions; choose "
+                f"another algorithm ({', '.join(ALGORITHMS)}) or env.continuous_actions"
+            )
+        if self.layout not in BUILT_LAYOUTS or not self.acting <= ACTING_OUTPUTS:
+            raise ValueError(
+                f"train.algorithm={self.name} learns from {self.layout} batches acted with "
+                f"{sorted(self.acting)}; shoal's rollouts give time_steps with "
+                f"{sorted(ACTING_OUTPUTS)} (the other layouts are planned)"
+            )
+
+
+def _ppo(
+    model: Policy,
+    cfg: BaseModel,
+    train_model: nn.Module,
+    all_reduce_mean: Callable[[Tensor], Tensor] | None,
+) -> Algorithm:
+    from agents.ppo import Learner, PPOConfig
+
+    assert isinstance(cfg, PPOConfig)
+    return Learner(model, cfg, train_model=train_model, all_reduce_mean=all_reduce_mean)
+
+
+PPO = AlgorithmSpec(
+    "ppo",
+    _ppo,
+    metrics=("policy_loss", "value_loss", "entropy", "approx_kl", "approx_kl_max", "clip_frac",
+             "grad_norm", "behaviour_weight", "lr", "minibatches_done"),
+)  # fmt: skip
+"""MAPPO / IPPO (``agents/ppo.py``): the critic the policy was built with decides which."""
+
+#: Algorithms by name. One line each.
+ALGORITHMS: dict[str, AlgorithmSpec] = {"ppo": PPO}
+
+
+def algorithm_spec(name: str) -> AlgorithmSpec:
+    """The spec ``train.algorithm`` names: a registered name or ``module:ATTRIBUTE``.
+
+    Raises:
+        ValueError: unknown name, a module that does not import, or an attribute that is not
+            an :class:`AlgorithmSpec`; one line saying what is available.
+    """
+    if name in ALGORITHMS:
+        return ALGORITHMS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(
+            f"unknown algorithm '{name}'; available: {', '.join(ALGORITHMS)} "
+            "(or module:SPEC for one defined outside shoal)"
+        )
+    try:
+        spec = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise ValueError(f"cannot import algorithm module '{module}': {e}") from None
+    except AttributeError:
+        raise ValueError(f"module '{module}' has no '{attr}'") from None
+    if not isinstance(spec, AlgorithmSpec):
+        raise ValueError(f"'{name}' is a {type(spec).__name__}, not an AlgorithmSpec")
+    return spec
