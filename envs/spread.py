@@ -8,6 +8,9 @@ in one batch of tensor ops instead of a Python loop over entities.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -59,6 +62,54 @@ def spread_entities(obs: Tensor, n_agents: int) -> tuple[Tensor, Tensor, Tensor]
     node_type = torch.full((b, 2 * n), NODE_LANDMARK, dtype=torch.long, device=obs.device)
     node_type[:, :n] = NODE_AGENT
     return nodes, node_pos, node_type
+
+
+class MPEWorlds(Protocol):
+    """What :func:`end_step` needs of a native mpe2 scenario (``spread``, ``tag``)."""
+
+    agent_vel: Tensor
+    steps: Tensor
+    max_cycles: int
+
+    def _observe(self) -> Observation: ...
+
+
+def integrate(
+    pos: Tensor, vel: Tensor, force: Tensor, max_speed: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One ``DT`` of mpe2's physics for ``[B, N, 2]`` agents: new positions and velocities.
+
+    mpe2 moves positions by the old velocity, then damps and accelerates it, and caps the speed
+    of agents that have a ``max_speed`` (broadcast against ``[B, N, 1]``).
+    """
+    pos = pos + vel * DT
+    vel = vel * (1.0 - DAMPING) + force * DT
+    if max_speed is not None:
+        speed = (vel[..., 0].square() + vel[..., 1].square()).sqrt().unsqueeze(-1)
+        vel = torch.where(speed > max_speed, vel / speed * max_speed, vel)
+    return pos, vel
+
+
+def end_step(
+    env: MPEWorlds, reward: Tensor, reset_worlds: Callable[[Tensor], None]
+) -> StepResult:
+    """Count a step, cut worlds at their time limit and start them afresh.
+
+    mpe2's scenarios never terminate: every episode ends by truncation, and ``final`` is what
+    the agents saw before ``reset_worlds(idx)`` placed new entities (velocities zeroed here).
+    """
+    env.steps += 1
+    truncated = env.steps >= env.max_cycles
+    terminated = torch.zeros_like(reward, dtype=torch.bool)
+    final = env._observe()
+    obs = final
+    if bool(truncated.any()):
+        idx = truncated.nonzero().squeeze(1)
+        reset_worlds(idx)
+        env.agent_vel[idx] = 0.0
+        env.steps[idx] = 0
+        obs = env._observe()
+    return StepResult(obs, reward, terminated, truncated, final)
 
 
 class SpreadEnv(VecMultiAgentEnv):
@@ -225,25 +276,12 @@ class SpreadEnv(VecMultiAgentEnv):
     def step(self, actions: Tensor) -> StepResult:
         """Apply actions, integrate one ``dt``, score, and auto-reset finished worlds."""
         force = self._action_force(actions) + self._collision_force()
-        # mpe2 integrates position with the old velocity, then damps and accelerates.
-        self.agent_pos = self.agent_pos + self.agent_vel * DT
-        self.agent_vel = self.agent_vel * (1.0 - DAMPING) + force * DT
-        reward = self._rewards()
-        self.steps += 1
-        truncated = self.steps >= self.max_cycles
-        terminated = torch.zeros_like(reward, dtype=torch.bool)
-        final = self._observe()
-        obs = final
-        if bool(truncated.any()):
-            idx = truncated.nonzero().squeeze(1)
-            agent_pos, landmark_pos = self._sample_positions(idx.numel())
-            self.agent_pos[idx] = agent_pos
-            self.landmark_pos[idx] = landmark_pos
-            self.agent_vel[idx] = 0.0
-            self.steps[idx] = 0
-            self._pairs = None
-            obs = self._observe()
-        return StepResult(obs, reward, terminated, truncated, final)
+        self.agent_pos, self.agent_vel = integrate(self.agent_pos, self.agent_vel, force)
+        return end_step(self, self._rewards(), self._reset_worlds)
+
+    def _reset_worlds(self, idx: Tensor) -> None:
+        self.agent_pos[idx], self.landmark_pos[idx] = self._sample_positions(idx.numel())
+        self._pairs = None
 
     # -- observation -------------------------------------------------------------------------
 

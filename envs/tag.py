@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from envs.base import AgentInfo, Observation, StepResult, VecMultiAgentEnv
-from envs.spread import _DISCRETE_U, CONTACT_FORCE, CONTACT_MARGIN, DAMPING, DT
+from envs.spread import _DISCRETE_U, CONTACT_FORCE, CONTACT_MARGIN, end_step, integrate
 
 ADVERSARY_SIZE, GOOD_SIZE, OBSTACLE_SIZE = 0.075, 0.05, 0.2
 ADVERSARY_ACCEL, GOOD_ACCEL = 3.0, 4.0
@@ -213,26 +213,12 @@ class TagEnv(VecMultiAgentEnv):
     def step(self, actions: Tensor) -> StepResult:
         """Apply actions, integrate one ``dt`` (speeds capped), score, auto-reset."""
         force = self._action_force(actions) + self._contact_force()
-        self.agent_pos = self.agent_pos + self.agent_vel * DT
-        vel = self.agent_vel * (1.0 - DAMPING) + force * DT
-        speed = (vel[..., 0].square() + vel[..., 1].square()).sqrt().unsqueeze(-1)
         cap = self.max_speed.view(1, -1, 1)
-        self.agent_vel = torch.where(speed > cap, vel / speed * cap, vel)
-        reward = self._rewards()
-        self.steps += 1
-        truncated = self.steps >= self.max_cycles
-        terminated = torch.zeros_like(reward, dtype=torch.bool)
-        final = self._observe()
-        obs = final
-        if bool(truncated.any()):
-            idx = truncated.nonzero().squeeze(1)
-            agent_pos, obstacle_pos = self._sample(idx.numel())
-            self.agent_pos[idx] = agent_pos
-            self.obstacle_pos[idx] = obstacle_pos
-            self.agent_vel[idx] = 0.0
-            self.steps[idx] = 0
-            obs = self._observe()
-        return StepResult(obs, reward, terminated, truncated, final)
+        self.agent_pos, self.agent_vel = integrate(self.agent_pos, self.agent_vel, force, cap)
+        return end_step(self, self._rewards(), self._reset_worlds)
+
+    def _reset_worlds(self, idx: Tensor) -> None:
+        self.agent_pos[idx], self.obstacle_pos[idx] = self._sample(idx.numel())
 
     # -- observation -------------------------------------------------------------------------
 
