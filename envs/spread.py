@@ -90,9 +90,7 @@ def integrate(
     return pos, vel
 
 
-def end_step(
-    env: MPEWorlds, reward: Tensor, reset_worlds: Callable[[Tensor], None]
-) -> StepResult:
+def end_step(env: MPEWorlds, reward: Tensor, reset_worlds: Callable[[Tensor], None]) -> StepResult:
     """Count a step, cut worlds at their time limit and start them afresh.
 
     mpe2's scenarios never terminate: every episode ends by truncation, and ``final`` is what

@@ -1,5 +1,6 @@
-"""The README's Layout table, links and images and docs/DESIGN.md name files that exist (and
-that a clone gets); every module has a row."""
+"""CONTRIBUTING's Layout table, the links and images of every page (README, CONTRIBUTING,
+docs/) and docs/DESIGN.md name files that exist (and that a clone gets); every module has a row;
+the README stays a page a user reads in a few minutes."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "agents", "envs", "policies")
 
 
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def _layout_rows() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    guide = (ROOT / "CONTRIBUTING.md").read_text()
+    section = guide.split("## Layout", 1)[1].split("\n## ", 1)[0]
     return [line for line in section.splitlines() if line.startswith("| `")]
 
 
@@ -48,21 +54,52 @@ def test_every_module_is_found_from_the_layout_table() -> None:
             if rel.name == "__init__.py" or rel.name == "__main__.py":
                 continue
             covered = rel in named or any(str(rel).startswith(f) for f in folders - {f"{package}/"})
-            assert covered, f"README's Layout table does not say where {rel} belongs"
+            assert covered, f"CONTRIBUTING's Layout table does not say where {rel} belongs"
 
 
-def test_every_local_link_and_image_in_the_readme_exists_and_is_committed() -> None:
-    readme = (ROOT / "README.md").read_text()
-    targets = {t for t in re.findall(r"\]\(([^)#\s]+)\)", readme) if "://" not in t}
-    assert any(t.endswith(".png") for t in targets)
-    missing = sorted(t for t in targets if not (ROOT / t).exists())
-    assert not missing, missing
-    if (ROOT / ".git").exists() and shutil.which("git"):
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_local_link_and_image_exists_and_is_committed(page: Path) -> None:
+    text = page.read_text()
+    links = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    targets = set()
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.name} links to {link}, which does not exist"
+        if anchor and target.suffix == ".md":
+            titles = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.MULTILINE)
+            assert anchor in {_anchor(t) for t in titles}, f"{page.name}: no heading #{anchor}"
+        targets.add(str(target.relative_to(ROOT)))
+    if page.name == "README.md":
+        assert any(t.endswith(".md") for t in targets)
+    if (ROOT / ".git").exists() and shutil.which("git") and targets:
         # An ignored file exists here but never reaches a clone (or the page a user reads).
         ignored = subprocess.run(
             ["git", "check-ignore", *sorted(targets)], cwd=ROOT, capture_output=True, text=True
         ).stdout.split()
-        assert not ignored, f"README links to git-ignored files: {ignored}"
+        assert not ignored, f"{page.name} links to git-ignored files: {ignored}"
+
+
+def test_the_readme_is_read_in_five_minutes_and_links_every_doc() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for doc in ["CONTRIBUTING.md", *(f"docs/{p.name}" for p in PAGES if p.parent.name == "docs")]:
+        assert f"]({doc})" in readme, f"the README does not link {doc}"
+    first_screen = "\n".join(readme.splitlines()[:30])
+    assert "make run" in first_screen and "make test" in first_screen
+
+
+def test_the_benchmarks_page_narrates_no_earlier_run() -> None:
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    for phrase in ("earlier run", "earlier machine", "a day later", "later machine", "sitting"):
+        assert phrase not in text.lower(), phrase
+    headers = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
+    assert headers and all(re.search(r"\d{4}-\d{2}-\d{2}, commit [0-9a-f]{7}", h) for h in headers)
 
 
 def test_files_named_in_the_design_doc_exist() -> None:
