@@ -13,7 +13,6 @@ Nothing here imports Ray or Redis at module level: the in-process path runs with
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from agents.rollout import LocalRollouts, RolloutBatch, RolloutWorker
 from orchestrator.config import Config, config_to_yaml
 from orchestrator.runtime import process_group, world
 from orchestrator.runtime.best import periodic_evaluation
+from orchestrator.runtime.bookkeeping import iteration_row, local_sums, write_trace
 from orchestrator.runtime.checkpoint import (
     fresh_counters,
     init_groups,
@@ -420,36 +420,6 @@ class LearnerRank:
         names = [rollout_name(i) for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
         return ActorRollouts(cfg, names, self.namespace)
 
-    def _write_trace(self, env_steps: int) -> None:
-        """Append the learner's per-update records to ``updates.jsonl`` (``run.update_log``)."""
-        trace = getattr(self.learner, "trace", None)
-        assert trace is not None
-        with open(self.run_dir / "updates.jsonl", "a") as fh:
-            for record in trace:
-                fh.write(json.dumps({"env_steps": env_steps, **record}) + "\n")
-        trace.clear()
-
-    def _group_return_sums(self, batch: RolloutBatch) -> dict[str, float]:
-        """Each agent group's return summed over the batch's finished episodes.
-
-        A group's return is the sum of its agents' own returns; ``{}`` without groups.
-        """
-        groups = getattr(self.model, "groups", None)
-        if not groups:
-            return {}
-        per_agent = batch.episode_agent_returns
-        out = {}
-        for g in groups:
-            if per_agent is None or not per_agent.numel():
-                out[g.name] = 0.0
-            else:
-                out[g.name] = float(per_agent[:, list(g.agents)].sum())
-        return out
-
-    @property
-    def _trained(self) -> dict[str, bool]:
-        return {g.name: g.train for g in getattr(self.model, "groups", [])}
-
     def _step(
         self, rollouts: LocalRollouts | ActorRollouts, lr_frac: float
     ) -> tuple[int, dict[str, float]]:
@@ -459,8 +429,11 @@ class LearnerRank:
         staleness = self.version - batch.weights_version
         t0 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
-        if getattr(self.learner, "trace", None):
-            self._write_trace(int(counters["env_steps"]) + batch.env_steps * self.world_size)
+        trace = getattr(self.learner, "trace", None)
+        if trace:
+            write_trace(
+                self.run_dir, trace, int(counters["env_steps"]) + batch.env_steps * self.world_size
+            )
         if self.practice is not None:
             steps = int(self.counters["env_steps"])
             stats.update(world.practise(self.practice, self, batch, steps, lr_frac))
@@ -471,49 +444,17 @@ class LearnerRank:
             stats.update(self.self_play.stats(self.version))
         if self._weights is not None:
             self._weights.publish(self.model.state_dict(), self.version)
-        ep = batch.episode_returns
-        group_sums = self._group_return_sums(batch)
-        if group_sums:  # grouped: the run's return is that of the groups it trains
-            trained = [self._trained[name] for name in group_sums]
-            ep_sum = sum(v for v, t in zip(group_sums.values(), trained, strict=True) if t)
-        else:
-            ep_sum = float(ep.sum()) if ep.numel() else 0.0
-        sums = torch.tensor(
-            [
-                float(batch.env_steps),
-                ep_sum,
-                float(batch.episode_lengths.float().sum()) if ep.numel() else 0.0,
-                float(ep.numel()),
-                rstats["rollout_restarts"],
-                rstats["batches_recollected"],
-                *group_sums.values(),
-            ],
-            dtype=torch.float64,
-            device=self.device,
-        )
+        local, groups = local_sums(self.model, batch, rstats)
+        sums = torch.tensor(local, dtype=torch.float64, device=self.device)
         worst = torch.tensor([float(staleness)], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(sums)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        env_steps, ret_sum, len_sum, episodes, restarts, recollected, *per_group = sums.tolist()
-        counters["rollout_restarts"] += int(restarts)
-        counters["batches_recollected"] += int(recollected)
-        row = {
-            "episode_return": ret_sum / episodes if episodes else math.nan,
-            "episode_length": len_sum / episodes if episodes else math.nan,
-            "episodes": episodes,
-            **{
-                f"return/{name}": value / episodes if episodes else math.nan
-                for name, value in zip(group_sums, per_group, strict=True)
-            },
-            **stats,
+        timings = {
             "weights_version": float(self.version),
             "weights_staleness": float(worst.item()),
-            "rollout_restarts": float(counters["rollout_restarts"]),
-            "batches_recollected": float(counters["batches_recollected"]),
-            "learner_restarts": float(counters["learner_restarts"]),
             "collect_s": rstats.get("collect_s", math.nan),
             "update_s": update_s,
             "weights_fetch_s": rstats.get("weights_fetch_s", math.nan),
         }
-        return int(env_steps), row
+        return iteration_row(sums.tolist(), groups, stats, counters, timings)
