@@ -119,7 +119,7 @@ class StepLog:
     """A rollout's per-step tensors, stacked time-major into a :class:`RolloutBatch` at the end.
 
     The real rollout (:meth:`RolloutWorker.collect`) and the imagined one
-    (``agents.world_model.imagine``) both log here, so they build batches the same way.
+    (``agents.imagination.imagine``) both log here, so they build batches the same way.
     """
 
     def __init__(self) -> None:

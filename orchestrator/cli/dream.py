@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from agents.world_model import open_loop
+from agents.imagination import open_loop
 from orchestrator.config import Config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.runtime.world import model_from_checkpoint

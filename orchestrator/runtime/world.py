@@ -13,12 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agents.world_model import (
-    EnvDynamics,
-    LearnedDynamics,
-    Practice,
-    TransitionBuffer,
-)
+from agents.imagination import EnvDynamics, LearnedDynamics
+from agents.world_model import Practice, TransitionBuffer
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 
 import envs
+from agents.imagination import EnvDynamics, LearnedDynamics, imagine
 from agents.ppo import Learner, PPOConfig
 from agents.rollout import RolloutBatch, RolloutWorker
-from agents.world_model import (
-    EnvDynamics,
-    LearnedDynamics,
-    TransitionBuffer,
-    WorldModelTrainer,
-    imagine,
-)
+from agents.world_model import TransitionBuffer, WorldModelTrainer
 from policies import ActorCritic, PolicySpec
 from policies.world_model import EntityWorldModel
 
