@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-import time
+import types
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ import torch
 from orchestrator.cli.main import main as shoal
 from orchestrator.config import load_config
 from orchestrator.runtime import best as best_module
+from orchestrator.runtime import loop as loop_module
 from orchestrator.runtime.best import BestTracker
 from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from orchestrator.runtime.driver import run_training
@@ -100,10 +101,21 @@ def test_shoal_eval_says_which_checkpoint_it_used(tmp_path, capsys) -> None:
 
 def test_a_slow_evaluation_is_spaced_to_a_tenth_of_the_run(tmp_path, monkeypatch) -> None:
     calls: list[float] = []
+    # A fake clock for the loop and the evaluation: an evaluation takes 0.3 s, every other
+    # reading of the clock finds 1 ms gone.
+    now = [1000.0]
+
+    def tick() -> float:
+        now[0] += 0.001
+        return now[0]
+
+    clock = types.SimpleNamespace(monotonic=tick, perf_counter=tick)
+    monkeypatch.setattr(loop_module, "time", clock)
+    monkeypatch.setattr(best_module, "time", clock)
 
     def slow(model, env, episodes, seed, greedy=False):  # as a PettingZoo env stepped in a loop
         calls.append(1.0)
-        time.sleep(0.3)
+        now[0] += 0.3
         return torch.full((episodes, env.n_agents), -50.0 / env.n_agents)
 
     monkeypatch.setattr(best_module, "agent_returns", slow)
