@@ -325,16 +325,17 @@ class Learner(OptimizerState):
                 with torch.no_grad():
                     kl = (((ratio - 1) - log_ratio) * mb_alive).sum() / count
                     clipped = ((ratio - 1).abs() > cfg.clip).to(a.dtype)
+                    clip_frac = ((clipped * mb_alive).sum() / count).item()
                     stats["policy_loss"] += policy_loss.item()
                     stats["value_loss"] += value_loss.item()
                     stats["entropy"] += entropy.item()
                     stats["approx_kl"] += kl.item()
                     kl_max = max(kl_max, kl.item())
-                    stats["clip_frac"] += ((clipped * mb_alive).sum() / count).item()
+                    stats["clip_frac"] += clip_frac
                     stats["grad_norm"] += float(grad_norm)
                     if record is not None:
                         per_mb["kl"].append(kl.item())
-                        per_mb["clip_frac"].append(((clipped * mb_alive).sum() / count).item())
+                        per_mb["clip_frac"].append(clip_frac)
                         per_mb["grad_norm"].append(float(grad_norm))
                         per_mb["entropy"].append(entropy.item())
                         # The largest ratio, and the gradient weight of negative-advantage
