@@ -183,10 +183,13 @@ def run_loop(
                 }
                 row["return_fall"] = train_fall.add(row.get("episode_return", math.nan))
                 counters["return_fall"] = train_fall.state
-                if cfg.run.eval_every_steps is not None:
-                    evaluated = crossed(cfg.run.eval_every_steps, counters["env_steps"], steps)
-                else:
-                    evaluated = now - last_eval >= eval_every
+                by_steps = cfg.run.eval_every_steps
+                due = (
+                    crossed(by_steps, counters["env_steps"], steps)
+                    if by_steps is not None
+                    else now - last_eval >= eval_every
+                )
+                evaluated = evaluate is not None and due
                 if evaluate is not None and evaluated:
                     row.update(evaluate())
                     row["eval_return_fall"] = eval_fall.add(row["eval_return"])
@@ -195,8 +198,6 @@ def run_loop(
                     # On an env stepped in a Python loop an evaluation can cost seconds: space
                     # them so they never take more than a tenth of the run.
                     eval_every = max(cfg.run.eval_every_s or 0.0, 10 * row.get("eval_s", 0.0))
-                else:
-                    evaluated = False
                 if film is not None and now - last_film >= film_every:
                     film_every = max(cfg.run.render_every_s or 0.0, 10 * film())
                     last_film = time.monotonic()
@@ -205,9 +206,9 @@ def run_loop(
                     metrics.log(row)
                     pending = None
                     last_log, window_steps, window_t = now, 0, now
-                by_steps = crossed(cfg.run.checkpoint_every_steps, counters["env_steps"], steps)
+                ckpt_due = crossed(cfg.run.checkpoint_every_steps, counters["env_steps"], steps)
                 if checkpoint is not None and (
-                    by_steps or now - last_ckpt >= cfg.run.checkpoint_every_s
+                    ckpt_due or now - last_ckpt >= cfg.run.checkpoint_every_s
                 ):
                     ckpt_path = checkpoint()
                     last_ckpt = now
