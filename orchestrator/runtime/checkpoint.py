@@ -166,12 +166,11 @@ def _read(ckpt: Path, name: str, reader: Callable[[Path], Any]) -> Any:
     try:
         return reader(ckpt / name)
     except _UNREADABLE as e:
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         what = (
             "is missing"
             if isinstance(e, FileNotFoundError)
-            else f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})"
-            if str(e).strip()
-            else f"cannot be read ({type(e).__name__})"
+            else f"cannot be read ({type(e).__name__}{': ' + detail if detail else ''})"
         )
         raise CheckpointError(
             f"checkpoint '{ckpt}' is damaged: {name} {what}; use another checkpoint (an earlier "
