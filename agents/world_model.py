@@ -14,13 +14,12 @@ stay exactly the model-free ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from agents.fitting import Fitting, InlineFit
 from agents.imagination import Dynamics, EnvDynamics, Observe, imagine, open_loop_error
 from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch
@@ -220,20 +219,11 @@ class WorldModelTrainer(OptimizerState):
         return out
 
 
-class Fitter(Protocol):
-    """Fits the model elsewhere while the rank steps its envs (``world_model.fit_process``)."""
-
-    def start(self, rows: list[dict[str, Tensor]], steps: int) -> None:
-        """Hand over the replay's new transitions and fit ``steps`` times, without waiting."""
-        ...
-
-    def collect(self) -> dict[str, float]:
-        """Wait for the fit, load its weights into the model; its loss terms."""
-        ...
-
-    def close(self) -> None:
-        """Stop fitting elsewhere."""
-        ...
+def branches(ratio: float, horizon: int, real_samples: int) -> int:
+    """Branches per imagined round, so all rounds give ``ratio`` imagined samples per real one."""
+    if ratio <= 0:
+        return 0
+    return max(1, round(ratio * real_samples / (horizon * math.ceil(ratio))))
 
 
 class Practice:
@@ -254,6 +244,8 @@ class Practice:
         max_error: imagine only while the model's 1-step error on the newest real batch,
             before it trains on it, is at most this for both feature deltas and rewards (in
             units of their scale); ``None``: always.
+        fitting: where the model is fitted (default: here, after every batch); on Ray the
+            rank switches to the actor's weights with :meth:`fit_elsewhere`.
     """
 
     def __init__(
@@ -270,6 +262,7 @@ class Practice:
         max_disagreement: float | None = None,
         generator: torch.Generator | None = None,
         max_error: float | None = None,
+        fitting: Fitting | None = None,
     ) -> None:
         self.model, self.trainer, self.buffer = model, trainer, buffer
         self.max_error = max_error
@@ -279,17 +272,12 @@ class Practice:
         self.horizon, self.ratio, self.warmup_steps = horizon, ratio, warmup_steps
         self.updates_per_iter, self.max_disagreement = updates_per_iter, max_disagreement
         self.generator = generator
-        self.learns = not isinstance(dynamics, EnvDynamics)
-        # Where the model trains elsewhere (the world-model actor), fetches its newest
-        # weights and says whether there are any yet; here, the model is always ready.
-        self.refresh: Callable[[], bool] = lambda: True
-        self.weights_version: int | None = None  # of weights fetched from elsewhere
-        # The newest version published elsewhere (``None``: the model trains here).
-        self.latest_version: Callable[[], int | None] = lambda: None
-        # With a fitter the model fits while the next real batch is collected: transitions
-        # the fitter has not been sent yet wait here for :meth:`fit_behind`.
-        self.fitter: Fitter | None = None
-        self.unfitted: list[dict[str, Tensor]] = []
+        self.fitting: Fitting = fitting if fitting is not None else InlineFit(trainer)
+
+    def fit_elsewhere(self, fitting: Fitting) -> None:
+        """From now on the model is fitted elsewhere (the Ray actor): imagine with its weights."""
+        self.fitting.close()
+        self.fitting = fitting
 
     HOLDOUT = 2048
     """Transitions of each new batch the model is scored on before it trains on them."""
@@ -331,36 +319,29 @@ class Practice:
     def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
         """Score the model on a new real batch, add it to the replay, train on the replay.
 
-        With a fitter the training is the fit :meth:`fit_behind` started last iteration,
-        waited for here; this batch joins the next one.
+        Where the fit runs behind, the training is the fit :meth:`fit_behind` started last
+        iteration, waited for here; this batch joins the next one.
         """
         out: dict[str, float] = {}
-        fitted: dict[str, float] | None = None
-        if self.fitter is not None and self.learns:
-            fitted = self.fitter.collect()
+        fitting = self.fitting
+        fitted = fitting.collect()
         rows = batch_transitions(batch)
-        if self.scored and len(self.buffer) and self.refresh():
+        if self.scored and len(self.buffer) and fitting.ready():
             out = self.score(batch, rows)
         self.buffer.append(rows)
-        if not self.learns or self.updates_per_iter == 0:
+        if not fitting.learns or self.updates_per_iter == 0:
             return out
-        if fitted is None:
-            fitted = self.trainer.update(self.buffer, self.updates_per_iter, self.generator)
-        else:
-            self.unfitted.append(rows)
-        return {**out, **{f"wm_{k}": v for k, v in fitted.items()}}
+        now = fitting.fit(self.buffer, rows, self.updates_per_iter, self.generator)
+        return {**out, **{f"wm_{k}": v for k, v in (now or fitted or {}).items()}}
 
     def fit_behind(self) -> None:
-        """With a fitter: start fitting on the replay, to run while the next batch is collected."""
-        if self.fitter is None or not self.learns or self.updates_per_iter == 0:
-            return
-        rows, self.unfitted = self.unfitted, []
-        self.fitter.start(rows, self.updates_per_iter)
+        """Where the fit runs behind: start it, to run while the next batch is collected."""
+        if self.fitting.learns and self.updates_per_iter > 0:
+            self.fitting.launch(self.updates_per_iter)
 
     def close(self) -> None:
-        """Stop the fitter, if any."""
-        if self.fitter is not None:
-            self.fitter.close()
+        """Stop whatever fits elsewhere."""
+        self.fitting.close()
 
     def rounds(self) -> int:
         """Imagined PPO updates per real one: ``ceil(ratio)``, each at most a real batch.
@@ -373,9 +354,7 @@ class Practice:
 
     def branches(self, real_samples: int) -> int:
         """Branches per round, so all rounds give ``ratio`` imagined samples per real one."""
-        if self.ratio <= 0:
-            return 0
-        return max(1, round(self.ratio * real_samples / (self.horizon * self.rounds())))
+        return branches(self.ratio, self.horizon, real_samples)
 
     def imagine(
         self, policy: Policy, real_samples: int, env_steps: int, version: int
@@ -384,7 +363,7 @@ class Practice:
         n = self.branches(real_samples)
         if env_steps < self.warmup_steps or n == 0 or len(self.buffer) == 0:
             return None
-        if not self.refresh() or not self.trusted():
+        if not self.fitting.ready() or not self.trusted():
             return None
         starts = self.buffer.sample(n, self.generator)
         return imagine(

@@ -330,7 +330,7 @@ class LearnerRank:
             self._state = RunState(client, self.run_id)
             if self.practice is not None and self.cfg.rollout.num_workers > 0:
                 store = WeightStore(client, self.run_id, name=world.WORLD_MODEL_WEIGHTS)
-                world.fetch_from(self.practice, store)
+                self.practice.fit_elsewhere(world.ActorFit(store, self.practice.model))
         try:
             self.version = self._start_version()
             if self.self_play is not None:

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agents.imagination import EnvDynamics, LearnedDynamics
-from agents.world_model import Practice, TransitionBuffer
+from agents.fitting import BehindFit, Fitting, InlineFit, NoFit
+from agents.imagination import Dynamics, EnvDynamics, LearnedDynamics
+from agents.world_model import Practice, TransitionBuffer, branches
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess
@@ -65,11 +66,19 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
     check_env(observer, wm.oracle)
     model = wm.build(observer).to(device)
     generator = torch.Generator(device=device).manual_seed(seed + 7_777)
-    practice = Practice(
+    trainer, buffer = wm.trainer(model), TransitionBuffer(wm.replay_capacity, device)
+    dynamics: Dynamics = LearnedDynamics(model, generator)
+    fitting: Fitting = InlineFit(trainer)
+    if wm.oracle:
+        worlds = max(branches(wm.ratio, wm.horizon, real_samples), 1)
+        dynamics, fitting = EnvDynamics(cfg.env.make(worlds, seed + 1, device)), NoFit()
+    elif wm.fit_process:  # started at the first fit; never on Ray, where the actor fits
+        fitting = BehindFit(FitProcess(trainer, buffer, generator, device))
+    return Practice(
         model,
-        wm.trainer(model),
-        TransitionBuffer(wm.replay_capacity, device),
-        LearnedDynamics(model, generator),
+        trainer,
+        buffer,
+        dynamics,
         observer.observe_entities,
         horizon=wm.horizon,
         ratio=wm.ratio,
@@ -78,35 +87,31 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
         max_disagreement=wm.max_disagreement,
         generator=generator,
         max_error=wm.max_error,
+        fitting=fitting,
     )
-    if wm.oracle:
-        branches = practice.branches(real_samples)
-        practice.dynamics = EnvDynamics(cfg.env.make(max(branches, 1), seed + 1, device))
-        practice.learns = False
-    elif wm.fit_process:  # started at the first fit; never on Ray, where the actor fits
-        practice.fitter = FitProcess(practice.trainer, practice.buffer, generator, device)
-    return practice
 
 
-def fetch_from(practice: Practice, store: WeightStore) -> None:
-    """On Ray the model trains in ``shoal-world-model``: imagine with the weights it publishes.
+class ActorFit(NoFit):
+    """On Ray the model is fitted in ``shoal-world-model``: imagine with the weights it publishes.
 
     The rank keeps its replay only for start states and no longer fits the model itself.
     """
-    practice.learns = False
-    held: list[int | None] = [None]
 
-    def refresh() -> bool:
-        got = store.fetch_if_newer(held[0])
+    def __init__(self, store: WeightStore, model: EntityWorldModel) -> None:
+        self.store, self.model = store, model
+        self.version: int | None = None
+
+    def ready(self) -> bool:
+        """Fetch weights newer than the ones in use; whether there are any yet."""
+        got = self.store.fetch_if_newer(self.version)
         if got is not None:
-            held[0], state = got
-            practice.model.load_state_dict(state)
-        if held[0] is not None:
-            practice.weights_version = held[0]
-        return held[0] is not None
+            self.version, state = got
+            self.model.load_state_dict(state)
+        return self.version is not None
 
-    practice.refresh = refresh
-    practice.latest_version = store.latest_version
+    def latest_version(self) -> int | None:
+        """The newest version the actor published."""
+        return self.store.latest_version()
 
 
 def practise(
@@ -145,12 +150,13 @@ def practise(
     fit_s = t1 - t0 + time.perf_counter() - t2
     if teams:
         stats["imagined_team_reward"] = sum(teams) / len(teams)
-    if practice.weights_version is not None:  # on Ray: the actor's weights in use
-        stats["wm_weights_version"] = float(practice.weights_version)
+    version = practice.fitting.version
+    if version is not None:  # on Ray: the actor's weights in use
+        stats["wm_weights_version"] = float(version)
         # Versions the actor published beyond the ones this iteration imagined with.
-        latest = practice.latest_version()
+        latest = practice.fitting.latest_version()
         if latest is not None:
-            stats["wm_weights_staleness"] = float(max(latest - practice.weights_version, 0))
+            stats["wm_weights_staleness"] = float(max(latest - version, 0))
     stats.update(
         imagined_share=imagined / (imagined + real),
         wm_fit_s=fit_s,
