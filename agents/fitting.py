@@ -34,81 +34,52 @@ class Fitter(Protocol):
         ...
 
 
-class Fitting(Protocol):
+class Fitting:
     """Where the world model is fitted: one interface for every placement.
 
-    :class:`InlineFit` fits in the learner after every real batch; :class:`BehindFit` has a
-    child process fit while the next batch is collected (``world_model.fit_process``); on Ray
-    the ``shoal-world-model`` actor fits and the rank imagines with the weights it publishes
-    (``orchestrator.runtime.world.ActorFit``); the oracle needs no fit (:class:`NoFit`).
+    This base fits nothing and is always ready. :class:`InlineFit` fits in the learner after
+    every real batch; :class:`BehindFit` has a child process fit while the next batch is
+    collected (``world_model.fit_process``); on Ray the ``shoal-world-model`` actor fits and
+    the rank imagines with the weights it publishes (``orchestrator.runtime.world.ActorFit``);
+    the oracle needs no fit (:class:`NoFit`).
     """
 
-    learns: bool
+    learns = False
     """Whether this process fits the model from its own batches."""
-    version: int | None
+    version: int | None = None
     """The version of weights fetched from elsewhere now in use; ``None``: its own."""
 
     def collect(self) -> dict[str, float] | None:
         """Wait for a fit running elsewhere, load its weights; its loss terms (``None``: none)."""
-        ...
+        return None
 
     def fit(
         self, buffer: TransitionBuffer, rows: dict[str, Tensor], steps: int,
         generator: torch.Generator | None,
     ) -> dict[str, float] | None:  # fmt: skip
         """The replay gained ``rows``: fit ``steps`` times now (its loss terms), or later."""
-        ...
+        return None
 
     def launch(self, steps: int) -> None:
         """Start fitting while the next batch is collected (where the fit runs behind)."""
-        ...
 
     def ready(self) -> bool:
         """Whether the model has weights to imagine with (fetching newer ones first)."""
-        ...
-
-    def latest_version(self) -> int | None:
-        """The newest version published elsewhere; ``None`` where the model is fitted here."""
-        ...
-
-    def close(self) -> None:
-        """Stop whatever fits elsewhere."""
-        ...
-
-
-class NoFit:
-    """Nothing to fit: the oracle imagines with the true env (the base of the placements)."""
-
-    learns = False
-    version: int | None = None
-
-    def collect(self) -> dict[str, float] | None:
-        """See :class:`Fitting`."""
-        return None
-
-    def fit(
-        self, buffer: TransitionBuffer, rows: dict[str, Tensor], steps: int,
-        generator: torch.Generator | None,
-    ) -> dict[str, float] | None:  # fmt: skip
-        """See :class:`Fitting`."""
-        return None
-
-    def launch(self, steps: int) -> None:
-        """See :class:`Fitting`."""
-
-    def ready(self) -> bool:
-        """See :class:`Fitting`."""
         return True
 
     def latest_version(self) -> int | None:
-        """See :class:`Fitting`."""
+        """The newest version published elsewhere; ``None`` where the model is fitted here."""
         return None
 
     def close(self) -> None:
-        """See :class:`Fitting`."""
+        """Stop whatever fits elsewhere."""
 
 
-class InlineFit(NoFit):
+class NoFit(Fitting):
+    """Nothing to fit: the oracle imagines with the true env."""
+
+
+class InlineFit(Fitting):
     """Fit in the learner, after every real batch, before imagining."""
 
     learns = True
@@ -124,7 +95,7 @@ class InlineFit(NoFit):
         return self.trainer.update(buffer, steps, generator)
 
 
-class BehindFit(NoFit):
+class BehindFit(Fitting):
     """A child process fits while the next real batch is collected.
 
     The model imagines with weights fitted up to the batch before.

@@ -91,7 +91,7 @@ def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Prac
     )
 
 
-class ActorFit(NoFit):
+class ActorFit(Fitting):
     """On Ray the model is fitted in ``shoal-world-model``: imagine with the weights it publishes.
 
     The rank keeps its replay only for start states and no longer fits the model itself.
