@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from agents.world_model import TransitionBuffer, WorldModelTrainer
+    from agents.world_model import ModelTrainer, TransitionBuffer
 
 
 class Fitter(Protocol):
@@ -84,7 +84,7 @@ class InlineFit(Fitting):
 
     learns = True
 
-    def __init__(self, trainer: WorldModelTrainer) -> None:
+    def __init__(self, trainer: ModelTrainer) -> None:
         self.trainer = trainer
 
     def fit(

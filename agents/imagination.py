@@ -10,6 +10,7 @@ dream`` and the benchmarks' k-step errors. Runs wherever the learner does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from agents.rollout import RolloutBatch, StepLog
 from envs.base import Observation, VecMultiAgentEnv
 from policies.actor_critic import Policy
+from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
 Observe = Callable[[Tensor], Observation]
@@ -71,27 +73,135 @@ class EnvDynamics:
         return res.final.nodes, res.reward, cont, torch.zeros(b, device=nodes.device)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What replay keeps of each real step for a kind of world.
+
+    Args:
+        keys: observation fields a world is made of (kept at each step).
+        next_keys: of those, the ones that change (kept at the next step too).
+        agent_cont: agents' terminations one by one, not only the world's.
+    """
+
+    keys: tuple[str, ...]
+    next_keys: tuple[str, ...]
+    agent_cont: bool = False
+
+
+#: Entity graphs: what the entity model and the oracle step.
+ENTITY = Kept(("nodes", "node_mask"), ("nodes",))
+
+
+class World(Protocol):
+    """What imagination steps: the world's fields, how agents see them, one step of them."""
+
+    kept: Kept
+    """What a world is made of (replay keeps it)."""
+    learned: bool
+    """A learned model (scored on every new batch), not the true env."""
+
+    def observe(self, world: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The observation dict the policy reads in these worlds (without ``alive``)."""
+        ...
+
+    def step(
+        self, world: dict[str, Tensor], actions: Tensor, alive: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """``(next_world, reward [B, N], continue_prob [B] or [B, N], disagreement [B])``."""
+        ...
+
+    def distance(
+        self, pred: dict[str, Tensor], real: dict[str, Tensor], alive: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per-item distance of a predicted world from the real one, and the items' weights."""
+        ...
+
+
+class EntityWorld:
+    """Worlds as entity graphs, stepped by the entity model or the true env (the oracle).
+
+    Args:
+        dynamics: :class:`LearnedDynamics` or :class:`EnvDynamics`.
+        observe: entity graphs to observations (``env.observe_entities``).
+    """
+
+    kept = ENTITY
+
+    def __init__(self, dynamics: Dynamics, observe: Observe) -> None:
+        self.dynamics, self._observe = dynamics, observe
+        self.learned = not isinstance(dynamics, EnvDynamics)
+
+    def observe(self, world: dict[str, Tensor]) -> dict[str, Tensor]:
+        """See :class:`World`."""
+        return self._observe(world["nodes"]).as_dict()
+
+    def step(
+        self, world: dict[str, Tensor], actions: Tensor, alive: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """See :class:`World`."""
+        nxt, reward, cont, doubt = self.dynamics.step(
+            world["nodes"], world["node_mask"], actions, alive
+        )
+        return {"nodes": nxt, "node_mask": world["node_mask"]}, reward, cont, doubt
+
+    def distance(
+        self, pred: dict[str, Tensor], real: dict[str, Tensor], alive: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Entity feature vectors' distance (the env's own units), weighted by entity masks."""
+        weight = real["node_mask"].to(pred["nodes"].dtype)
+        return (pred["nodes"] - real["nodes"]).norm(dim=-1), weight
+
+
+class ObservationWorld:
+    """Worlds as what the agents observe, stepped by an :class:`ObservationWorldModel`."""
+
+    learned = True
+
+    def __init__(
+        self, model: ObservationWorldModel, generator: torch.Generator | None = None
+    ) -> None:
+        self.model, self.generator = model, generator
+        changing = tuple(f.key for f in model.fields if f.kind != "fixed")
+        self.kept = Kept(tuple(f.key for f in model.fields), changing, agent_cont=True)
+
+    def observe(self, world: dict[str, Tensor]) -> dict[str, Tensor]:
+        """See :class:`World`: the world is the observation."""
+        return dict(world)
+
+    def step(
+        self, world: dict[str, Tensor], actions: Tensor, alive: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """See :class:`World`."""
+        return self.model.predict(world, actions, alive, self.generator)
+
+    def distance(
+        self, pred: dict[str, Tensor], real: dict[str, Tensor], alive: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Each agent's observation vector's distance, weighted by whether it lives."""
+        p, r = self.model.agent_vector(pred, alive), self.model.agent_vector(real, alive)
+        return (p - r).norm(dim=-1), alive.to(p.dtype)
+
+
 @torch.no_grad()
 def imagine(
     policy: Policy,
-    dynamics: Dynamics,
-    observe: Observe,
+    world: World,
     starts: dict[str, Tensor],
     horizon: int,
     max_disagreement: float | None = None,
     weights_version: int = 0,
 ) -> RolloutBatch:
-    """Roll ``policy`` for ``horizon`` steps through ``dynamics`` from real ``starts``.
+    """Roll ``policy`` for ``horizon`` steps through ``world`` from real ``starts``.
 
     Every world ends at the horizon as a truncation, so GAE bootstraps it from the critic. A
     world whose ensemble disagreement exceeds ``max_disagreement`` is cut there the same way
     and its later steps are masked (``alive`` false), so PPO learns only where the model knows.
+    An agent the model ends is terminated there and masked after, as a real one would be.
 
     Args:
         policy: the current policy and critic.
-        dynamics: what steps the worlds.
-        observe: entity features to observations.
-        starts: ``nodes``, ``node_mask`` and ``alive`` of ``B`` real states.
+        world: what steps the worlds and how agents see them.
+        starts: ``world.kept.keys`` and ``alive`` of ``B`` real states.
         horizon: ``H``.
         max_disagreement: cut worlds where the model is this unsure (``None``: never).
         weights_version: the policy version acting, recorded on the batch.
@@ -99,32 +209,33 @@ def imagine(
     Returns:
         A ``[H, B]`` batch with ``imagined=True`` and no finished episodes.
     """
-    nodes, node_mask = starts["nodes"], starts["node_mask"]
+    state = {k: starts[k] for k in world.kept.keys}
     alive = starts["alive"].clone()
-    b = nodes.shape[0]
+    b, device = alive.shape[0], alive.device
     keys = policy.input_keys
     log = StepLog()
-    obs = observe(nodes).as_dict()
+    obs = world.observe(state)
     obs["alive"] = alive.clone()
     obs = policy.prepare(obs)
     action, logp, value = policy.act(obs)
     for t in range(horizon):
         seen = {k: v for k, v in obs.items() if k in keys}
-        nxt, reward, cont, disagreement = dynamics.step(nodes, node_mask, action, alive)
-        terminated = (cont < 0.5).unsqueeze(-1) & alive
-        cut = torch.zeros(b, dtype=torch.bool, device=nodes.device)
+        state, reward, cont, disagreement = world.step(state, action, alive)
+        if cont.dim() == 1:
+            cont = cont.unsqueeze(-1)
+        terminated = (cont < 0.5) & alive
+        cut = torch.zeros(b, dtype=torch.bool, device=device)
         if max_disagreement is not None:
             cut = disagreement > max_disagreement
         truncated = cut | (t == horizon - 1)
         log.add(seen, action, logp, value, reward * alive, terminated, truncated)
-        nodes = nxt
-        obs = observe(nodes).as_dict()
+        obs = world.observe(state)
         alive = alive & ~terminated & ~cut.unsqueeze(-1)  # later steps of cut worlds: masked
         obs["alive"] = alive.clone()
         obs = policy.prepare(obs)
         action, logp, value = policy.act(obs)
         log.bootstrap(value)
-    empty = torch.zeros(0, device=nodes.device)
+    empty = torch.zeros(0, device=device)
     return log.batch(empty, empty.long(), weights_version, imagined=True)
 
 
@@ -151,20 +262,15 @@ def open_loop(
 
 @torch.no_grad()
 def open_loop_error(
-    model: EntityWorldModel,
-    batch: RolloutBatch,
-    ks: list[int],
-    worlds: int = 256,
-    generator: torch.Generator | None = None,
+    world: World, batch: RolloutBatch, ks: list[int], worlds: int = 256
 ) -> dict[int, float]:
     """The model's ``k``-step open-loop error on a real batch, for each ``k`` it can hold.
 
     From one step of up to ``worlds`` worlds whose episode runs on for ``max(ks)`` steps, the
     model replays the batch's actions alone; the error after ``k`` steps is the mean distance
-    between predicted and real entity feature vectors (the env's own units).
+    between predicted and real worlds (``world.distance``: the env's own units).
     """
-    nodes, mask = batch.obs["nodes"], batch.obs["node_mask"]
-    t_len = nodes.shape[0]
+    t_len = batch.rewards.shape[0]
     ks = [k for k in ks if k < t_len]
     if not ks:
         return {}
@@ -174,12 +280,13 @@ def open_loop_error(
     ok = (~ended[start : start + k_max].any(0)).nonzero().squeeze(-1)[:worlds]
     if ok.numel() == 0:
         return {}
-    m = mask[start, ok]
-    acts = [batch.actions[start + j, ok] for j in range(k_max)]
-    pred = open_loop(model, nodes[start, ok], m, batch.obs["alive"][start, ok], acts, generator)
-    weight = m.to(nodes.dtype)
+    alive = batch.obs["alive"][start, ok]
+    state = {k: batch.obs[k][start, ok] for k in world.kept.keys}
     out = {}
-    for k in ks:
-        dist = (pred[k] - nodes[start + k, ok]).norm(dim=-1)
-        out[k] = float((dist * weight).sum() / weight.sum().clamp(min=1))
+    for j in range(1, k_max + 1):
+        state, *_ = world.step(state, batch.actions[start + j - 1, ok], alive)
+        if j in ks:
+            real = {k: batch.obs[k][start + j, ok] for k in world.kept.keys}
+            dist, weight = world.distance(state, real, alive)
+            out[j] = float((dist * weight).sum() / weight.sum().clamp(min=1))
     return out

@@ -17,13 +17,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from agents.fitting import Fitting, InlineFit
-from agents.imagination import Dynamics, EnvDynamics, Observe, imagine, open_loop_error
+from agents.imagination import ENTITY, Kept, World, imagine, open_loop_error
 from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch
 from policies.actor_critic import Policy
+from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
 
@@ -33,23 +34,27 @@ def transitions(
     rewards: Tensor,
     terminated: Tensor,
     truncated: Tensor,
+    kept: Kept = ENTITY,
 ) -> dict[str, Tensor]:
     """The transitions in ``T`` time-major steps of ``B`` worlds (a batch, or a stream chunk).
 
-    A transition is one world's step: ``nodes``, ``node_mask``, ``alive``, ``actions``,
-    ``rewards``, ``cont`` (1 unless the world terminated) and ``next_nodes``. Steps cut by a
+    A transition is one world's step: ``kept.keys``, ``alive``, ``actions``, ``rewards``,
+    ``cont`` (1 unless the world terminated), ``next_<key>`` of ``kept.next_keys`` and, with
+    ``kept.agent_cont``, ``agent_cont [N]`` (1 unless that agent terminated). Steps cut by a
     time limit are left out (a truncation says nothing about the dynamics), and so is the
     last step, whose next state the batch does not hold.
 
     Args:
-        obs: ``nodes [T, B, E, F]``, ``node_mask [T, B, E]``, ``alive [T, B, N]``.
+        obs: ``kept.keys`` and ``alive`` as ``[T, B, ...]``.
         actions: ``[T, B, N(, A)]``.
         rewards: ``[T, B, N]``.
         terminated: ``[T, B, N]``.
         truncated: ``[T, B]``.
+        kept: what the world model is made of (default: entity graphs).
     """
-    if "nodes" not in obs:
-        raise ValueError("a world model needs entity graphs in the batch (obs['nodes'])")
+    missing = [k for k in kept.keys if k not in obs]
+    if missing:
+        raise ValueError(f"a world model needs {missing} in the batch's observations")
     t_len = rewards.shape[0]
     ended = terminated.all(-1)  # [T, B]
     keep = ~(truncated | ended)
@@ -57,27 +62,34 @@ def transitions(
     keep = keep | ended  # a termination teaches the continuation head
     t_idx, b_idx = keep.nonzero(as_tuple=True)
     nxt = (t_idx + 1).clamp(max=t_len - 1)
-    return {
-        "nodes": obs["nodes"][t_idx, b_idx],
-        "node_mask": obs["node_mask"][t_idx, b_idx],
-        "alive": obs["alive"][t_idx, b_idx],
-        "actions": actions[t_idx, b_idx],
-        "rewards": rewards[t_idx, b_idx],
-        "cont": (~ended[t_idx, b_idx]).float(),
-        "next_nodes": obs["nodes"][nxt, b_idx],
-    }
+    rows = {k: obs[k][t_idx, b_idx] for k in kept.keys}
+    rows.update(
+        alive=obs["alive"][t_idx, b_idx],
+        actions=actions[t_idx, b_idx],
+        rewards=rewards[t_idx, b_idx],
+        cont=(~ended[t_idx, b_idx]).float(),
+    )
+    for k in kept.next_keys:
+        rows[f"next_{k}"] = obs[k][nxt, b_idx]
+    if kept.agent_cont:
+        rows["agent_cont"] = (~terminated[t_idx, b_idx]).float()
+    return rows
 
 
-def batch_transitions(batch: RolloutBatch) -> dict[str, Tensor]:
+def batch_transitions(batch: RolloutBatch, kept: Kept = ENTITY) -> dict[str, Tensor]:
     """:func:`transitions` of a rollout batch."""
-    return transitions(batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated)
+    return transitions(
+        batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated, kept
+    )
 
 
 class TransitionBuffer:
     """The last ``capacity`` real transitions (see :func:`transitions`), on ``device``."""
 
-    def __init__(self, capacity: int, device: str | torch.device = "cpu") -> None:
-        self.capacity, self.device = capacity, torch.device(device)
+    def __init__(
+        self, capacity: int, device: str | torch.device = "cpu", kept: Kept = ENTITY
+    ) -> None:
+        self.capacity, self.device, self.kept = capacity, torch.device(device), kept
         self.data: dict[str, Tensor] = {}
         self.size = self.next = 0
 
@@ -86,7 +98,7 @@ class TransitionBuffer:
 
     def add(self, batch: RolloutBatch) -> int:
         """Append a batch's transitions; returns how many it held."""
-        return self.append(batch_transitions(batch))
+        return self.append(batch_transitions(batch, self.kept))
 
     def add_steps(
         self,
@@ -97,11 +109,11 @@ class TransitionBuffer:
         truncated: Tensor,
     ) -> int:
         """Append ``T`` time-major steps of ``B`` worlds (see :func:`transitions`)."""
-        return self.append(transitions(obs, actions, rewards, terminated, truncated))
+        return self.append(transitions(obs, actions, rewards, terminated, truncated, self.kept))
 
     def append(self, rows: dict[str, Tensor]) -> int:
         """Append transitions as :func:`transitions` lays them out; returns how many."""
-        n = int(rows["nodes"].shape[0])
+        n = int(rows["actions"].shape[0])
         if not self.data:
             self.data = {
                 k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
@@ -109,7 +121,7 @@ class TransitionBuffer:
             }
         for start in range(0, n, self.capacity):  # a batch larger than the buffer wraps
             chunk = {k: v[start : start + self.capacity].to(self.device) for k, v in rows.items()}
-            m = chunk["nodes"].shape[0]
+            m = chunk["actions"].shape[0]
             idx = (torch.arange(m, device=self.device) + self.next) % self.capacity
             for k, v in chunk.items():
                 self.data[k][idx] = v
@@ -125,7 +137,7 @@ class TransitionBuffer:
 
     def restore(self, rows: dict[str, Tensor]) -> None:
         """Append what :meth:`newest` returned (a resumed run's replay)."""
-        if rows and rows["nodes"].shape[0]:
+        if rows and rows["actions"].shape[0]:
             self.append(rows)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -134,8 +146,10 @@ class TransitionBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-class WorldModelTrainer(OptimizerState):
+class ModelTrainer(OptimizerState):
     """Fits an ensemble to the buffer: each member on its own bootstrap sample.
+
+    Subclasses say what the loss is (:meth:`loss`) and how the targets' scales are tracked.
 
     Args:
         model: the ensemble.
@@ -144,17 +158,52 @@ class WorldModelTrainer(OptimizerState):
         scale_beta: EMA decay of the target scales (deltas per feature, rewards).
     """
 
+    model: nn.Module
+
     def __init__(
-        self,
-        model: EntityWorldModel,
-        lr: float = 1e-3,
-        batch_size: int = 1024,
-        scale_beta: float = 0.99,
+        self, model: nn.Module, lr: float = 1e-3, batch_size: int = 1024, scale_beta: float = 0.99
     ) -> None:
         self.model = model
+        self.members = int(getattr(model, "members", 1))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.batch_size, self.scale_beta = batch_size, scale_beta
         self.updates = 0
+
+    def _update_scales(self, sample: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def loss(self, samples: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
+        """The ensemble's loss, member ``k`` on ``samples[k]``, and per-term diagnostics.
+
+        ``delta_mse`` and ``reward_mse`` are in units of the targets' scale: 1.0 is what
+        predicting "no change" and "mean reward" would roughly score.
+        """
+        raise NotImplementedError
+
+    def update(
+        self, buffer: TransitionBuffer, steps: int, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """``steps`` gradient steps; returns the mean of the loss terms over them."""
+        out: dict[str, float] = {}
+        k = self.members
+        for _ in range(steps):
+            samples = [buffer.sample(self.batch_size, generator) for _ in range(k)]
+            self._update_scales(samples[0])
+            loss, stats = self.loss(samples)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            self.optimizer.step()
+            self.updates += 1
+            for key, value in stats.items():
+                out[key] = out.get(key, 0.0) + value / steps
+        return out
+
+
+class WorldModelTrainer(ModelTrainer):
+    """Fits an :class:`EntityWorldModel` (see :class:`ModelTrainer`)."""
+
+    model: EntityWorldModel
 
     @torch.no_grad()
     def _update_scales(self, sample: dict[str, Tensor]) -> None:
@@ -170,11 +219,7 @@ class WorldModelTrainer(OptimizerState):
         m.reward_scale.mul_(b).add_((1 - b) * r_std)
 
     def loss(self, samples: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
-        """The ensemble's loss, member ``k`` on ``samples[k]``, and per-term diagnostics.
-
-        ``delta_mse`` and ``reward_mse`` are in units of the targets' scale: 1.0 is what
-        predicting "no change" and "mean reward" would roughly score.
-        """
+        """See :meth:`ModelTrainer.loss`."""
         m = self.model
         s = {key: torch.stack([x[key] for x in samples]) for key in samples[0]}  # [K, B, ...]
         k, b = s["nodes"].shape[:2]
@@ -199,25 +244,6 @@ class WorldModelTrainer(OptimizerState):
         }
         return total, stats
 
-    def update(
-        self, buffer: TransitionBuffer, steps: int, generator: torch.Generator | None = None
-    ) -> dict[str, float]:
-        """``steps`` gradient steps; returns the mean of the loss terms over them."""
-        out = {"delta_mse": 0.0, "reward_mse": 0.0, "cont_bce": 0.0}
-        k = self.model.members
-        for _ in range(steps):
-            samples = [buffer.sample(self.batch_size, generator) for _ in range(k)]
-            self._update_scales(samples[0])
-            loss, stats = self.loss(samples)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-            self.optimizer.step()
-            self.updates += 1
-            for key, value in stats.items():
-                out[key] += value / steps
-        return out
-
 
 def branches(ratio: float, horizon: int, real_samples: int) -> int:
     """Branches per imagined round, so all rounds give ``ratio`` imagined samples per real one."""
@@ -233,8 +259,8 @@ class Practice:
         model: the world model (trained here unless ``dynamics`` is the true env).
         trainer: fits ``model``.
         buffer: the real transitions.
-        dynamics: what imagination steps with (``LearnedDynamics(model)`` or the oracle).
-        observe: entity features to observations.
+        world: what imagination steps (the learned model, or the oracle's true env) and how
+            agents see it.
         horizon: imagined steps per branch.
         ratio: imagined samples per real sample.
         warmup_steps: real env steps before imagination starts.
@@ -250,11 +276,10 @@ class Practice:
 
     def __init__(
         self,
-        model: EntityWorldModel,
-        trainer: WorldModelTrainer,
+        model: EntityWorldModel | ObservationWorldModel,
+        trainer: ModelTrainer,
         buffer: TransitionBuffer,
-        dynamics: Dynamics,
-        observe: Observe,
+        world: World,
         horizon: int,
         ratio: float,
         warmup_steps: int,
@@ -268,7 +293,7 @@ class Practice:
         self.max_error = max_error
         self.holdout: dict[str, float] = {}
         self.cpu_generator = torch.Generator().manual_seed(0)
-        self.dynamics, self.observe = dynamics, observe
+        self.world = world
         self.horizon, self.ratio, self.warmup_steps = horizon, ratio, warmup_steps
         self.updates_per_iter, self.max_disagreement = updates_per_iter, max_disagreement
         self.generator = generator
@@ -289,7 +314,7 @@ class Practice:
         1-step errors are in units of the targets' scale (1: no better than "no change" /
         "mean reward"); they gate imagination when ``max_error`` is set.
         """
-        n = int(rows["nodes"].shape[0])
+        n = int(rows["actions"].shape[0])
         if n == 0:
             return {}
         pick = torch.randperm(n, generator=self.cpu_generator)[: self.HOLDOUT]
@@ -297,7 +322,7 @@ class Practice:
         _, stats = self.trainer.loss([rows] * self.model.members)
         self.holdout = stats
         ks = sorted({1, 5, self.horizon})
-        k_errors = open_loop_error(self.model, batch, ks, self.HOLDOUT // 8, self.generator)
+        k_errors = open_loop_error(self.world, batch, ks, self.HOLDOUT // 8)
         return {
             "wm_holdout_delta_mse": stats["delta_mse"],
             "wm_holdout_reward_mse": stats["reward_mse"],
@@ -307,7 +332,7 @@ class Practice:
     @property
     def scored(self) -> bool:
         """A learned model is scored on every new batch; the true env needs no score."""
-        return not isinstance(self.dynamics, EnvDynamics)
+        return self.world.learned
 
     def trusted(self) -> bool:
         """Whether the model's held-out error allows imagining (always, for the true env)."""
@@ -325,7 +350,7 @@ class Practice:
         out: dict[str, float] = {}
         fitting = self.fitting
         fitted = fitting.collect()
-        rows = batch_transitions(batch)
+        rows = batch_transitions(batch, self.buffer.kept)
         if self.scored and len(self.buffer) and fitting.ready():
             out = self.score(batch, rows)
         self.buffer.append(rows)
@@ -368,8 +393,7 @@ class Practice:
         starts = self.buffer.sample(n, self.generator)
         return imagine(
             policy,
-            self.dynamics,
-            self.observe,
+            self.world,
             starts,
             self.horizon,
             self.max_disagreement,

@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import envs
 from agents.algorithm import algorithm_spec
 from agents.ppo import PPOConfig
-from agents.world_model import WorldModelTrainer
+from agents.world_model import ModelTrainer, WorldModelTrainer
 from envs import EnvSettings, VecMultiAgentEnv
 from orchestrator.config.groups import GroupConfig, GroupError, build_policy
 from policies import EDGE_MODES, ActorCritic, PolicySpec
 from policies.actor_critic import ARCHITECTURES, Policy
+from policies.observation_model import ObservationWorldModel, layout
 from policies.world_model import EntityWorldModel
 
 
@@ -249,9 +250,18 @@ class WorldModelConfig(_Section):
     """
 
     enabled: bool = False
-    architecture: Literal["entity_transformer"] = "entity_transformer"
-    """The network (``policies/world_model.py``): an ensemble of transformers over the env's
-    entity graph, so the env must give one (native ``spread``, mpe2 ``simple_spread``)."""
+    architecture: Literal["auto", "entity", "observation"] = "auto"
+    """``entity``: an ensemble of transformers over the env's entity graph
+    (``policies/world_model.py``); the env must turn imagined graphs into observations (native
+    ``spread``, mpe2 ``simple_spread``). ``observation``: over each agent's observation
+    (``policies/observation_model.py``), any env. ``auto``: entity where the env can,
+    observation elsewhere."""
+
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _old_name(cls, value: object) -> object:
+        return "entity" if value == "entity_transformer" else value  # the name before 'auto'
+
     oracle: bool = False
     """Imagine with the true env instead of a model: the upper bound a model can reach
     (envs that can be put in a given state, e.g. native ``spread``)."""
@@ -294,14 +304,31 @@ class WorldModelConfig(_Section):
     scale); ``null`` never cuts."""
 
     def build(self, env: VecMultiAgentEnv) -> EntityWorldModel:
-        """The world model this section describes, sized for ``env``'s entity graph."""
+        """The entity model this section describes, sized for ``env``'s entity graph."""
         return EntityWorldModel(
             env.node_dim, env.action_kind, env.action_dim,
             self.hidden, self.layers, self.heads, self.members,
         )  # fmt: skip
 
-    def trainer(self, model: EntityWorldModel) -> WorldModelTrainer:
+    def build_observation(
+        self, env: VecMultiAgentEnv, keys: frozenset[str]
+    ) -> ObservationWorldModel:
+        """The observation model this section describes, over the fields ``keys`` it names.
+
+        ``keys``: the fields of ``env``'s observations the policy reads.
+        """
+        example = {k: v for k, v in env.reset(seed=0).as_dict().items() if k in keys}
+        return ObservationWorldModel(
+            layout(example, env.n_agents), env.n_agents, env.action_kind, env.action_dim,
+            hidden=self.hidden, layers=self.layers, heads=self.heads, members=self.members,
+        )  # fmt: skip
+
+    def trainer(self, model: EntityWorldModel | ObservationWorldModel) -> ModelTrainer:
         """What fits ``model`` with this section's learning rate and batch size."""
+        if isinstance(model, ObservationWorldModel):
+            from agents.observation_trainer import ObservationTrainer
+
+            return ObservationTrainer(model, lr=self.lr, batch_size=self.batch_size)
         return WorldModelTrainer(model, lr=self.lr, batch_size=self.batch_size)
 
     @model_validator(mode="after")

@@ -1,7 +1,11 @@
-"""A learner rank's records of each iteration: the metrics row, group returns, update traces.
+"""A learner rank's records: metrics rows, update traces, checkpoint sections, self-play pools.
+
+The metrics row with its group returns; the algorithm's per-update trace; what a checkpoint
+holds besides the model and the algorithm (the world model, the self-play pool).
 
 Runs in the learner process (every rank computes its share; rank 0's row is the one logged).
-What is summed here is summed over ranks by the caller, so the row is the learner group's.
+What is summed here is summed over ranks by the caller (the rank's transport), so the row is
+the learner group's.
 """
 
 from __future__ import annotations
@@ -12,7 +16,41 @@ from pathlib import Path
 from typing import Any
 
 from agents.rollout import RolloutBatch
+from agents.world_model import Practice
+from orchestrator.config import Config
+from orchestrator.runtime import world
+from orchestrator.runtime.pool import SelfPlay
 from policies.actor_critic import Policy
+from policies.groups import GroupedActorCritic
+
+
+def self_play_for(cfg: Config, model: Policy) -> SelfPlay | None:
+    """The opponent pools of the groups that have one (``groups.<name>.pool``), else ``None``."""
+    pools = {name: (g.pool.size, g.pool.every) for name, g in cfg.groups.items() if g.pool.size}
+    if not pools:
+        return None
+    assert isinstance(model, GroupedActorCritic)
+    return SelfPlay(model, pools, cfg.train.seed)
+
+
+def extra_state(practice: Practice | None, self_play: SelfPlay | None) -> dict[str, Any]:
+    """A checkpoint's sections beside the model and the algorithm: ``world_model``, ``pool``."""
+    extra: dict[str, Any] = {}
+    if practice is not None:
+        extra["world_model"] = world.state_dict(practice)
+    if self_play is not None:
+        extra["pool"] = self_play.state_dict()
+    return extra
+
+
+def restore_extra(
+    extra: dict[str, Any], practice: Practice | None, self_play: SelfPlay | None
+) -> None:
+    """Restore what :func:`extra_state` saved, section by section where there is one."""
+    if self_play is not None and "pool" in extra:
+        self_play.load_state_dict(extra["pool"])
+    if practice is not None and "world_model" in extra:
+        world.load_state_dict(practice, extra["world_model"])
 
 
 def group_return_sums(model: Policy, batch: RolloutBatch) -> dict[str, float]:

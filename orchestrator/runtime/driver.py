@@ -170,7 +170,7 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
             except video.CannotDraw as e:
                 raise ConfigError(f"run.render_every_s: {e}") from None
         if cfg.world_model.enabled:
-            world.check_env(env, cfg.world_model.oracle)
+            world.check_env(cfg, env)
         try:
             algorithm_spec(cfg.train.algorithm).check(env.action_kind)
         except ValueError as e:

@@ -17,23 +17,28 @@ import logging
 import math
 import os
 import queue
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from agents.algorithm import Algorithm, algorithm_spec
-from agents.rollout import LocalRollouts, RolloutBatch, RolloutWorker
+from agents.rollout import LocalRollouts, RolloutBatch
 from orchestrator.config import Config, config_to_yaml
 from orchestrator.runtime import process_group, world
 from orchestrator.runtime.best import periodic_evaluation
-from orchestrator.runtime.bookkeeping import iteration_row, local_sums, write_trace
+from orchestrator.runtime.bookkeeping import (
+    extra_state,
+    iteration_row,
+    local_sums,
+    restore_extra,
+    self_play_for,
+    write_trace,
+)
 from orchestrator.runtime.checkpoint import (
     fresh_counters,
     init_groups,
@@ -41,20 +46,16 @@ from orchestrator.runtime.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from orchestrator.runtime.loop import FatalRunError, redis_outage, run_loop
+from orchestrator.runtime.loop import FatalRunError, run_loop
 from orchestrator.runtime.metrics import Metrics
-from orchestrator.runtime.pool import POOL_PREFIX, SelfPlay
+from orchestrator.runtime.pool import SelfPlay
+from orchestrator.runtime.transport import Transport
 from orchestrator.runtime.video import periodic_film
-from policies.groups import GroupedActorCritic
 
 if TYPE_CHECKING:
-    from agents.memory import RunState, WeightStore
     from orchestrator.runtime.rollout import ActorRollouts
 
 log = logging.getLogger(__name__)
-
-# Stop reasons travel between ranks as an index into this tuple.
-REASONS: tuple[str | None, ...] = (None, "time limit reached", "stop requested", "interrupted")
 
 
 def learner_name(rank: int) -> str:
@@ -127,14 +128,11 @@ class LearnerRank:
         self.device = self.cfg.train.torch_device()
         self._rows = _RowQueue()
         self.metrics = Metrics([self._rows]) if metrics is None else metrics
-        self._stop: str | None = None
         self._store: Any = None
-        self._republish = threading.Event()
-        self._weights: WeightStore | None = None  # rank 0 with Redis only
+        self.transport = Transport(
+            self.cfg, rank, world_size, self.device, redis_url, run_id, namespace
+        )
         self.self_play: SelfPlay | None = None  # groups with an opponent pool
-        self._state: RunState | None = None
-        self._last_publish_check = self._last_stop_poll = 0.0
-        self.version = 0
         self.counters = fresh_counters()
 
     # -- forming the group (Ray, K > 1) -----------------------------------------------------
@@ -203,35 +201,16 @@ class LearnerRank:
         self.practice = None
         if cfg.world_model.enabled:
             real = cfg.train.rollout_len * (cfg.env.num_envs // self.world_size)
-            self.practice = world.build_practice(cfg, real, self.device)
-        self.self_play = self._build_self_play()
+            self.practice = world.build_practice(cfg, real, self.device, self.model.input_keys)
+        self.self_play = self_play_for(self.cfg, self.model)
         if ckpt is not None:
             self.learner.load_state_dict(ckpt["learner"])
-            if self.self_play is not None and "pool" in ckpt["extra"]:
-                self.self_play.load_state_dict(ckpt["extra"]["pool"])
-            if self.practice is not None and "world_model" in ckpt["extra"]:
-                world.load_state_dict(self.practice, ckpt["extra"]["world_model"])
+            restore_extra(ckpt["extra"], self.practice, self.self_play)
             set_rng_state(ckpt["rng"])
             log.info("rank %d resumed from %s", self.rank, ckpt["path"])
 
-    def _build_self_play(self) -> SelfPlay | None:
-        pools = {
-            name: (g.pool.size, g.pool.every)
-            for name, g in self.cfg.groups.items()
-            if g.pool.size > 0
-        }
-        if not pools:
-            return None
-        assert isinstance(self.model, GroupedActorCritic)
-        return SelfPlay(self.model, pools, self.cfg.train.seed)
-
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current model, learner and counters (rank 0)."""
-        extra: dict[str, Any] = {}
-        if self.practice is not None:
-            extra["world_model"] = world.state_dict(self.practice)
-        if self.self_play is not None:
-            extra["pool"] = self.self_play.state_dict()
         return save_checkpoint(
             self.run_dir / "checkpoints",
             model=self.model,
@@ -239,7 +218,7 @@ class LearnerRank:
             counters=dict(self.counters),
             config_yaml=config_to_yaml(self.cfg),
             keep=self.cfg.run.keep_checkpoints,
-            extra=extra or None,
+            extra=extra_state(self.practice, self.self_play) or None,
         )
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -272,26 +251,8 @@ class LearnerRank:
                 return rows
 
     def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop at its next iteration with ``reason`` (one of ``REASONS``)."""
-        self._stop = reason
-
-    def _agree(self, local: str | None) -> str | None:
-        if self.world_size == 1:
-            return local
-        code = torch.tensor([REASONS.index(local) if self.rank == 0 else 0], device=self.device)
-        dist.broadcast(code, src=0)
-        return REASONS[int(code.item())]
-
-    def _start_version(self) -> int:
-        """Rank 0 continues after the newest version in Redis; every rank learns it."""
-        start = 0
-        if self._weights is not None:
-            latest = self._weights.latest_version()
-            start = 0 if latest is None else latest + 1
-        t = torch.tensor([start], dtype=torch.int64, device=self.device)
-        if self.world_size > 1:
-            dist.broadcast(t, src=0)
-        return int(t.item())
+        """Ask the loop to stop at its next iteration with ``reason`` (a ``transport.REASONS``)."""
+        self.transport.stop = reason
 
     def train(
         self,
@@ -313,58 +274,31 @@ class LearnerRank:
             FatalRunError: if Redis stays unreachable or a rollout worker is lost for good.
         """
         self.setup_model(resume)
-        counters = self.counters
+        counters, transport = self.counters, self.transport
         counters["learner_restarts"] = learner_restarts
-        uses_redis = self.rank == 0 and self.redis_url is not None
-        outage = redis_outage(uses_redis)
-        client = None
-        if uses_redis:
-            from agents.memory import RunState, WeightStore, connect
-
-            assert self.redis_url is not None
-            client = connect(self.redis_url, outage_timeout=self.cfg.redis.outage_timeout_s)
-            # A restarted Redis lost the weights; republish from the loop, not from inside
-            # the client call that noticed (it may hold the store's lock).
-            client.on_reconnect = self._republish.set
-            self._weights = WeightStore(client, self.run_id)
-            self._state = RunState(client, self.run_id)
-            if self.practice is not None and self.cfg.rollout.num_workers > 0:
-                store = WeightStore(client, self.run_id, name=world.WORLD_MODEL_WEIGHTS)
-                self.practice.fit_elsewhere(world.ActorFit(store, self.practice.model))
+        lead = self.rank == 0
         try:
-            self.version = self._start_version()
-            if self.self_play is not None:
-                if client is not None:
-                    for name, pool in self.self_play.pools.items():
-                        pool.store = WeightStore(
-                            client, self.run_id, keep=pool.size, name=POOL_PREFIX + name
-                        )
-                        for v, state in sorted(pool.versions.items()):
-                            pool.store.publish(state, v)  # a resumed run's pool, in Redis
-                self.self_play.start(self.version)
-            if self._weights is not None:
-                self._weights.publish(self.model.state_dict(), self.version)
-            rollouts = self._rollouts()
-            if self._state is not None:
-                self._state.set_status("running")  # from here on a stop request checkpoints
+            transport.open(self.model, self.practice, self.self_play)
+            kept = self.practice.buffer.kept.keys if self.practice is not None else ()
+            rollouts = transport.rollouts(self.model, int(counters["iteration"]), frozenset(kept))
+            transport.running()
             res = run_loop(
                 self.cfg,
                 counters,
                 lambda lr_frac: self._step(rollouts, lr_frac),
-                self.metrics if self.rank == 0 else Metrics([]),
-                self.checkpoint if self.rank == 0 else None,
-                should_stop=self._should_stop,
-                agree=self._agree,
+                self.metrics if lead else Metrics([]),
+                self.checkpoint if lead else None,
+                should_stop=transport.should_stop,
+                agree=transport.agree,
                 time_limit_s=time_limit_s,
-                evaluate=periodic_evaluation(self) if self.rank == 0 else None,
-                film=periodic_film(self) if self.rank == 0 else None,
-                fatal=(FatalRunError, *outage),
+                evaluate=periodic_evaluation(self) if lead else None,
+                film=periodic_film(self) if lead else None,
+                fatal=(FatalRunError, *transport.outage),
             )
-        except outage as err:
+        except transport.outage as err:
             raise FatalRunError(str(err)) from None
         finally:
-            if client is not None:
-                client.close()
+            transport.close()
             if self.practice is not None:
                 self.practice.close()
         return {
@@ -376,57 +310,13 @@ class LearnerRank:
             "metrics": res.metrics,
         }
 
-    def _idle(self) -> None:
-        """While waiting for batches, make sure Redis holds the current weights (rank 0)."""
-        now = time.monotonic()
-        store = self._weights
-        if store is None:
-            return
-        if now - self._last_publish_check < 1.0 and not self._republish.is_set():
-            return
-        self._last_publish_check = now
-        latest = store.latest_version()
-        if self._republish.is_set() or latest is None or latest < self.version:
-            self._republish.clear()
-            store.publish(self.model.state_dict(), self.version)
-
-    def _should_stop(self) -> str | None:
-        """The driver's request, else ``shoal stop`` (Redis, polled twice a second)."""
-        if self._stop is not None:
-            return self._stop
-        now = time.monotonic()
-        if self._state is not None and now - self._last_stop_poll >= 0.5:
-            self._last_stop_poll = now
-            if self._state.stop_requested():
-                return "stop requested"
-        return None
-
-    def _rollouts(self) -> LocalRollouts | ActorRollouts:
-        """Where this rank's batches come from: its own envs, or its share of the actors."""
-        cfg, k = self.cfg, self.world_size
-        m = cfg.rollout.num_workers
-        if m == 0:
-            b = cfg.env.num_envs // k
-            seed = cfg.train.seed + 104729 * self.rank + int(self.counters["iteration"])
-            env = cfg.env.make(b, seed, self.device)
-            keys = world.WORLD_KEYS if self.practice is not None else frozenset()
-            return LocalRollouts(
-                RolloutWorker(env, self.model, cfg.train.rollout_len, seed, extra_keys=keys)
-            )
-        from orchestrator.runtime.rollout import ActorRollouts, rollout_name
-
-        assert self.namespace is not None, "rollout workers are Ray actors: a namespace is needed"
-        per_rank = m // k
-        names = [rollout_name(i) for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
-        return ActorRollouts(cfg, names, self.namespace)
-
     def _step(
         self, rollouts: LocalRollouts | ActorRollouts, lr_frac: float
     ) -> tuple[int, dict[str, float]]:
-        """Collect, learn, publish; statistics are summed (or maxed) over all ranks."""
-        counters = self.counters
-        batch, rstats = rollouts.next_batch(self.version, self._idle)
-        staleness = self.version - batch.weights_version
+        """Collect, learn (and practise), publish; the row's sums are over all ranks."""
+        counters, transport = self.counters, self.transport
+        batch, rstats = rollouts.next_batch(transport.version, transport.idle)
+        staleness = transport.version - batch.weights_version
         t0 = time.perf_counter()
         stats = self.learner.update(batch, lr_frac=lr_frac, staleness=staleness)
         trace = getattr(self.learner, "trace", None)
@@ -435,26 +325,25 @@ class LearnerRank:
                 self.run_dir, trace, int(counters["env_steps"]) + batch.env_steps * self.world_size
             )
         if self.practice is not None:
-            steps = int(self.counters["env_steps"])
-            stats.update(world.practise(self.practice, self, batch, steps, lr_frac))
+            stats.update(
+                world.practise(
+                    self.practice, self.model, self.learner, transport.version, batch,
+                    int(counters["env_steps"]), lr_frac,
+                )
+            )  # fmt: skip
         update_s = time.perf_counter() - t0
-        self.version += 1
+        version = transport.advance()
         if self.self_play is not None:  # before publishing: workers act with the drawn past
-            self.self_play.after_update(self.learner.updates, self.version)
-            stats.update(self.self_play.stats(self.version))
-        if self._weights is not None:
-            self._weights.publish(self.model.state_dict(), self.version)
+            self.self_play.after_update(self.learner.updates, version)
+            stats.update(self.self_play.stats(version))
+        transport.publish()
         local, groups = local_sums(self.model, batch, rstats)
-        sums = torch.tensor(local, dtype=torch.float64, device=self.device)
-        worst = torch.tensor([float(staleness)], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        sums, worst = transport.reduce(local, staleness)
         timings = {
-            "weights_version": float(self.version),
-            "weights_staleness": float(worst.item()),
+            "weights_version": float(version),
+            "weights_staleness": worst,
             "collect_s": rstats.get("collect_s", math.nan),
             "update_s": update_s,
             "weights_fetch_s": rstats.get("weights_fetch_s", math.nan),
         }
-        return iteration_row(sums.tolist(), groups, stats, counters, timings)
+        return iteration_row(sums, groups, stats, counters, timings)

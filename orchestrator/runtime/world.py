@@ -14,17 +14,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agents.fitting import BehindFit, Fitting, InlineFit, NoFit
-from agents.imagination import Dynamics, EnvDynamics, LearnedDynamics
-from agents.world_model import Practice, TransitionBuffer, branches
+from agents.imagination import EntityWorld, EnvDynamics, LearnedDynamics, ObservationWorld, World
+from agents.world_model import Practice, TransitionBuffer, WorldModelTrainer, branches
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess
+from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
 if TYPE_CHECKING:
+    from agents.algorithm import Algorithm
     from agents.memory import WeightStore
     from agents.rollout import RolloutBatch
-    from orchestrator.runtime.learner import LearnerRank
+    from policies.actor_critic import Policy
 
 # The entity graph every world-model batch carries, whatever the policy reads.
 WORLD_KEYS = frozenset({"nodes", "node_mask"})
@@ -33,53 +35,91 @@ WORLD_MODEL_ACTOR = "shoal-world-model"
 WORLD_MODEL_WEIGHTS = "world_model"
 
 
-def check_env(env: VecMultiAgentEnv, oracle: bool) -> None:
-    """Check that imagination can use ``env``: entity graphs to observations, a settable state.
-
-    The settable state is needed by the oracle only.
-
-    Raises:
-        EnvError: naming what the env lacks.
-    """
-    name = type(env).__name__
+def sees_entities(env: VecMultiAgentEnv) -> bool:
+    """Whether ``env`` can turn entity graphs into observations (what the entity model needs)."""
     try:
         env.observe_entities(env.reset(seed=0).nodes)
     except NotImplementedError:
+        return False
+    return True
+
+
+def architecture(cfg: Config, env: VecMultiAgentEnv) -> str:
+    """``entity`` or ``observation``: what ``world_model.architecture`` means for ``env``.
+
+    ``auto`` is the entity model where the env can show imagined entity graphs to the policy
+    (it was measured there first), the observation model elsewhere.
+    """
+    arch = cfg.world_model.architecture
+    if arch == "auto":
+        return "entity" if cfg.world_model.oracle or sees_entities(env) else "observation"
+    return arch
+
+
+def check_env(cfg: Config, env: VecMultiAgentEnv) -> None:
+    """Check that imagination can use ``env`` with the configured world model.
+
+    Raises:
+        EnvError: naming what the env lacks, or a placement the observation model does not
+            run in yet.
+    """
+    name, wm = type(env).__name__, cfg.world_model
+    arch = architecture(cfg, env)
+    if arch == "entity" and not sees_entities(env):
         raise EnvError(
-            f"world_model.enabled: {name} cannot turn imagined entity graphs into observations "
-            "(it has no observe_entities); native spread and mpe2 simple_spread can"
-        ) from None
-    if oracle and not hasattr(env, "set_entities"):
+            f"world_model.architecture=entity: {name} cannot turn imagined entity graphs into "
+            "observations (it has no observe_entities); world_model.architecture=observation "
+            "(or auto) learns from observations and runs on any env"
+        )
+    if wm.oracle and not hasattr(env, "set_entities"):
         raise EnvError(f"world_model.oracle: {name} cannot be put in a given state")
+    if arch == "observation" and (cfg.rollout.num_workers > 0 or wm.fit_process):
+        where = "rollout.num_workers > 0" if cfg.rollout.num_workers else "world_model.fit_process"
+        raise EnvError(
+            f"world_model.architecture=observation: with {where} the model is fitted in another "
+            "process, which the observation model does not do yet (planned); train in-process "
+            "with rollout.num_workers=0 and world_model.fit_process=false"
+        )
 
 
-def build_practice(cfg: Config, real_samples: int, device: torch.device) -> Practice:
+def build_practice(
+    cfg: Config, real_samples: int, device: torch.device, policy_keys: frozenset[str]
+) -> Practice:
     """The rank's world model, trainer, replay and imagination, ready for its first batch.
 
     Args:
         cfg: the run config (``world_model``, ``env``, ``train.seed``).
         real_samples: env steps in one real batch of this rank (``T * B``).
         device: where the model and replay live.
+        policy_keys: the observation fields the policy reads (what an observation model
+            predicts).
     """
     wm, seed = cfg.world_model, cfg.train.seed
     observer = cfg.env.make(1, seed, device)
-    check_env(observer, wm.oracle)
-    model = wm.build(observer).to(device)
+    check_env(cfg, observer)
     generator = torch.Generator(device=device).manual_seed(seed + 7_777)
-    trainer, buffer = wm.trainer(model), TransitionBuffer(wm.replay_capacity, device)
-    dynamics: Dynamics = LearnedDynamics(model, generator)
+    model: EntityWorldModel | ObservationWorldModel
+    if architecture(cfg, observer) == "observation":
+        model = wm.build_observation(observer, policy_keys).to(device)
+        imagined: World = ObservationWorld(model, generator)
+    else:
+        model = wm.build(observer).to(device)
+        imagined = EntityWorld(LearnedDynamics(model, generator), observer.observe_entities)
+    trainer = wm.trainer(model)
+    buffer = TransitionBuffer(wm.replay_capacity, device, imagined.kept)
     fitting: Fitting = InlineFit(trainer)
     if wm.oracle:
         worlds = max(branches(wm.ratio, wm.horizon, real_samples), 1)
-        dynamics, fitting = EnvDynamics(cfg.env.make(worlds, seed + 1, device)), NoFit()
+        true_env = EnvDynamics(cfg.env.make(worlds, seed + 1, device))
+        imagined, fitting = EntityWorld(true_env, observer.observe_entities), NoFit()
     elif wm.fit_process:  # started at the first fit; never on Ray, where the actor fits
+        assert isinstance(trainer, WorldModelTrainer)  # check_env refuses the others
         fitting = BehindFit(FitProcess(trainer, buffer, generator, device))
     return Practice(
         model,
         trainer,
         buffer,
-        dynamics,
-        observer.observe_entities,
+        imagined,
         horizon=wm.horizon,
         ratio=wm.ratio,
         warmup_steps=wm.warmup_steps,
@@ -97,7 +137,7 @@ class ActorFit(Fitting):
     The rank keeps its replay only for start states and no longer fits the model itself.
     """
 
-    def __init__(self, store: WeightStore, model: EntityWorldModel) -> None:
+    def __init__(self, store: WeightStore, model: torch.nn.Module) -> None:
         self.store, self.model = store, model
         self.version: int | None = None
 
@@ -115,12 +155,19 @@ class ActorFit(Fitting):
 
 
 def practise(
-    practice: Practice, rank: LearnerRank, batch: RolloutBatch, env_steps: int, lr_frac: float
+    practice: Practice,
+    policy: Policy,
+    algorithm: Algorithm,
+    version: int,
+    batch: RolloutBatch,
+    env_steps: int,
+    lr_frac: float,
 ) -> dict[str, float]:
     """After the real update: score and fit the model on the batch, then learn in imagination.
 
-    ``practice.rounds()`` imagined PPO updates follow, each rolled by the policy the previous
-    one left, once warm-up is over and the model's held-out error allows it.
+    ``practice.rounds()`` imagined updates of ``algorithm`` follow, each rolled by the
+    ``policy`` the previous one left (its weights ``version``), once warm-up is over and the
+    model's held-out error allows it.
 
     With ``world_model.fit_process`` the fit runs in a child process from the end of this
     call until the next one, while the next real batch is collected.
@@ -138,25 +185,25 @@ def practise(
     real = batch.env_steps
     imagined, teams = 0, []
     for _ in range(practice.rounds()):
-        img = practice.imagine(rank.model, real, env_steps, rank.version)
+        img = practice.imagine(policy, real, env_steps, version)
         if img is None:
             break
         live = img.obs["alive"].any(-1)  # [H, B]: worlds still imagined at each step
         teams.append(float((img.rewards.sum(-1) * live).sum() / live.sum().clamp(min=1)))
-        rank.learner.update(img, lr_frac=lr_frac)
+        algorithm.update(img, lr_frac=lr_frac)
         imagined += int(live.sum())
     t2 = time.perf_counter()
     practice.fit_behind()
     fit_s = t1 - t0 + time.perf_counter() - t2
     if teams:
         stats["imagined_team_reward"] = sum(teams) / len(teams)
-    version = practice.fitting.version
-    if version is not None:  # on Ray: the actor's weights in use
-        stats["wm_weights_version"] = float(version)
+    wm_version = practice.fitting.version
+    if wm_version is not None:  # on Ray: the actor's weights in use
+        stats["wm_weights_version"] = float(wm_version)
         # Versions the actor published beyond the ones this iteration imagined with.
         latest = practice.fitting.latest_version()
         if latest is not None:
-            stats["wm_weights_staleness"] = float(max(latest - version, 0))
+            stats["wm_weights_staleness"] = float(max(latest - wm_version, 0))
     stats.update(
         imagined_share=imagined / (imagined + real),
         wm_fit_s=fit_s,
@@ -200,6 +247,11 @@ def model_from_checkpoint(
         raise ValueError(
             f"checkpoint {ckpt['path']} holds no world model: the run trained without "
             "world_model.enabled (e.g. `shoal run spread-gnn-wm`)"
+        )
+    if architecture(cfg, env) == "observation":
+        raise ValueError(
+            f"checkpoint {ckpt['path']} holds an observation world model; shoal dream shows "
+            "entity models only (planned)"
         )
     model = cfg.world_model.build(env)
     model.load_state_dict(state["model"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import envs
-from agents.imagination import EnvDynamics, LearnedDynamics, imagine
+from agents.imagination import EntityWorld, EnvDynamics, LearnedDynamics, imagine
 from agents.ppo import Learner, PPOConfig
 from agents.rollout import RolloutBatch, RolloutWorker
 from agents.world_model import TransitionBuffer, WorldModelTrainer
@@ -76,7 +76,7 @@ def test_an_imagined_batch_keeps_the_rollout_batch_contract_and_learns() -> None
     buffer.add(real)
     model = EntityWorldModel(5, "discrete", 5, hidden=32)
     starts = buffer.sample(40, torch.Generator().manual_seed(0))
-    batch = imagine(policy, LearnedDynamics(model), env.observe_entities, starts, horizon=5)
+    batch = imagine(policy, EntityWorld(LearnedDynamics(model), env.observe_entities), starts, 5)
     assert isinstance(batch, RolloutBatch) and batch.imagined and not real.imagined
     assert batch.actions.shape == (5, 40, 3) and batch.rewards.shape == (5, 40, 3)
     assert batch.truncated[-1].all() and not batch.truncated[:-1].any()  # bootstrapped at H
@@ -95,7 +95,7 @@ def test_the_oracle_imagines_exactly_what_the_env_does() -> None:
     starts = buffer.sample(8, torch.Generator().manual_seed(0))
     oracle = EnvDynamics(envs.make("spread", num_envs=8, n_agents=3, seed=1))
     torch.manual_seed(3)
-    batch = imagine(policy, oracle, env.observe_entities, starts, horizon=4)
+    batch = imagine(policy, EntityWorld(oracle, env.observe_entities), starts, horizon=4)
     # Replay the same actions in a fresh env placed in the same start states.
     twin = envs.make("spread", num_envs=8, n_agents=3, seed=2)
     twin.set_entities(starts["nodes"])
@@ -112,8 +112,7 @@ def test_disagreement_cuts_a_branch_and_masks_what_follows() -> None:
     buffer.add(worker.collect())
     model = EntityWorldModel(5, "discrete", 5, hidden=32, members=3)  # untrained: unsure
     starts = buffer.sample(8, torch.Generator().manual_seed(0))
-    batch = imagine(
-        policy, LearnedDynamics(model), env.observe_entities, starts, 5, max_disagreement=1e-9
-    )
+    world = EntityWorld(LearnedDynamics(model), env.observe_entities)
+    batch = imagine(policy, world, starts, 5, max_disagreement=1e-9)
     assert batch.truncated[0].all()  # cut at the first step
     assert not batch.obs["alive"][1:].any()  # and nothing after it is learned from

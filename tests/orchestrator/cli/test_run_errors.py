@@ -62,7 +62,7 @@ CASES = {
     "ray-without-redis": (["redis.enabled=false", "--ray"], r"remove redis.enabled=false"),
     "wm-architecture": (
         ["world_model.architecture=rssm"],
-        r"world_model.architecture: .*'entity_transformer'",
+        r"world_model.architecture: .*'auto', 'entity' or 'observation'",
     ),
     "too-few-cpus": (
         ["ray.num_cpus=1", "rollout.num_workers=2"],

@@ -109,9 +109,33 @@ def test_dream_needs_a_run_with_a_world_model(tmp_path, capsys) -> None:
     assert "holds no world model" in capsys.readouterr().err
 
 
-def test_an_env_that_cannot_observe_imagined_worlds_is_refused(tmp_path, capsys) -> None:
+def test_the_entity_model_on_an_env_without_entity_views_is_refused(tmp_path, capsys) -> None:
     args = ["run", "spread-mlp", "env.name=vmas:navigation", "world_model.enabled=true"]
-    assert shoal([*args, f"run.dir={tmp_path / 'runs'}"]) == 2
+    args += ["world_model.architecture=entity", f"run.dir={tmp_path / 'runs'}"]
+    assert shoal(args) == 2
     err = capsys.readouterr().err
     assert "cannot turn imagined entity graphs into observations" in err
+    assert "world_model.architecture=observation" in err  # and says what runs instead
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "env, extra",
+    [
+        ("tag", []),
+        ("pettingzoo:mpe2.simple_speaker_listener_v4", []),
+        ("vmas:navigation", ["env.num_envs=8", "train.total_env_steps=320"]),
+    ],
+    ids=["tag", "speaker-listener", "vmas-navigation"],
+)
+def test_every_formerly_refused_env_practises_in_an_observation_model(tmp_path, env, extra) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config("spread-mlp", [*TINY, f"env.name={env}", *extra])
+    summary = run_training(cfg, run_dir)
+    rows = _rows(run_dir)
+    assert float(rows[-1]["imagined_share"]) == pytest.approx(0.5)  # practised after warm-up
+    assert float(rows[-1]["wm_delta_mse"]) > 0 and float(rows[-1]["wm_reward_mse"]) > 0
+    saved = load_checkpoint(run_dir)["extra"]["world_model"]
+    assert "next_obs" in saved["replay"] and "agent_cont" in saved["replay"]
+    assert summary["counters"]["env_steps"] == cfg.train.total_env_steps
