@@ -182,6 +182,13 @@ class ObservationWorld:
         return (p - r).norm(dim=-1), alive.to(p.dtype)
 
 
+def kept_for(model: EntityWorldModel | ObservationWorldModel) -> Kept:
+    """What replay keeps for ``model``'s kind of world."""
+    if isinstance(model, ObservationWorldModel):
+        return ObservationWorld(model).kept
+    return ENTITY
+
+
 @torch.no_grad()
 def imagine(
     policy: Policy,

@@ -14,10 +14,11 @@ stay exactly the model-free ones.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from agents.fitting import Fitting, InlineFit
 from agents.imagination import ENTITY, Kept, World, imagine, open_loop_error
@@ -158,13 +159,17 @@ class ModelTrainer(OptimizerState):
         scale_beta: EMA decay of the target scales (deltas per feature, rewards).
     """
 
-    model: nn.Module
+    model: EntityWorldModel | ObservationWorldModel
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-3, batch_size: int = 1024, scale_beta: float = 0.99
+        self,
+        model: EntityWorldModel | ObservationWorldModel,
+        lr: float = 1e-3,
+        batch_size: int = 1024,
+        scale_beta: float = 0.99,
     ) -> None:
         self.model = model
-        self.members = int(getattr(model, "members", 1))
+        self.members = model.members
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.batch_size, self.scale_beta = batch_size, scale_beta
         self.updates = 0
@@ -243,6 +248,29 @@ class WorldModelTrainer(ModelTrainer):
             "cont_bce": float(c_loss.detach()),
         }
         return total, stats
+
+
+def trainer_for(
+    model: EntityWorldModel | ObservationWorldModel, lr: float, batch_size: int
+) -> ModelTrainer:
+    """What fits ``model``: the trainer of its kind."""
+    if isinstance(model, ObservationWorldModel):
+        from agents.observation_trainer import ObservationTrainer
+
+        return ObservationTrainer(model, lr=lr, batch_size=batch_size)
+    return WorldModelTrainer(model, lr=lr, batch_size=batch_size)
+
+
+def describe(model: EntityWorldModel | ObservationWorldModel) -> dict[str, Any]:
+    """What :func:`rebuild` needs: the model's kind and constructor arguments (JSON-able)."""
+    kind = "observation" if isinstance(model, ObservationWorldModel) else "entity"
+    return {"kind": kind, "config": model.config()}
+
+
+def rebuild(description: dict[str, Any]) -> EntityWorldModel | ObservationWorldModel:
+    """A fresh model of what :func:`describe` said (another process builds its own copy)."""
+    cls = ObservationWorldModel if description["kind"] == "observation" else EntityWorldModel
+    return cls.from_config(description["config"])
 
 
 def branches(ratio: float, horizon: int, real_samples: int) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,7 @@ class ObservationWorldModel(nn.Module):
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.fields, self.n_agents = fields, n_agents
+        self.hidden, self.layers, self.heads = hidden, layers, heads
         self.action_kind, self.action_dim, self.members = action_kind, action_dim, members
         self.agent_fields = [f for f in fields if f.kind == "agent"]
         self.world_fields = [f for f in fields if f.kind == "world"]
@@ -139,6 +141,26 @@ class ObservationWorldModel(nn.Module):
         self.register_buffer("delta_scale", torch.ones(max(self.agent_dim, 1)))
         self.register_buffer("world_scale", torch.ones(max(self.world_dim, 1)))
         self.register_buffer("reward_scale", torch.ones(()))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, JSON-able (a child process rebuilds the model)."""
+        return {
+            "fields": [[f.key, f.kind, list(f.shape), str(f.dtype)] for f in self.fields],
+            "n_agents": self.n_agents, "action_kind": self.action_kind,
+            "action_dim": self.action_dim, "groups": self.group_of_agent.tolist(),
+            "hidden": self.hidden, "layers": self.layers, "heads": self.heads,
+            "members": self.members,
+        }  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ObservationWorldModel:
+        """The model :meth:`config` describes, freshly initialised."""
+        fields = tuple(
+            Field(key, kind, tuple(shape), getattr(torch, dtype.removeprefix("torch.")))
+            for key, kind, shape, dtype in config["fields"]
+        )
+        rest = {k: v for k, v in config.items() if k != "fields"}
+        return cls(fields, **rest)
 
     @property
     def keys(self) -> frozenset[str]:

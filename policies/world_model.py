@@ -19,6 +19,8 @@ Inputs are ``symlog``-squashed and targets are predicted in units of their runni
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -129,6 +131,19 @@ class EntityWorldModel(nn.Module):
         # they travel with the weights.
         self.register_buffer("delta_scale", torch.ones(node_dim))
         self.register_buffer("reward_scale", torch.ones(()))
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, JSON-able (a child process rebuilds the model)."""
+        return {
+            "node_dim": self.node_dim, "action_kind": self.action_kind,
+            "action_dim": self.action_dim, "hidden": self.hidden, "layers": self.layers,
+            "heads": self.heads, "members": self.members,
+        }  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EntityWorldModel:
+        """The model :meth:`config` describes, freshly initialised."""
+        return cls(**config)
 
     def tokens(self, nodes: Tensor, actions: Tensor, alive: Tensor) -> Tensor:
         """One token per entity: squashed features, the agent's action, an acting-agent flag."""

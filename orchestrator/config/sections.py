@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import envs
 from agents.algorithm import algorithm_spec
 from agents.ppo import PPOConfig
-from agents.world_model import ModelTrainer, WorldModelTrainer
+from agents.world_model import ModelTrainer, trainer_for
 from envs import EnvSettings, VecMultiAgentEnv
 from orchestrator.config.groups import GroupConfig, GroupError, build_policy
 from policies import EDGE_MODES, ActorCritic, PolicySpec
@@ -311,25 +311,25 @@ class WorldModelConfig(_Section):
         )  # fmt: skip
 
     def build_observation(
-        self, env: VecMultiAgentEnv, keys: frozenset[str]
+        self, env: VecMultiAgentEnv, keys: frozenset[str], groups: list[int] | None = None
     ) -> ObservationWorldModel:
         """The observation model this section describes, over the fields ``keys`` it names.
 
-        ``keys``: the fields of ``env``'s observations the policy reads.
+        Args:
+            env: the env it models.
+            keys: the fields of ``env``'s observations the policy reads.
+            groups: each agent's group index (agent groups); ``None``: one group.
         """
         example = {k: v for k, v in env.reset(seed=0).as_dict().items() if k in keys}
         return ObservationWorldModel(
             layout(example, env.n_agents), env.n_agents, env.action_kind, env.action_dim,
-            hidden=self.hidden, layers=self.layers, heads=self.heads, members=self.members,
+            groups=groups, hidden=self.hidden, layers=self.layers, heads=self.heads,
+            members=self.members,
         )  # fmt: skip
 
     def trainer(self, model: EntityWorldModel | ObservationWorldModel) -> ModelTrainer:
         """What fits ``model`` with this section's learning rate and batch size."""
-        if isinstance(model, ObservationWorldModel):
-            from agents.observation_trainer import ObservationTrainer
-
-            return ObservationTrainer(model, lr=self.lr, batch_size=self.batch_size)
-        return WorldModelTrainer(model, lr=self.lr, batch_size=self.batch_size)
+        return trainer_for(model, self.lr, self.batch_size)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> WorldModelConfig:
@@ -465,11 +465,6 @@ class Config(_Section):
                 f"({self.model.heads})"
             )
         wm = self.world_model
-        if self.groups and wm.enabled:
-            raise ValueError(
-                "world_model.enabled cannot be combined with groups yet: imagination acts with "
-                "one shared policy (planned)"
-            )
         if wm.enabled and k > 1:
             raise ValueError(
                 "world_model.enabled needs learner.num_ranks=1: ranks would have to agree on "

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agents.world_model import TransitionBuffer, WorldModelTrainer
-from policies.world_model import EntityWorldModel
+from agents.imagination import Kept
+from agents.world_model import ModelTrainer, TransitionBuffer, describe, rebuild, trainer_for
 
 
 def _dumps(obj: Any) -> bytes:
@@ -53,12 +53,12 @@ def _serve(conn: Connection, setup: bytes) -> None:
         cfg = _loads(setup)
         torch.set_num_threads(cfg["threads"])
         device = torch.device(cfg["device"])
-        model = EntityWorldModel(**cfg["model_args"]).to(device)
+        model = rebuild(cfg["model_args"]).to(device)
         model.load_state_dict(cfg["model"])
-        trainer = WorldModelTrainer(model, lr=cfg["lr"], batch_size=cfg["batch_size"])
+        trainer = trainer_for(model, lr=cfg["lr"], batch_size=cfg["batch_size"])
         if cfg["trainer"] is not None:
             trainer.load_state_dict(cfg["trainer"])
-        buffer = TransitionBuffer(cfg["capacity"], device)
+        buffer = TransitionBuffer(cfg["capacity"], device, Kept(*cfg["kept"]))
         buffer.restore(cfg["replay"])
         generator = torch.Generator(device=device).manual_seed(cfg["seed"])
         if cfg["generator"] is not None:
@@ -106,7 +106,7 @@ class FitProcess:
 
     def __init__(
         self,
-        trainer: WorldModelTrainer,
+        trainer: ModelTrainer,
         buffer: TransitionBuffer,
         generator: torch.Generator | None,
         device: torch.device,
@@ -122,19 +122,13 @@ class FitProcess:
 
     def _spawn(self) -> None:
         """Start a child that mirrors the replay as it is now."""
-        model: EntityWorldModel = self.trainer.model
+        model = self.trainer.model
+        kept = self.buffer.kept
         setup = {
             "threads": self.threads,
             "device": str(self.device),
-            "model_args": {
-                "node_dim": model.node_dim,
-                "action_kind": model.action_kind,
-                "action_dim": model.action_dim,
-                "hidden": model.hidden,
-                "layers": model.layers,
-                "heads": model.heads,
-                "members": model.members,
-            },
+            "model_args": describe(model),
+            "kept": [list(kept.keys), list(kept.next_keys), kept.agent_cont],
             "model": _cpu(model.state_dict()),
             "trainer": self.trainer.state_dict() if self.trainer.updates else None,
             "lr": self.trainer.optimizer.param_groups[0]["lr"],

@@ -201,7 +201,7 @@ class LearnerRank:
         self.practice = None
         if cfg.world_model.enabled:
             real = cfg.train.rollout_len * (cfg.env.num_envs // self.world_size)
-            self.practice = world.build_practice(cfg, real, self.device, self.model.input_keys)
+            self.practice = world.build_practice(cfg, real, self.device, self.model)
         self.self_play = self_play_for(self.cfg, self.model)
         if ckpt is not None:
             self.learner.load_state_dict(ckpt["learner"])

@@ -33,14 +33,13 @@ from agents.rollout import RolloutBatch, RolloutWorker
 from orchestrator.config import Config
 from orchestrator.runtime.loop import FatalRunError
 from orchestrator.runtime.ray_metrics import RayMetricsSink
-from orchestrator.runtime.world import WORLD_KEYS
+from orchestrator.runtime.world import world_keys
 
 log = logging.getLogger(__name__)
 
 # What a replay chunk keeps of the observations: a trained world model learns from the entity
 # graph alone, so its chunks carry that instead (a third of the bytes).
 REPLAY_FIELDS = ("obs", "state", "alive")
-WORLD_REPLAY_FIELDS = ("alive", "nodes", "node_mask")
 # A worker that dies this many times while one batch is owed is given up on.
 MAX_DEATHS_PER_BATCH = 3
 
@@ -99,13 +98,15 @@ class RolloutActor:
             log.warning("%s restarted (pid %d)", self.name, os.getpid())
         env = cfg.env.make(cfg.env.num_envs, seed, torch.device("cpu"))
         wm = cfg.world_model.enabled
-        keys = WORLD_KEYS if wm else frozenset()
+        policy = cfg.build_policy(env)
+        # What the world model is made of: batches carry it and the stream passes it on.
+        keys = world_keys(cfg, env, policy) if wm else ()
         self.worker = RolloutWorker(
-            env, cfg.build_policy(env), cfg.train.rollout_len, seed, extra_keys=keys
+            env, policy, cfg.train.rollout_len, seed, extra_keys=frozenset(keys)
         )
         # A world model learns from the stream: it gets more of each batch than a sample.
         self.replay_envs = max(cfg.redis.replay_envs, cfg.world_model.stream_envs if wm else 0)
-        self.replay_fields = WORLD_REPLAY_FIELDS if wm else REPLAY_FIELDS
+        self.replay_fields = ("alive", *keys) if wm else REPLAY_FIELDS
         self.version: int | None = None
         client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
         self.client = client

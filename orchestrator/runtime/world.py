@@ -14,11 +14,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agents.fitting import BehindFit, Fitting, InlineFit, NoFit
-from agents.imagination import EntityWorld, EnvDynamics, LearnedDynamics, ObservationWorld, World
-from agents.world_model import Practice, TransitionBuffer, WorldModelTrainer, branches
+from agents.imagination import (
+    EntityWorld,
+    EnvDynamics,
+    LearnedDynamics,
+    ObservationWorld,
+    World,
+    kept_for,
+)
+from agents.world_model import Practice, TransitionBuffer, branches
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess
+from policies.actor_critic import Policy
 from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
@@ -26,10 +34,7 @@ if TYPE_CHECKING:
     from agents.algorithm import Algorithm
     from agents.memory import WeightStore
     from agents.rollout import RolloutBatch
-    from policies.actor_critic import Policy
 
-# The entity graph every world-model batch carries, whatever the policy reads.
-WORLD_KEYS = frozenset({"nodes", "node_mask"})
 # On Ray: the actor that trains the model, and the weight store it publishes to.
 WORLD_MODEL_ACTOR = "shoal-world-model"
 WORLD_MODEL_WEIGHTS = "world_model"
@@ -56,12 +61,23 @@ def architecture(cfg: Config, env: VecMultiAgentEnv) -> str:
     return arch
 
 
+def group_index(policy: Policy) -> list[int] | None:
+    """Each agent's group index under agent groups, else ``None``."""
+    groups = getattr(policy, "groups", None)
+    if not groups:
+        return None
+    index = [0] * sum(len(g.agents) for g in groups)
+    for gi, g in enumerate(groups):
+        for i in g.agents:
+            index[i] = gi
+    return index
+
+
 def check_env(cfg: Config, env: VecMultiAgentEnv) -> None:
     """Check that imagination can use ``env`` with the configured world model.
 
     Raises:
-        EnvError: naming what the env lacks, or a placement the observation model does not
-            run in yet.
+        EnvError: naming what the env lacks.
     """
     name, wm = type(env).__name__, cfg.world_model
     arch = architecture(cfg, env)
@@ -73,17 +89,29 @@ def check_env(cfg: Config, env: VecMultiAgentEnv) -> None:
         )
     if wm.oracle and not hasattr(env, "set_entities"):
         raise EnvError(f"world_model.oracle: {name} cannot be put in a given state")
-    if arch == "observation" and (cfg.rollout.num_workers > 0 or wm.fit_process):
-        where = "rollout.num_workers > 0" if cfg.rollout.num_workers else "world_model.fit_process"
-        raise EnvError(
-            f"world_model.architecture=observation: with {where} the model is fitted in another "
-            "process, which the observation model does not do yet (planned); train in-process "
-            "with rollout.num_workers=0 and world_model.fit_process=false"
-        )
+
+
+def build_model(
+    cfg: Config, env: VecMultiAgentEnv, policy: Policy
+) -> EntityWorldModel | ObservationWorldModel:
+    """The world model ``world_model`` describes for ``env`` and the ``policy`` that practises.
+
+    Every process that holds the model builds it here (the learner rank, the world-model
+    actor), and so does a rollout worker to learn what its batches must carry.
+    """
+    wm = cfg.world_model
+    if architecture(cfg, env) == "observation":
+        return wm.build_observation(env, policy.input_keys, group_index(policy))
+    return wm.build(env)
+
+
+def world_keys(cfg: Config, env: VecMultiAgentEnv, policy: Policy) -> tuple[str, ...]:
+    """The observation fields the world model is made of (what batches and the stream carry)."""
+    return kept_for(build_model(cfg, env, policy)).keys
 
 
 def build_practice(
-    cfg: Config, real_samples: int, device: torch.device, policy_keys: frozenset[str]
+    cfg: Config, real_samples: int, device: torch.device, policy: Policy
 ) -> Practice:
     """The rank's world model, trainer, replay and imagination, ready for its first batch.
 
@@ -91,19 +119,18 @@ def build_practice(
         cfg: the run config (``world_model``, ``env``, ``train.seed``).
         real_samples: env steps in one real batch of this rank (``T * B``).
         device: where the model and replay live.
-        policy_keys: the observation fields the policy reads (what an observation model
-            predicts).
+        policy: the policy that will practise: an observation model predicts the fields it
+            reads, and gives each agent its group's identity.
     """
     wm, seed = cfg.world_model, cfg.train.seed
     observer = cfg.env.make(1, seed, device)
     check_env(cfg, observer)
     generator = torch.Generator(device=device).manual_seed(seed + 7_777)
-    model: EntityWorldModel | ObservationWorldModel
-    if architecture(cfg, observer) == "observation":
-        model = wm.build_observation(observer, policy_keys).to(device)
-        imagined: World = ObservationWorld(model, generator)
+    model = build_model(cfg, observer, policy).to(device)
+    imagined: World
+    if isinstance(model, ObservationWorldModel):
+        imagined = ObservationWorld(model, generator)
     else:
-        model = wm.build(observer).to(device)
         imagined = EntityWorld(LearnedDynamics(model, generator), observer.observe_entities)
     trainer = wm.trainer(model)
     buffer = TransitionBuffer(wm.replay_capacity, device, imagined.kept)
@@ -113,7 +140,6 @@ def build_practice(
         true_env = EnvDynamics(cfg.env.make(worlds, seed + 1, device))
         imagined, fitting = EntityWorld(true_env, observer.observe_entities), NoFit()
     elif wm.fit_process:  # started at the first fit; never on Ray, where the actor fits
-        assert isinstance(trainer, WorldModelTrainer)  # check_env refuses the others
         fitting = BehindFit(FitProcess(trainer, buffer, generator, device))
     return Practice(
         model,

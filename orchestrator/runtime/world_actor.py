@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from agents.imagination import kept_for
 from agents.memory import ReplayStream, RunState, WeightStore, connect
 from agents.world_model import TransitionBuffer
 from orchestrator.config import Config
 from orchestrator.runtime.ray_metrics import RayMetricsSink
-from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
+from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS, build_model
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,11 @@ class WorldModelActor:
         torch.set_num_threads(cfg.train.threads or 1)
         wm = cfg.world_model
         probe = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
-        self.model = wm.build(probe)
+        self.model = build_model(cfg, probe, cfg.build_policy(probe))
         probe.close()
         self.trainer = wm.trainer(self.model)
-        self.buffer = TransitionBuffer(wm.replay_capacity)
+        self.kept = kept_for(self.model)
+        self.buffer = TransitionBuffer(wm.replay_capacity, kept=self.kept)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 31_337)
         self.run_dir = Path(run_dir)
         client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
@@ -94,8 +96,8 @@ class WorldModelActor:
             entries = self.stream.tail(self.last_id, count=64, block_ms=200)
             for entry_id, chunk, _meta in entries:
                 self.last_id = entry_id
-                if "nodes" in chunk:
-                    obs = {k: chunk[k] for k in ("nodes", "node_mask", "alive")}
+                if all(k in chunk for k in self.kept.keys):
+                    obs = {k: chunk[k] for k in (*self.kept.keys, "alive")}
                     self.transitions += self.buffer.add_steps(
                         obs, chunk["actions"], chunk["rewards"], chunk["terminated"],
                         chunk["truncated"],

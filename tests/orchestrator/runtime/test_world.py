@@ -124,9 +124,14 @@ def test_the_entity_model_on_an_env_without_entity_views_is_refused(tmp_path, ca
     [
         ("tag", []),
         ("pettingzoo:mpe2.simple_speaker_listener_v4", []),
+        (
+            "pettingzoo:mpe2.simple_speaker_listener_v4",
+            ["groups.speaker.share=true", "groups.listener.share=true"],
+        ),
         ("vmas:navigation", ["env.num_envs=8", "train.total_env_steps=320"]),
+        ("tag", ["world_model.fit_process=true"]),
     ],
-    ids=["tag", "speaker-listener", "vmas-navigation"],
+    ids=["tag", "speaker-listener", "speaker-listener-groups", "vmas-navigation", "tag-fit-behind"],
 )
 def test_every_formerly_refused_env_practises_in_an_observation_model(tmp_path, env, extra) -> None:
     run_dir = tmp_path / "run"
@@ -139,3 +144,29 @@ def test_every_formerly_refused_env_practises_in_an_observation_model(tmp_path, 
     saved = load_checkpoint(run_dir)["extra"]["world_model"]
     assert "next_obs" in saved["replay"] and "agent_cont" in saved["replay"]
     assert summary["counters"]["env_steps"] == cfg.train.total_env_steps
+
+
+def test_groups_practise_in_a_model_and_a_frozen_group_learns_nothing_from_it(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config("tag-mlp", [*TINY, "groups.agent.train=false"])
+    run_training(cfg, run_dir)
+    rows = _rows(run_dir)
+    assert float(rows[-1]["imagined_share"]) == pytest.approx(0.5)
+    assert rows[-1]["return/adversary"] and rows[-1]["return/agent"]  # a return per group
+    # The run's initial weights, built as the learner builds them.
+    torch.manual_seed(cfg.train.seed)
+    initial = cfg.build_policy(cfg.env.make(1, cfg.train.seed, torch.device("cpu")))
+    start, end = initial.state_dict(), load_checkpoint(run_dir)["model"]
+
+    def moved(unit: int) -> bool:
+        prefix = f"units.{unit}."
+        return any(
+            not torch.equal(v, start[k])
+            for k, v in end.items()
+            if k.startswith(prefix) and "value_norm" not in k
+        )
+
+    trained = {u: initial.groups[g].train for u, g in enumerate(initial.unit_group)}
+    assert not any(moved(u) for u, t in trained.items() if not t)  # prey: real or imagined
+    assert all(moved(u) for u, t in trained.items() if t)  # predators learned

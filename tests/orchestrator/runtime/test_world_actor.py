@@ -51,9 +51,14 @@ def _info(actor) -> dict:
 
 
 @pytest.mark.usefixtures("ray_instance")
-def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["env.name=tag", "model.kind=mlp", "world_model.architecture=observation"]],
+    ids=["spread-entity-model", "tag-observation-model"],
+)
+def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_path, extra) -> None:
     run_dir = new_run_dir(tmp_path, "world")
-    run = Background(tiny(*WORLD), run_dir)
+    run = Background(tiny(*WORLD, *extra), run_dir)
     namespace = f"shoal-{run_dir.name}"
     actor = wait_for(lambda: _actor(namespace), 120, f"{WORLD_MODEL_ACTOR} to start")
     before = wait_for(lambda: (i := _info(actor)).get("version", 0) >= 2 and i, 120, "weights")
