@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import envs
@@ -48,6 +49,7 @@ def test_the_buffer_keeps_transitions_with_a_next_state_and_wraps() -> None:
     torch.testing.assert_close(kept["nodes"][-1], buffer.data["nodes"][buffer.next - 1])
 
 
+@pytest.mark.slow
 def test_the_model_fits_the_true_dynamics_far_better_than_no_change() -> None:
     torch.set_num_threads(1)
     _, _, worker = _real(num_envs=64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from agents.imagination import ObservationWorld, imagine
@@ -93,6 +94,7 @@ def _toy(b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 def test_it_fits_known_dynamics_with_a_mask_that_changes_with_the_state() -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

@@ -40,6 +40,7 @@ _PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a memory probe at 48 agents
 @pytest.mark.parametrize(("edges", "layout"), [("knn", "dense_lists"), ("complete", "dense")])
 def test_gnn_at_48_agents_trains_within_the_memory_bound(edges: str, layout: str) -> None:
     # A fresh process: its peak resident memory is this forward and backward's alone.

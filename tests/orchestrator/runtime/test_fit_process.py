@@ -17,6 +17,8 @@ from orchestrator.runtime.fit_process import FitProcess
 from policies.world_model import EntityWorldModel
 from tests.orchestrator.runtime.test_world import TINY
 
+pytestmark = pytest.mark.slow  # end-to-end: trains, or fits in a child process
+
 
 def _rows(n: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

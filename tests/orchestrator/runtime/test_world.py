@@ -12,6 +12,8 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.runtime.checkpoint import load_checkpoint
 from orchestrator.runtime.driver import run_training
 
+pytestmark = pytest.mark.slow  # end-to-end: trains, or fits in a child process
+
 TINY = [
     "env.num_envs=16",
     "train.rollout_len=10",
