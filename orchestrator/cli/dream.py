@@ -5,7 +5,8 @@ replays the same actions on its own, feeding nothing real back, so errors compou
 would in imagination. ``dream`` prints the k-step error of agent positions beside two
 baselines that need no model (the state stays as it was; agents keep their velocity) and
 writes a picture: one world's agents and landmarks, real and imagined paths, and the error
-per step.
+per step. For an observation model (any env) the error is that of each agent's observation
+vector, beside "repeat", and the picture is the error per step.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 import yaml
 from torch import Tensor
 
-from agents.imagination import open_loop
+from agents.imagination import ObservationWorld, open_loop
 from orchestrator.config import Config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.runtime.world import model_from_checkpoint
+from policies.observation_model import ObservationWorldModel
 
 
 @torch.no_grad()
@@ -47,7 +49,8 @@ def dream(
 
     Returns:
         ``errors`` (``{name: [error after 1..steps steps]}`` for ``world_model``, ``repeat``,
-        ``constant_velocity``), ``picture`` and ``checkpoint``.
+        and for entity models ``constant_velocity``), what they measure (``measure``),
+        ``picture`` and ``checkpoint``.
 
     Raises:
         ValueError: the run has no world model, or ``steps`` exceeds the episode.
@@ -56,29 +59,37 @@ def dream(
     ckpt = load_checkpoint(run, which=which)
     cfg = Config.model_validate(yaml.safe_load(ckpt["config"]))
     env = cfg.env.make(worlds, seed, torch.device("cpu"))
-    model = model_from_checkpoint(ckpt, cfg, env)
+    policy = policy_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt, cfg, env, policy)
     limit = env.max_episode_steps or steps + start_step
     if start_step < 0 or not 1 <= steps <= limit - start_step:
         raise ValueError(
             f"--start-step ({start_step}) plus --steps ({steps}) must fit in the episode "
             f"({limit} steps), with --steps at least 1"
         )
-    policy = policy_from_checkpoint(ckpt)
     torch.manual_seed(seed)
     obs = env.reset(seed=seed)
     for _ in range(start_step):
         obs = env.step(policy.dist(obs.as_dict()).sample()).observation
     start = obs
-    real, actions = [obs.nodes], []
+    seen, actions = [obs.as_dict()], []
     for _ in range(steps):
         a = policy.dist(obs.as_dict()).sample()
         res = env.step(a)
         obs = res.final  # the episode's own last view, even at a time limit
         actions.append(a)
-        real.append(obs.nodes)
+        seen.append(obs.as_dict())
         obs = res.observation
     env.close()
-    truth = torch.stack(real)  # [K+1, B, E, F]
+    picture = Path(out) if out else _run_dir(ckpt["path"]) / "dream.png"
+    if isinstance(model, ObservationWorldModel):
+        obs_errors = _observation_errors(model, seen, start.alive, actions)
+        _draw_errors(obs_errors, picture, "agent observation error (mean distance)")
+        return {
+            "errors": obs_errors, "picture": str(picture), "checkpoint": str(ckpt["path"]),
+            "measure": "agent observation",
+        }  # fmt: skip
+    truth = torch.stack([s["nodes"] for s in seen])  # [K+1, B, E, F]
     imagined = open_loop(model, truth[0], start.node_mask, start.alive, actions)
     n = start.alive.shape[1]
     pos, vel = truth[0, :, :n, 2:4], truth[0, :, :n, 0:2]
@@ -93,9 +104,52 @@ def dream(
         }
         for name, guess in guesses.items():
             errors[name].append(float((guess - true_pos).norm(dim=-1).mean()))
-    picture = Path(out) if out else _run_dir(ckpt["path"]) / "dream.png"
     _draw(truth[:, 0], imagined[:, 0], n, errors, picture)
-    return {"errors": errors, "picture": str(picture), "checkpoint": str(ckpt["path"])}
+    return {
+        "errors": errors, "picture": str(picture), "checkpoint": str(ckpt["path"]),
+        "measure": "agent position",
+    }  # fmt: skip
+
+
+def _observation_errors(
+    model: ObservationWorldModel,
+    seen: list[dict[str, Tensor]],
+    alive: Tensor,
+    actions: list[Tensor],
+) -> dict[str, list[float]]:
+    """k-step errors of each agent's observation vector: the model against "repeat"."""
+    world = ObservationWorld(model)
+    keys = world.kept.keys
+    state = {k: seen[0][k] for k in keys}
+    first = model.agent_vector(state, alive)
+    weight = alive.float()
+    errors: dict[str, list[float]] = {"world_model": [], "repeat": []}
+    for k, a in enumerate(actions, start=1):
+        state, *_ = world.step(state, a, alive)
+        truth = model.agent_vector({key: seen[k][key] for key in keys}, alive)
+        for name, guess in (("world_model", model.agent_vector(state, alive)), ("repeat", first)):
+            dist = (guess - truth).norm(dim=-1)
+            errors[name].append(float((dist * weight).sum() / weight.sum().clamp(min=1)))
+    return errors
+
+
+def _draw_errors(errors: dict[str, list[float]], path: Path, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ks = range(1, len(errors["world_model"]) + 1)
+    for name, values in errors.items():
+        ax.plot(ks, values, marker=".", label=name.replace("_", " "))
+    ax.set_xlabel("steps dreamed")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _dt(truth: Tensor) -> float:

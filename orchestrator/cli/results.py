@@ -96,7 +96,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
     errors = res["errors"]
     shown = [k for k in (1, 5, 15, args.steps) if k <= args.steps]
     console.print(
-        f"agent position error after k dreamed steps ({args.worlds} real episodes, "
+        f"{res['measure']} error after k dreamed steps ({args.worlds} real episodes, "
         f"{res['checkpoint']}):",
         highlight=False,
         soft_wrap=True,

@@ -261,9 +261,9 @@ def load_state_dict(practice: Practice, state: dict[str, Any]) -> None:
 
 
 def model_from_checkpoint(
-    ckpt: dict[str, Any], cfg: Config, env: VecMultiAgentEnv
-) -> EntityWorldModel:
-    """The world model a checkpoint holds, sized for ``env``.
+    ckpt: dict[str, Any], cfg: Config, env: VecMultiAgentEnv, policy: Policy
+) -> EntityWorldModel | ObservationWorldModel:
+    """The world model a checkpoint holds, sized for ``env`` and the run's ``policy``.
 
     Raises:
         ValueError: the run trained without a world model.
@@ -274,11 +274,6 @@ def model_from_checkpoint(
             f"checkpoint {ckpt['path']} holds no world model: the run trained without "
             "world_model.enabled (e.g. `shoal run spread-gnn-wm`)"
         )
-    if architecture(cfg, env) == "observation":
-        raise ValueError(
-            f"checkpoint {ckpt['path']} holds an observation world model; shoal dream shows "
-            "entity models only (planned)"
-        )
-    model = cfg.world_model.build(env)
+    model = build_model(cfg, env, policy)
     model.load_state_dict(state["model"])
     return model.eval()

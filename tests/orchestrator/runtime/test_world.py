@@ -172,3 +172,13 @@ def test_groups_practise_in_a_model_and_a_frozen_group_learns_nothing_from_it(tm
     trained = {u: initial.groups[g].train for u, g in enumerate(initial.unit_group)}
     assert not any(moved(u) for u, t in trained.items() if not t)  # prey: real or imagined
     assert all(moved(u) for u, t in trained.items() if t)  # predators learned
+
+
+def test_dream_shows_an_observation_model_beside_repeating_the_state(tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_training(load_config("spread-mlp", [*TINY, "env.name=tag"]), run_dir)
+    assert shoal(["dream", str(run_dir), "--steps", "4", "--worlds", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "agent observation error" in out and "world model" in out and "repeat" in out
+    assert (run_dir / "dream.png").stat().st_size > 0
