@@ -248,23 +248,18 @@ def imagine(
 
 @torch.no_grad()
 def open_loop(
-    model: EntityWorldModel,
-    nodes: Tensor,
-    node_mask: Tensor,
-    alive: Tensor,
-    actions: list[Tensor],
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The model's own rollout of given actions from ``nodes``: ``[len(actions) + 1, B, E, F]``.
+    world: World, state: dict[str, Tensor], alive: Tensor, actions: list[Tensor]
+) -> list[dict[str, Tensor]]:
+    """The model's own rollout of given actions from ``state``: ``len(actions) + 1`` worlds.
 
     Nothing real is fed back after the start, so errors compound as they would in
     imagination; this is how k-step errors are measured.
     """
-    out = [nodes]
+    out = [state]
     for a in actions:
-        nodes, *_ = model.predict(nodes, node_mask, a, alive, generator)
-        out.append(nodes)
-    return torch.stack(out)
+        state, *_ = world.step(state, a, alive)
+        out.append(state)
+    return out
 
 
 @torch.no_grad()
@@ -289,11 +284,11 @@ def open_loop_error(
         return {}
     alive = batch.obs["alive"][start, ok]
     state = {k: batch.obs[k][start, ok] for k in world.kept.keys}
+    acts = [batch.actions[start + j, ok] for j in range(k_max)]
+    states = open_loop(world, state, alive, acts)
     out = {}
-    for j in range(1, k_max + 1):
-        state, *_ = world.step(state, batch.actions[start + j - 1, ok], alive)
-        if j in ks:
-            real = {k: batch.obs[k][start + j, ok] for k in world.kept.keys}
-            dist, weight = world.distance(state, real, alive)
-            out[j] = float((dist * weight).sum() / weight.sum().clamp(min=1))
+    for k in ks:
+        real = {key: batch.obs[key][start + k, ok] for key in world.kept.keys}
+        dist, weight = world.distance(states[k], real, alive)
+        out[k] = float((dist * weight).sum() / weight.sum().clamp(min=1))
     return out

@@ -73,9 +73,11 @@ class ObservationTrainer(ModelTrainer):
         c_err = F.binary_cross_entropy_with_logits(cont, s["agent_cont"], reduction="none")
         c_loss = (c_err * live).sum() / live.sum().clamp(min=1)
         total = d_loss + r_loss + 0.1 * c_loss
-        stats = {"delta_mse": 0.0, "reward_mse": float(r_loss.detach())}
-        stats["delta_mse"] = float(d_loss.detach())
-        stats["cont_bce"] = float(c_loss.detach())
+        stats = {
+            "delta_mse": float(d_loss.detach()),
+            "reward_mse": float(r_loss.detach()),
+            "cont_bce": float(c_loss.detach()),
+        }
         if m.world_fields:
             going = (s["cont"] > 0).unsqueeze(-1).to(delta.dtype)
             w_target = (world_next - world) / m.world_scale

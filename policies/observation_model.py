@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies.world_model import _EnsembleBlock, _EnsembleLinear, _EnsembleNorm, symlog
+from policies.world_model import (
+    _EnsembleBlock,
+    _EnsembleLinear,
+    _EnsembleNorm,
+    encode_actions,
+    symlog,
+)
 
 #: Fields no world model predicts: derived by ``Policy.prepare`` or tracked by imagination.
 NOT_MODELLED = frozenset({"alive"})
@@ -184,16 +190,11 @@ class ObservationWorldModel(nn.Module):
             return torch.zeros(*lead, 1, device=any_t.device)
         return torch.cat([world[f.key].reshape(*lead, -1) for f in self.world_fields], -1)
 
-    def _unpack_agents(self, vec: Tensor) -> dict[str, Tensor]:
+    @staticmethod
+    def _unpack(vec: Tensor, fields: list[Field]) -> dict[str, Tensor]:
+        """Undo :meth:`agent_vector` / :meth:`world_vector`: each field at its own shape."""
         out, at = {}, 0
-        for f in self.agent_fields:
-            out[f.key] = vec[..., at : at + f.width].reshape(*vec.shape[:-1], *f.shape)
-            at += f.width
-        return out
-
-    def _unpack_world(self, vec: Tensor) -> dict[str, Tensor]:
-        out, at = {}, 0
-        for f in self.world_fields:
+        for f in fields:
             out[f.key] = vec[..., at : at + f.width].reshape(*vec.shape[:-1], *f.shape)
             at += f.width
         return out
@@ -201,10 +202,7 @@ class ObservationWorldModel(nn.Module):
     def tokens(self, agents: Tensor, mask: Tensor | None, actions: Tensor, alive: Tensor) -> Tensor:
         """Agent tokens ``[..., N, T]``: squashed fields, mask, action, alive, group one-hot."""
         dtype = agents.dtype
-        if self.action_kind == "discrete":
-            act = F.one_hot(actions.long().clamp(min=0), self.action_dim).to(dtype)
-        else:
-            act = actions.to(dtype)
+        act = encode_actions(actions, self.action_kind, self.action_dim, dtype)
         live = alive.unsqueeze(-1).to(dtype)
         if self.n_groups == 1:  # one group: any number of agents
             group = torch.ones(*alive.shape, 1, dtype=dtype, device=alive.device)
@@ -285,10 +283,14 @@ class ObservationWorldModel(nn.Module):
         nxt: dict[str, Tensor] = {}
         if self.agent_fields:
             cur = self.agent_vector(world, alive)
-            nxt.update(self._unpack_agents(cur + delta[pick, rows] * self.delta_scale * live))
+            nxt.update(
+                self._unpack(cur + delta[pick, rows] * self.delta_scale * live, self.agent_fields)
+            )
         if self.world_fields:
             cur_w = self.world_vector(world, (b,))
-            nxt.update(self._unpack_world(cur_w + wdelta[pick, rows] * self.world_scale))
+            nxt.update(
+                self._unpack(cur_w + wdelta[pick, rows] * self.world_scale, self.world_fields)
+            )
         if self.mask_field is not None:
             legal = mask_logits[pick, rows] > 0
             none = ~legal.any(-1, keepdim=True)  # an agent left without a legal action keeps its

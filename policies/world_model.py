@@ -31,6 +31,13 @@ def symlog(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+def encode_actions(actions: Tensor, kind: str, dim: int, dtype: torch.dtype) -> Tensor:
+    """Agents' actions as token features: one-hot of ``dim`` (discrete) or the vector itself."""
+    if kind == "discrete":
+        return F.one_hot(actions.long().clamp(min=0), dim).to(dtype)
+    return actions.to(dtype)
+
+
 class _EnsembleLinear(nn.Module):
     """``K`` independent linear maps applied at once: ``[K, M, I] -> [K, M, O]``."""
 
@@ -149,10 +156,7 @@ class EntityWorldModel(nn.Module):
         """One token per entity: squashed features, the agent's action, an acting-agent flag."""
         b, e, _ = nodes.shape
         n = alive.shape[1]
-        if self.action_kind == "discrete":
-            act = F.one_hot(actions.long().clamp(min=0), self.action_dim).to(nodes.dtype)
-        else:
-            act = actions.to(nodes.dtype)
+        act = encode_actions(actions, self.action_kind, self.action_dim, nodes.dtype)
         act = act * alive.unsqueeze(-1).to(nodes.dtype)
         per_entity = torch.zeros(b, e, self.action_dim + 1, dtype=nodes.dtype, device=nodes.device)
         per_entity[:, :n, : self.action_dim] = act

@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from agents.imagination import ObservationWorld, open_loop
+from agents.imagination import EntityWorld, LearnedDynamics, ObservationWorld, open_loop
 from orchestrator.config import Config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.runtime.world import model_from_checkpoint
@@ -90,7 +90,11 @@ def dream(
             "measure": "agent observation",
         }  # fmt: skip
     truth = torch.stack([s["nodes"] for s in seen])  # [K+1, B, E, F]
-    imagined = open_loop(model, truth[0], start.node_mask, start.alive, actions)
+    world = EntityWorld(LearnedDynamics(model), env.observe_entities)
+    dreamt = open_loop(
+        world, {"nodes": truth[0], "node_mask": start.node_mask}, start.alive, actions
+    )
+    imagined = torch.stack([s["nodes"] for s in dreamt])
     n = start.alive.shape[1]
     pos, vel = truth[0, :, :n, 2:4], truth[0, :, :n, 0:2]
     dt = _dt(truth)
@@ -120,15 +124,12 @@ def _observation_errors(
     """k-step errors of each agent's observation vector: the model against "repeat"."""
     world = ObservationWorld(model)
     keys = world.kept.keys
-    state = {k: seen[0][k] for k in keys}
-    first = model.agent_vector(state, alive)
-    weight = alive.float()
+    dreamt = open_loop(world, {k: seen[0][k] for k in keys}, alive, actions)
     errors: dict[str, list[float]] = {"world_model": [], "repeat": []}
-    for k, a in enumerate(actions, start=1):
-        state, *_ = world.step(state, a, alive)
-        truth = model.agent_vector({key: seen[k][key] for key in keys}, alive)
-        for name, guess in (("world_model", model.agent_vector(state, alive)), ("repeat", first)):
-            dist = (guess - truth).norm(dim=-1)
+    for k in range(1, len(actions) + 1):
+        truth = {key: seen[k][key] for key in keys}
+        for name, guess in (("world_model", dreamt[k]), ("repeat", dreamt[0])):
+            dist, weight = world.distance(guess, truth, alive)
             errors[name].append(float((dist * weight).sum() / weight.sum().clamp(min=1)))
     return errors
 

@@ -80,8 +80,9 @@ def check_env(cfg: Config, env: VecMultiAgentEnv) -> None:
         EnvError: naming what the env lacks.
     """
     name, wm = type(env).__name__, cfg.world_model
-    arch = architecture(cfg, env)
-    if arch == "entity" and not sees_entities(env):
+    # auto falls back to the observation model, except for the oracle, which needs entities.
+    entity = wm.architecture == "entity" or (wm.architecture == "auto" and wm.oracle)
+    if entity and not sees_entities(env):
         raise EnvError(
             f"world_model.architecture=entity: {name} cannot turn imagined entity graphs into "
             "observations (it has no observe_entities); world_model.architecture=observation "
