@@ -63,6 +63,9 @@ class Fitting:
     def launch(self, steps: int) -> None:
         """Start fitting while the next batch is collected (where the fit runs behind)."""
 
+    def sync(self) -> None:
+        """Once per iteration, on every learner rank at the same point: agree on the weights."""
+
     def ready(self) -> bool:
         """Whether the model has weights to imagine with (fetching newer ones first)."""
         return True

@@ -14,6 +14,7 @@ stay exactly the model-free ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -173,6 +174,10 @@ class ModelTrainer(OptimizerState):
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.batch_size, self.scale_beta = batch_size, scale_beta
         self.updates = 0
+        self.all_reduce_mean: Callable[[Tensor], Tensor] | None = None
+        """Set on ``K`` learner ranks that each fit the model on their own shard: every
+        step's gradients and target scales are averaged over the ranks, so their replicas
+        stay equal and move as one model fitted on all shards would."""
 
     def _update_scales(self, sample: dict[str, Tensor]) -> None:
         raise NotImplementedError
@@ -192,17 +197,48 @@ class ModelTrainer(OptimizerState):
         out: dict[str, float] = {}
         k = self.members
         for _ in range(steps):
-            samples = [buffer.sample(self.batch_size, generator) for _ in range(k)]
-            self._update_scales(samples[0])
-            loss, stats = self.loss(samples)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-            self.optimizer.step()
-            self.updates += 1
+            stats = self.step([buffer.sample(self.batch_size, generator) for _ in range(k)])
             for key, value in stats.items():
                 out[key] = out.get(key, 0.0) + value / steps
         return out
+
+    def step(self, samples: list[dict[str, Tensor]]) -> dict[str, float]:
+        """One gradient step, member ``k`` on ``samples[k]``; returns the loss terms."""
+        self._update_scales(samples[0])
+        if self.all_reduce_mean is not None:
+            self._average_scales()
+        loss, stats = self.loss(samples)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.all_reduce_mean is not None:
+            self._average_grads()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+        self.optimizer.step()
+        self.updates += 1
+        return stats
+
+    @torch.no_grad()
+    def _average_scales(self) -> None:
+        """The ranks' mean of every target scale (an EMA, so the mean of the ranks' EMAs)."""
+        assert self.all_reduce_mean is not None
+        scales = [b for name, b in self.model.named_buffers() if name.endswith("_scale")]
+        flat = self.all_reduce_mean(torch.cat([b.flatten() for b in scales]))
+        for b, part in zip(scales, flat.split([b.numel() for b in scales]), strict=True):
+            b.copy_(part.view_as(b))
+
+    @torch.no_grad()
+    def _average_grads(self) -> None:
+        """The ranks' mean gradient, in one all-reduce (a parameter a loss skips counts 0)."""
+        assert self.all_reduce_mean is not None
+        params = list(self.model.parameters())
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = self.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
 
 
 class WorldModelTrainer(ModelTrainer):
@@ -409,16 +445,21 @@ class Practice:
         """Branches per round, so all rounds give ``ratio`` imagined samples per real one."""
         return branches(self.ratio, self.horizon, real_samples)
 
-    def imagine(
-        self, policy: Policy, real_samples: int, env_steps: int, version: int
-    ) -> RolloutBatch | None:
-        """One round's imagined batch, or ``None`` during warm-up."""
-        n = self.branches(real_samples)
-        if env_steps < self.warmup_steps or n == 0 or len(self.buffer) == 0:
-            return None
-        if not self.fitting.ready() or not self.trusted():
-            return None
-        starts = self.buffer.sample(n, self.generator)
+    def can_imagine(self, real_samples: int, env_steps: int) -> bool:
+        """Whether this iteration may imagine: warm-up over, weights there, error allowing it.
+
+        Asked once per iteration (on ``K`` ranks every rank must agree before any imagines),
+        so every round of an iteration imagines with the same model weights.
+        """
+        if env_steps < self.warmup_steps or self.branches(real_samples) == 0:
+            return False
+        if len(self.buffer) == 0 or not self.fitting.ready():
+            return False
+        return self.trusted()
+
+    def imagine(self, policy: Policy, real_samples: int, version: int) -> RolloutBatch:
+        """One round's imagined batch (ask :meth:`can_imagine` first)."""
+        starts = self.buffer.sample(self.branches(real_samples), self.generator)
         return imagine(
             policy,
             self.world,

@@ -21,11 +21,26 @@ minutes) of up to ``--slow-max-env-steps``; there wall seconds to -45 is the fig
 matters, beside ``pettingzoo_spread_sample_efficiency_gain`` (and the wall-time ratio). With
 ``--arms`` left empty only the slow arms run; ``--set world_model.architecture=observation``
 puts the observation model in place of the entity model.
+
+``--envs NAME ...`` measures any env instead (:data:`ENVS`: ``mpe2_spread``,
+``speaker_listener``, ``tag``, ``navigation``, ``spread``), each env's arms interleaved seed by
+seed in one run, envs one after another: the model-free arm (its preset with
+``world_model.enabled=false``) and one arm per world-model architecture. Each env states its
+target before measuring (about what model-free reaches at 2/3 of its budget) and its budget
+of real env steps; every checkpoint (every ``every`` real steps) is evaluated on 100 seeded
+episodes of the run's own env. Per env: random and no-op returns (every agent uniformly random
+/ the zero action; the agents that learn are summed), then per arm real env steps and wall
+seconds to the target (median, range, seeds reached), the IQM [95 % CI] at every mark, each
+seed's largest evaluated fall below its best so far, where an iteration's time goes (collect,
+waiting for the fit, imagining, learning; seconds per iteration), and
+``<env>_sample_efficiency_gain`` (model-free's median real steps to the target over the
+arm's) with the wall-time ratio beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import platform
 import statistics
@@ -33,12 +48,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.learning import at_mark
 from benchmarks.spread import TARGET_RETURN, baseline_returns, emit, train_and_evaluate
-from benchmarks.stats import bootstrap_ci, iqm
+from benchmarks.stats import bootstrap_ci, iqm, largest_drop
 from orchestrator.cli.dream import dream
 
 ARMS = {
@@ -51,6 +69,172 @@ SLOW_ARMS = {
     "slow_model_free": ("spread-gnn-wm-slow", ["world_model.enabled=false"]),
     "slow_world_model": ("spread-gnn-wm-slow", []),
 }
+
+
+@dataclass(frozen=True)
+class EnvBench:
+    """One env's measurement: its preset (with a world model), arms, target and budget."""
+
+    preset: str
+    arms: dict[str, list[str]]  # the first arm is the reference (model-free)
+    target: float
+    max_env_steps: int
+    every: int
+    seeds: int
+    time_limit: float  # wall seconds a run may take at most
+    what: str  # what the return means
+
+
+MODEL_FREE = ["world_model.enabled=false"]
+OBSERVATION = ["world_model.architecture=observation"]
+ENVS: dict[str, EnvBench] = {
+    "mpe2_spread": EnvBench(
+        "spread-gnn-wm-slow", {"model_free": MODEL_FREE, "observation": OBSERVATION},
+        -45.0, 409_600, 25_600, 3, 300.0, "team return, PettingZoo mpe2 simple_spread_v3 N=3",
+    ),
+    "speaker_listener": EnvBench(
+        "speaker-listener-wm", {"model_free": MODEL_FREE, "observation": []},
+        -35.0, 307_200, 25_600, 5, 300.0,
+        "team return (speaker + listener, a group each), mpe2 simple_speaker_listener_v4",
+    ),
+    "tag": EnvBench(
+        "tag-wm", {"model_free": MODEL_FREE, "observation": []},
+        120.0, 614_400, 51_200, 5, 300.0,
+        "predators' team return against frozen prey, native tag (30 per tag: 120 = 4 tags)",
+    ),
+    "navigation": EnvBench(
+        "navigation-wm", {"model_free": MODEL_FREE, "observation": []},
+        9.0, 307_200, 25_600, 5, 300.0, "team return, VMAS navigation (continuous actions)",
+    ),
+    "spread": EnvBench(
+        "spread-gnn-wm",
+        {"model_free": MODEL_FREE, "entity": ["world_model.architecture=entity"],
+         "observation": OBSERVATION},
+        -45.0, 460_800, 25_600, 3, 200.0, "team return, evaluated on mpe2 simple_spread_v3 N=3",
+    ),
+}  # fmt: skip
+
+
+def reference_returns(
+    preset: str, overrides: list[str], episodes: int = 100, seed: int = 12345
+) -> dict[str, float]:
+    """Mean return of uniformly random and of zero ("no-op") actions on a preset's env.
+
+    Summed over the agents that learn (every agent, or those of groups with ``train``); every
+    agent acts so, frozen groups too.
+    """
+    from orchestrator.config import load_config
+
+    cfg = load_config(preset, overrides)
+    env = cfg.env.make(episodes, seed, torch.device("cpu"))
+    model = cfg.build_policy(env)
+    groups = getattr(model, "groups", None)
+    learn = [i for g in groups if g.train for i in g.agents] if groups else range(env.n_agents)
+    out = {}
+    for name in ("random", "noop"):
+        gen = torch.Generator().manual_seed(seed)
+        obs = env.reset(seed=seed).as_dict()
+        total = torch.zeros(episodes, env.n_agents)
+        done = torch.zeros(episodes, dtype=torch.bool)
+        while not done.all():
+            act = env.random_actions(gen)
+            if "action_mask" in obs:  # agents with fewer actions than the widest: legal ones
+                legal = obs["action_mask"].flatten(0, 1).float()
+                act = torch.multinomial(legal, 1, generator=gen).view(act.shape)
+            if name == "noop":
+                act = torch.zeros_like(act)
+                if env.action_kind != "discrete":
+                    act = act.clamp(env.action_low, env.action_high)
+            res = env.step(act)
+            total += res.reward.float() * (~done).unsqueeze(-1)
+            done |= res.done
+            obs = res.observation.as_dict()
+        out[name] = float(total[:, list(learn)].sum(-1).mean())
+    env.close()
+    return out
+
+
+def _time_split(run_dir: Path, sink: dict[str, Any]) -> None:
+    """Seconds per iteration: collecting, waiting for the fit, imagining, learning."""
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+
+    def mean(key: str) -> float:
+        values = [float(r[key]) for r in rows if r.get(key)]
+        return sum(values) / len(values) if values else 0.0
+
+    fit, imagine = mean("wm_fit_s"), mean("wm_imagine_s")
+    sink["split"] = {
+        "collect_s": round(mean("collect_s"), 3),
+        "fit_wait_s": round(fit, 3),
+        "imagine_s": round(imagine, 3),
+        "learn_s": round(mean("update_s") - fit - imagine, 3),
+    }
+
+
+def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
+    """Every arm of one env, seeds interleaved; emits per seed, per arm and the gains."""
+    ctx = {**ctx, "env": name, "target": bench.target, "what": bench.what}
+    seeds = args.seeds if args.seeds_given else bench.seeds
+    # Native spread is evaluated on real mpe2, so its references are mpe2's.
+    refs = baseline_returns() if name == "spread" else reference_returns(bench.preset, MODEL_FREE)
+    for ref, value in refs.items():
+        emit(f"{name}_{ref}_return", value, "return", **ctx)
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in bench.arms}
+    first = next(iter(bench.arms))  # model-free: no model to dream with
+    for seed in range(seeds):
+        for arm, extra in bench.arms.items():
+            sink: dict[str, Any] = {}
+
+            def inspect(
+                run_dir: Path, sink: dict[str, Any] = sink, k: bool = seed == 0 and arm != first
+            ) -> None:
+                _time_split(run_dir, sink)
+                if k:
+                    res = dream(run_dir, steps=15, worlds=200, out=run_dir / "dream.png")
+                    sink["k_step"] = {n: [round(e[i - 1], 4) for i in (1, 5, 15)]
+                                      for n, e in res["errors"].items()}  # fmt: skip
+
+            res = train_and_evaluate(
+                bench.preset, bench.time_limit,
+                [f"train.seed={seed}", "run.eval_every_s=null", *extra, *args.overrides],
+                inspect=inspect, env_steps=bench.max_env_steps, eval_every_steps=bench.every,
+            )  # fmt: skip
+            hit = next((e for e in res["evals"] if e["mean"] >= bench.target), None)
+            means = [e["mean"] for e in res["evals"]]
+            run = {
+                "evals": res["evals"],
+                "steps": hit and hit["env_steps"],
+                "seconds": hit and hit["wall_time"],
+            }
+            runs[arm].append(run)
+            emit(f"{name}_{arm}_seed_run", run["steps"] or math.nan, "env_steps_to_target",
+                 seed=seed, seconds_to_target=run["seconds"], env_steps_per_s=round(res["sps"]),
+                 eval_fall=round(largest_drop(means), 2) if means else None,
+                 returns=[[e["env_steps"], round(e["mean"], 2)] for e in res["evals"]],
+                 **sink, **ctx)  # fmt: skip
+    medians: dict[str, dict[str, float]] = {}
+    for arm, arm_runs in runs.items():
+        medians[arm] = {}
+        for key, unit in (("steps", "env_steps"), ("seconds", "s")):
+            got = [r[key] for r in arm_runs if r[key] is not None]
+            medians[arm][key] = _median(got)
+            emit(f"{name}_{arm}_{key}_to_target", _median(got), unit, reached=len(got),
+                 of_seeds=len(arm_runs), range=[min(got), max(got)] if got else None,
+                 **ctx)  # fmt: skip
+        for mark in range(bench.every, bench.max_env_steps + 1, bench.every):
+            trained = [r for r in arm_runs if r["evals"] and r["evals"][-1]["env_steps"] >= mark]
+            values = [v for r in trained if (v := at_mark(r["evals"], "env_steps", mark))
+                      is not None]  # fmt: skip
+            if values:
+                lo, hi = bootstrap_ci(values)
+                emit(f"{name}_{arm}_iqm_return_at_{mark}_steps", iqm(values), "return",
+                     ci95=[round(lo, 3), round(hi, 3)], seeds=len(values), **ctx)  # fmt: skip
+    free = medians[next(iter(bench.arms))]
+    for arm in list(bench.arms)[1:]:
+        emit(f"{name}_sample_efficiency_gain", free["steps"] / medians[arm]["steps"], "ratio",
+             arm=arm, wall_time_ratio=medians[arm]["seconds"] / free["seconds"],
+             **ctx)  # fmt: skip
 
 
 def _reach(evals: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -170,7 +354,9 @@ def memory(seconds: float, ctx: dict[str, Any], overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run every arm over seeds and print the comparison."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, help="seeds per arm (default 5; with --envs each env's)")
+    p.add_argument("--envs", nargs="*", choices=list(ENVS), metavar="ENV",
+                   help=f"measure these envs instead: {', '.join(ENVS)}")  # fmt: skip
     p.add_argument("--every", type=int, default=25_600, help="real env steps per checkpoint")
     p.add_argument("--max-env-steps", type=int, default=600_000)
     p.add_argument("--time-limit", type=float, default=300.0, help="wall seconds cap a run")
@@ -185,7 +371,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every arm, e.g. world_model.ratio=3")  # fmt: skip
     args = p.parse_args(argv)
+    args.seeds_given = args.seeds is not None
+    args.seeds = args.seeds or 5
     ctx: dict[str, Any] = {"machine": platform.machine(), "overrides": args.overrides}
+    if args.envs:
+        for name in args.envs:
+            run_env(name, ENVS[name], args, ctx)
+        return
     if args.memory:
         memory(args.memory, ctx, args.overrides)
         return

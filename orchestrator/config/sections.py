@@ -465,10 +465,11 @@ class Config(_Section):
                 f"({self.model.heads})"
             )
         wm = self.world_model
-        if wm.enabled and k > 1:
+        if wm.enabled and wm.fit_process and k > 1 and m == 0:
             raise ValueError(
-                "world_model.enabled needs learner.num_ranks=1: ranks would have to agree on "
-                "every imagined update (planned)"
+                "world_model.fit_process needs learner.num_ranks=1 or rollout.num_workers > 0: "
+                f"{k} ranks fitting one model average each step's gradients, which a child "
+                "process cannot join (with workers the shoal-world-model actor fits it)"
             )
         if wm.enabled and self.train.minibatches > wm.horizon:
             raise ValueError(

@@ -201,7 +201,9 @@ class LearnerRank:
         self.practice = None
         if cfg.world_model.enabled:
             real = cfg.train.rollout_len * (cfg.env.num_envs // self.world_size)
-            self.practice = world.build_practice(cfg, real, self.device, self.model)
+            self.practice = world.build_practice(
+                cfg, real, self.device, self.model, all_reduce_mean, self.world_size
+            )
         self.self_play = self_play_for(self.cfg, self.model)
         if ckpt is not None:
             self.learner.load_state_dict(ckpt["learner"])
@@ -328,7 +330,7 @@ class LearnerRank:
             stats.update(
                 world.practise(
                     self.practice, self.model, self.learner, transport.version, batch,
-                    int(counters["env_steps"]), lr_frac,
+                    int(counters["env_steps"]), lr_frac, transport.all_agree,
                 )
             )  # fmt: skip
         update_s = time.perf_counter() - t0

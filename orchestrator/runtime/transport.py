@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from agents.rollout import LocalRollouts, RolloutWorker
 from orchestrator.config import Config
@@ -93,9 +93,18 @@ class Transport:
             self._client = client
             self._weights = WeightStore(client, self.run_id)
             self._state = RunState(client, self.run_id)
-            if practice is not None and self.cfg.rollout.num_workers > 0:
-                store = WeightStore(client, self.run_id, name=world.WORLD_MODEL_WEIGHTS)
-                practice.fit_elsewhere(world.ActorFit(store, practice.model))
+        if practice is not None and self.cfg.rollout.num_workers > 0:
+            # The shoal-world-model actor fits; rank 0 reads its weights from Redis.
+            fit: world.ActorFit | None = None
+            if self._client is not None:
+                from agents.memory import WeightStore
+
+                store = WeightStore(self._client, self.run_id, name=world.WORLD_MODEL_WEIGHTS)
+                fit = world.ActorFit(store, practice.model)
+            if self.world_size > 1:
+                practice.fit_elsewhere(world.GroupFit(practice.model, fit, self.broadcast))
+            elif fit is not None:
+                practice.fit_elsewhere(fit)
         self.version = self._start_version()
         if self_play is not None:
             if self._client is not None:
@@ -208,6 +217,21 @@ class Transport:
         code = torch.tensor([REASONS.index(local) if self.rank == 0 else 0], device=self.device)
         dist.broadcast(code, src=0)
         return REASONS[int(code.item())]
+
+    def broadcast(self, tensor: Tensor) -> None:
+        """Rank 0's ``tensor`` on every rank, in place (through this rank's device)."""
+        moved = tensor.to(self.device)
+        dist.broadcast(moved, src=0)
+        if moved is not tensor:
+            tensor.copy_(moved)
+
+    def all_agree(self, local: bool) -> bool:
+        """Whether ``local`` is true on every rank."""
+        if self.world_size == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0.5)
 
     def reduce(self, sums: list[float], staleness: int) -> tuple[list[float], float]:
         """The row's sums over all ranks, and the largest staleness of any rank's batch."""

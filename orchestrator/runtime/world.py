@@ -9,6 +9,7 @@ the upper bound of what a model could give.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +23,7 @@ from agents.imagination import (
     World,
     kept_for,
 )
-from agents.world_model import Practice, TransitionBuffer, branches
+from agents.world_model import Practice, TransitionBuffer, branches, trainer_for
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess
@@ -112,7 +113,12 @@ def world_keys(cfg: Config, env: VecMultiAgentEnv, policy: Policy) -> tuple[str,
 
 
 def build_practice(
-    cfg: Config, real_samples: int, device: torch.device, policy: Policy
+    cfg: Config,
+    real_samples: int,
+    device: torch.device,
+    policy: Policy,
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    world_size: int = 1,
 ) -> Practice:
     """The rank's world model, trainer, replay and imagination, ready for its first batch.
 
@@ -122,6 +128,10 @@ def build_practice(
         device: where the model and replay live.
         policy: the policy that will practise: an observation model predicts the fields it
             reads, and gives each agent its group's identity.
+        all_reduce_mean: on ``world_size`` > 1 ranks that fit the model themselves (no
+            ``shoal-world-model`` actor), averages the fit's gradients over the ranks; each
+            rank samples ``world_model.batch_size / K`` transitions of its own shard a step.
+        world_size: ``K``.
     """
     wm, seed = cfg.world_model, cfg.train.seed
     observer = cfg.env.make(1, seed, device)
@@ -133,7 +143,9 @@ def build_practice(
         imagined = ObservationWorld(model, generator)
     else:
         imagined = EntityWorld(LearnedDynamics(model, generator), observer.observe_entities)
-    trainer = wm.trainer(model)
+    trainer = trainer_for(model, wm.lr, max(wm.batch_size // world_size, 1))
+    if world_size > 1:
+        trainer.all_reduce_mean = all_reduce_mean
     buffer = TransitionBuffer(wm.replay_capacity, device, imagined.kept)
     fitting: Fitting = InlineFit(trainer)
     if wm.oracle:
@@ -181,6 +193,53 @@ class ActorFit(Fitting):
         return self.store.latest_version()
 
 
+class GroupFit(Fitting):
+    """On ``K`` Ray ranks: rank 0 fetches the actor's weights, every rank gets them from it.
+
+    Only rank 0 talks to Redis. Once per iteration (:meth:`sync`, on every rank at the same
+    point) rank 0 fetches newer weights and broadcasts their version, and the weights when
+    the version changed, so every rank imagines with the same model all iteration.
+
+    Args:
+        model: this rank's copy of the world model.
+        source: rank 0's :class:`ActorFit`; ``None`` on the other ranks.
+        broadcast: sends rank 0's tensor to every rank, in place.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        source: ActorFit | None,
+        broadcast: Callable[[torch.Tensor], None],
+    ) -> None:
+        self.model, self.source, self.broadcast = model, source, broadcast
+
+    def sync(self) -> None:
+        """Rank 0 fetches; every rank takes its version (and its weights when they changed)."""
+        known = -1
+        if self.source is not None:
+            self.source.ready()
+            known = -1 if self.source.version is None else self.source.version
+        version = torch.tensor([known], dtype=torch.long)
+        self.broadcast(version)
+        got = int(version.item())
+        if got < 0 or got == self.version:
+            return
+        state = self.model.state_dict()
+        for value in state.values():
+            self.broadcast(value)
+        self.model.load_state_dict(state)
+        self.version = got
+
+    def ready(self) -> bool:
+        """Whether weights have arrived (they change only at :meth:`sync`)."""
+        return self.version is not None
+
+    def latest_version(self) -> int | None:
+        """The newest version the actor published (known on rank 0)."""
+        return self.source.latest_version() if self.source is not None else None
+
+
 def practise(
     practice: Practice,
     policy: Policy,
@@ -189,12 +248,15 @@ def practise(
     batch: RolloutBatch,
     env_steps: int,
     lr_frac: float,
+    agree: Callable[[bool], bool] = bool,
 ) -> dict[str, float]:
     """After the real update: score and fit the model on the batch, then learn in imagination.
 
     ``practice.rounds()`` imagined updates of ``algorithm`` follow, each rolled by the
     ``policy`` the previous one left (its weights ``version``), once warm-up is over and the
-    model's held-out error allows it.
+    model's held-out error allows it. On ``K`` learner ranks ``agree`` is true only where
+    every rank may imagine: then each imagines from its own shard's replay and the imagined
+    updates are all-reduced like real ones; else none does.
 
     With ``world_model.fit_process`` the fit runs in a child process from the end of this
     call until the next one, while the next real batch is collected.
@@ -207,14 +269,14 @@ def practise(
         imagined.
     """
     t0 = time.perf_counter()
+    practice.fitting.sync()
     stats = practice.remember_and_fit(batch)
     t1 = time.perf_counter()
     real = batch.env_steps
     imagined, teams = 0, []
-    for _ in range(practice.rounds()):
-        img = practice.imagine(policy, real, env_steps, version)
-        if img is None:
-            break
+    rounds = practice.rounds() if agree(practice.can_imagine(real, env_steps)) else 0
+    for _ in range(rounds):
+        img = practice.imagine(policy, real, version)
         live = img.obs["alive"].any(-1)  # [H, B]: worlds still imagined at each step
         teams.append(float((img.rewards.sum(-1) * live).sum() / live.sum().clamp(min=1)))
         algorithm.update(img, lr_frac=lr_frac)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -147,3 +149,76 @@ def test_imagined_batches_keep_the_batch_contract_on_an_env_without_entity_views
     assert batch.rewards.shape == (4, 12, env.n_agents) and batch.truncated[-1].all()
     stats = Learner(policy, PPOConfig(lr=1e-3, minibatches=2)).update(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def _ranks_mean(k: int):
+    """An all-reduce mean for ``k`` threads standing in for learner ranks."""
+    barrier, parts = threading.Barrier(k), {}
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        parts[threading.get_ident()] = t.clone()
+        barrier.wait()
+        out = torch.stack(list(parts.values())).mean(0)
+        barrier.wait()  # everyone has read the parts before the next call writes them
+        return out
+
+    return mean
+
+
+def test_two_ranks_fitting_their_shards_move_as_one_fitting_both() -> None:
+    gen = torch.Generator().manual_seed(3)
+    example = {"obs": torch.zeros(1, 2, 1), "action_mask": torch.ones(1, 2, 3, dtype=torch.bool)}
+    steps = []
+    for _ in range(3):  # per step: each member's sample, halves for the two ranks
+        samples = [_toy(64, gen) for _ in range(2)]
+        for s in samples:  # equal counts per half, so the mean of means is the mean
+            s["agent_cont"] = torch.ones_like(s["agent_cont"])
+        steps.append(samples)
+
+    def trainer() -> ObservationTrainer:
+        torch.manual_seed(0)
+        model = ObservationWorldModel(layout(example, 2), 2, "discrete", 3, hidden=16, members=2)
+        t = ObservationTrainer(model, lr=3e-3, batch_size=64, scale_beta=1.0)
+        t.updates = 1  # scales held (beta 1): the test is about the gradients
+        return t
+
+    one = trainer()
+    for samples in steps:
+        one.step(samples)
+    ranks = [trainer(), trainer()]
+    mean = _ranks_mean(2)
+    for r in ranks:
+        r.all_reduce_mean = mean
+
+    def fit(rank: int) -> None:
+        for samples in steps:
+            ranks[rank].step([{k: v[rank * 32 : rank * 32 + 32] for k, v in s.items()}
+                              for s in samples])  # fmt: skip
+
+    threads = [threading.Thread(target=fit, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # Both replicas took the same averaged steps: equal to the bit.
+    for name, value in ranks[0].model.state_dict().items():
+        assert torch.equal(value, ranks[1].model.state_dict()[name]), name
+    # And they predict what one model fitted on both shards predicts. (Weights are compared
+    # through predictions: Adam turns float noise in gradients that are zero in exact
+    # arithmetic, attention's key bias, into steps that change no output.)
+    test = _toy(256, torch.Generator().manual_seed(9))
+
+    def predict(t: ObservationTrainer) -> list[torch.Tensor]:
+        world = {"obs": test["obs"], "action_mask": test["action_mask"]}
+        with torch.no_grad():
+            return [x for x in t.model(world, test["actions"], test["alive"]) if x is not None]
+
+    want = predict(one)
+    for got, ref in zip(predict(ranks[0]), want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # Alone, a rank fits half the data and predicts otherwise.
+    alone = trainer()
+    for samples in steps:
+        alone.step([{k: v[:32] for k, v in s.items()} for s in samples])
+    gap = max((a - b).abs().max().item() for a, b in zip(predict(alone), want, strict=True))
+    assert gap > 1e-3

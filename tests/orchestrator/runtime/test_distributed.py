@@ -25,9 +25,11 @@ import pytest
 import ray
 import torch
 
+from agents.imagination import EntityWorld, LearnedDynamics, imagine
 from agents.memory import ReplayStream, RunState, WeightStore, connect
 from agents.ppo import Learner
-from agents.rollout import RolloutWorker
+from agents.rollout import RolloutBatch, RolloutWorker
+from agents.world_model import TransitionBuffer
 from orchestrator.cli.status import connect_for
 from orchestrator.config import Config, load_config
 from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
@@ -35,6 +37,7 @@ from orchestrator.runtime.driver import run_training
 from orchestrator.runtime.placement import LearnerGroup
 from orchestrator.runtime.services import RedisServer
 from policies.groups import policy_from_meta, policy_meta
+from policies.world_model import EntityWorldModel
 
 # Every run starts or uses a redis-server (the learner-group equality test alone does not).
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed, pytest.mark.redis]
@@ -52,6 +55,7 @@ TINY = [
     "learner.cpus_per_rank=0.5",
 ]
 RUN_TIMEOUT = 240.0
+ENTITIES = frozenset({"nodes", "node_mask"})  # what the world model's replay keeps
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +186,33 @@ def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int)
 GROUPED = ["env.name=tag", "groups.adversary.lr=0.001", "groups.agent.model.kind=mlp"]
 
 
-@pytest.mark.parametrize("grouping", [[], GROUPED], ids=["shared", "groups"])
+def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch]:
+    """Batches a world model dreamed: 16 branches of 10 steps from real start states."""
+    buffer = TransitionBuffer(capacity=1000)
+    buffer.add(worker.collect())
+    torch.manual_seed(6)
+    model = EntityWorldModel(env.node_dim, "discrete", env.action_dim, hidden=16)
+    dream = EntityWorld(LearnedDynamics(model), env.observe_entities)
+    gen = torch.Generator().manual_seed(0)
+    return [imagine(source, dream, buffer.sample(16, gen), 10) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "grouping", [[], GROUPED, ["imagined"]], ids=["shared", "groups", "imagined"]
+)
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
-    cfg = tiny("train.epochs=2", "train.minibatches=2", *grouping)
+    # With a world model each rank imagines from its own shard's start states: its imagined
+    # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both.
+    dreamed = grouping == ["imagined"]
+    cfg = tiny("train.epochs=2", "train.minibatches=2", *([] if dreamed else grouping))
     env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
     torch.manual_seed(5)
     source = cfg.build_policy(env)
-    worker = RolloutWorker(env, source, rollout_len=10, seed=5)
-    batches = [worker.collect() for _ in range(3)]
+    worker = RolloutWorker(
+        env, source, rollout_len=10, seed=5, extra_keys=ENTITIES if dreamed else frozenset()
+    )
+    batches = _imagined(env, source, worker) if dreamed else [worker.collect() for _ in range(3)]
+    assert all(b.imagined == dreamed for b in batches)
 
     groups = {}
     for k in (1, 2):

@@ -83,13 +83,16 @@ def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, capsys, o
         ("world_model.horizon=0", r"world_model\.horizon: .*greater than or equal to 1"),
         ("world_model.ratio=-1", r"world_model\.ratio: .*greater than or equal to 0"),
         ("world_model.heads=3", r"world_model\.hidden \(64\) must be divisible"),
-        ("learner.num_ranks=2", r"world_model\.enabled needs learner\.num_ranks=1"),
+        (
+            "learner.num_ranks=2 world_model.fit_process=true",
+            r"world_model\.fit_process needs learner\.num_ranks=1 or rollout\.num_workers",
+        ),
         ("world_model.size=3", r"world_model\.size: unknown key"),
     ],
 )
 def test_bad_world_model_settings_are_one_line(override, message) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config("spread-gnn", ["world_model.enabled=true", override])
+        load_config("spread-gnn", ["world_model.enabled=true", *override.split()])
 
 
 def test_a_model_that_predicts_new_batches_badly_is_not_imagined_in(tmp_path) -> None:

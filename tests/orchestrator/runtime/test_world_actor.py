@@ -12,6 +12,8 @@ import ray
 import torch
 
 from agents.memory import RunState, WeightStore, connect
+from orchestrator.runtime.checkpoint import load_checkpoint
+from orchestrator.runtime.driver import run_training
 from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
 from orchestrator.runtime.world_actor import CHECKPOINT_FILE, checkpoint_dir
 from tests.orchestrator.runtime.test_distributed import (  # noqa: F401 - fixtures
@@ -109,3 +111,28 @@ def _actor(namespace: str):
         return ray.get_actor(WORLD_MODEL_ACTOR, namespace=namespace)
     except ValueError:
         return None
+
+
+@pytest.mark.usefixtures("ray_instance")
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["rollout.num_workers=2"],  # the actor fits one model for both ranks
+        ["rollout.num_workers=0", "env.name=tag", "model.kind=mlp"],  # each rank fits, averaged
+    ],
+    ids=["actor-fits", "ranks-fit"],
+)
+def test_two_learner_ranks_practise_in_one_world_model(tmp_path, layout) -> None:
+    cfg = tiny(
+        *WORLD, "learner.num_ranks=2", "train.total_env_steps=1600", *layout,
+        "run.checkpoint_every_s=1000000",
+    )  # fmt: skip
+    run_dir = new_run_dir(tmp_path, "world-ranks")
+    summary = run_training(cfg, run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    table = rows(run_dir)
+    # Every rank imagines or none does: all-reduced imagined updates never wait on a rank
+    # that skipped one (that would hang the run, not pass it).
+    assert any(r["imagined_share"] > 0 for r in table)
+    saved = load_checkpoint(run_dir)["extra"]["world_model"]
+    assert saved["trainer"]["updates"] > 0 or cfg.rollout.num_workers > 0
