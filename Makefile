@@ -31,9 +31,9 @@ run: setup
 test: setup
 	$(PY) -m pytest $(ARGS)
 
-# Quick feedback: no Ray, Redis, torch.distributed or slow end-to-end tests.
+# Quick feedback: no Ray, Redis, torch.distributed, S3 server or slow end-to-end tests.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow and not ray and not redis and not distributed" $(ARGS)
+	$(PY) -m pytest -m "not slow and not ray and not redis and not distributed and not storage" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

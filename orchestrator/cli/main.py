@@ -40,6 +40,7 @@ from orchestrator.cli.status import register_cli as register_status
 from orchestrator.config import Config, ConfigError, load_config, preset_names
 from orchestrator.runtime.checkpoint import CheckpointError
 from orchestrator.runtime.rundir import find_run
+from orchestrator.runtime.storage import StorageError
 
 
 def _split_source(source: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -82,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, resume_dir = _load_run_config(args)
         groups = preflight(cfg)
         run_dir = resume_dir or new_run_dir(cfg)
-    except (ConfigError, EnvError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, EnvError, CheckpointError, FileNotFoundError, StorageError) as e:
         return _fail(_message(e), EXIT_USAGE)
     n = sum(len(agents) for agents in groups.values())
     teams = ""
@@ -130,9 +131,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     videos = sorted((Path(summary["run_dir"]) / "videos").glob("step-*"))
     if videos:
         rows.append(("videos", f"{len(videos)}, the last {videos[-1]}"))
+    if summary.get("storage"):
+        rows.append(("storage", summary["storage"]))
     if summary.get("checkpoint"):
         rows.append(("checkpoint", summary["checkpoint"]))
-        rows.append(("next", f"shoal eval {summary['run_dir']}"))
+        where = summary.get("storage") or summary["run_dir"]
+        rows.append(("next", f"shoal eval '{where}'" if "?" in where else f"shoal eval {where}"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         console.print(f" {label:<{width}}  {value}", markup=False, highlight=False)

@@ -347,6 +347,12 @@ class RunConfig(_Section):
     dir: str = "runs"
     name: str | None = None
     """Run directory name; default ``<preset>-<timestamp>``."""
+    storage: str | None = None
+    """Also keep the run at ``<storage>/<run name>``, copied as it goes: a path every node
+    mounts, or ``s3://bucket/prefix`` (``?endpoint_override=host:port&scheme=http`` for an
+    S3-compatible server), ``gs://bucket/prefix``. Checkpoints arrive whole or not at all;
+    ``shoal eval|plot|render|dream`` and ``--resume`` take ``<storage>/<run name>``.
+    ``null``: the run lives in ``run.dir`` only."""
     checkpoint_every_s: float = Field(30.0, gt=0)
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also checkpoint each time the env-step counter passes a multiple of this (a learning

@@ -91,6 +91,8 @@ def periodic_evaluation(rank: LearnerRank) -> Callable[[], dict[str, float]] | N
                 name=BEST,
                 meta={"eval_return": value, "eval_episodes": n, "eval_env": cfg.env.name},
             )
+            if rank.mirror is not None:
+                rank.mirror.push()
         columns = {f"eval_return/{name}": v for name, v in per_group.items()}
         return {"eval_return": value, **columns, "best_eval_return": best.best, "eval_s": eval_s}
 

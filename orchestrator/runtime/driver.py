@@ -24,7 +24,7 @@ from envs import EnvError
 from envs.registry import describe
 from orchestrator.config import Config, ConfigError, config_to_yaml, redact_url
 from orchestrator.config.groups import GroupError, check_inits
-from orchestrator.runtime import video, world
+from orchestrator.runtime import storage, video, world
 from orchestrator.runtime.checkpoint import checkpoint_counters, init_groups, list_checkpoints
 from orchestrator.runtime.learner import LearnerRank
 from orchestrator.runtime.loop import FatalRunError, redis_outage
@@ -162,6 +162,11 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
     check_group_inits(cfg.groups)
     check_services(cfg)
     check_render(cfg)
+    if cfg.run.storage is not None:
+        try:
+            storage.check_storage(cfg.run.storage)
+        except storage.StorageError as e:
+            raise ConfigError(str(e)) from None
     env = cfg.env.make(1, cfg.train.seed, torch.device("cpu"))
     try:
         if cfg.run.render_every_s is not None:
@@ -298,6 +303,11 @@ def run_training(
     sinks += tracker_sinks(cfg, run_dir)
     metrics = Metrics(sinks)
     fatal: tuple[type[BaseException], ...] = (FatalRunError, *redis_outage(cfg.redis.enabled))
+    # metrics.csv, TensorBoard, videos and the summary; rank 0 sends its checkpoints itself.
+    mirror, finished = None, False
+    if cfg.run.storage is not None:
+        loc = storage.open_location(cfg.run.storage).child(run_dir.name)
+        mirror = storage.Mirror(run_dir, loc, checkpoints=False, files=True)
     try:
         with ExitStack() as stack:
             mem = _shared_memory(cfg, run_dir, stack) if cfg.redis.enabled else None
@@ -324,8 +334,12 @@ def run_training(
                 metrics.close()
             if mem is not None:
                 mem.state.set_status("finished", reason=out["reason"])
+        finished = True
     except fatal as err:
         raise RuntimeError(f"the run cannot continue: {err}") from None
+    finally:
+        if mirror is not None and not finished:
+            mirror.close()  # what a failed run wrote is kept there too
     counters = out["counters"]
     summary = {
         "reason": out["reason"],
@@ -337,5 +351,12 @@ def run_training(
         "steps_this_session": int(counters["env_steps"]) - int(start["env_steps"]),
         "checkpoints": [str(p) for p in list_checkpoints(run_dir / "checkpoints")],
     }
+    if mirror is not None:
+        summary["storage"] = mirror.loc.uri
     write_summary(run_dir, summary)
+    if mirror is not None:
+        mirror.close()
+        if mirror.error:
+            log.warning("the run is in %s, but not all of it reached %s (%s)",
+                        run_dir, summary["storage"], mirror.error)  # fmt: skip
     return summary

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from agents.algorithm import Algorithm, algorithm_spec
 from agents.rollout import LocalRollouts, RolloutBatch
 from orchestrator.config import Config, config_to_yaml
-from orchestrator.runtime import process_group, world
+from orchestrator.runtime import process_group, storage, world
 from orchestrator.runtime.best import periodic_evaluation
 from orchestrator.runtime.bookkeeping import (
     extra_state,
@@ -134,6 +134,7 @@ class LearnerRank:
         )
         self.self_play: SelfPlay | None = None  # groups with an opponent pool
         self.counters = fresh_counters()
+        self.mirror: storage.Mirror | None = None  # rank 0 with run.storage: the uploads
 
     # -- forming the group (Ray, K > 1) -----------------------------------------------------
 
@@ -212,8 +213,11 @@ class LearnerRank:
             log.info("rank %d resumed from %s", self.rank, ckpt["path"])
 
     def checkpoint(self) -> Path:
-        """Write a checkpoint of the current model, learner and counters (rank 0)."""
-        return save_checkpoint(
+        """Write a checkpoint of the current model, learner and counters (rank 0).
+
+        With ``run.storage`` it is uploaded in the background; training goes on meanwhile.
+        """
+        path = save_checkpoint(
             self.run_dir / "checkpoints",
             model=self.model,
             learner_state=self.learner.state_dict(),
@@ -222,6 +226,9 @@ class LearnerRank:
             keep=self.cfg.run.keep_checkpoints,
             extra=extra_state(self.practice, self.self_play) or None,
         )
+        if self.mirror is not None:
+            self.mirror.push()
+        return path
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """One update on this rank's shard (with K > 1 all ranks must call it together)."""
@@ -279,6 +286,9 @@ class LearnerRank:
         counters, transport = self.counters, self.transport
         counters["learner_restarts"] = learner_restarts
         lead = self.rank == 0
+        if lead and self.cfg.run.storage is not None:
+            loc = storage.open_location(self.cfg.run.storage).child(self.run_dir.name)
+            self.mirror = storage.Mirror(self.run_dir, loc, checkpoints=True, files=False)
         try:
             transport.open(self.model, self.practice, self.self_play)
             kept = self.practice.buffer.kept.keys if self.practice is not None else ()
@@ -303,6 +313,9 @@ class LearnerRank:
             transport.close()
             if self.practice is not None:
                 self.practice.close()
+            if self.mirror is not None:  # the last checkpoints reach storage before we return
+                self.mirror.close()
+                self.mirror = None
         return {
             "reason": res.reason,
             "checkpoint": str(res.checkpoint) if res.checkpoint else None,

@@ -53,8 +53,13 @@ def find_run(target: str, runs_dir: str | None = None) -> str:
     """``target`` if it exists, else ``runs_dir/target`` if that does.
 
     So commands that take a run directory also take the run id ``shoal status`` lists.
-    ``runs_dir`` defaults to ``run.dir``'s default, ``runs``.
+    ``runs_dir`` defaults to ``run.dir``'s default, ``runs``. A URI (``s3://bucket/p/RUN``, a
+    run kept in ``run.storage``) is fetched into the local cache and that copy returned.
     """
+    from orchestrator.runtime.storage import is_uri, local_copy
+
+    if is_uri(target):
+        return str(local_copy(target))
     if Path(target).exists():
         return target
     under = Path(runs_dir or RunConfig.model_fields["dir"].default) / target
