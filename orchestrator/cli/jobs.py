@@ -133,18 +133,31 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         submission_id = submission_id or make_submission_id(f"sweep-{Path(target).stem}")
     elif args.samples is not None or args.max_concurrent is not None or args.asha:
         raise JobsError("--samples, --max-concurrent and --asha go with --sweep", exit_code=2)
+    overrides, metadata = list(args.overrides), dict[str, str]()
+    if not args.sweep:
+        submission_id = submission_id or make_submission_id(target)
+        overrides, metadata = _run_placement(target, overrides, submission_id)
+        if not metadata[STORAGE_KEY] and not _loopback(jobs.dashboard_url()):
+            _err.print(
+                "[yellow]warning:[/] run.storage is not set: the job's run stays in Ray's "
+                "temporary working dir on the node running its driver; add "
+                "run.storage=s3://BUCKET/PREFIX (or a path every node mounts) to keep it"
+            )
     jobs.connect()
     excludes = ", ".join(WORKING_DIR_EXCLUDES[:4])
     _out.print(f"uploading {escape(args.working_dir)} (without {excludes}, ...)")
     # The job's driver must join the cluster it runs on, not start a Ray of its own.
     job_id = jobs.submit(
-        [target, *args.overrides, "--address", "auto"],
+        [target, *overrides, "--address", "auto"],
         entrypoint=entrypoint,
         working_dir=args.working_dir,
         submission_id=submission_id,
+        metadata=metadata or None,
     )
     _out.print(f"submitted [bold]{job_id}[/]")
     _out.print(f"dashboard: {jobs.dashboard_url(job_id)}")
+    if metadata.get(STORAGE_KEY):
+        _out.print(f"results: {escape(_stored_run(metadata))} (`shoal jobs fetch {job_id}`)")
     if args.follow:
         return _follow(jobs, job_id)
     if args.no_wait:
@@ -153,6 +166,44 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     started = jobs.wait(job_id, timeout=args.start_timeout, until={"RUNNING", *TERMINAL_STATUSES})
     _out.print(f"{job_id} {_styled(started)}; `shoal jobs logs {job_id} --follow` follows it")
     return 1 if started in ("FAILED", "STOPPED") else 0
+
+
+RUN_KEY, STORAGE_KEY = "shoal_run", "shoal_storage"
+
+
+def _run_placement(
+    target: str, overrides: list[str], job_id: str
+) -> tuple[list[str], dict[str, str]]:
+    """The run's name (the job id unless ``run.name`` is set) and storage, as job metadata.
+
+    The config is resolved here as the job will resolve it, so ``shoal jobs fetch`` knows
+    where the run lands; an unusable ``run.storage`` is refused before anything is sent.
+    """
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.runtime.storage import StorageError, check_storage
+
+    try:
+        cfg = load_config(target, overrides)
+        if cfg.run.storage is not None:
+            check_storage(cfg.run.storage)
+    except (ConfigError, StorageError) as e:
+        raise JobsError(str(e), exit_code=2) from None
+    if cfg.run.name is None:
+        overrides = [*overrides, f"run.name={job_id}"]
+    return overrides, {RUN_KEY: cfg.run.name or job_id, STORAGE_KEY: cfg.run.storage or ""}
+
+
+def _loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def _stored_run(metadata: dict[str, str]) -> str:
+    """Where a job's run is kept: ``<storage>/<run name>`` (a URI keeps its query last)."""
+    base, _, query = metadata[STORAGE_KEY].partition("?")
+    return f"{base.rstrip('/')}/{metadata[RUN_KEY]}" + (f"?{query}" if query else "")
 
 
 def _sweep_entrypoint(args: argparse.Namespace, target: str) -> str:
@@ -218,7 +269,39 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    _print_outcome(ShoalJobs(args.address), args.job_id)
+    jobs = ShoalJobs(args.address)
+    _print_outcome(jobs, args.job_id)
+    metadata = jobs.info(args.job_id).metadata or {}
+    if metadata.get(STORAGE_KEY):
+        _out.print(f"results: {escape(_stored_run(metadata))}")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    """Copy a job's run from its ``run.storage`` to this machine."""
+    from orchestrator.runtime.storage import StorageError, fetch_run
+
+    jobs = ShoalJobs(args.address)
+    metadata = jobs.info(args.job_id).metadata or {}
+    if not metadata.get(RUN_KEY):
+        raise JobsError(
+            f"{args.job_id} is not a `shoal submit` run (a sweep, or older)", exit_code=2
+        )
+    if not metadata.get(STORAGE_KEY):
+        raise JobsError(
+            f"{args.job_id} ran without run.storage: its run stayed in Ray's temporary working "
+            "dir on the driver's node, where this machine cannot reach it; submit with "
+            "run.storage=s3://BUCKET/PREFIX (or a path every node mounts) to fetch runs",
+            exit_code=2,
+        )
+    source = _stored_run(metadata)
+    dest = Path(args.dest) if args.dest else Path("runs") / metadata[RUN_KEY]
+    try:
+        fetch_run(source, dest)
+    except (StorageError, FileNotFoundError) as e:
+        raise JobsError(f"{e} (job {args.job_id})", exit_code=2) from None
+    _out.print(f"fetched {escape(source)} -> {escape(str(dest))}")
+    _out.print(f"next: shoal eval {escape(str(dest))}")
     return 0
 
 
@@ -310,13 +393,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     submit.set_defaults(func=_guarded(_cmd_submit))
 
     jobs = subparsers.add_parser("jobs", help="list, inspect and stop Ray jobs")
-    actions = jobs.add_subparsers(dest="jobs_command", metavar="{list,status,logs,stop}")
+    actions = jobs.add_subparsers(dest="jobs_command", metavar="{list,status,logs,stop,fetch}")
     actions.required = True
     commands = {
         "list": (_cmd_list, "table of the cluster's jobs"),
         "status": (_cmd_status, "status and message of one job"),
         "logs": (_cmd_logs, "print a job's logs"),
         "stop": (_cmd_stop, "stop a running job"),
+        "fetch": (_cmd_fetch, "copy a job's run (from its run.storage) here"),
     }
     for name, (handler, summary) in commands.items():
         action = actions.add_parser(name, help=summary)
@@ -324,5 +408,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
             action.add_argument("job_id", metavar="ID")
         if name == "logs":
             action.add_argument("--follow", action="store_true", help="stream until it ends")
+        if name == "fetch":
+            action.add_argument("dest", nargs="?", metavar="DEST",
+                                help="where the run goes (default: runs/<run name>)")  # fmt: skip
         _add_address(action)
         action.set_defaults(func=_guarded(handler))

@@ -69,7 +69,7 @@ def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
         code = shoal(
             [
                 "submit", "spread-gnn", *TINY, "train.total_env_steps=1600",
-                f"run.dir={tmp_path}", f"run.name={run1}",
+                f"run.dir={tmp_path}", f"run.name={run1}", f"run.storage={tmp_path / 'kept'}",
                 "--address", head.address, "--working-dir", str(ROOT), "--follow",
             ]
         )  # fmt: skip
@@ -83,6 +83,14 @@ def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
         ckpts = sorted((tmp_path / run1 / "checkpoints").glob("step-*"))
         assert ckpts and ckpts[-1].name == "step-000000001600"
         assert time.monotonic() - t0 < 240
+        # Its results, from run.storage, here: evaluated as any local run.
+        assert shoal(["jobs", "status", job1.group(1), "--address", head.address]) == 0
+        assert f"results: {tmp_path / 'kept' / run1}" in capsys.readouterr().out
+        fetched = tmp_path / "fetched"
+        assert shoal(["jobs", "fetch", job1.group(1), str(fetched), "--address", head.address]) == 0
+        assert (fetched / "metrics.csv").is_file()
+        assert shoal(["eval", str(fetched), "--episodes", "4"]) == 0
+        assert "step-000000001600" in capsys.readouterr().out
 
         # 2. A long job: its metrics reach the head's endpoint tagged with its run, then stop.
         run2 = f"e2e-{uuid.uuid4().hex[:8]}"

@@ -208,7 +208,15 @@ def test_cli_follow_streams_logs_and_returns_the_jobs_outcome(
     outcomes = {"ok": "print('cli says hi')", "bad": "import sys; print('cli fails'); sys.exit(3)"}
     for name, code in outcomes.items():
         monkeypatch.setattr(jobs_module, "build_entrypoint", lambda _args, c=code: _python_c(c))
-        argv = ["submit", f"cli-{name}", "a=1", "--follow", "--working-dir", str(tmp_path)]
+        # A real preset (submit resolves the config before sending it), a stand-in entrypoint.
+        argv = [
+            "submit",
+            "spread-mlp",
+            "train.lr=0.001",
+            "--follow",
+            "--working-dir",
+            str(tmp_path),
+        ]
         code_returned = shoal_main([*argv, "--address", head.address])
         out = capsys.readouterr().out
         job_id = re.search(r"submitted (\S+)", out).group(1)
@@ -235,3 +243,19 @@ def test_a_stray_token_is_harmless_when_auth_is_off(clean_auth_env: Path, monkey
         monkeypatch.setenv("RAY_AUTH_TOKEN", "left-over-token")
         job_id = ShoalJobs(open_head.address).submit(entrypoint=_python_c("print(1)"))
         assert ShoalJobs(open_head.address).wait(job_id, timeout=JOB_TIMEOUT) == "SUCCEEDED"
+
+
+def test_submit_names_the_run_after_the_job_and_records_where_it_is_kept() -> None:
+    overrides, meta = jobs_cli._run_placement("spread-mlp", ["train.lr=0.001"], "shoal-x-1")
+    assert overrides == ["train.lr=0.001", "run.name=shoal-x-1"]
+    assert meta == {"shoal_run": "shoal-x-1", "shoal_storage": ""}
+    kept = {"shoal_run": "r", "shoal_storage": "s3://b/p?endpoint_override=h:1&scheme=http"}
+    assert jobs_cli._stored_run(kept) == "s3://b/p/r?endpoint_override=h:1&scheme=http"
+    assert jobs_cli._loopback("http://127.0.0.1:8265")
+    assert not jobs_cli._loopback("http://head.cluster.example:8265")
+
+
+def test_submit_refuses_unusable_storage_before_sending_anything() -> None:
+    with pytest.raises(JobsError, match=r"run\.storage: cannot open 'nosuch://x'") as err:
+        jobs_cli._run_placement("spread-mlp", ["run.storage=nosuch://x"], "shoal-x-1")
+    assert err.value.exit_code == 2
