@@ -40,6 +40,7 @@ def test_two_nodes_host_workers_and_learners_and_train(tmp_path, redis_server: R
                 "train.total_env_steps=1600",
                 f"ray.address={cluster.address}",
                 f"redis.url={redis_server.url}",
+                f"run.storage={tmp_path / 'shared'}",  # a path every node mounts
             ],
         )
         run_dir = tmp_path / f"two-nodes-{uuid.uuid4().hex[:6]}"
@@ -64,3 +65,9 @@ def test_two_nodes_host_workers_and_learners_and_train(tmp_path, redis_server: R
     assert set(state["actors"]) == {"shoal-rollout-0", "shoal-rollout-1"}
     assert set(state["learners"]) == {"shoal-learner-0", "shoal-learner-1"}
     assert rollout_nodes == learner_nodes == nodes and len(nodes) == 2
+    # The run is in run.storage too: rank 0's checkpoints (sent from its own process, on
+    # whichever node it landed) and the driver's metrics.
+    kept = tmp_path / "shared" / run_dir.name
+    assert (kept / "metrics.csv").is_file() and (kept / "summary.json").is_file()
+    assert (kept / "checkpoints" / "step-000000001600" / "meta.json").is_file()
+    assert state["learners"]["shoal-learner-0"]["node_id"] in nodes
