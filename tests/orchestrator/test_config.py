@@ -107,3 +107,12 @@ def test_shoal_envs_lists_what_env_name_accepts(capsys) -> None:
     for name in ("spread", "mpe2-spread", "pettingzoo:<module>", "rllib:<module>:<Class>"):
         assert name in out
     assert all(scenario in out for scenario in vmas.scenarios)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_builds_its_env_and_policy_and_steps(preset: str) -> None:
+    from orchestrator.runtime.driver import preflight
+
+    cfg = load_config(preset, ["redis.enabled=false"])
+    groups = preflight(cfg)  # builds a sub-env and the policy, acts and steps once
+    assert sum(len(agents) for agents in groups.values()) >= 1
