@@ -164,6 +164,15 @@ def _time_split(run_dir: Path, sink: dict[str, Any]) -> None:
         return sum(values) / len(values) if values else 0.0
 
     fit, imagine = mean("wm_fit_s"), mean("wm_imagine_s")
+    # Why imagination ran or not: the share imagined, and the model's held-out 1-step errors
+    # (in units of the targets' scale) over the run's last 5 scored rows, against max_error.
+    scored = [r for r in rows if r.get("wm_holdout_reward_mse")][-5:]
+    if scored:
+        sink["imagined_share"] = round(mean("imagined_share"), 3)
+        sink["holdout_last"] = {
+            key: round(sum(float(r[f"wm_holdout_{key}"]) for r in scored) / len(scored), 3)
+            for key in ("delta_mse", "reward_mse")
+        }
     sink["split"] = {
         "collect_s": round(mean("collect_s"), 3),
         "fit_wait_s": round(fit, 3),
