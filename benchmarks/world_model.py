@@ -209,45 +209,28 @@ def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str,
                 [f"train.seed={seed}", "run.eval_every_s=null", *extra, *args.overrides],
                 inspect=inspect, env_steps=bench.max_env_steps, eval_every_steps=bench.every,
             )  # fmt: skip
-            hit = next((e for e in res["evals"] if e["mean"] >= bench.target), None)
+            reach = _reach(res["evals"], bench.target)
             means = [e["mean"] for e in res["evals"]]
-            run = {
-                "evals": res["evals"],
-                "steps": hit and hit["env_steps"],
-                "seconds": hit and hit["wall_time"],
-            }
-            runs[arm].append(run)
-            emit(f"{name}_{arm}_seed_run", run["steps"] or math.nan, "env_steps_to_target",
-                 seed=seed, seconds_to_target=run["seconds"], env_steps_per_s=round(res["sps"]),
+            runs[arm].append({"evals": res["evals"], "reach": reach})
+            emit(f"{name}_{arm}_seed_run", reach["env_steps"] or math.nan, "env_steps_to_target",
+                 seed=seed, seconds_to_target=reach["seconds"], env_steps_per_s=round(res["sps"]),
                  eval_fall=round(largest_drop(means), 2) if means else None,
                  returns=[[e["env_steps"], round(e["mean"], 2)] for e in res["evals"]],
                  **sink, **ctx)  # fmt: skip
-    medians: dict[str, dict[str, float]] = {}
-    for arm, arm_runs in runs.items():
-        medians[arm] = {}
-        for key, unit in (("steps", "env_steps"), ("seconds", "s")):
-            got = [r[key] for r in arm_runs if r[key] is not None]
-            medians[arm][key] = _median(got)
-            emit(f"{name}_{arm}_{key}_to_target", _median(got), unit, reached=len(got),
-                 of_seeds=len(arm_runs), range=[min(got), max(got)] if got else None,
-                 **ctx)  # fmt: skip
-        for mark in range(bench.every, bench.max_env_steps + 1, bench.every):
-            trained = [r for r in arm_runs if r["evals"] and r["evals"][-1]["env_steps"] >= mark]
-            values = [v for r in trained if (v := at_mark(r["evals"], "env_steps", mark))
-                      is not None]  # fmt: skip
-            if values:
-                lo, hi = bootstrap_ci(values)
-                emit(f"{name}_{arm}_iqm_return_at_{mark}_steps", iqm(values), "return",
-                     ci95=[round(lo, 3), round(hi, 3)], seeds=len(values), **ctx)  # fmt: skip
+    medians = {
+        arm: summarize(f"{name}_{arm}", arm_runs, bench.every, bench.max_env_steps, "return", ctx)
+        for arm, arm_runs in runs.items()
+    }
     free = medians[next(iter(bench.arms))]
     for arm in list(bench.arms)[1:]:
-        emit(f"{name}_sample_efficiency_gain", free["steps"] / medians[arm]["steps"], "ratio",
+        emit(f"{name}_sample_efficiency_gain", free["env_steps"] / medians[arm]["env_steps"],
+             "ratio",
              arm=arm, wall_time_ratio=medians[arm]["seconds"] / free["seconds"],
              **ctx)  # fmt: skip
 
 
-def _reach(evals: list[dict[str, Any]]) -> dict[str, float | None]:
-    hit = next((e for e in evals if e["mean"] >= TARGET_RETURN), None)
+def _reach(evals: list[dict[str, Any]], target: float = TARGET_RETURN) -> dict[str, float | None]:
+    hit = next((e for e in evals if e["mean"] >= target), None)
     return {
         "env_steps": hit["env_steps"] if hit else None,
         "seconds": hit["wall_time"] if hit else None,
@@ -260,8 +243,11 @@ def _median(values: list[float]) -> float:
 
 def run_arm(
     arm: str, preset: str, extra: list[str], args: argparse.Namespace, ctx: dict[str, Any]
-) -> dict[str, Any]:
-    """Every seed of one arm; emits a line per seed and the arm's summary lines."""
+) -> dict[str, float]:
+    """Every seed of one arm; emits a line per seed and the arm's summary lines.
+
+    Returns the medians over seeds of real env steps and seconds to -45.
+    """
     common = [
         f"run.checkpoint_every_steps={args.every}",
         "run.checkpoint_every_s=1000000",
@@ -287,27 +273,36 @@ def run_arm(
             returns=[[e["env_steps"], round(e["mean"], 2)] for e in res["evals"]],
             **ctx,
         )
-    for key, unit in (("env_steps", "env_steps"), ("seconds", "s")):
+    return summarize(arm, runs, args.every, args.max_env_steps, "team_return",
+                     {**ctx, "target": TARGET_RETURN})  # fmt: skip
+
+
+def summarize(
+    prefix: str,
+    runs: list[dict[str, Any]],
+    every: int,
+    max_env_steps: int,
+    unit: str,
+    ctx: dict[str, Any],
+) -> dict[str, float]:
+    """One arm's lines: real env steps and seconds to the target (median, range, how many
+    seeds reached it) and the IQM [95 % CI] at every mark; returns the two medians."""
+    medians = {}
+    for key, key_unit in (("env_steps", "env_steps"), ("seconds", "s")):
         reached = [r["reach"][key] for r in runs if r["reach"][key] is not None]
-        emit(
-            f"{arm}_{key}_to_target",
-            _median(reached),
-            unit,
-            reached=len(reached),
-            of_seeds=len(runs),
-            range=[min(reached), max(reached)] if reached else None,
-            target=TARGET_RETURN,
-            **ctx,
-        )
-    for mark in range(args.every, args.max_env_steps + 1, args.every):
+        medians[key] = _median(reached)
+        emit(f"{prefix}_{key}_to_target", medians[key], key_unit, reached=len(reached),
+             of_seeds=len(runs), range=[min(reached), max(reached)] if reached else None,
+             **ctx)  # fmt: skip
+    for mark in range(every, max_env_steps + 1, every):
         # A run counts at the marks it trained to (a time limit may end it sooner).
         trained = [r for r in runs if r["evals"] and r["evals"][-1]["env_steps"] >= mark]
         values = [v for r in trained if (v := at_mark(r["evals"], "env_steps", mark)) is not None]
         if values:
             lo, hi = bootstrap_ci(values)
-            emit(f"{arm}_iqm_return_at_{mark}_steps", iqm(values), "team_return",
+            emit(f"{prefix}_iqm_return_at_{mark}_steps", iqm(values), unit,
                  ci95=[round(lo, 3), round(hi, 3)], seeds=len(values), **ctx)  # fmt: skip
-    return {"runs": runs}
+    return medians
 
 
 def k_step_errors(run_dir: Path, ks: tuple[int, ...] = (1, 5, 15), worlds: int = 200) -> None:
@@ -395,9 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     medians: dict[str, float] = {}
     for arm in args.arms:
         preset, extra = ARMS[arm]
-        out = run_arm(arm, preset, extra, args, ctx)
-        reached = [r["reach"]["env_steps"] for r in out["runs"] if r["reach"]["env_steps"]]
-        medians[arm] = _median(reached)
+        medians[arm] = run_arm(arm, preset, extra, args, ctx)["env_steps"]
     if "model_free" in medians and "world_model" in medians:
         gain = medians["model_free"] / medians["world_model"]
         oracle = medians.get("oracle")
@@ -408,11 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         slow = argparse.Namespace(**{**vars(args), "seeds": args.slow_seeds, "max_env_steps": cap})
         slow_medians: dict[str, dict[str, float]] = {}
         for arm, (preset, extra) in SLOW_ARMS.items():
-            out = run_arm(arm, preset, ["run.eval_every_s=null", *extra], slow, ctx)
-            slow_medians[arm] = {
-                key: _median([r["reach"][key] for r in out["runs"] if r["reach"][key]])
-                for key in ("env_steps", "seconds")
-            }
+            slow_medians[arm] = run_arm(arm, preset, ["run.eval_every_s=null", *extra], slow, ctx)
         free, model = slow_medians["slow_model_free"], slow_medians["slow_world_model"]
         emit("pettingzoo_spread_sample_efficiency_gain", free["env_steps"] / model["env_steps"],
              "ratio", wall_time_ratio=model["seconds"] / free["seconds"], **ctx)  # fmt: skip
