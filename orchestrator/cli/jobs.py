@@ -202,8 +202,9 @@ def _loopback(url: str) -> bool:
 
 def _stored_run(metadata: dict[str, str]) -> str:
     """Where a job's run is kept: ``<storage>/<run name>`` (a URI keeps its query last)."""
-    base, _, query = metadata[STORAGE_KEY].partition("?")
-    return f"{base.rstrip('/')}/{metadata[RUN_KEY]}" + (f"?{query}" if query else "")
+    from orchestrator.runtime.storage import join_uri
+
+    return join_uri(metadata[STORAGE_KEY], metadata[RUN_KEY])
 
 
 def _sweep_entrypoint(args: argparse.Namespace, target: str) -> str:

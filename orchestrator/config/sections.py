@@ -327,9 +327,14 @@ class WorldModelConfig(_Section):
             members=self.members,
         )  # fmt: skip
 
-    def trainer(self, model: EntityWorldModel | ObservationWorldModel) -> ModelTrainer:
-        """What fits ``model`` with this section's learning rate and batch size."""
-        return trainer_for(model, self.lr, self.batch_size)
+    def trainer(
+        self, model: EntityWorldModel | ObservationWorldModel, ranks: int = 1
+    ) -> ModelTrainer:
+        """What fits ``model`` with this section's learning rate and batch size.
+
+        ``ranks`` that each fit the model on their own shard split the batch between them.
+        """
+        return trainer_for(model, self.lr, max(self.batch_size // ranks, 1))
 
     @model_validator(mode="after")
     def _heads_divide(self) -> WorldModelConfig:

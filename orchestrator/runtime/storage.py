@@ -55,6 +55,12 @@ def _uri_without_query(uri: str) -> str:
     return uri.split("?", 1)[0]
 
 
+def join_uri(base: str, name: str) -> str:
+    """``s3://b/p?q`` and ``RUN`` -> ``s3://b/p/RUN?q`` (a path: ``base/RUN``)."""
+    path, _, query = base.partition("?")
+    return f"{path.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+
+
 @dataclass(frozen=True)
 class Location:
     """A directory in some filesystem: ``fs`` (a ``pyarrow.fs.FileSystem``) and ``path`` in it."""
@@ -69,9 +75,7 @@ class Location:
 
     def child(self, name: str) -> Location:
         """The directory ``name`` under this one."""
-        base, _, query = self.uri.partition("?")
-        uri = f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
-        return Location(self.fs, self.join(name), uri)
+        return Location(self.fs, self.join(name), join_uri(self.uri, name))
 
     @property
     def local(self) -> bool:
@@ -370,10 +374,3 @@ def local_copy(target: str) -> Path:
     name = base.rsplit("/", 1)[-1] or "run"
     digest = hashlib.sha1(base.encode()).hexdigest()[:10]
     return fetch_run(target, cache_root() / digest / name)
-
-
-def parent_uri(target: str) -> tuple[str, str]:
-    """``s3://b/p/RUN?q`` -> (``s3://b/p?q``, ``RUN``): the storage and the run's name."""
-    base, _, query = target.partition("?")
-    parent, _, name = base.rstrip("/").rpartition("/")
-    return parent + (f"?{query}" if query else ""), name

@@ -23,7 +23,7 @@ from agents.imagination import (
     World,
     kept_for,
 )
-from agents.world_model import Practice, TransitionBuffer, branches, trainer_for
+from agents.world_model import Practice, TransitionBuffer, branches
 from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess
@@ -143,7 +143,7 @@ def build_practice(
         imagined = ObservationWorld(model, generator)
     else:
         imagined = EntityWorld(LearnedDynamics(model, generator), observer.observe_entities)
-    trainer = trainer_for(model, wm.lr, max(wm.batch_size // world_size, 1))
+    trainer = wm.trainer(model, world_size)
     if world_size > 1:
         trainer.all_reduce_mean = all_reduce_mean
     buffer = TransitionBuffer(wm.replay_capacity, device, imagined.kept)
