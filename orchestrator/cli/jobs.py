@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -128,21 +129,23 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     jobs = ShoalJobs(args.address)
     target = _config_target(args.target, args.working_dir)
     entrypoint, submission_id = None, args.submission_id
-    if args.sweep:
-        entrypoint = _sweep_entrypoint(args, target)
+    overrides = list(args.overrides)
+    if args.sweep:  # the sweep directory is named after the job, to be found in storage
         submission_id = submission_id or make_submission_id(f"sweep-{Path(target).stem}")
+        entrypoint, spec = _sweep_entrypoint(args, target, submission_id)
+        metadata = {RUN_KEY: submission_id, STORAGE_KEY: spec["storage"] or "",
+                    RUN_DIR_KEY: str(Path(spec["run_dir"]) / submission_id)}  # fmt: skip
     elif args.samples is not None or args.max_concurrent is not None or args.asha:
         raise JobsError("--samples, --max-concurrent and --asha go with --sweep", exit_code=2)
-    overrides, metadata = list(args.overrides), dict[str, str]()
-    if not args.sweep:
+    else:
         submission_id = submission_id or make_submission_id(target)
         overrides, metadata = _run_placement(target, overrides, submission_id)
-        if not metadata[STORAGE_KEY] and not _loopback(jobs.dashboard_url()):
-            _err.print(
-                "[yellow]warning:[/] run.storage is not set: the job's run stays in Ray's "
-                "temporary working dir on the node running its driver; add "
-                "run.storage=s3://BUCKET/PREFIX (or a path every node mounts) to keep it"
-            )
+    if not metadata[STORAGE_KEY] and not _loopback(jobs.dashboard_url()):
+        _err.print(
+            "[yellow]warning:[/] run.storage is not set: the job's run stays in Ray's "
+            "temporary working dir on the node running its driver; add "
+            "run.storage=s3://BUCKET/PREFIX (or a path every node mounts) to keep it"
+        )
     jobs.connect()
     excludes = ", ".join(WORKING_DIR_EXCLUDES[:4])
     _out.print(f"uploading {escape(args.working_dir)} (without {excludes}, ...)")
@@ -168,7 +171,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 1 if started in ("FAILED", "STOPPED") else 0
 
 
-RUN_KEY, STORAGE_KEY = "shoal_run", "shoal_storage"
+RUN_KEY, STORAGE_KEY, RUN_DIR_KEY = "shoal_run", "shoal_storage", "shoal_run_dir"
 
 
 def _run_placement(
@@ -190,7 +193,9 @@ def _run_placement(
         raise JobsError(str(e), exit_code=2) from None
     if cfg.run.name is None:
         overrides = [*overrides, f"run.name={job_id}"]
-    return overrides, {RUN_KEY: cfg.run.name or job_id, STORAGE_KEY: cfg.run.storage or ""}
+    name = cfg.run.name or job_id
+    return overrides, {RUN_KEY: name, STORAGE_KEY: cfg.run.storage or "",
+                       RUN_DIR_KEY: str(Path(cfg.run.dir) / name)}  # fmt: skip
 
 
 def _loopback(url: str) -> bool:
@@ -207,8 +212,14 @@ def _stored_run(metadata: dict[str, str]) -> str:
     return join_uri(metadata[STORAGE_KEY], metadata[RUN_KEY])
 
 
-def _sweep_entrypoint(args: argparse.Namespace, target: str) -> str:
-    """``shoal sweep ... --address auto``, its spaces checked here before anything is sent."""
+def _sweep_entrypoint(
+    args: argparse.Namespace, target: str, name: str
+) -> tuple[str, dict[str, Any]]:
+    """``shoal sweep ... --address auto --name NAME`` and the checked sweep (its storage).
+
+    The spaces (and the storage) are checked here before anything is sent; the sweep
+    directory is named ``name`` (the job id) so that its place in storage is known.
+    """
     from orchestrator.cli import sweep
     from orchestrator.config import ConfigError
 
@@ -216,16 +227,17 @@ def _sweep_entrypoint(args: argparse.Namespace, target: str) -> str:
     try:
         source, yaml_spaces = sweep.read_sweep_section(local)
         overrides, spaces = sweep.split_args(args.overrides)
-        sweep.check(source, overrides, {**yaml_spaces, **spaces})
+        spec = sweep.check(source, overrides, {**yaml_spaces, **spaces})
     except ConfigError as exc:
         raise JobsError(str(exc), exit_code=2) from None
     command = ["python", "-m", "orchestrator.cli", "sweep", target, *args.overrides]
+    command += ["--name", name]
     command += ["--samples", str(args.samples or 4), "--metric", args.metric]
     if args.max_concurrent is not None:
         command += ["--max-concurrent", str(args.max_concurrent)]
     if args.asha:
         command.append("--asha")
-    return shlex.join([*command, "--address", "auto"])
+    return shlex.join([*command, "--address", "auto"]), spec
 
 
 def _format_time(millis: int | None) -> str:
@@ -275,6 +287,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     metadata = jobs.info(args.job_id).metadata or {}
     if metadata.get(STORAGE_KEY):
         _out.print(f"results: {escape(_stored_run(metadata))}")
+    elif metadata.get(RUN_DIR_KEY):
+        _out.print(
+            f"results: {escape(metadata[RUN_DIR_KEY])} on the driver's node, while the cluster "
+            f"keeps it (`shoal jobs fetch {args.job_id}`)"
+        )
     return 0
 
 
@@ -285,24 +302,30 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     jobs = ShoalJobs(args.address)
     metadata = jobs.info(args.job_id).metadata or {}
     if not metadata.get(RUN_KEY):
-        raise JobsError(
-            f"{args.job_id} is not a `shoal submit` run (a sweep, or older)", exit_code=2
-        )
-    if not metadata.get(STORAGE_KEY):
-        raise JobsError(
-            f"{args.job_id} ran without run.storage: its run stayed in Ray's temporary working "
-            "dir on the driver's node, where this machine cannot reach it; submit with "
-            "run.storage=s3://BUCKET/PREFIX (or a path every node mounts) to fetch runs",
-            exit_code=2,
-        )
-    source = _stored_run(metadata)
+        raise JobsError(f"{args.job_id} was not submitted by `shoal submit`", exit_code=2)
     dest = Path(args.dest) if args.dest else Path("runs") / metadata[RUN_KEY]
-    try:
-        fetch_run(source, dest)
-    except (StorageError, FileNotFoundError) as e:
-        raise JobsError(f"{e} (job {args.job_id})", exit_code=2) from None
+    if metadata.get(STORAGE_KEY):
+        source = _stored_run(metadata)
+        try:
+            fetch_run(source, dest)
+        except (StorageError, FileNotFoundError) as e:
+            raise JobsError(f"{e} (job {args.job_id})", exit_code=2) from None
+    elif metadata.get(RUN_DIR_KEY):  # no storage: from the driver node's working dir
+        from orchestrator.cli.jobs_fetch import fetch_from_driver
+
+        source = f"{args.job_id}'s driver node"
+        _out.print(f"copying from {escape(source)} (the newest checkpoint and every other file)")
+        fetch_from_driver(jobs, args.job_id, metadata[RUN_DIR_KEY], dest)
+    else:
+        raise JobsError(f"{args.job_id} has no run directory on record (an older job)", exit_code=2)
     _out.print(f"fetched {escape(source)} -> {escape(str(dest))}")
-    _out.print(f"next: shoal eval {escape(str(dest))}")
+    if (dest / "sweep.json").is_file():  # a sweep: its trials' runs are under trials/
+        best = dest / "best.yaml"
+        if best.is_file():
+            _out.print(f"next: shoal run {escape(str(best))}  (the best trial's config)")
+        _out.print(f"trials: shoal eval {escape(str(dest / 'trials'))}/TRIAL")
+    else:
+        _out.print(f"next: shoal eval {escape(str(dest))}")
     return 0
 
 
@@ -401,7 +424,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "status": (_cmd_status, "status and message of one job"),
         "logs": (_cmd_logs, "print a job's logs"),
         "stop": (_cmd_stop, "stop a running job"),
-        "fetch": (_cmd_fetch, "copy a job's run (from its run.storage) here"),
+        "fetch": (
+            _cmd_fetch,
+            "copy a job's run here: from its run.storage, or else from its driver node "
+            "while the cluster keeps it",
+        ),
     }
     for name, (handler, summary) in commands.items():
         action = actions.add_parser(name, help=summary)

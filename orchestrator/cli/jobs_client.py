@@ -246,6 +246,7 @@ class ShoalJobs:
         submission_id: str | None = None,
         runtime_env: Mapping[str, Any] | None = None,
         entrypoint_num_cpus: float = 0,
+        entrypoint_resources: Mapping[str, float] | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> str:
         """Submit ``shoal run <run_args>`` as a job and return its submission id.
@@ -262,6 +263,8 @@ class ShoalJobs:
             entrypoint_num_cpus: CPUs reserved for the driver. 0 because the driver mostly
                 waits on Ray actors that reserve their own; reserving one would deadlock a
                 one-CPU cluster.
+            entrypoint_resources: Custom resources for the driver (``{"node:<ip>": 0.001}``
+                puts it on that node).
             metadata: String key/values shown with the job.
 
         Returns:
@@ -290,6 +293,7 @@ class ShoalJobs:
                 submission_id=submission_id,
                 runtime_env=env or None,
                 entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
                 metadata=dict(metadata) if metadata else None,
             )
 
@@ -335,6 +339,11 @@ class ShoalJobs:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(stream.aclose())
             loop.close()
+
+    def delete(self, job_id: str) -> bool:
+        """Forget an ended job (its logs and info); False if it was not deleted."""
+        with self._translate("delete the job", job_id):
+            return bool(self._client.delete_job(job_id))
 
     def stop(self, job_id: str) -> bool:
         """Ask the job to stop (SIGTERM, then SIGKILL); False if it had already ended."""

@@ -167,7 +167,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        "metric": args.metric, "asha": args.asha}  # fmt: skip
             name = Path(source).stem if source.endswith((".yaml", ".yml")) else source
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            sweep_dir = Path(args.dir or spec["run_dir"]) / f"sweep-{name}-{stamp}"
+            sweep_dir = Path(args.dir or spec["run_dir"]) / (args.name or f"sweep-{name}-{stamp}")
             make_dir(sweep_dir, "--dir" if args.dir else "run.dir")
             (sweep_dir / sweep.SWEEP_FILE).write_text(
                 json.dumps({"spec": spec, "options": options}, indent=2)
@@ -175,6 +175,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         return _fail(_message(e), EXIT_USAGE)
     console.print(f"[bold]shoal[/] sweep -> {sweep_dir}", highlight=False)
+    if spec.get("storage"):
+        console.print(f"trials kept in {sweep.trials_storage({**spec, 'dir': str(sweep_dir)})}",
+                      highlight=False, markup=False)  # fmt: skip
     live = console if console.is_terminal else None
     res = sweep.run_sweep(
         spec, sweep_dir, resume=bool(args.resume), address=args.address, console=live, **options
@@ -182,6 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     title = f"{len(res['trials'])} trials, by {res['metric']}"
     console.print(sweep.results_table(res["trials"], res["metric"], title))
     console.print(f"results: {sweep_dir / 'results.csv'}", highlight=False)
+    if res.get("storage"):
+        console.print(f"storage: {res['storage']}", highlight=False, markup=False)
     if res["best_yaml"] is not None:
         console.print(f"best: {res['best_yaml']}  (shoal run {res['best_yaml']})", highlight=False)
     return EXIT_OK
@@ -270,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--asha", action="store_true", help="stop trials that fall behind (ASHA)")
     sw.add_argument(
         "--dir", help="where the sweep directory goes (default: the config's run.dir, runs/)"
+    )
+    sw.add_argument(
+        "--name", help="the sweep directory's name (default sweep-PRESET-YYYYmmdd-HHMMSS)"
     )
     sw.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep that was stopped")
     sw.add_argument(

@@ -17,6 +17,7 @@ that was killed, without redoing finished trials.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -137,8 +138,16 @@ def check(source: str, overrides: list[str], spaces: dict[str, str]) -> dict[str
     for key, (kind, args) in parsed.items():
         for value in _examples(kind, args):
             _load(source, [*base, f"{key}={json.dumps(value)}"])
+    if cfg.run.storage is not None:
+        from orchestrator.runtime.storage import StorageError, check_storage
+
+        try:
+            check_storage(cfg.run.storage)
+        except StorageError as e:
+            raise ConfigError(str(e)) from None
     return {"source": str(Path(source).resolve()) if Path(source).is_file() else source,
-            "overrides": overrides, "spaces": spaces, "run_dir": cfg.run.dir}  # fmt: skip
+            "overrides": overrides, "spaces": spaces, "run_dir": cfg.run.dir,
+            "storage": cfg.run.storage}  # fmt: skip
 
 
 def _load(source: str, overrides: list[str]):  # type: ignore[no-untyped-def]
@@ -212,6 +221,9 @@ def _trainable(config: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = [*spec["overrides"], *TRIAL_OVERRIDES, f"run.name={json.dumps(trial)}"]
     overrides += [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    trials = trials_storage(spec)
+    if trials is not None:  # each trial's run kept at <storage>/<sweep>/trials/<trial>
+        overrides.append(f"run.storage={json.dumps(trials)}")
     cfg = _load(spec["source"], overrides)
     (run_dir / "params.json").write_text(json.dumps(params))
     report = _TuneReport(spec["metric"])
@@ -221,10 +233,40 @@ def _trainable(config: dict[str, Any]) -> None:
         if done.get("reason") in FINISHED:
             report.log({**(done.get("metrics") or {}), "env_steps": done["counters"]["env_steps"]})
             return
-    # A trial cut short continues from its own latest checkpoint.
+    # A trial cut short continues from its own latest checkpoint (from storage when it
+    # restarts on a node that has none).
     found = list_checkpoints(run_dir / "checkpoints")
+    if not found and trials is not None:
+        from orchestrator.runtime.storage import fetch_run, join_uri
+
+        with contextlib.suppress(FileNotFoundError):
+            fetch_run(join_uri(trials, trial), run_dir)
+        found = list_checkpoints(run_dir / "checkpoints")
     resume = str(found[-1]) if found else None
     run_training(cfg, run_dir, resume=resume, extra_sinks=[report])
+
+
+def trials_storage(spec: dict[str, Any]) -> str | None:
+    """Where the trials' runs are kept: ``<run.storage>/<sweep name>/trials`` (or ``None``)."""
+    if not spec.get("storage"):
+        return None
+    from orchestrator.runtime.storage import join_uri
+
+    return join_uri(spec["storage"], f"{Path(spec['dir']).name}/trials")
+
+
+def _keep_sweep_files(spec: dict[str, Any], sweep_dir: Path) -> str | None:
+    """Copy ``sweep.json``, ``results.csv`` and ``best.yaml`` beside the trials in storage."""
+    if not spec.get("storage"):
+        return None
+    from orchestrator.runtime.storage import join_uri, open_location, upload
+
+    uri = join_uri(spec["storage"], sweep_dir.name)
+    loc = open_location(uri)
+    for path in sorted(sweep_dir.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            upload(loc, path, loc.join(path.name))
+    return uri
 
 
 def run_sweep(
@@ -340,7 +382,9 @@ def run_sweep(
         cfg.preset = f"{sweep_dir.name}-best"
         best_yaml = sweep_dir / "best.yaml"
         best_yaml.write_text(config_to_yaml(cfg))
-    return {"trials": rows, "best": best, "best_yaml": best_yaml, "metric": metric}
+    stored = _keep_sweep_files(spec, sweep_dir)
+    return {"trials": rows, "best": best, "best_yaml": best_yaml, "metric": metric,
+            "storage": stored}  # fmt: skip
 
 
 def _cell(value: Any) -> str:

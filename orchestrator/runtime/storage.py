@@ -9,7 +9,9 @@ scheme=http``), ``gs://bucket/prefix``, ``hdfs://...``, ``file:///path``.
 
 Checkpoints are uploaded complete or not at all: every file of a checkpoint goes up before its
 ``meta.json``, and a reader takes only checkpoints that have one. A checkpoint being replaced
-(``best``) loses its ``meta.json`` first. Pruned checkpoints are deleted there too.
+(``best``) loses its ``meta.json`` first. Pruned checkpoints are deleted there too. The
+world-model actor's ``checkpoints/world_model/`` holds single files each replaced whole (by
+rename); it is mirrored file by file by the process that writes it (:data:`WHOLE_FILE_DIRS`).
 
 Commands that read a run (``shoal eval|plot|render|dream``, ``shoal run --resume``) accept its
 URI: the run's files and complete checkpoints are fetched into a local cache first
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 CHECKPOINTS = "checkpoints"
 STEP = "step-"
+WHOLE_FILE_DIRS = frozenset({"world_model"})
+"""Checkpoint directories without ``meta.json`` whose files are each written whole."""
 _CHUNK = 8 << 20
 
 
@@ -145,7 +149,7 @@ def check_storage(target: str, key: str = "run.storage") -> Location:
     return loc
 
 
-def _upload(loc: Location, src: Path, dest: str) -> None:
+def upload(loc: Location, src: Path, dest: str) -> None:
     """Copy one local file to ``dest``; on a mounted path through a temporary name."""
     target = f"{dest}.{uuid.uuid4().hex[:8]}.part" if loc.local else dest
     if loc.local:
@@ -175,7 +179,11 @@ def complete_checkpoints(files: dict[str, int]) -> set[str]:
     out = set()
     for rel in files:
         parts = rel.split("/")
-        if len(parts) == 3 and parts[0] == CHECKPOINTS and parts[2] == META:
+        if (
+            len(parts) == 3
+            and parts[0] == CHECKPOINTS
+            and (parts[2] == META or parts[1] in WHOLE_FILE_DIRS)
+        ):
             out.add(parts[1])
     return out
 
@@ -191,6 +199,7 @@ class Mirror:
         loc: where the run lives in storage (``<storage>/<run name>``).
         checkpoints: mirror ``checkpoints/`` (the process that writes them: rank 0).
         files: mirror everything else (the driver: metrics, TensorBoard, videos, summary).
+        whole: mirror ``checkpoints/world_model/`` (the world-model actor), file by file.
         every_s: seconds between syncs nobody asked for.
         background: start the thread; ``False``: the caller runs :meth:`sync` itself.
     """
@@ -201,11 +210,13 @@ class Mirror:
         loc: Location,
         checkpoints: bool,
         files: bool,
+        whole: bool = False,
         every_s: float = 30.0,
         background: bool = True,
     ) -> None:
         self.run_dir, self.loc = Path(run_dir), loc
-        self.checkpoints, self.files, self.every_s = checkpoints, files, every_s
+        self.checkpoints, self.files, self.whole = checkpoints, files, whole
+        self.every_s = every_s
         self._sent: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) uploaded
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -251,6 +262,13 @@ class Mirror:
             self._sync_files()
         if self.checkpoints:
             self._sync_checkpoints()
+        if self.whole:
+            for name in sorted(WHOLE_FILE_DIRS):
+                root = self.run_dir / CHECKPOINTS / name
+                for path in sorted(root.iterdir()) if root.is_dir() else []:
+                    if path.is_file() and not path.name.startswith("."):
+                        with contextlib.suppress(FileNotFoundError):
+                            self._send(path, f"{CHECKPOINTS}/{name}/{path.name}")
 
     def _changed(self, path: Path) -> tuple[int, int] | None:
         try:
@@ -264,7 +282,7 @@ class Mirror:
         sig = self._changed(path)
         if sig is None:
             return
-        _upload(self.loc, path, self.loc.join(rel))
+        upload(self.loc, path, self.loc.join(rel))
         self._sent[str(path)] = sig
         self.uploads += 1
 
@@ -308,13 +326,41 @@ class Mirror:
             size = sum(f.stat().st_size for f in files)
             self.checkpoint_uploads.append((name, size, time.perf_counter() - t0))
         # Pruned here: pruned there, meta.json first so that no reader takes half of one.
-        gone = {rel.split("/", 1)[0] for rel in remote} - set(local)
+        gone = {rel.split("/", 1)[0] for rel in remote} - set(local) - WHOLE_FILE_DIRS
         for name in sorted(gone):
             doomed = sorted((r for r in remote if r.split("/", 1)[0] == name),
                             key=lambda r: not r.endswith(META))  # fmt: skip
             for rel in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     self.loc.fs.delete_file(self.loc.join(CHECKPOINTS, rel))
+
+
+def _in_complete_checkpoint(rel: str, files: dict[str, int]) -> bool:
+    """Whether ``rel`` is outside every checkpoint or in a complete one, at any depth.
+
+    A sweep keeps its trials' runs under ``trials/<trial>/``.
+    """
+    parts = rel.split("/")
+    for i in range(len(parts) - 2):
+        if parts[i] == CHECKPOINTS:
+            name = parts[i + 1]
+            meta = "/".join([*parts[: i + 2], META])
+            return name in WHOLE_FILE_DIRS or meta in files
+    return True
+
+
+def download(loc: Location, rel: str, out: Path) -> None:
+    """Copy ``loc/rel`` to the local file ``out`` through a temporary name (whole or not at all)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f".{out.name}.part")
+    try:
+        with loc.fs.open_input_stream(loc.join(rel)) as src, open(part, "wb") as fh:
+            while chunk := src.read(_CHUNK):
+                fh.write(chunk)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, out)
 
 
 def fetch_run(target: str, dest: Path) -> Path:
@@ -337,22 +383,15 @@ def fetch_run(target: str, dest: Path) -> Path:
     complete = complete_checkpoints(files)
     dest.mkdir(parents=True, exist_ok=True)
     for rel, size in sorted(files.items()):
-        parts = rel.split("/")
-        if parts[0] == CHECKPOINTS and len(parts) >= 3 and parts[1] not in complete:
+        if not _in_complete_checkpoint(rel, files):
             continue
         out = dest / rel
         if out.is_file() and out.stat().st_size == size:
             continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        part = out.with_name(f".{out.name}.part")
         try:
-            with loc.fs.open_input_stream(loc.join(rel)) as src, open(part, "wb") as fh:
-                while chunk := src.read(_CHUNK):
-                    fh.write(chunk)
+            download(loc, rel, out)
         except Exception as e:
-            part.unlink(missing_ok=True)
             raise StorageError(f"cannot read '{shown}/{rel}' ({_first_line(e)})") from None
-        os.replace(part, out)
     # A checkpoint pruned there since the last fetch is pruned here too.
     here = dest / CHECKPOINTS
     for stale in here.iterdir() if here.is_dir() else []:

@@ -24,6 +24,7 @@ from agents.imagination import kept_for
 from agents.memory import ReplayStream, RunState, WeightStore, connect
 from agents.world_model import TransitionBuffer
 from orchestrator.config import Config
+from orchestrator.runtime import storage
 from orchestrator.runtime.ray_metrics import RayMetricsSink
 from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS, build_model
 
@@ -61,6 +62,13 @@ class WorldModelActor:
         self.buffer = TransitionBuffer(wm.replay_capacity, kept=self.kept)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 31_337)
         self.run_dir = Path(run_dir)
+        # With run.storage, the checkpoint is also kept there: a restart on another node (or
+        # a resumed run) takes it back from storage when this node has none.
+        self.mirror: storage.Mirror | None = None
+        if cfg.run.storage is not None:
+            loc = storage.open_location(cfg.run.storage).child(self.run_dir.name)
+            self.mirror = storage.Mirror(self.run_dir, loc, checkpoints=False, files=False,
+                                         whole=True)  # fmt: skip
         client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
         self.stream = ReplayStream(client, run_id, maxlen=cfg.redis.replay_maxlen)
         self.weights = WeightStore(client, run_id, name=WORLD_MODEL_WEIGHTS)
@@ -118,6 +126,8 @@ class WorldModelActor:
                 self.checkpoint()
                 last_ckpt = now
         self.checkpoint()
+        if self.mirror is not None:
+            self.mirror.close()
         return self.info()
 
     def checkpoint(self) -> Path:
@@ -139,10 +149,20 @@ class WorldModelActor:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.mirror is not None:
+            self.mirror.push()
         return final
 
     def _restore(self) -> bool:
         path = checkpoint_dir(self.run_dir) / CHECKPOINT_FILE
+        if not path.is_file() and self.mirror is not None:
+            rel = path.relative_to(self.run_dir).as_posix()
+            try:
+                storage.download(self.mirror.loc, rel, path)
+            except FileNotFoundError:
+                pass  # none stored yet: a fresh model
+            except Exception as e:  # storage down: start fresh rather than not at all
+                log.warning("cannot fetch %s from %s (%s)", rel, self.mirror.loc.uri, e)
         if not path.is_file():
             return False
         state = torch.load(path, weights_only=True)

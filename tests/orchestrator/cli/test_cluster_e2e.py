@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from orchestrator.cli.jobs import _run_placement
 from orchestrator.cli.jobs_client import ShoalJobs
 from orchestrator.cli.main import main as shoal
 from tests.ray_head import ray_head
+from tests.s3_server import s3_server
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = [
@@ -54,11 +56,19 @@ def _scrape(port: int, metric: str, run_id: str, timeout: float) -> list[str]:
         time.sleep(1.0)
 
 
-def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
+@pytest.mark.storage
+def test_submit_follow_fetch_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
+    # A private S3 server: its keys are in this process's environment, so in the head's too
+    # (the head's jobs write there) and in `shoal jobs fetch`'s here.
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "s3").mkdir()
     # Workers report metrics every second instead of every 10 s, so the scrape is quick.
-    with ray_head(
-        auth=True, num_cpus=2, extra_env={"RAY_metrics_report_interval_ms": "1000"}
-    ) as head:
+    with (
+        s3_server(tmp_path / "s3", "shoal-e2e") as s3,
+        ray_head(
+            auth=True, num_cpus=2, extra_env={"RAY_metrics_report_interval_ms": "1000"}
+        ) as head,
+    ):
         monkeypatch.setenv("RAY_AUTH_TOKEN", head.token or "")
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         jobs = ShoalJobs(head.address)
@@ -69,7 +79,7 @@ def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
         code = shoal(
             [
                 "submit", "spread-gnn", *TINY, "train.total_env_steps=1600",
-                f"run.dir={tmp_path}", f"run.name={run1}", f"run.storage={tmp_path / 'kept'}",
+                f"run.dir={tmp_path}", f"run.name={run1}", f"run.storage={s3['uri']}",
                 "--address", head.address, "--working-dir", str(ROOT), "--follow",
             ]
         )  # fmt: skip
@@ -83,9 +93,10 @@ def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
         ckpts = sorted((tmp_path / run1 / "checkpoints").glob("step-*"))
         assert ckpts and ckpts[-1].name == "step-000000001600"
         assert time.monotonic() - t0 < 240
-        # Its results, from run.storage, here: evaluated as any local run.
+        # Its results, from run.storage (S3), here: evaluated as any local run.
         assert shoal(["jobs", "status", job1.group(1), "--address", head.address]) == 0
-        assert f"results: {tmp_path / 'kept' / run1}" in capsys.readouterr().out
+        stored = s3["uri"].replace("/runs?", f"/runs/{run1}?")
+        assert f"results: {stored}" in capsys.readouterr().out
         fetched = tmp_path / "fetched"
         assert shoal(["jobs", "fetch", job1.group(1), str(fetched), "--address", head.address]) == 0
         assert (fetched / "metrics.csv").is_file()
@@ -94,10 +105,14 @@ def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
 
         # 2. A long job: its metrics reach the head's endpoint tagged with its run, then stop.
         run2 = f"e2e-{uuid.uuid4().hex[:8]}"
+        # No run.storage, and the default run.dir: the run lives in Ray's copy of the
+        # working dir on the driver's node (the metadata is what `shoal submit` records).
+        args2 = [*TINY, "train.total_env_steps=1000000000", f"run.name={run2}",
+                 "rollout.num_workers=1"]  # fmt: skip
+        args2, meta2 = _run_placement("spread-gnn", args2, f"shoal-{run2}")
         job2 = jobs.submit(
-            ["spread-gnn", *TINY, "train.total_env_steps=1000000000", f"run.dir={tmp_path}",
-             f"run.name={run2}", "rollout.num_workers=1", "--address", "auto"],
-            working_dir=str(ROOT),
+            ["spread-gnn", *args2, "--address", "auto"], working_dir=str(ROOT),
+            submission_id=f"shoal-{run2}", metadata=meta2,
         )  # fmt: skip
         assert jobs.wait(job2, timeout=120, until={"RUNNING", "FAILED"}) == "RUNNING"
         steps = _scrape(head.metrics_port, "ray_shoal_env_steps_total", run2, timeout=150)
@@ -108,6 +123,13 @@ def test_submit_follow_scrape_and_stop(tmp_path, monkeypatch, capsys) -> None:
             assert time.monotonic() < deadline, steps
             steps = _scrape(head.metrics_port, "ray_shoal_env_steps_total", run2, timeout=5)
         assert float(steps[0].rsplit(" ", 1)[1]) > 0
+        # Without run.storage, `shoal jobs fetch` copies the run from the driver's node.
+        fetched2 = tmp_path / "fetched2"
+        assert shoal(["jobs", "fetch", job2, str(fetched2), "--address", head.address]) == 0
+        assert "driver node" in capsys.readouterr().out
+        assert {"config.yaml", "metrics.csv"} <= {p.name for p in fetched2.iterdir()}
+        assert not any(p.name.startswith("shoal-fetch") for p in fetched2.iterdir())
+        assert not [j for j in jobs.list() if (j.submission_id or "").startswith(f"{job2}-fetch")]
         for metric in (
             "ray_shoal_episode_team_return",
             "ray_shoal_policy_loss",

@@ -248,7 +248,11 @@ def test_a_stray_token_is_harmless_when_auth_is_off(clean_auth_env: Path, monkey
 def test_submit_names_the_run_after_the_job_and_records_where_it_is_kept() -> None:
     overrides, meta = jobs_cli._run_placement("spread-mlp", ["train.lr=0.001"], "shoal-x-1")
     assert overrides == ["train.lr=0.001", "run.name=shoal-x-1"]
-    assert meta == {"shoal_run": "shoal-x-1", "shoal_storage": ""}
+    assert meta == {
+        "shoal_run": "shoal-x-1",
+        "shoal_storage": "",
+        "shoal_run_dir": "runs/shoal-x-1",
+    }
     kept = {"shoal_run": "r", "shoal_storage": "s3://b/p?endpoint_override=h:1&scheme=http"}
     assert jobs_cli._stored_run(kept) == "s3://b/p/r?endpoint_override=h:1&scheme=http"
     assert jobs_cli._loopback("http://127.0.0.1:8265")
@@ -259,3 +263,52 @@ def test_submit_refuses_unusable_storage_before_sending_anything() -> None:
     with pytest.raises(JobsError, match=r"run\.storage: cannot open 'nosuch://x'") as err:
         jobs_cli._run_placement("spread-mlp", ["run.storage=nosuch://x"], "shoal-x-1")
     assert err.value.exit_code == 2
+
+
+def _pack(run_dir: Path) -> str:
+    """What the helper job prints on the driver's node, run here."""
+    import subprocess
+    import sys
+
+    from orchestrator.cli.jobs_fetch import PACK_SCRIPT
+
+    cmd = [sys.executable, "-c", PACK_SCRIPT, str(run_dir)]
+    return subprocess.run(cmd, capture_output=True, text=True).stdout
+
+
+def test_a_run_packed_on_the_driver_node_unpacks_whole_with_only_the_newest_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.cli.jobs_fetch import _unpack
+
+    run = tmp_path / "run"
+    for name in ("step-000000000100", "step-000000000200", "best", "world_model"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+        (run / "checkpoints" / name / "model.pt").write_bytes(name.encode() * 1000)
+        if name != "world_model":
+            (run / "checkpoints" / name / "meta.json").write_text("{}")
+    (run / "checkpoints" / "step-000000000300").mkdir()  # being written: no meta.json
+    (run / "checkpoints" / "step-000000000300" / "model.pt").write_bytes(b"half")
+    (run / "metrics.csv").write_text("env_steps\n1\n")
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events").write_bytes(bytes(range(256)) * 100)
+    (run / ".redis.json").write_text("{}")
+    logs = _pack(run)
+    _unpack("job", "runs/run", "SUCCEEDED", "Running entrypoint ...\n" + logs, tmp_path / "out")
+    got = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")}
+    assert {p for p in got if p.endswith((".pt", ".csv", "events"))} == {
+        "checkpoints/step-000000000200/model.pt", "checkpoints/best/model.pt",
+        "checkpoints/world_model/model.pt", "metrics.csv", "tensorboard/events",
+    }  # fmt: skip
+    assert (tmp_path / "out" / "tensorboard" / "events").read_bytes() == bytes(range(256)) * 100
+    assert ".redis.json" not in got
+
+    # Damaged in transit: refused, nothing half-written.
+    bad = logs.replace("SHOAL-PACK A", "SHOAL-PACK B", 1)
+    if bad == logs:
+        bad = logs.replace("SHOAL-PACK ", "SHOAL-PACK x", 1)
+    with pytest.raises(JobsError, match="came back damaged|cannot copy"):
+        _unpack("job", "runs/run", "SUCCEEDED", bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(JobsError, match=r"no longer on its driver's node"):
+        _unpack("job", "runs/gone", "FAILED", _pack(tmp_path / "gone"), tmp_path / "gone-out")

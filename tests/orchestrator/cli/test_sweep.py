@@ -120,13 +120,14 @@ def test_a_sweep_submitted_to_a_cluster_runs_there_as_a_job(tmp_path, monkeypatc
     from tests.ray_head import ray_head
 
     root = Path(__file__).resolve().parents[3]
+    runs, store = tmp_path / "runs", tmp_path / "store"  # storage: a path every node mounts
     with ray_head(auth=False, num_cpus=2) as head:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         code = shoal(
             [
-                "submit", "--sweep", *BASE, "train.lr=grid(1e-3,3e-3)", f"run.dir={tmp_path}",
-                "--samples", "1", "--address", head.address, "--working-dir", str(root),
-                "--follow",
+                "submit", "--sweep", *BASE, "train.lr=grid(1e-3,3e-3)", f"run.dir={runs}",
+                f"run.storage={store}", "--samples", "1", "--address", head.address,
+                "--working-dir", str(root), "--follow",
             ]
         )  # fmt: skip
         out = capsys.readouterr().out
@@ -134,13 +135,19 @@ def test_a_sweep_submitted_to_a_cluster_runs_there_as_a_job(tmp_path, monkeypatc
         job = re.search(r"submitted (shoal-sweep-spread-mlp-\S+)", out)
         assert job, out[-2000:]
         assert ShoalJobs(head.address).status(job.group(1)) == "SUCCEEDED"
+        fetched = tmp_path / "fetched"
+        assert shoal(["jobs", "fetch", job.group(1), str(fetched), "--address", head.address]) == 0
     assert "2 trials, by episode_return" in out
-    (sweep_dir,) = tmp_path.glob("sweep-spread-mlp-*")
-    with open(sweep_dir / "results.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 3e-3]
-    assert all((sweep_dir / "trials" / r["trial"] / "metrics.csv").is_file() for r in rows)
-    assert load_config(str(sweep_dir / "best.yaml")).train.total_env_steps == 400
+    # The sweep directory is named after the job; its files and its trials' runs are in
+    # storage, and `shoal jobs fetch` brings all of them back.
+    assert (store / job.group(1) / "results.csv").is_file()
+    for sweep_dir in (runs / job.group(1), fetched):
+        with open(sweep_dir / "results.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert sorted(float(r["train.lr"]) for r in rows) == [1e-3, 3e-3]
+        assert all((sweep_dir / "trials" / r["trial"] / "metrics.csv").is_file() for r in rows)
+        assert load_config(str(sweep_dir / "best.yaml")).train.total_env_steps == 400
+    assert shoal(["eval", str(fetched / "trials" / rows[0]["trial"]), "--episodes", "2"]) == 0
 
 
 def test_a_bad_space_is_refused_before_a_sweep_is_submitted(capsys) -> None:

@@ -14,6 +14,7 @@ import torch
 from agents.memory import RunState, WeightStore, connect
 from orchestrator.runtime.checkpoint import load_checkpoint
 from orchestrator.runtime.driver import run_training
+from orchestrator.runtime.storage import _listing, complete_checkpoints, open_location
 from orchestrator.runtime.world import WORLD_MODEL_ACTOR, WORLD_MODEL_WEIGHTS
 from orchestrator.runtime.world_actor import CHECKPOINT_FILE, checkpoint_dir
 from tests.orchestrator.runtime.test_distributed import (  # noqa: F401 - fixtures
@@ -54,12 +55,20 @@ def _info(actor) -> dict:
 
 @pytest.mark.usefixtures("ray_instance")
 @pytest.mark.parametrize(
-    "extra",
-    [[], ["env.name=tag", "model.kind=mlp", "world_model.architecture=observation"]],
-    ids=["spread-entity-model", "tag-observation-model"],
+    "extra, stored",
+    [
+        ([], False),
+        (["env.name=tag", "model.kind=mlp", "world_model.architecture=observation"], True),
+    ],
+    ids=["spread-entity-model", "tag-observation-model-stored"],
 )
-def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_path, extra) -> None:
+def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(
+    tmp_path, extra, stored
+) -> None:
     run_dir = new_run_dir(tmp_path, "world")
+    store = tmp_path / "store"
+    if stored:  # run.storage: the restarted actor must find its checkpoint there
+        extra = [*extra, f"run.storage={store}"]
     run = Background(tiny(*WORLD, *extra), run_dir)
     namespace = f"shoal-{run_dir.name}"
     actor = wait_for(lambda: _actor(namespace), 120, f"{WORLD_MODEL_ACTOR} to start")
@@ -80,13 +89,17 @@ def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_p
     # It checkpoints itself every few seconds; kill it once it has.
     saved_at = checkpoint_dir(run_dir) / CHECKPOINT_FILE
     wait_for(saved_at.is_file, 60, "the world-model actor's first checkpoint")
+    if stored:
+        kept = store / run_dir.name / saved_at.relative_to(run_dir)
+        wait_for(kept.is_file, 60, "the world-model checkpoint in run.storage")
+        saved_at.unlink()  # as if Ray restarts it on a node without the file
     os.kill(before["pid"], signal.SIGKILL)
     after = wait_for(
         lambda: (i := _info(actor)).get("pid", before["pid"]) != before["pid"] and i,
         120,
         "Ray to restart the world-model actor",
     )
-    assert after["restored"]  # from its own checkpoint
+    assert after["restored"]  # from its own checkpoint (from storage when stored)
     later = wait_for(
         lambda: (i := _info(actor)).get("version", 0) > before["version"] and i, 60, "new weights"
     )
@@ -104,6 +117,12 @@ def test_the_world_model_actor_learns_from_the_stream_and_survives_sigkill(tmp_p
     saved = torch.load(checkpoint_dir(run_dir) / CHECKPOINT_FILE, weights_only=True)
     assert saved["counters"]["version"] >= later["version"]
     assert saved["trainer"]["updates"] >= later["updates"]
+    if stored:  # the last checkpoint is in storage too, beside rank 0's
+        kept_last = torch.load(kept, weights_only=True)
+        assert kept_last["counters"]["version"] == saved["counters"]["version"]
+        assert complete_checkpoints(_listing(open_location(str(store / run_dir.name)))) >= {
+            "world_model"
+        }
 
 
 def _actor(namespace: str):
