@@ -264,13 +264,14 @@ def open_loop(
 
 @torch.no_grad()
 def open_loop_error(
-    world: World, batch: RolloutBatch, ks: list[int], worlds: int = 256
+    world: World, batch: RolloutBatch, ks: list[int], worlds: int = 256, repeat: bool = False
 ) -> dict[int, float]:
     """The model's ``k``-step open-loop error on a real batch, for each ``k`` it can hold.
 
     From one step of up to ``worlds`` worlds whose episode runs on for ``max(ks)`` steps, the
     model replays the batch's actions alone; the error after ``k`` steps is the mean distance
     between predicted and real worlds (``world.distance``: the env's own units).
+    ``repeat=True``: the same error of "repeat" (the first world, unchanged) instead.
     """
     t_len = batch.rewards.shape[0]
     ks = [k for k in ks if k < t_len]
@@ -285,7 +286,7 @@ def open_loop_error(
     alive = batch.obs["alive"][start, ok]
     state = {k: batch.obs[k][start, ok] for k in world.kept.keys}
     acts = [batch.actions[start + j, ok] for j in range(k_max)]
-    states = open_loop(world, state, alive, acts)
+    states = [state] * (k_max + 1) if repeat else open_loop(world, state, alive, acts)
     out = {}
     for k in ks:
         real = {key: batch.obs[key][start + k, ok] for key in world.kept.keys}

@@ -331,9 +331,10 @@ class Practice:
         updates_per_iter: model gradient steps per real batch.
         max_disagreement: see :func:`imagine`.
         generator: draws replay samples and start states.
-        max_error: imagine only while the model's 1-step error on the newest real batch,
-            before it trains on it, is at most this for both feature deltas and rewards (in
-            units of their scale); ``None``: always.
+        max_error: imagine only while the model's 1-step feature-delta and reward errors on
+            the newest real batch, before it trains on it, are at most this (in units of
+            their scale: 1 is "the mean delta", "the mean reward"), and its open-loop error at
+            ``horizon`` steps is below that of "repeat" (nothing changes); ``None``: always.
         fitting: where the model is fitted (default: here, after every batch); on Ray the
             rank switches to the actor's weights with :meth:`fit_elsewhere`.
     """
@@ -384,13 +385,19 @@ class Practice:
         pick = torch.randperm(n, generator=self.cpu_generator)[: self.HOLDOUT]
         rows = {k: v[pick.to(v.device)].to(self.buffer.device) for k, v in rows.items()}
         _, stats = self.trainer.loss([rows] * self.model.members)
-        self.holdout = stats
         ks = sorted({1, 5, self.horizon})
         k_errors = open_loop_error(self.world, batch, ks, self.HOLDOUT // 8)
+        k_repeat = open_loop_error(self.world, batch, ks, self.HOLDOUT // 8, repeat=True)
+        if k_errors:  # the longest horizon the batch holds, against "repeat" there
+            k = max(k_errors)
+            stats = {**stats, "horizon_ratio": k_errors[k] / max(k_repeat[k], 1e-8)}
+        self.holdout = stats
         return {
             "wm_holdout_delta_mse": stats["delta_mse"],
             "wm_holdout_reward_mse": stats["reward_mse"],
             **{f"wm_holdout_{k}step_error": v for k, v in k_errors.items()},
+            **{f"wm_holdout_{k}step_repeat": v for k, v in k_repeat.items()},
+            **({"wm_holdout_horizon_ratio": stats["horizon_ratio"]} if k_errors else {}),
         }
 
     @property
@@ -403,7 +410,12 @@ class Practice:
         if not self.scored or self.max_error is None:
             return True
         h = self.holdout
-        return bool(h) and max(h["delta_mse"], h["reward_mse"]) <= self.max_error
+        if not h:
+            return False
+        # Never a model that loses to "repeat" where imagination ends, whatever max_error.
+        return max(h["delta_mse"], h["reward_mse"]) <= self.max_error and (
+            h.get("horizon_ratio", 0.0) <= 1.0
+        )
 
     def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
         """Score the model on a new real batch, add it to the replay, train on the replay.

@@ -289,11 +289,12 @@ class WorldModelConfig(_Section):
     """On Ray: sub-envs of each rollout worker's batch copied to the replay stream, which the
     world-model actor learns from. The stream holds ``redis.replay_maxlen`` chunks of
     ``stream_envs x train.rollout_len`` steps (about 170 bytes a step on spread)."""
-    max_error: float | None = Field(0.5, gt=0)
-    """Imagine only while the model's 1-step error on each new real batch, scored before it
-    trains on it, is at most this for feature deltas and for rewards (mean squared error in
-    units of the targets' scale: 1 is no better than "no change" or "the mean reward");
-    ``null`` imagines from the end of warm-up whatever the model's error."""
+    max_error: float | None = Field(1.0, gt=0)
+    """Imagine only while the model, scored on each new real batch before it trains on it,
+    has 1-step errors of at most this for feature deltas and for rewards (mean squared error
+    in units of the targets' scale: 1 is no better than "the mean delta" or "the mean
+    reward") and an open-loop error at ``horizon`` steps below that of "repeat" (nothing
+    changes); ``null`` imagines from the end of warm-up whatever the model's error."""
     fit_process: bool = False
     """In-process runs: fit the model in a child process while the next real batch is
     collected, so the model imagines with weights fitted up to the previous batch. Pays where

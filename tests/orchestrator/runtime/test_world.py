@@ -55,6 +55,11 @@ def test_a_run_practises_after_warm_up_and_resumes_its_model(tmp_path, capsys, o
     assert float(rows[-1]["wm_delta_mse"]) > 0
     # Open-loop errors on the new batch before training on it: 1, 5 and H (4) steps.
     assert all(float(rows[-1][f"wm_holdout_{k}step_error"]) > 0 for k in (1, 4, 5))
+    # ... and "repeat"'s beside them; the gate reads the model's against it at the horizon.
+    repeat = {k: float(rows[-1][f"wm_holdout_{k}step_repeat"]) for k in (1, 4, 5)}
+    assert 0 < repeat[1] < repeat[5]  # nothing-changes drifts further from the truth
+    ratio = float(rows[-1]["wm_holdout_horizon_ratio"])
+    assert ratio == pytest.approx(float(rows[-1]["wm_holdout_5step_error"]) / repeat[5])
     saved = load_checkpoint(run_dir)["extra"]["world_model"]
     assert saved["trainer"]["updates"] == 4 * 3  # 4 iterations x 3 model steps
     # 16 worlds x the steps with a next state in each 10-step batch (a batch's last step has
@@ -104,6 +109,28 @@ def test_a_model_that_predicts_new_batches_badly_is_not_imagined_in(tmp_path) ->
     # Scored on each new batch before training on it: a real held-out error, never zero.
     scored = [float(r["wm_holdout_reward_mse"]) for r in rows if r.get("wm_holdout_reward_mse")]
     assert len(scored) >= 3 and min(scored) > 0
+
+
+def test_the_gate_opens_only_for_a_model_that_beats_repeat_at_the_horizon() -> None:
+    from types import SimpleNamespace
+
+    from agents.world_model import Practice
+
+    practice = object.__new__(Practice)  # the gate alone: its inputs set by hand
+    practice.world, practice.max_error = SimpleNamespace(learned=True), 1.0
+    practice.holdout = {}
+    assert not practice.trusted()  # never scored yet
+    practice.holdout = {"delta_mse": 0.8, "reward_mse": 0.4, "horizon_ratio": 0.9}
+    assert practice.trusted()
+    practice.holdout["horizon_ratio"] = 1.2  # loses to "nothing changes" where it matters
+    assert not practice.trusted()
+    practice.max_error = 1e6  # whatever the 1-step threshold
+    assert not practice.trusted()
+    practice.holdout = {"delta_mse": 1.1, "reward_mse": 0.4, "horizon_ratio": 0.1}
+    practice.max_error = 1.0
+    assert not practice.trusted()
+    practice.max_error = None  # ungated
+    assert practice.trusted()
 
 
 def test_dream_needs_a_run_with_a_world_model(tmp_path, capsys) -> None:
