@@ -1,7 +1,8 @@
 """Find envs by name: ``envs.make("spread", num_envs=1024, n_agents=3)``.
 
 Three kinds of name: a registered one (``spread``, ``mpe2-spread``, ``tag``), an adapter prefix
-(``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``, ``vmas:<scenario>``), and
+(``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``, ``vmas:<scenario>``,
+``gym:<module>:<env id>``), and
 nothing else. Each kind says which of shoal's common settings (:class:`EnvSettings`) it takes,
 so callers pass the same settings whatever the env, and every failure to build an env is one
 :class:`~envs.base.EnvError` line naming the env, never a library's traceback.
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from envs.base import EnvError, VecMultiAgentEnv
+from envs.gym_tuple import load_gym_tuple_factory
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
 from envs.spread import SpreadEnv, observe_spread_entities, spread_entities
@@ -30,7 +32,7 @@ class EnvSettings:
 
     Not every env has all of them: each registered env and adapter says which it takes
     (``register(..., takes=...)``): ``spread`` and ``mpe2-spread`` all four, ``tag`` and VMAS
-    the time limit and the action kind, ``pettingzoo:`` and ``rllib:`` envs none.
+    the time limit and the action kind, ``pettingzoo:``, ``rllib:`` and ``gym:`` envs none.
     """
 
     n_agents: int = 3
@@ -84,10 +86,11 @@ def _stepped_in_a_loop(load: Callable[[str], Callable[..., Any]]) -> Callable[..
 
 
 # Adapter prefix -> (builder taking the text after the prefix, settings it takes). Kwargs of
-# pettingzoo: and rllib: envs go to their factories unchanged.
+# pettingzoo:, rllib: and gym: envs go to their factories unchanged.
 _ADAPTERS: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {
     "pettingzoo": (_stepped_in_a_loop(load_parallel_env_factory), _none),
     "rllib": (_stepped_in_a_loop(load_multi_agent_factory), _none),
+    "gym": (_stepped_in_a_loop(load_gym_tuple_factory), _none),
     "vmas": (VmasVecEnv, _vmas),
 }
 
@@ -106,7 +109,8 @@ def register(name: str, builder: Callable[..., VecMultiAgentEnv], takes: Takes =
 
 def available() -> list[str]:
     """Registered names, plus the adapter prefix forms."""
-    adapters = ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>", "vmas:<scenario>"]
+    adapters = ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>", "vmas:<scenario>",
+                "gym:<module>:<env id>"]  # fmt: skip
     return sorted(_REGISTRY) + adapters
 
 
@@ -156,7 +160,9 @@ def make(
             ``pettingzoo:mpe2.simple_spread_v3`` (kwargs go to the factory unchanged); or
             ``rllib:<module>:<Class>`` for an RLlib ``MultiAgentEnv`` (kwargs become its
             ``config`` dict); or ``vmas:<scenario>`` for a VMAS scenario (vectorised in
-            torch like ``spread``; kwargs go to the scenario).
+            torch like ``spread``; kwargs go to the scenario); or ``gym:<module>:<env id>``
+            for a Gymnasium env with per-agent tuple spaces (LBF, rware; kwargs go to
+            ``gymnasium.make``).
         num_envs: ``B``.
         settings: shoal's common env settings; each kind of env takes those it has.
         **kwargs: env arguments (``seed``, ``device`` and the env's own); they win over

@@ -37,7 +37,9 @@ class EnvConfig(_Section):
 
     name: str = "spread"
     """Registered env name (``spread``, ``mpe2-spread``), ``pettingzoo:<module>[:factory]`` or
-    ``rllib:<module>:<Class>`` (an RLlib ``MultiAgentEnv``; ``env.kwargs`` is its config)."""
+    ``rllib:<module>:<Class>`` (an RLlib ``MultiAgentEnv``; ``env.kwargs`` is its config),
+    ``vmas:<scenario>`` or ``gym:<module>:<env id>`` (a Gymnasium env with per-agent tuple
+    spaces: ``gym:lbforaging:Foraging-8x8-2p-2f-coop-v3``, ``gym:rware:rware-tiny-2ag-v2``)."""
     n_agents: int = Field(3, ge=1, le=1024)
     num_envs: int = Field(512, ge=1)
     """Sub-envs stepped per call, per rollout worker (or in-process)."""
