@@ -85,12 +85,19 @@ def _stepped_in_a_loop(load: Callable[[str], Callable[..., Any]]) -> Callable[..
     return build
 
 
+def _jaxmarl(spec: str, **kwargs: Any) -> VecMultiAgentEnv:
+    from envs.jax_envs import JaxMarlVecEnv  # jax is imported only for jaxmarl: envs
+
+    return JaxMarlVecEnv(spec, **kwargs)
+
+
 # Adapter prefix -> (builder taking the text after the prefix, settings it takes). Kwargs of
 # pettingzoo:, rllib: and gym: envs go to their factories unchanged.
 _ADAPTERS: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {
     "pettingzoo": (_stepped_in_a_loop(load_parallel_env_factory), _none),
     "rllib": (_stepped_in_a_loop(load_multi_agent_factory), _none),
     "gym": (_stepped_in_a_loop(load_gym_tuple_factory), _none),
+    "jaxmarl": (_jaxmarl, _none),
     "vmas": (VmasVecEnv, _vmas),
 }
 
@@ -110,7 +117,7 @@ def register(name: str, builder: Callable[..., VecMultiAgentEnv], takes: Takes =
 def available() -> list[str]:
     """Registered names, plus the adapter prefix forms."""
     adapters = ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>", "vmas:<scenario>",
-                "gym:<module>:<env id>"]  # fmt: skip
+                "gym:<module>:<env id>", "jaxmarl:<env>[:<map>]"]  # fmt: skip
     return sorted(_REGISTRY) + adapters
 
 
