@@ -18,6 +18,10 @@ Needs the ``jaxmarl`` extra (Python >= 3.11); nothing else in shoal imports jax.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +39,21 @@ def split_keys(key: Any, num_envs: int) -> tuple[Any, Any]:
 
     key, sub = jax.random.split(key)
     return key, jax.random.split(sub, num_envs)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Standard output (the file descriptor: JaxMARL's imports bypass ``sys.stdout``) muted."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _to_torch(x: Any, device: torch.device) -> Tensor:
@@ -65,7 +84,10 @@ class JaxMarlVecEnv(VecMultiAgentEnv):
         try:
             import jax
             import jax.numpy as jnp
-            import jaxmarl
+
+            with _quiet_stdout():  # it prints what it imports
+                import jaxmarl
+                import jaxmarl.environments  # noqa: F401
         except ImportError as e:
             raise EnvError(
                 f"jaxmarl:{spec} needs JaxMARL (Python >= 3.11): pip install 'shoal[jaxmarl]' ({e})"
@@ -164,9 +186,11 @@ class JaxMarlVecEnv(VecMultiAgentEnv):
         self._step = jax.jit(jax.vmap(step_one))
         self._jnp = jnp
         self._key = jax.random.PRNGKey(0 if seed is None else seed)
-        first = self.reset(seed)
-        self.state_dim = int(first.state.shape[1])
+        # Shapes by tracing alone: compiling waits for the first reset (or step).
+        _, shapes = jax.eval_shape(self._reset, split_keys(self._key, num_envs)[1])
+        self.state_dim = int(shapes["state"].shape[1])
         self.node_dim, self.n_nodes = self.obs_dim, self.n_agents
+        self._carry: Any = None
 
     def _observation(self, parts: dict[str, Any]) -> Observation:
         obs = _to_torch(parts["obs"], self.device)
@@ -196,6 +220,8 @@ class JaxMarlVecEnv(VecMultiAgentEnv):
 
     def step(self, actions: Tensor) -> StepResult:
         """Step every world; finished ones are reset and their final view kept."""
+        if self._carry is None:
+            self.reset()
         acts = self._jnp.asarray(actions.detach().cpu().numpy())
         if self.action_kind == "continuous":
             acts = self._jnp.clip(acts, self.action_low, self.action_high)

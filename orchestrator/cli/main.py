@@ -196,16 +196,23 @@ def cmd_presets(args: argparse.Namespace) -> int:
     """List presets shipped with shoal."""
     import torch
 
+    from envs import EnvError
+
     for name in preset_names():
         cfg = load_config(name)
-        env = cfg.env.make(1, 0, torch.device("cpu"))  # presets use native envs: instant
+        try:
+            env = cfg.env.make(1, 0, torch.device("cpu"))
+            agents = f"N={env.n_agents}"
+            env.close()
+        except EnvError as e:  # an optional package missing here (e.g. jaxmarl)
+            agents = f"N=? ({e})"
         groups = f" groups={','.join(cfg.groups)}" if cfg.groups else ""
         console.print(
-            f"[cyan]{name}[/]  env={cfg.env.name} N={env.n_agents} model={cfg.model.kind} "
+            f"[cyan]{name}[/]  env={cfg.env.name} {agents} model={cfg.model.kind} "
             f"critic={cfg.model.critic}{groups}",
             highlight=False,
+            markup=False if "?" in agents else None,
         )
-        env.close()
     return EXIT_OK
 
 
