@@ -1,0 +1,133 @@
+"""The field's suites in one table: shoal's evaluated return per task at fixed env-step marks.
+
+``python -m benchmarks.suite --tasks lbf_8x8_2p_2f_coop smax_3m --seeds 3`` trains each
+task's preset for its env-step budget per seed (tasks in turn; run one task per invocation to
+keep tasks in separate runs), evaluates every checkpoint on 100 episodes of the task's own env,
+and prints JSON lines: random and no-op references (same run), the IQM [95 % CI] over seeds
+at every mark, env-steps/s and wall seconds, and the published figure this task is compared
+with where one is cited (``published``: what, where, at what budget; ``None`` where no
+figure was checked). ``--budget-scale`` shortens every budget (a smoke run; the marks move).
+
+Returns are what each env gives summed over the agents (LBF: 1.0 when every food is loaded;
+rware: deliveries per 500-step episode; SMAX: each ally's team reward, damage dealt plus 1.0
+for a win, summed over the allies; VMAS and MPE: their team returns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.spread import emit, train_and_evaluate
+from benchmarks.world_model import reference_returns, summarize
+
+
+@dataclass(frozen=True)
+class Task:
+    """One row: its preset (and overrides), env-step budget, checkpoint spacing, the figure it
+    is compared with."""
+
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+    budget: int = 1_000_000
+    every: int = 100_000
+    what: str = "team return"
+    published: str | None = None
+
+
+def _lbf(task_id: str) -> list[str]:
+    return [f"env.name=gym:lbforaging:{task_id}"]
+
+
+# Budgets: about 10 minutes a seed on 2 cores at each preset's measured speed.
+TASKS: dict[str, Task] = {
+    "lbf_8x8_2p_2f_coop": Task(
+        "lbf-8x8-2p-2f-coop", budget=2_000_000, every=200_000,
+        what="team return, LBF 2.0 Foraging-8x8-2p-2f-coop-v3 (1.0 = every food loaded)",
+        published="EPyMARL (Papoudakis et al., NeurIPS 2021 D&B), MAPPO with parameter "
+        "sharing, Table 3 (maximum returns over 20M steps, LBF v1): not checked here",
+    ),
+    "lbf_2s_8x8_2p_2f_coop": Task(
+        "lbf-8x8-2p-2f-coop", _lbf("Foraging-2s-8x8-2p-2f-coop-v3"), 2_000_000, 200_000,
+        "team return, LBF 2.0 Foraging-2s-8x8-2p-2f-coop-v3 (sight 2)",
+    ),
+    "lbf_10x10_3p_3f": Task(
+        "lbf-8x8-2p-2f-coop", _lbf("Foraging-10x10-3p-3f-v3"), 2_000_000, 200_000,
+        "team return, LBF 2.0 Foraging-10x10-3p-3f-v3",
+    ),
+    "rware_tiny_2ag": Task(
+        "rware-tiny-2ag", budget=2_000_000, every=200_000,
+        what="deliveries per 500-step episode, rware 2.0 rware-tiny-2ag-v2",
+        published="EPyMARL, MAPPO, Table 3 (40M steps, rware v1): not checked here",
+    ),
+    "rware_tiny_4ag": Task(
+        "rware-tiny-2ag", ["env.name=gym:rware:rware-tiny-4ag-v2"], 2_000_000, 200_000,
+        "deliveries per 500-step episode, rware 2.0 rware-tiny-4ag-v2",
+    ),
+    "smax_3m": Task(
+        "smax-3m", budget=5_000_000, every=500_000,
+        what="allies' summed team reward, SMAX 3m vs the heuristic enemy (JaxMARL 0.2)",
+        published="JaxMARL (Rutherford et al.) trains recurrent MAPPO 10M steps on SMAX; "
+        "no 3m figure was found in its report",
+    ),
+    "smax_2s3z": Task(
+        "smax-3m", ["env.name=jaxmarl:smax:2s3z"], 5_000_000, 500_000,
+        "allies' summed team reward, SMAX 2s3z vs the heuristic enemy (JaxMARL 0.2)",
+    ),
+    "vmas_balance": Task(
+        "navigation-wm", ["env.name=vmas:balance", "world_model.enabled=false"],
+        3_000_000, 300_000, "team return, VMAS balance",
+    ),
+    "mpe_spread": Task("spread-mlp", [], 3_000_000, 300_000, "team return, spread (N=3)"),
+    "mpe_tag": Task("tag-mlp", [], 3_000_000, 300_000, "team return of each side, tag"),
+}  # fmt: skip
+
+
+def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
+    """Every seed of one task, then its summary lines."""
+    budget = max(task.every, int(task.budget * args.budget_scale))
+    every = max(1, int(task.every * args.budget_scale))
+    overrides = [*task.overrides, *args.overrides]
+    line = {**ctx, "task": name, "what": task.what, "budget": budget}
+    for ref, value in reference_returns(task.preset, overrides).items():
+        emit(f"{name}_{ref}_return", value, "return", **line)
+    runs, speeds, walls = [], [], []
+    for seed in range(args.seeds):
+        res = train_and_evaluate(
+            task.preset, None, [f"train.seed={seed}", *overrides],
+            env_steps=budget, eval_every_steps=every,
+        )  # fmt: skip
+        final = res["evals"][-1]["mean"] if res["evals"] else math.nan
+        speeds.append(res["sps"])
+        walls.append(res["summary"]["train_seconds"])
+        runs.append({"evals": res["evals"], "reach": {"env_steps": None, "seconds": None}})
+        emit(f"{name}_seed_run", final, "return", seed=seed, env_steps_per_s=round(res["sps"]),
+             train_seconds=round(walls[-1], 1),
+             returns=[[e["env_steps"], round(e["mean"], 3)] for e in res["evals"]],
+             **line)  # fmt: skip
+    emit(f"{name}_env_steps_per_s", statistics.median(speeds), "env_steps/s", **line)
+    emit(f"{name}_train_seconds", statistics.median(walls), "s", **line)
+    summarize(name, runs, every, budget, "return", line)
+    emit(f"{name}_published", math.nan, "see text", published=task.published, **line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure the named tasks."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every task's env-step budget (and marks)")  # fmt: skip
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    ctx = {"machine": platform.machine()}
+    for name in args.tasks:
+        run_task(name, TASKS[name], args, ctx)
+
+
+if __name__ == "__main__":
+    main()
