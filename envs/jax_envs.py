@@ -170,7 +170,9 @@ class JaxMarlVecEnv(VecMultiAgentEnv):
             else:
                 real = jnp.bool_(True)
             truncated = done & ~real
-            terminated = jnp.stack([dones[a] for a in agents]) & ~truncated
+            # A real end ends every agent (SMAX reports a surviving ally of a won battle as
+            # not done); a dead agent's own done ends it alone.
+            terminated = (jnp.stack([dones[a] for a in agents]) | (done & real)) & ~truncated
             reward = jnp.stack([jnp.asarray(rew[a], jnp.float32) for a in agents])
             (st_re, _), obs_re = reset_one(k_reset)
             pick = lambda x, y: jax.lax.select(done, x, y)  # noqa: E731

@@ -18,23 +18,45 @@ jaxmarl = pytest.importorskip("jaxmarl")
 pytestmark = pytest.mark.slow  # each env compiles for ~10 s
 
 
-def _reference(max_steps: int):
+def _reference(**kwargs):
     from jaxmarl.environments.smax import map_name_to_scenario
 
-    return jaxmarl.make("HeuristicEnemySMAX", scenario=map_name_to_scenario("3m"),
-                        max_steps=max_steps)  # fmt: skip
+    return jaxmarl.make("HeuristicEnemySMAX", scenario=map_name_to_scenario("3m"), **kwargs)
+
+
+def _random(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    m = mask.float().flatten(0, 1)
+    return torch.multinomial(m, 1, generator=gen).view(mask.shape[:2])
+
+
+def _shoot_or_go_east(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Attack whatever is in range, else move east (towards the enemy): wins against an enemy
+    that does not shoot back."""
+    attack = mask[..., 5:].float().argmax(-1) + 5
+    return torch.where(mask[..., 5:].any(-1), attack, torch.ones_like(attack))
+
+
+CASES = {
+    # Random allies die, lose, or run out of time.
+    "random": ({"max_steps": 20}, _random, ("lost", "truncated", "died")),
+    # Allies that shoot an enemy that does not: won battles, survivors ending with them.
+    "winning": ({"max_steps": 60, "enemy_shoots": False}, _shoot_or_go_east, ("won",)),
+}
 
 
 def _stack(d: dict, agents: list[str]) -> np.ndarray:
     return np.stack([np.asarray(d[a]) for a in agents])
 
 
-def test_smax_steps_as_jaxmarl_does_with_masks_alive_and_time_limits() -> None:
+@pytest.mark.parametrize("kwargs, policy, kinds", CASES.values(), ids=CASES.keys())
+def test_smax_steps_as_jaxmarl_does_with_masks_alive_and_episode_ends(
+    kwargs, policy, kinds
+) -> None:
     from envs.jax_envs import split_keys
 
     b, seed = 4, 3
-    env = envs.make("jaxmarl:smax:3m", num_envs=b, seed=seed, max_steps=20)
-    ref = _reference(20)
+    env = envs.make("jaxmarl:smax:3m", num_envs=b, seed=seed, **kwargs)
+    ref = _reference(**kwargs)
     agents = env.agents
     first = env.reset(seed=seed)
     key, keys = split_keys(jax.random.PRNGKey(seed), b)
@@ -44,11 +66,10 @@ def test_smax_steps_as_jaxmarl_does_with_masks_alive_and_time_limits() -> None:
         np.testing.assert_allclose(first.state[i].numpy(), np.asarray(obs["world_state"]),
                                    atol=1e-6)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    seen = {"won_or_lost": 0, "truncated": 0, "died": 0}
+    seen = {"won": 0, "lost": 0, "truncated": 0, "died": 0}
     mask = first.action_mask
     for _ in range(100):
-        m = mask.float().view(-1, env.action_dim)
-        actions = torch.multinomial(m, 1, generator=gen).view(b, env.n_agents)
+        actions = policy(mask, gen)
         res = env.step(actions)
         key, keys = split_keys(key, b)
         for i in range(b):
@@ -67,9 +88,9 @@ def test_smax_steps_as_jaxmarl_does_with_masks_alive_and_time_limits() -> None:
             if done:
                 a_side_fell = not alive[:3].any() or not alive[3:].any()
                 assert bool(res.truncated[i]) == (not a_side_fell)  # only a time limit
-                if a_side_fell:
+                if a_side_fell:  # a real end ends every ally, survivors of a win too
                     assert bool(res.terminated[i].all())
-                    seen["won_or_lost"] += 1
+                    seen["won" if alive[:3].any() else "lost"] += 1
                 else:
                     assert not res.terminated[i][res.final.alive[i]].any()
                     seen["truncated"] += 1
@@ -79,7 +100,7 @@ def test_smax_steps_as_jaxmarl_does_with_masks_alive_and_time_limits() -> None:
             else:
                 worlds[i] = (obs, st)
         mask = res.observation.action_mask
-    assert all(v > 0 for v in seen.values()), seen
+    assert all(seen[kind] > 0 for kind in kinds), seen
 
 
 @pytest.mark.parametrize(
