@@ -264,32 +264,34 @@ def open_loop(
 
 @torch.no_grad()
 def open_loop_error(
-    world: World, batch: RolloutBatch, ks: list[int], worlds: int = 256, repeat: bool = False
-) -> dict[int, float]:
-    """The model's ``k``-step open-loop error on a real batch, for each ``k`` it can hold.
+    world: World, batch: RolloutBatch, ks: list[int], worlds: int = 256
+) -> tuple[dict[int, float], dict[int, float]]:
+    """The model's ``k``-step open-loop error on a real batch, and that of "repeat".
 
+    Both for each ``k`` the batch can hold; "repeat" guesses the first world, unchanged.
     From one step of up to ``worlds`` worlds whose episode runs on for ``max(ks)`` steps, the
     model replays the batch's actions alone; the error after ``k`` steps is the mean distance
     between predicted and real worlds (``world.distance``: the env's own units).
-    ``repeat=True``: the same error of "repeat" (the first world, unchanged) instead.
     """
     t_len = batch.rewards.shape[0]
     ks = [k for k in ks if k < t_len]
     if not ks:
-        return {}
+        return {}, {}
     k_max = max(ks)
     start = t_len - 1 - k_max
     ended = batch.truncated | batch.terminated.all(-1)  # [T, B]
     ok = (~ended[start : start + k_max].any(0)).nonzero().squeeze(-1)[:worlds]
     if ok.numel() == 0:
-        return {}
+        return {}, {}
     alive = batch.obs["alive"][start, ok]
     state = {k: batch.obs[k][start, ok] for k in world.kept.keys}
     acts = [batch.actions[start + j, ok] for j in range(k_max)]
-    states = [state] * (k_max + 1) if repeat else open_loop(world, state, alive, acts)
-    out = {}
+    states = open_loop(world, state, alive, acts)
+    model: dict[int, float] = {}
+    repeat: dict[int, float] = {}
     for k in ks:
         real = {key: batch.obs[key][start + k, ok] for key in world.kept.keys}
-        dist, weight = world.distance(states[k], real, alive)
-        out[k] = float((dist * weight).sum() / weight.sum().clamp(min=1))
-    return out
+        for out, guess in ((model, states[k]), (repeat, state)):
+            dist, weight = world.distance(guess, real, alive)
+            out[k] = float((dist * weight).sum() / weight.sum().clamp(min=1))
+    return model, repeat

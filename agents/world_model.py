@@ -386,8 +386,7 @@ class Practice:
         rows = {k: v[pick.to(v.device)].to(self.buffer.device) for k, v in rows.items()}
         _, stats = self.trainer.loss([rows] * self.model.members)
         ks = sorted({1, 5, self.horizon})
-        k_errors = open_loop_error(self.world, batch, ks, self.HOLDOUT // 8)
-        k_repeat = open_loop_error(self.world, batch, ks, self.HOLDOUT // 8, repeat=True)
+        k_errors, k_repeat = open_loop_error(self.world, batch, ks, self.HOLDOUT // 8)
         if k_errors:  # the longest horizon the batch holds, against "repeat" there
             k = max(k_errors)
             stats = {**stats, "horizon_ratio": k_errors[k] / max(k_repeat[k], 1e-8)}

@@ -174,16 +174,27 @@ def _listing(loc: Location) -> dict[str, int]:
     }
 
 
+def _in_complete_checkpoint(rel: str, files: dict[str, int]) -> bool:
+    """Whether ``rel`` is outside every checkpoint or in a complete one, at any depth.
+
+    Complete: the checkpoint's ``meta.json`` is listed, or it is one of
+    :data:`WHOLE_FILE_DIRS`. A sweep keeps its trials' runs under ``trials/<trial>/``.
+    """
+    parts = rel.split("/")
+    for i in range(len(parts) - 2):
+        if parts[i] == CHECKPOINTS:
+            name = parts[i + 1]
+            meta = "/".join([*parts[: i + 2], META])
+            return name in WHOLE_FILE_DIRS or meta in files
+    return True
+
+
 def complete_checkpoints(files: dict[str, int]) -> set[str]:
-    """Names of the checkpoints in a listing that have their ``meta.json`` (complete ones)."""
+    """Names of the run's checkpoints in a listing that are complete (see above)."""
     out = set()
     for rel in files:
         parts = rel.split("/")
-        if (
-            len(parts) == 3
-            and parts[0] == CHECKPOINTS
-            and (parts[2] == META or parts[1] in WHOLE_FILE_DIRS)
-        ):
+        if len(parts) == 3 and parts[0] == CHECKPOINTS and _in_complete_checkpoint(rel, files):
             out.add(parts[1])
     return out
 
@@ -333,20 +344,6 @@ class Mirror:
             for rel in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     self.loc.fs.delete_file(self.loc.join(CHECKPOINTS, rel))
-
-
-def _in_complete_checkpoint(rel: str, files: dict[str, int]) -> bool:
-    """Whether ``rel`` is outside every checkpoint or in a complete one, at any depth.
-
-    A sweep keeps its trials' runs under ``trials/<trial>/``.
-    """
-    parts = rel.split("/")
-    for i in range(len(parts) - 2):
-        if parts[i] == CHECKPOINTS:
-            name = parts[i + 1]
-            meta = "/".join([*parts[: i + 2], META])
-            return name in WHOLE_FILE_DIRS or meta in files
-    return True
 
 
 def download(loc: Location, rel: str, out: Path) -> None:
