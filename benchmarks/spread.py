@@ -145,6 +145,7 @@ def train_and_evaluate(
                     "env_steps": res["env_steps"],
                     "mean": res["mean"],
                     "stderr": res["stderr"],
+                    "returns": res["returns"],
                 }
             )
         reached = next((e for e in evals if e["mean"] >= TARGET_RETURN), None)

@@ -20,6 +20,7 @@ import math
 import platform
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from benchmarks.spread import emit, train_and_evaluate
@@ -37,6 +38,10 @@ class Task:
     every: int = 100_000
     what: str = "team return"
     published: str | None = None
+    # SMAX: a won battle gives each ally 1.0 for the enemies' health and the 1.0 win bonus, a
+    # lost or drawn one at most the 1.0, so a team return above 1.5 per ally is a win.
+    win_above: float | None = None
+    jaxmarl_map: str | None = None  # the map JaxMARL's own MAPPO trains on as the peer
 
 
 def _lbf(task_id: str) -> list[str]:
@@ -73,10 +78,12 @@ TASKS: dict[str, Task] = {
         what="allies' summed team reward, SMAX 3m vs the heuristic enemy (JaxMARL 0.2)",
         published="JaxMARL (Rutherford et al.) trains recurrent MAPPO 10M steps on SMAX; "
         "no 3m figure was found in its report",
+        win_above=4.5, jaxmarl_map="3m",
     ),
     "smax_2s3z": Task(
         "smax-3m", ["env.name=jaxmarl:smax:2s3z"], 5_000_000, 500_000,
         "allies' summed team reward, SMAX 2s3z vs the heuristic enemy (JaxMARL 0.2)",
+        win_above=7.5, jaxmarl_map="2s3z",
     ),
     "vmas_balance": Task(
         "navigation-wm", ["env.name=vmas:balance", "world_model.enabled=false"],
@@ -95,7 +102,7 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
     line = {**ctx, "task": name, "what": task.what, "budget": budget}
     for ref, value in reference_returns(task.preset, overrides).items():
         emit(f"{name}_{ref}_return", value, "return", **line)
-    runs, speeds, walls = [], [], []
+    runs, speeds, walls, totals, wins = [], [], [], [], []
     for seed in range(args.seeds):
         res = train_and_evaluate(
             task.preset, None, [f"train.seed={seed}", *overrides],
@@ -104,15 +111,59 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
         final = res["evals"][-1]["mean"] if res["evals"] else math.nan
         speeds.append(res["sps"])
         walls.append(res["summary"]["train_seconds"])
+        totals.append(walls[-1] + res["setup_s"])
         runs.append({"evals": res["evals"], "reach": {"env_steps": None, "seconds": None}})
+        extra: dict[str, Any] = {}
+        if task.win_above is not None:
+            rates = [
+                sum(r > task.win_above for r in e["returns"]) / len(e["returns"])
+                for e in res["evals"]
+            ]
+            wins.append(rates[-1] if rates else math.nan)
+            extra["win_rates"] = [
+                [e["env_steps"], round(w, 3)] for e, w in zip(res["evals"], rates, strict=True)
+            ]
         emit(f"{name}_seed_run", final, "return", seed=seed, env_steps_per_s=round(res["sps"]),
-             train_seconds=round(walls[-1], 1),
+             train_seconds=round(walls[-1], 1), setup_seconds=round(res["setup_s"], 1),
              returns=[[e["env_steps"], round(e["mean"], 3)] for e in res["evals"]],
-             **line)  # fmt: skip
+             **extra, **line)  # fmt: skip
     emit(f"{name}_env_steps_per_s", statistics.median(speeds), "env_steps/s", **line)
     emit(f"{name}_train_seconds", statistics.median(walls), "s", **line)
     summarize(name, runs, every, budget, "return", line)
+    if wins:
+        emit(f"{name}_final_win_rate_median", statistics.median(wins), "win rate",
+             seeds=wins, **line)  # fmt: skip
     emit(f"{name}_published", math.nan, "see text", published=task.published, **line)
+    if task.jaxmarl_map and args.jaxmarl_repo:
+        peer_jaxmarl(name, task.jaxmarl_map, statistics.median(totals),
+                     statistics.median(speeds), args, line)  # fmt: skip
+
+
+def peer_jaxmarl(
+    name: str, map_name: str, seconds: float, shoal_sps: float,
+    args: argparse.Namespace, line: dict[str, Any],
+) -> None:  # fmt: skip
+    """JaxMARL's own recurrent MAPPO on the same map for shoal's median wall clock a seed
+    (setup and compilation included on both sides)."""
+    from benchmarks.peers.jaxmarl_mappo import run
+
+    speeds, wins = [], []
+    for seed in range(args.seeds):
+        res = run(args.jaxmarl_repo, map_name, seed, seconds, 10_000_000)
+        recs = res["records"]
+        tail = recs[-max(1, len(recs) // 10) :]
+        wins.append(sum(r["win_rate"] for r in tail) / len(tail))
+        speeds.append(res["env_steps_per_s"])
+        emit(f"{name}_jaxmarl_mappo_rnn_seed_run", wins[-1], "win rate (last tenth of updates)",
+             seed=seed, env_steps=recs[-1]["env_steps"], wall_s=round(res["wall_s"], 1),
+             first_update_s=res["first_update_s"], env_steps_per_s=round(speeds[-1]),
+             curve=[[r["env_steps"], round(r["returns"], 3), round(r["win_rate"], 3)]
+                    for r in recs[:: max(1, len(recs) // 20)]], **line)  # fmt: skip
+    emit(f"{name}_jaxmarl_mappo_rnn_env_steps_per_s", statistics.median(speeds), "env_steps/s",
+         seconds_per_seed=round(seconds, 1), **line)  # fmt: skip
+    emit(f"{name}_jaxmarl_mappo_rnn_win_rate_median", statistics.median(wins), "win rate",
+         seeds=[round(w, 3) for w in wins], **line)  # fmt: skip
+    emit(f"{name}_throughput_vs_jaxmarl", shoal_sps / statistics.median(speeds), "ratio", **line)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="multiply every task's env-step budget (and marks)")  # fmt: skip
+    p.add_argument("--jaxmarl-repo", type=Path, default=None,
+                   help="a JaxMARL checkout: its own recurrent MAPPO runs on the SMAX tasks "
+                   "for shoal's wall clock (benchmarks.peers.jaxmarl_mappo)")  # fmt: skip
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     ctx = {"machine": platform.machine()}
