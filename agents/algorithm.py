@@ -27,10 +27,12 @@ from policies.actor_critic import Policy
 
 #: What acting records per step today (``Policy.act``): an algorithm may ask for no more.
 ACTING_OUTPUTS = frozenset({"logp", "value"})
-#: Batch layouts: random time steps across envs (today's), whole sequence chunks with their
-#: start hidden states, replayed transitions. Only the first is built yet.
+#: Batch layouts: random time steps across envs, whole sequence chunks with their start
+#: recurrent states (a policy with ``model.memory``: every step's entering state is in
+#: ``batch.obs["memory"]``, ``policies.memory.chunk_keep`` says where acting kept it), replayed
+#: transitions. The last is not built yet.
 LAYOUTS = ("time_steps", "chunks", "transitions")
-BUILT_LAYOUTS = frozenset({"time_steps"})
+BUILT_LAYOUTS = frozenset({"time_steps", "chunks"})
 
 
 class Algorithm(Protocol):
@@ -81,6 +83,8 @@ class AlgorithmSpec:
         acting: what acting must record per step (a subset of :data:`ACTING_OUTPUTS`).
         layout: the batch layout it learns from (one of :data:`LAYOUTS`).
         metrics: the names its ``update`` returns, for dashboards and docs.
+        memory: it trains policies with memory on whole chunks from their stored states
+            (``model.memory`` is refused for an algorithm that does not).
     """
 
     name: str
@@ -91,8 +95,9 @@ class AlgorithmSpec:
     acting: frozenset[str] = ACTING_OUTPUTS
     layout: str = "time_steps"
     metrics: tuple[str, ...] = ()
+    memory: bool = False
 
-    def check(self, action_kind: str) -> None:
+    def check(self, action_kind: str, memory: str = "none") -> None:
         """Refuse, in one line naming ``train.algorithm``, what this algorithm cannot learn.
 
         Raises:
@@ -105,11 +110,16 @@ class AlgorithmSpec:
                 f"train.algorithm={self.name} does not learn {action_kind} actions; choose "
                 f"another algorithm ({', '.join(ALGORITHMS)}) or env.continuous_actions"
             )
+        if memory != "none" and not self.memory:
+            raise ValueError(
+                f"train.algorithm={self.name} does not train policies with memory on "
+                f"sequence chunks; use model.memory=none or train.algorithm=ppo"
+            )
         if self.layout not in BUILT_LAYOUTS or not self.acting <= ACTING_OUTPUTS:
             raise ValueError(
                 f"train.algorithm={self.name} learns from {self.layout} batches acted with "
-                f"{sorted(self.acting)}; shoal's rollouts give time_steps with "
-                f"{sorted(ACTING_OUTPUTS)} (the other layouts are planned)"
+                f"{sorted(self.acting)}; shoal's rollouts give {sorted(BUILT_LAYOUTS)} with "
+                f"{sorted(ACTING_OUTPUTS)} (replayed transitions are planned)"
             )
 
 
@@ -130,6 +140,7 @@ PPO = AlgorithmSpec(
     _ppo,
     metrics=("policy_loss", "value_loss", "entropy", "approx_kl", "approx_kl_max", "clip_frac",
              "grad_norm", "behaviour_weight", "lr", "minibatches_done"),
+    memory=True,
 )  # fmt: skip
 """MAPPO / IPPO (``agents/ppo.py``): the critic the policy was built with decides which."""
 

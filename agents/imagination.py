@@ -19,6 +19,7 @@ from torch import Tensor
 from agents.rollout import RolloutBatch, StepLog
 from envs.base import Observation, VecMultiAgentEnv
 from policies.actor_critic import Policy
+from policies.memory import MEMORY, MemoryState
 from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
@@ -223,8 +224,11 @@ def imagine(
     log = StepLog()
     obs = world.observe(state)
     obs["alive"] = alive.clone()
-    obs = policy.prepare(obs)
-    action, logp, value = policy.act(obs)
+    memory = MemoryState(policy.memory_size)
+    if MEMORY in starts:  # the real state the branch starts from, where the replay kept it
+        memory.state = starts[MEMORY]
+    obs = policy.prepare(memory.feed(obs))
+    action, logp, value, carried = policy.act(obs)
     for t in range(horizon):
         seen = {k: v for k, v in obs.items() if k in keys}
         state, reward, cont, disagreement = world.step(state, action, alive)
@@ -239,8 +243,9 @@ def imagine(
         obs = world.observe(state)
         alive = alive & ~terminated & ~cut.unsqueeze(-1)  # later steps of cut worlds: masked
         obs["alive"] = alive.clone()
-        obs = policy.prepare(obs)
-        action, logp, value = policy.act(obs)
+        memory.advance(carried, torch.zeros_like(cut), alive)
+        obs = policy.prepare(memory.feed(obs))
+        action, logp, value, carried = policy.act(obs)
         log.bootstrap(value)
     empty = torch.zeros(0, device=device)
     return log.batch(empty, empty.long(), weights_version, imagined=True)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from agents.rollout import RolloutBatch
 from policies.actor_critic import Policy
 from policies.groups import GroupedActorCritic, GroupValueNorm
+from policies.memory import KEEP, MEMORY, chunk_keep
 
 
 class PPOConfig(BaseModel):
@@ -64,6 +65,12 @@ class PPOConfig(BaseModel):
     centred on the current policy and samples are weighted by the behaviour ratio."""
     rho_max: float = Field(2.0, gt=0)
     """Cap on that behaviour ratio (current / acting policy probability)."""
+    chunk_len: int | None = Field(None, ge=1)
+    """With ``model.memory``: steps per training sequence (MAPPO's data chunks). Each chunk
+    starts from the recurrent state stored when it was acted and backpropagates through its
+    steps; minibatches are sets of chunk positions across every env. It must divide
+    ``train.rollout_len``; ``None`` takes the longest chunk that still leaves
+    ``train.minibatches`` chunks per rollout."""
 
 
 def compute_gae(
@@ -106,6 +113,61 @@ def compute_gae(
 
 def _identity(t: Tensor) -> Tensor:
     return t
+
+
+def chunk_length(rollout_len: int, minibatches: int, chunk_len: int | None) -> int:
+    """Steps per training sequence.
+
+    ``chunk_len``, or the longest divisor of ``rollout_len`` that leaves at least
+    ``minibatches`` chunks.
+
+    Raises:
+        ValueError: a ``chunk_len`` that does not divide ``rollout_len``.
+    """
+    if chunk_len is not None:
+        if rollout_len % chunk_len:
+            raise ValueError(
+                f"train.chunk_len ({chunk_len}) must divide train.rollout_len ({rollout_len}): "
+                "training sequences never straddle two rollouts"
+            )
+        return chunk_len
+    most = max(1, rollout_len // minibatches)
+    return max(d for d in range(1, most + 1) if rollout_len % d == 0)
+
+
+class _Steps:
+    """Which steps of a ``[T, B, ...]`` batch one minibatch takes, and how to take them.
+
+    Without memory a minibatch is a set of time steps across every env (chunks of one step);
+    with memory, a set of chunk positions, each ``L`` consecutive steps of every env, taken
+    time-major (``[L * chunks * B, ...]``) with the chunks' first recurrent states.
+    """
+
+    def __init__(self, units: Tensor, length: int) -> None:
+        self.length = length
+        self.steps = (units.view(1, -1) * length + torch.arange(length).view(-1, 1)).to(
+            units.device
+        )  # [L, k]
+
+    def take(self, x: Tensor) -> Tensor:
+        """``x [T, B, ...]`` -> ``[L * k * B, ...]``."""
+        return x[self.steps].flatten(0, 2)
+
+    def obs(
+        self, obs: dict[str, Tensor], keys: frozenset[str], keep: Tensor | None
+    ) -> dict[str, Tensor]:
+        """The policy's inputs for these steps (chunk-start states and resets with memory)."""
+        out = {k: self.take(v) for k, v in obs.items() if k in keys and k != MEMORY}
+        if keep is not None:
+            out[MEMORY] = obs[MEMORY][self.steps[0]].flatten(0, 1)
+            out[KEEP] = keep[self.steps].flatten(1, 2)
+        return out
+
+    def untake(self, x: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+        """Inverse of :meth:`take` when the steps cover the whole batch in order."""
+        t, b = batch_shape
+        k = self.steps.shape[1]
+        return x.view(self.length, k, b, *x.shape[1:]).transpose(0, 1).reshape(t, b, *x.shape[1:])
 
 
 class OptimizerState:
@@ -192,6 +254,18 @@ class Learner(OptimizerState):
         var = stats[1] / count - mean.square()
         return mean, var.clamp(min=0.0).sqrt(), stats[2] > 0
 
+    def _chunk(self, t_len: int) -> int:
+        """Steps per training sequence: 1 without memory."""
+        if not self.model.memory_size:
+            return 1
+        return chunk_length(t_len, self.cfg.minibatches, self.cfg.chunk_len)
+
+    def _keep(self, batch: RolloutBatch) -> Tensor | None:
+        """Where a step keeps the previous step's recurrent state (``None`` without memory)."""
+        if not self.model.memory_size:
+            return None
+        return chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+
     @torch.no_grad()
     def refresh(self, batch: RolloutBatch, done: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The current policy's view of a batch acted with older weights.
@@ -203,10 +277,13 @@ class Learner(OptimizerState):
             next observation (episode ends and the last step).
         """
         model = self.model
-        obs = {k: v.flatten(0, 1) for k, v in batch.obs.items() if k in model.input_keys}
-        dist, value = model(obs)
-        logp = dist.log_prob(batch.actions.flatten(0, 1)).view_as(batch.logp)
-        values = model.value_norm.denormalize(value).view_as(batch.values)
+        t_len, b = batch.rewards.shape[:2]
+        length = self._chunk(t_len)
+        steps = _Steps(torch.arange(t_len // length, device=self.device), length)
+        keep = self._keep(batch)
+        dist, value = model(steps.obs(batch.obs, model.input_keys, keep))
+        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+        values = steps.untake(model.value_norm.denormalize(value), (t_len, b))
         next_values = batch.next_values.clone()
         next_values[:-1] = torch.where(done[:-1], batch.next_values[:-1], values[1:])
         return logp, values, next_values
@@ -271,8 +348,12 @@ class Learner(OptimizerState):
                 adv = (adv - mean) / (std + 1e-8)
 
         t_len = batch.rewards.shape[0]
-        # Minibatches are sets of time steps across all envs: every rank takes the same
-        # steps of its own envs, so K ranks together see exactly one rank's minibatch.
+        # Minibatches are sets of time steps (with memory: of chunk positions) across all
+        # envs: every rank takes the same steps of its own envs, so K ranks together see
+        # exactly one rank's minibatch.
+        length = self._chunk(t_len)
+        units = t_len // length
+        keep = self._keep(batch)
         gen = torch.Generator().manual_seed(1_000_003 * self.updates + 17)
         stats: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
         stats.update(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0)
@@ -282,34 +363,32 @@ class Learner(OptimizerState):
             for k in ("kl", "clip_frac", "grad_norm", "entropy", "ratio_max", "neg_adv_weight")
         }
         n_mb, stopped = 0, False
-        planned = cfg.epochs * min(cfg.minibatches, t_len)
+        planned = cfg.epochs * min(cfg.minibatches, units)
         for _ in range(cfg.epochs):
             if stopped:
                 break
-            perm = torch.randperm(t_len, generator=gen)
-            for idx in perm.tensor_split(min(cfg.minibatches, t_len)):
-                idx = idx.to(self.device)
-                mb_obs = {
-                    k: v[idx].flatten(0, 1) for k, v in batch.obs.items() if k in model.input_keys
-                }
-                mb_alive = alive[idx].flatten(0, 1).to(adv.dtype)
+            perm = torch.randperm(units, generator=gen)
+            for idx in perm.tensor_split(min(cfg.minibatches, units)):
+                mb = _Steps(idx.to(self.device), length)
+                mb_obs = mb.obs(batch.obs, model.input_keys, keep)
+                mb_alive = mb.take(alive).to(adv.dtype)
                 count = mb_alive.sum().clamp(min=1.0)
 
                 dist, value = self.train_model(mb_obs)
-                act = batch.actions[idx].flatten(0, 1)
+                act = mb.take(batch.actions)
                 logp = dist.log_prob(act)
-                log_ratio = logp - prox_logp[idx].flatten(0, 1)
+                log_ratio = logp - mb.take(prox_logp)
                 ratio = log_ratio.exp()
-                a = adv[idx].flatten(0, 1)
+                a = mb.take(adv)
                 pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
                 if cfg.dual_clip is not None:
                     pg = torch.where(a < 0, pg.clamp(max=-cfg.dual_clip * a), pg)
                 if weight is not None:
-                    pg = pg * weight[idx].flatten(0, 1)
+                    pg = pg * mb.take(weight)
                 policy_loss = (pg * mb_alive).sum() / count
 
-                v_old = old_v[idx].flatten(0, 1)
-                v_tgt = target[idx].flatten(0, 1)
+                v_old = mb.take(old_v)
+                v_tgt = mb.take(target)
                 v_clip = v_old + (value - v_old).clamp(-cfg.value_clip, cfg.value_clip)
                 v_loss = torch.max((value - v_tgt).square(), (v_clip - v_tgt).square())
                 value_loss = 0.5 * (v_loss * mb_alive).sum() / count

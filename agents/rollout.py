@@ -19,6 +19,7 @@ from torch import Tensor
 
 from envs.base import Observation, VecMultiAgentEnv
 from policies.actor_critic import Policy
+from policies.memory import MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,9 @@ class RolloutWorker:
         self._ep_return = torch.zeros(b, env.n_agents, device=env.device)  # per agent
         self._ep_len = torch.zeros(b, dtype=torch.long, device=env.device)
         self.total_env_steps = 0
+        # What each agent remembers, carried across batches (a restarted worker starts
+        # from zeros); every step's entering state is stored with the batch.
+        self.memory = MemoryState(model.memory_size)
 
     def set_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
         """Act with new weights from now on."""
@@ -219,8 +223,9 @@ class RolloutWorker:
         ep_lengths: list[Tensor] = []
         keys = self.keys
         obs = self._obs
-        batch = model.prepare(obs.as_dict())
-        action, logp, value = model.act(batch)
+        memory = self.memory
+        batch = model.prepare(memory.feed(obs.as_dict()))
+        action, logp, value, state = model.act(batch)
         for _ in range(t_len):
             res = env.step(action)
             # Keep only what the learner's forward reads: less to stack, ship and index.
@@ -228,8 +233,9 @@ class RolloutWorker:
             log.add(seen, action, logp, value, res.reward, res.terminated, res.truncated)
             done = res.done
             obs = res.observation
-            batch = model.prepare(obs.as_dict())
-            action, logp, value = model.act(batch)
+            memory.advance(state, done, obs.alive)
+            batch = model.prepare(memory.feed(obs.as_dict()))
+            action, logp, value, state = model.act(batch)
             next_value = value
             if bool(done.any()):
                 # Bootstrap finished episodes from what they saw last, not the reset state.
@@ -321,9 +327,11 @@ def agent_returns(
         counted = torch.zeros(width, dtype=torch.long)
         quota = torch.full((width,), episodes // width)
         quota[: episodes % width] += 1
+        memory = MemoryState(model.memory_size)
         while len(rows) < episodes:
-            dist = model.dist(model.prepare(obs.as_dict()))
+            dist, state = model.step(model.prepare(memory.feed(obs.as_dict())))
             res = env.step(dist.mode() if greedy else dist.sample())
+            memory.advance(state, res.done, res.observation.alive)
             running += res.reward.float() * obs.alive
             for i in res.done.nonzero().flatten().tolist():
                 if counted[i] < quota[i]:

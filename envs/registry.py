@@ -1,8 +1,8 @@
 """Find envs by name: ``envs.make("spread", num_envs=1024, n_agents=3)``.
 
-Three kinds of name: a registered one (``spread``, ``mpe2-spread``, ``tag``), an adapter prefix
-(``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``, ``vmas:<scenario>``,
-``gym:<module>:<env id>``), and
+Three kinds of name: a registered one (``spread``, ``mpe2-spread``, ``tag``, ``cue``), an
+adapter prefix (``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``,
+``vmas:<scenario>``, ``gym:<module>:<env id>``), and
 nothing else. Each kind says which of shoal's common settings (:class:`EnvSettings`) it takes,
 so callers pass the same settings whatever the env, and every failure to build an env is one
 :class:`~envs.base.EnvError` line naming the env, never a library's traceback.
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from envs.base import EnvError, VecMultiAgentEnv
+from envs.cue import CueEnv
 from envs.gym_tuple import load_gym_tuple_factory
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
@@ -151,9 +152,15 @@ def _tag(s: EnvSettings) -> dict[str, Any]:
     return {"max_cycles": s.max_cycles, "continuous_actions": s.continuous_actions}
 
 
+def _cue(s: EnvSettings) -> dict[str, Any]:
+    # The number of options is the env's own argument (env.kwargs.choices).
+    return {"n_agents": s.n_agents, "max_cycles": s.max_cycles}
+
+
 register("spread", SpreadEnv)
 register("mpe2-spread", _make_mpe2_spread)
 register("tag", TagEnv, takes=_tag)
+register("cue", CueEnv, takes=_cue)
 
 
 def make(

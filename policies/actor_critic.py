@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from policies.distributions import Distribution
 from policies.edges import LIST_LAYOUTS, NEIGHBOURS, build_neighbours
 from policies.gnn import GNNActor, GNNCritic
+from policies.memory import MEMORY, RecurrentActor
 from policies.mlp import MLPActor, MLPCritic
 from policies.transformer import TransformerActor, TransformerCritic
 
@@ -107,6 +108,9 @@ class PolicySpec:
     radius: float = 1.0
     k: int = 4
     max_neighbours: int = 32
+    #: A recurrent core after the actor's encoder (``policies.memory``): ``none``, ``gru``
+    #: or ``lstm``.
+    memory: str = "none"
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class Policy(nn.Module):
 
     input_keys: frozenset[str]
     value_norm: Normaliser
+    #: Width of each agent's recurrent state (``batch["memory"]``); 0 for a policy without.
+    memory_size: int = 0
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``batch`` plus what every forward of it would otherwise derive again."""
@@ -177,23 +183,33 @@ class Policy(nn.Module):
         """Normalised values ``[B, N]`` (what the critic is trained on)."""
         raise NotImplementedError
 
+    def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
+        """Action distribution ``[B, N]`` and the recurrent state after this step.
+
+        The state is ``None`` without memory; a policy with memory reads ``batch["memory"]``
+        (zeros when absent).
+        """
+        return self.dist(batch), None
+
     def forward(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """Training pass: ``(action distribution, normalised values)``.
 
         Learners call this (through ``DistributedDataParallel`` when K > 1) so gradient
-        all-reduce covers actor and critic in one backward.
+        all-reduce covers actor and critic in one backward. With memory the batch may be
+        whole chunks (``policies.memory.RecurrentActor.sequence``).
         """
         return self.dist(batch), self.value(batch)
 
     @torch.no_grad()
     def act(
         self, batch: dict[str, Tensor], deterministic: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample actions; return ``(action, log_prob, raw value)``."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Sample actions; return ``(action, log_prob, raw value, next memory or None)``."""
         batch = self.prepare(batch)
-        d = self.dist(batch)
+        d, memory = self.step(batch)
         action = d.mode() if deterministic else d.sample()
-        return action, d.log_prob(action), self.value_norm.denormalize(self.value(batch))
+        value = self.value_norm.denormalize(self.value(batch))
+        return action, d.log_prob(action), value, memory
 
     @torch.no_grad()
     def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
@@ -221,15 +237,22 @@ class ActorCritic(Policy):
         self.spec = spec
         actor, critic = ARCHITECTURES[spec.kind], ARCHITECTURES[critic_kind]
         self.actor = actor.actor(spec)
+        if spec.memory != "none":
+            self.actor = RecurrentActor(self.actor, spec.memory, spec.hidden)
+            self.memory_size = self.actor.core.size
         self.critic = critic.critic(spec)
         self.value_norm = ValueNorm()
         self.input_keys = frozenset(
-            {"alive", "action_mask"} | actor.inputs(spec) | critic.inputs(spec)
+            {"alive", "action_mask"}
+            | actor.inputs(spec)
+            | critic.inputs(spec)
+            | ({MEMORY} if self.memory_size else set())
         )
         # Entity encoders say which layout they use at a size (``layout(num_nodes)``).
+        base = getattr(self.actor, "actor", self.actor)  # inside a memory core
         self._layouts: list[Callable[[int], str]] = [
             enc.layout
-            for enc in (getattr(self.actor, "encoder", None), getattr(self.critic, "encoder", None))
+            for enc in (getattr(base, "encoder", None), getattr(self.critic, "encoder", None))
             if enc is not None and hasattr(enc, "layout")
         ]
 
@@ -255,6 +278,12 @@ class ActorCritic(Policy):
     def dist(self, batch: dict[str, Tensor]) -> Distribution:
         """Action distribution ``[B, N]``."""
         return self.actor(batch)  # type: ignore[no-any-return]
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
+        """Action distribution and, with memory, the next recurrent state."""
+        if isinstance(self.actor, RecurrentActor):
+            return self.actor.step(batch)
+        return self.actor(batch), None
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]`` (what the critic is trained on)."""

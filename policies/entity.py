@@ -34,10 +34,13 @@ class EntityActor(nn.Module):
         self.encoder = encoder
         self.head = ActionHead(hidden, action_kind, action_dim)
 
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        """The agents' embeddings ``[B, N, hidden]`` (what a memory core reads)."""
+        return self.encoder(batch, first=batch["alive"].shape[-1])  # type: ignore[no-any-return]
+
     def forward(self, batch: dict[str, Tensor]) -> Distribution:
         """Action distribution for every agent."""
-        n = batch["alive"].shape[-1]
-        return self.head(self.encoder(batch, first=n), batch.get("action_mask"))
+        return self.head(self.features(batch), batch.get("action_mask"))
 
 
 class EntityCritic(nn.Module):

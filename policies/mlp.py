@@ -48,9 +48,13 @@ class MLPActor(nn.Module):
         self.body = mlp(obs_dim, hidden, layers)
         self.head = ActionHead(hidden, action_kind, action_dim)
 
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-agent features ``[B, N, hidden]`` (what a memory core reads)."""
+        return self.body(batch["obs"])  # type: ignore[no-any-return]
+
     def forward(self, batch: dict[str, Tensor]) -> Distribution:
         """Action distribution for every agent."""
-        return self.head(self.body(batch["obs"]), batch.get("action_mask"))
+        return self.head(self.features(batch), batch.get("action_mask"))
 
 
 class MLPCritic(nn.Module):

@@ -19,9 +19,11 @@ import yaml
 from torch import Tensor
 
 from agents.imagination import EntityWorld, LearnedDynamics, ObservationWorld, open_loop
+from envs import Observation
 from orchestrator.config import Config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.runtime.world import model_from_checkpoint
+from policies.memory import MemoryState
 from policies.observation_model import ObservationWorldModel
 
 
@@ -69,12 +71,20 @@ def dream(
         )
     torch.manual_seed(seed)
     obs = env.reset(seed=seed)
+    memory = MemoryState(policy.memory_size)  # the policy's memory, carried through the episode
+
+    def act(view: Observation) -> Tensor:
+        dist, state = policy.step(memory.feed(view.as_dict()))
+        action = dist.sample()
+        memory.advance(state, torch.zeros(worlds, dtype=torch.bool), view.alive)
+        return action
+
     for _ in range(start_step):
-        obs = env.step(policy.dist(obs.as_dict()).sample()).observation
+        obs = env.step(act(obs)).observation
     start = obs
     seen, actions = [obs.as_dict()], []
     for _ in range(steps):
-        a = policy.dist(obs.as_dict()).sample()
+        a = act(obs)
         res = env.step(a)
         obs = res.final  # the episode's own last view, even at a time limit
         actions.append(a)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import envs
 from agents.algorithm import algorithm_spec
-from agents.ppo import PPOConfig
+from agents.ppo import PPOConfig, chunk_length
 from agents.world_model import ModelTrainer, trainer_for
 from envs import EnvSettings, VecMultiAgentEnv
 from orchestrator.config.groups import GroupConfig, GroupError, build_policy
@@ -94,6 +94,10 @@ class ModelConfig(_Section):
     """``centralised`` is MAPPO, ``independent`` is IPPO."""
     critic_kind: str | None = None
     """Critic architecture (default: same as ``kind``). ``mlp`` is cheapest but tied to N."""
+    memory: Literal["none", "gru", "lstm"] = "none"
+    """A recurrent core (``hidden`` wide) between the actor's encoder and its action head,
+    shared by every agent (``policies/memory.py``); trained on sequence chunks of
+    ``train.chunk_len`` steps. ``none``: a feed-forward actor."""
 
     def spec(self, env: VecMultiAgentEnv) -> PolicySpec:
         """Policy dimensions from ``env``, architecture from this section."""
@@ -113,6 +117,7 @@ class ModelConfig(_Section):
             radius=self.radius,
             k=self.k,
             max_neighbours=self.max_neighbours,
+            memory=self.memory,
         )
 
     def build(self, env: VecMultiAgentEnv) -> ActorCritic:
@@ -460,6 +465,21 @@ class Config(_Section):
             + wm
         )
 
+    def _check_memory(self) -> None:
+        if self.groups:
+            raise ValueError(
+                f"model.memory={self.model.memory} with agent groups is not built yet; use "
+                "one shared policy (no groups:) or model.memory=none"
+            )
+        lengths = [("train.rollout_len", self.train.rollout_len)]
+        if self.world_model.enabled:
+            lengths.append(("world_model.horizon", self.world_model.horizon))
+        for key, t_len in lengths:
+            try:
+                chunk_length(t_len, self.train.minibatches, self.train.chunk_len)
+            except ValueError as e:
+                raise ValueError(str(e).replace("train.rollout_len", key)) from None
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         k, m = self.learner.num_ranks, self.rollout.num_workers
@@ -490,6 +510,8 @@ class Config(_Section):
                 f"train.minibatches ({self.train.minibatches}) cannot exceed world_model.horizon "
                 f"({wm.horizon}): an imagined batch is split into minibatches of time steps"
             )
+        if self.model.memory != "none":
+            self._check_memory()
         if self.train.minibatches > self.train.rollout_len:
             raise ValueError(
                 f"train.minibatches ({self.train.minibatches}) cannot exceed train.rollout_len "

@@ -177,7 +177,7 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
         if cfg.world_model.enabled:
             world.check_env(cfg, env)
         try:
-            algorithm_spec(cfg.train.algorithm).check(env.action_kind)
+            algorithm_spec(cfg.train.algorithm).check(env.action_kind, cfg.model.memory)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         policy = cfg.build_policy(env)
@@ -188,7 +188,7 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
             raise ConfigError(str(e)) from None
         obs = env.reset(seed=cfg.train.seed)
         with torch.no_grad():
-            action, _, _ = policy.act(obs.as_dict())
+            action = policy.act(obs.as_dict())[0]
         env.step(action)
         names = [a.name for a in env.agent_info()]
         slots = getattr(policy, "group_agents", lambda: {"team": range(len(names))})()

@@ -95,7 +95,9 @@ class RolloutActor:
         if self.restarted:
             # Replaying the episodes the dead process already returned would bias the data.
             seed = seed + 7919 * (1 + os.getpid() % 10007)
-            log.warning("%s restarted (pid %d)", self.name, os.getpid())
+            memory = cfg.model.memory != "none"
+            fresh = ": its envs start new episodes, their memory from zeros" if memory else ""
+            log.warning("%s restarted (pid %d)%s", self.name, os.getpid(), fresh)
         env = cfg.env.make(cfg.env.num_envs, seed, torch.device("cpu"))
         wm = cfg.world_model.enabled
         policy = cfg.build_policy(env)

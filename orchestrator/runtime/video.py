@@ -30,6 +30,7 @@ import torch
 from agents.rollout import apart
 from envs import Observation, VecMultiAgentEnv, name_group
 from envs.pettingzoo import PettingZooVecEnv
+from policies.memory import MemoryState
 
 if TYPE_CHECKING:
     from orchestrator.config.sections import EnvConfig
@@ -197,10 +198,12 @@ def film(
     was_training = model.training
     model.eval()
     try:
+        memory = MemoryState(model.memory_size)
         with torch.no_grad(), apart(model, env.device, seed):
             for t in range(1, 100_000):
-                d = model.dist(model.prepare(obs.as_dict()))
+                d, state = model.step(model.prepare(memory.feed(obs.as_dict())))
                 res = env.step(d.mode() if greedy else d.sample())
+                memory.advance(state, res.done, res.observation.alive)
                 per_agent += (res.reward[0] * obs.alive[0]).float().cpu()
                 done = bool(res.done[0])
                 frames.append(picture(res.final if done else res.observation, t))

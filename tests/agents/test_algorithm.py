@@ -37,10 +37,14 @@ def test_preflight_refuses_an_action_kind_the_algorithm_cannot_learn(monkeypatch
     preflight(load_config("spread-mlp", ["train.algorithm=d"]))  # spread's actions: discrete
     with pytest.raises(ConfigError, match=r"train.algorithm=d does not learn continuous"):
         preflight(load_config("spread-mlp", ["train.algorithm=d", "env.continuous_actions=true"]))
-    chunks = AlgorithmSpec("c", A2C.build, layout="chunks")
-    monkeypatch.setitem(ALGORITHMS, "c", chunks)
-    with pytest.raises(ConfigError, match=r"learns from chunks batches .*planned"):
+    replay = AlgorithmSpec("c", A2C.build, layout="transitions")
+    monkeypatch.setitem(ALGORITHMS, "c", replay)
+    with pytest.raises(ConfigError, match=r"learns from transitions batches .*planned"):
         preflight(load_config("spread-mlp", ["train.algorithm=c"]))
+    # A2C does not declare memory: a recurrent policy is refused before anything starts.
+    with pytest.raises(ConfigError, match=r"train.algorithm=a2c does not train policies with"):
+        preflight(load_config("spread-mlp", ["train.algorithm=tests.agents.a2c:A2C",
+                                             "model.memory=gru"]))  # fmt: skip
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:

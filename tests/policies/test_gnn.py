@@ -193,7 +193,7 @@ def test_policy_permutes_with_agents_and_runs_at_twice_the_agents(kind: str) -> 
     torch.testing.assert_close(model.value(permuted), values[:, perm], atol=1e-5, rtol=0)
     # The same weights act with 6 agents and 6 landmarks.
     env6 = envs.make("spread", num_envs=5, n_agents=6, seed=3)
-    action, logp, value = model.act(env6.reset().as_dict())
+    action, logp, value, _ = model.act(env6.reset().as_dict())
     assert action.shape == (5, 6) and value.shape == (5, 6) and torch.isfinite(logp).all()
 
 

@@ -125,12 +125,16 @@ def test_it_fits_known_dynamics_with_a_mask_that_changes_with_the_state() -> Non
     assert ((cont < 0.5) == ends)[clear].float().mean() > 0.98
 
 
-def test_imagined_batches_keep_the_batch_contract_on_an_env_without_entity_views() -> None:
+@pytest.mark.parametrize("memory", ["none", "gru"])
+def test_imagined_batches_keep_the_batch_contract_on_an_env_without_entity_views(
+    memory: str,
+) -> None:
     import envs
     from agents.rollout import RolloutWorker
 
     env = envs.make("tag", num_envs=8, seed=0)
-    spec = PolicySpec("mlp", env.obs_dim, env.state_dim, env.node_dim, "discrete", 5, hidden=16)
+    spec = PolicySpec("mlp", env.obs_dim, env.state_dim, env.node_dim, "discrete", 5,
+                      hidden=16, memory=memory)  # fmt: skip
     policy = ActorCritic(spec)
     keys = policy.input_keys
     real = RolloutWorker(env, policy, rollout_len=10, seed=0).collect()
@@ -147,6 +151,8 @@ def test_imagined_batches_keep_the_batch_contract_on_an_env_without_entity_views
         assert batch.obs[key].shape[2:] == real.obs[key].shape[2:], key
         assert batch.obs[key].dtype == real.obs[key].dtype, key
     assert batch.rewards.shape == (4, 12, env.n_agents) and batch.truncated[-1].all()
+    if memory != "none":  # branches start from zeros (the replay keeps no states) and carry on
+        assert (batch.obs["memory"][0] == 0).all() and (batch.obs["memory"][1:] != 0).any()
     stats = Learner(policy, PPOConfig(lr=1e-3, minibatches=2)).update(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
 

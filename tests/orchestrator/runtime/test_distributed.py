@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from agents.memory import ReplayStream, RunState, WeightStore, connect
 from agents.ppo import Learner
 from agents.rollout import RolloutBatch, RolloutWorker
 from agents.world_model import TransitionBuffer
+from orchestrator.cli.evaluate import evaluate
 from orchestrator.cli.status import connect_for
 from orchestrator.config import Config, load_config
 from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
@@ -198,11 +200,14 @@ def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch
 
 
 @pytest.mark.parametrize(
-    "grouping", [[], GROUPED, ["imagined"]], ids=["shared", "groups", "imagined"]
+    "grouping",
+    [[], GROUPED, ["imagined"], ["model.memory=gru"]],
+    ids=["shared", "groups", "imagined", "memory"],
 )
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
     # With a world model each rank imagines from its own shard's start states: its imagined
-    # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both.
+    # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both. With
+    # memory, minibatches are chunks cut along time, whole on each rank's envs.
     dreamed = grouping == ["imagined"]
     cfg = tiny("train.epochs=2", "train.minibatches=2", *([] if dreamed else grouping))
     env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
@@ -276,6 +281,21 @@ def test_groups_with_self_play_train_on_workers_and_two_ranks(ray_instance, tmp_
     assert [g["name"] for g in ckpt["meta"]["policy_groups"]] == ["adversary", "agent"]
     assert len(ckpt["extra"]["pool"]["agent"]) == 2
     assert any(k.startswith("past.") for k in ckpt["model"])  # the past version acts on workers
+
+
+def test_memory_trains_on_workers_and_two_ranks_and_evaluates(ray_instance, tmp_path) -> None:
+    # Workers keep their envs' recurrent states across batches and ship every step's state
+    # through Redis; each rank trains whole chunks of its own envs.
+    cfg = tiny("model.memory=gru", "rollout.num_workers=2", "learner.num_ranks=2",
+               "train.total_env_steps=1600")  # fmt: skip
+    run_dir = new_run_dir(tmp_path, "memory")
+    summary = run_training(cfg, run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    assert_monotonic_progress(rows(run_dir), max_staleness=1)
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["meta"]["policy_spec"]["memory"] == "gru"
+    assert any(".core." in k for k in ckpt["model"])
+    assert math.isfinite(evaluate(run_dir, episodes=8)["mean"])
 
 
 def test_an_algorithm_from_outside_shoal_trains_on_workers_and_two_ranks(

@@ -1,0 +1,159 @@
+"""Memory: a recurrent core between an actor's encoder and its action head (``model.memory``).
+
+Every actor kind splits into ``features(batch) -> [B, N, H]`` (its encoder: MLP, graph or
+transformer) and ``head``. :class:`RecurrentActor` puts a GRU or LSTM cell between them,
+applied to each agent with shared weights, so graph and transformer policies stay
+permutation-equivariant and independent of N. The state each agent enters a step with travels
+in the batch as ``memory [B, N, S]``: acting loops keep it (:class:`MemoryState`), rollouts
+store it per step, and training restarts each sequence chunk from the state stored at its
+first step, resetting it inside the chunk exactly where acting did (episode ends, dead
+agents). The critic stays feed-forward: a centralised critic reads the global state, which is
+what memory would reconstruct.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from policies.distributions import Distribution
+
+MEMORY_KINDS = ("none", "gru", "lstm")
+#: Batch keys of the recurrent path: the state entering each step (acting, and a chunk's
+#: first step in training) and, in training, which steps keep the previous step's state.
+MEMORY, KEEP = "memory", "memory_keep"
+
+
+class MemoryCore(nn.Module):
+    """A GRU or LSTM cell over ``[..., width]`` features, one state per leading index.
+
+    The state is one tensor ``[..., size]``: the GRU's ``h``, or the LSTM's ``h`` and ``c``
+    side by side.
+    """
+
+    def __init__(self, kind: str, width: int) -> None:
+        super().__init__()
+        if kind not in ("gru", "lstm"):
+            raise ValueError(f"memory kind must be 'gru' or 'lstm', not {kind!r}")
+        self.kind, self.width = kind, width
+        self.cell: nn.Module = (
+            nn.GRUCell(width, width) if kind == "gru" else nn.LSTMCell(width, width)
+        )
+        for name, p in self.cell.named_parameters():
+            if "weight" in name:
+                nn.init.orthogonal_(p)
+            else:
+                nn.init.zeros_(p)
+
+    @property
+    def size(self) -> int:
+        """Width of the carried state."""
+        return self.width if self.kind == "gru" else 2 * self.width
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output [..., width], next state [..., size])``."""
+        lead = x.shape[:-1]
+        x, state = x.reshape(-1, self.width), state.reshape(-1, self.size)
+        if self.kind == "gru":
+            h = self.cell(x, state)
+            return h.view(*lead, -1), h.view(*lead, -1)
+        h, c = self.cell(x, (state[:, : self.width], state[:, self.width :]))
+        return h.view(*lead, -1), torch.cat([h, c], -1).view(*lead, -1)
+
+
+class RecurrentActor(nn.Module):
+    """An actor with memory: ``actor.features`` -> :class:`MemoryCore` -> ``actor.head``.
+
+    Args:
+        actor: a feed-forward actor with ``features(batch) -> [B, N, hidden]`` and ``head``.
+        kind: ``gru`` or ``lstm``.
+        hidden: the features' width.
+
+    Shapes:
+        - step: a batch ``[B, ...]`` with ``memory [B, N, S]`` (zeros when absent) ->
+          the action distribution ``[B, N]`` and the next state ``[B, N, S]``.
+        - sequence: ``L`` steps of ``b`` chunks flattened time-major (``[L * b, ...]``), the
+          chunks' first states ``memory [b, N, S]`` and ``memory_keep [L, b, N]`` -> the
+          distribution over ``[L * b, N]``.
+    """
+
+    def __init__(self, actor: nn.Module, kind: str, hidden: int) -> None:
+        super().__init__()
+        self.actor: Any = actor
+        self.core = MemoryCore(kind, hidden)
+
+    def initial(self, batch: dict[str, Tensor]) -> Tensor:
+        """Zero states for a batch's agents."""
+        alive = batch["alive"]
+        return alive.new_zeros(*alive.shape, self.core.size, dtype=torch.float32)
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
+        """One step from ``batch["memory"]`` (zeros when the batch has none)."""
+        state = batch.get(MEMORY)
+        if state is None:
+            state = self.initial(batch)
+        h, state = self.core(self.actor.features(batch), state)
+        return self.actor.head(h, batch.get("action_mask")), state
+
+    def sequence(self, batch: dict[str, Tensor]) -> Distribution:
+        """Whole chunks: the encoder runs once over every step, the core step by step."""
+        keep = batch[KEEP]
+        steps, chunks = keep.shape[:2]
+        f = self.actor.features(batch)
+        f = f.view(steps, chunks, *f.shape[1:])
+        state, out = batch[MEMORY], []
+        for t in range(steps):
+            if t:
+                state = state * keep[t].unsqueeze(-1).to(state.dtype)
+            h, state = self.core(f[t], state)
+            out.append(h)
+        return self.actor.head(torch.stack(out).flatten(0, 1), batch.get("action_mask"))
+
+    def forward(self, batch: dict[str, Tensor]) -> Any:
+        """The distribution of a step or, given ``memory_keep``, of whole chunks."""
+        return self.sequence(batch) if KEEP in batch else self.step(batch)[0]
+
+
+class MemoryState:
+    """An acting loop's memory of ``B`` envs: fed into each step, reset where episodes end.
+
+    Feed-forward policies (``memory_size == 0``) pass through untouched.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.state: Tensor | None = None
+
+    def feed(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``batch`` with the state its agents enter this step with."""
+        if not self.size:
+            return batch
+        if self.state is None:
+            alive = batch["alive"]
+            self.state = alive.new_zeros(*alive.shape, self.size, dtype=torch.float32)
+        return {**batch, MEMORY: self.state}
+
+    def advance(self, state: Tensor | None, done: Tensor, alive: Tensor) -> None:
+        """Carry the state a step produced into the next.
+
+        Zeroed for envs whose episode ended (``done [B]``) and for agents not alive in the
+        next observation.
+        """
+        if not self.size or state is None:
+            return
+        keep = (~done).unsqueeze(-1) & alive.bool()
+        self.state = state * keep.unsqueeze(-1).to(state.dtype)
+
+
+def chunk_keep(terminated: Tensor, truncated: Tensor, alive: Tensor) -> Tensor:
+    """``[T, B, N]``: where step ``t`` keeps step ``t - 1``'s recurrent state.
+
+    Acting's own rule, for training: the env did not reset after ``t - 1`` and the agent is
+    alive at ``t``. Row 0 is all true (a chunk's first step uses its stored state).
+    """
+    done = truncated | terminated.all(-1)  # [T, B]: the env reset after this step
+    keep = torch.ones_like(alive, dtype=torch.bool)
+    keep[1:] = (~done[:-1]).unsqueeze(-1) & alive[1:].bool()
+    return keep

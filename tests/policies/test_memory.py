@@ -1,0 +1,152 @@
+"""Memory (``model.memory``): exact chunked training, resets where acting reset, the task that
+needs it, and the equivariance of recurrent entity policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import envs
+from agents.ppo import Learner, PPOConfig, _Steps, chunk_length
+from agents.rollout import RolloutWorker, episode_returns
+from orchestrator.cli.evaluate import evaluate
+from orchestrator.config import ConfigError, load_config
+from orchestrator.runtime.driver import run_training
+from policies import ActorCritic, PolicySpec
+from policies.memory import MEMORY, MemoryState, chunk_keep
+
+
+def _cue_policy(kind: str, memory: str, n_agents: int = 2, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    env = envs.make("cue", num_envs=6, n_agents=n_agents, max_cycles=3, seed=seed, **kw)
+    spec = PolicySpec(kind, env.obs_dim, env.state_dim, env.node_dim, "discrete",
+                      env.action_dim, hidden=16, memory=memory)  # fmt: skip
+    return env, ActorCritic(spec)
+
+
+@pytest.mark.parametrize("memory", ["gru", "lstm"])
+@pytest.mark.parametrize("kind", ["mlp", "gnn", "transformer"])
+def test_whole_chunks_give_what_acting_step_by_step_gave(kind: str, memory: str) -> None:
+    # Episodes of 3 steps, chunks of 4: chunks straddle episode ends, so the reset inside a
+    # chunk has to happen exactly where acting reset.
+    env, model = _cue_policy(kind, memory)
+    batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
+    t_len, b = batch.rewards.shape[:2]
+    steps = _Steps(torch.arange(t_len // 4), 4)
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    with torch.no_grad():
+        dist, _ = model(steps.obs(batch.obs, model.input_keys, keep))
+        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    # The states carried matter: the same chunks from zero states act differently.
+    zeros = {**batch.obs, MEMORY: torch.zeros_like(batch.obs[MEMORY])}
+    with torch.no_grad():
+        cold = model(steps.obs(zeros, model.input_keys, keep))[0].log_prob(
+            steps.take(batch.actions)
+        )
+    assert not torch.allclose(steps.untake(cold, (t_len, b)), batch.logp, atol=1e-4)
+
+
+def test_states_reset_exactly_where_episodes_end_and_agents_die() -> None:
+    env, model = _cue_policy("mlp", "gru")
+    batch = RolloutWorker(env, model, rollout_len=9, seed=2).collect()
+    stored = batch.obs[MEMORY].abs().sum(-1)  # [T, B, N]
+    starts = torch.tensor([t % 3 == 0 for t in range(9)])  # the cue env's episodes: 3 steps
+    assert (stored[starts] == 0).all() and (stored[~starts] > 0).all()
+    # Per env and per agent in one step of a vectorised auto-reset: only the ended env and
+    # the agent that died start from zero.
+    mem = MemoryState(2)
+    mem.feed({"alive": torch.ones(3, 2, dtype=torch.bool)})
+    state = torch.ones(3, 2, 2)
+    alive = torch.tensor([[True, True], [True, False], [True, True]])
+    mem.advance(state, torch.tensor([False, False, True]), alive)
+    assert mem.state is not None
+    assert mem.state.sum(-1).tolist() == [[2.0, 2.0], [2.0, 0.0], [0.0, 0.0]]
+
+
+def test_k_chunked_ranks_see_exactly_one_ranks_minibatches() -> None:
+    # Chunks cut along time and shards along envs: two halves of the envs give back the
+    # whole batch's minibatch (what K=2 relies on to equal K=1).
+    env, model = _cue_policy("mlp", "gru")
+    batch = RolloutWorker(env, model, rollout_len=12, seed=3).collect()
+    mb = _Steps(torch.tensor([2, 0]), 4)
+    whole = mb.take(batch.rewards).view(4, 2, 6, -1)
+    halves = [mb.take(s.rewards).view(4, 2, 3, -1) for s in batch.split_envs(2)]
+    torch.testing.assert_close(torch.cat(halves, 2), whole)
+
+
+@pytest.mark.parametrize("kind", ["gnn", "transformer"])
+def test_recurrent_entity_policies_are_equivariant_and_act_with_twice_the_agents(
+    kind: str,
+) -> None:
+    env, model = _cue_policy(kind, "gru", n_agents=3)
+    obs = env.reset(seed=4).as_dict()
+    obs[MEMORY] = torch.randn(6, 3, model.memory_size)
+    perm = torch.tensor([2, 0, 1])
+    permuted = {k: v[:, perm] if v.dim() > 1 and v.shape[1] == 3 else v for k, v in obs.items()}
+    with torch.no_grad():
+        d, m = model.step(obs)
+        dp, mp = model.step(permuted)
+    assert m is not None and mp is not None
+    torch.testing.assert_close(dp.logits, d.logits[:, perm], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mp, m[:, perm], atol=1e-5, rtol=0)
+    big = envs.make("cue", num_envs=6, n_agents=6, max_cycles=3)
+    returns = episode_returns(model, big, episodes=6, seed=0)
+    assert len(returns) == 6
+
+
+def test_chunk_length_and_the_config_errors() -> None:
+    assert chunk_length(64, 4, None) == 16
+    assert chunk_length(25, 2, None) == 5  # the longest divisor leaving >= 2 chunks
+    assert chunk_length(25, 2, 25) == 25
+    with pytest.raises(ValueError, match=r"train.chunk_len \(7\) must divide"):
+        chunk_length(25, 2, 7)
+    with pytest.raises(ConfigError, match=r"train.chunk_len \(7\) must divide train.rollout_len"):
+        load_config("spread-gnn", ["model.memory=gru", "train.chunk_len=7"])
+    with pytest.raises(ConfigError, match="model.memory=gru with agent groups"):
+        load_config("tag-mlp", ["model.memory=gru"])
+    cfg = load_config("spread-gnn", ["model.memory=lstm"])
+    assert cfg.model.memory == "lstm"
+    plain = ActorCritic(
+        cfg.model.model_copy(update={"memory": "none"}).spec(
+            cfg.env.make(2, 0, torch.device("cpu"))
+        )
+    )
+    assert plain.memory_size == 0 and MEMORY not in plain.input_keys
+    assert not any("core" in k for k in plain.state_dict())
+
+
+def test_a_stale_batch_is_refreshed_chunk_by_chunk() -> None:
+    # Decoupled PPO recomputes the batch under the current weights: with memory that is a
+    # sequence pass, and for unchanged weights it must give back what acting recorded.
+    env, model = _cue_policy("mlp", "lstm")
+    batch = RolloutWorker(env, model, rollout_len=12, seed=5).collect()
+    learner = Learner(model, PPOConfig(minibatches=3))
+    done = batch.terminated | batch.truncated.unsqueeze(-1)
+    logp, values, _ = learner.refresh(batch, done)
+    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, batch.values, atol=1e-5, rtol=0)
+    stats = learner.update(batch, staleness=1)
+    assert stats["minibatches_done"] > 0
+
+
+CUE = ["env.name=cue", "env.n_agents=2", "env.max_cycles=4", "env.num_envs=64",
+       "model.kind=mlp", "model.hidden=32", "train.rollout_len=16", "train.minibatches=2",
+       "train.total_env_steps=24000", "redis.enabled=false", "run.progress=false"]  # fmt: skip
+
+
+def test_the_cue_task_is_learned_with_memory_and_stays_at_chance_without(
+    tmp_path: Path,
+) -> None:
+    # Chance is n_agents / choices = 0.5 of a possible 2.0: a feed-forward actor sees the same
+    # last observation in every episode, so it cannot do better.
+    results = {}
+    for memory in ("none", "gru"):
+        run = tmp_path / memory
+        run.mkdir()
+        run_training(load_config("spread-mlp", [*CUE, f"model.memory={memory}"]), run)
+        results[memory] = evaluate(run, episodes=400, which="latest")["mean"]  # carries memory
+    assert results["gru"] > 1.8, results
+    assert abs(results["none"] - 0.5) < 0.15, results
