@@ -90,18 +90,44 @@ TASKS: dict[str, Task] = {
         3_000_000, 300_000, "team return, VMAS balance",
     ),
     "mpe_spread": Task("spread-mlp", [], 3_000_000, 300_000, "team return, spread (N=3)"),
+    "spread_gnn": Task("spread-gnn", [], 1_000_000, 100_000, "team return, spread (N=3), GNN"),
+    "cue": Task(
+        "spread-mlp", ["env.name=cue", "env.n_agents=2", "env.max_cycles=4", "env.num_envs=64",
+                       "train.rollout_len=16", "train.minibatches=2", "model.hidden=32"],
+        60_000, 10_000, "team return, cue (2 agents, 4 choices, 4 steps: chance 0.5, best 2.0)",
+    ),
     "mpe_tag": Task("tag-mlp", [], 3_000_000, 300_000, "team return of each side, tag"),
 }  # fmt: skip
 
 
 def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any]) -> None:
-    """Every seed of one task, then its summary lines."""
-    budget = max(task.every, int(task.budget * args.budget_scale))
-    every = max(1, int(task.every * args.budget_scale))
+    """The random and no-op references, then every arm of one task (``--memory``)."""
     overrides = [*task.overrides, *args.overrides]
+    budget = max(task.every, int(task.budget * args.budget_scale))
     line = {**ctx, "task": name, "what": task.what, "budget": budget}
     for ref, value in reference_returns(task.preset, overrides).items():
         emit(f"{name}_{ref}_return", value, "return", **line)
+    arms = args.memory or [None]
+    done = {}
+    for memory in arms:
+        label = name if memory is None else f"{name}_memory_{memory}"
+        extra = [] if memory is None else [f"model.memory={memory}"]
+        done[label] = run_arm(label, task, extra, args, {**line, "memory": memory or "preset"})
+    if task.jaxmarl_map and args.jaxmarl_repo:
+        # The peer gets the longest arm's median wall clock a seed.
+        seconds = max(total for total, _ in done.values())
+        peer_sps = peer_jaxmarl(name, task.jaxmarl_map, seconds, args, line)
+        for label, (_, sps) in done.items():
+            emit(f"{label}_throughput_vs_jaxmarl", sps / peer_sps, "ratio", **line)
+
+
+def run_arm(
+    name: str, task: Task, extra: list[str], args: argparse.Namespace, line: dict[str, Any]
+) -> tuple[float, float]:
+    """Every seed of one arm, then its summary lines."""
+    budget = max(task.every, int(task.budget * args.budget_scale))
+    every = max(1, int(task.every * args.budget_scale))
+    overrides = [*task.overrides, *args.overrides, *extra]
     runs, speeds, walls, totals, wins = [], [], [], [], []
     for seed in range(args.seeds):
         res = train_and_evaluate(
@@ -113,20 +139,20 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
         walls.append(res["summary"]["train_seconds"])
         totals.append(walls[-1] + res["setup_s"])
         runs.append({"evals": res["evals"], "reach": {"env_steps": None, "seconds": None}})
-        extra: dict[str, Any] = {}
+        more: dict[str, Any] = {}
         if task.win_above is not None:
             rates = [
                 sum(r > task.win_above for r in e["returns"]) / len(e["returns"])
                 for e in res["evals"]
             ]
             wins.append(rates[-1] if rates else math.nan)
-            extra["win_rates"] = [
+            more["win_rates"] = [
                 [e["env_steps"], round(w, 3)] for e, w in zip(res["evals"], rates, strict=True)
             ]
         emit(f"{name}_seed_run", final, "return", seed=seed, env_steps_per_s=round(res["sps"]),
              train_seconds=round(walls[-1], 1), setup_seconds=round(res["setup_s"], 1),
              returns=[[e["env_steps"], round(e["mean"], 3)] for e in res["evals"]],
-             **extra, **line)  # fmt: skip
+             **more, **line)  # fmt: skip
     emit(f"{name}_env_steps_per_s", statistics.median(speeds), "env_steps/s", **line)
     emit(f"{name}_train_seconds", statistics.median(walls), "s", **line)
     summarize(name, runs, every, budget, "return", line)
@@ -134,15 +160,12 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
         emit(f"{name}_final_win_rate_median", statistics.median(wins), "win rate",
              seeds=wins, **line)  # fmt: skip
     emit(f"{name}_published", math.nan, "see text", published=task.published, **line)
-    if task.jaxmarl_map and args.jaxmarl_repo:
-        peer_jaxmarl(name, task.jaxmarl_map, statistics.median(totals),
-                     statistics.median(speeds), args, line)  # fmt: skip
+    return statistics.median(totals), statistics.median(speeds)
 
 
 def peer_jaxmarl(
-    name: str, map_name: str, seconds: float, shoal_sps: float,
-    args: argparse.Namespace, line: dict[str, Any],
-) -> None:  # fmt: skip
+    name: str, map_name: str, seconds: float, args: argparse.Namespace, line: dict[str, Any]
+) -> float:
     """JaxMARL's own recurrent MAPPO on the same map for shoal's median wall clock a seed
     (setup and compilation included on both sides)."""
     from benchmarks.peers.jaxmarl_mappo import run
@@ -163,7 +186,7 @@ def peer_jaxmarl(
          seconds_per_seed=round(seconds, 1), **line)  # fmt: skip
     emit(f"{name}_jaxmarl_mappo_rnn_win_rate_median", statistics.median(wins), "win rate",
          seeds=[round(w, 3) for w in wins], **line)  # fmt: skip
-    emit(f"{name}_throughput_vs_jaxmarl", shoal_sps / statistics.median(speeds), "ratio", **line)
+    return statistics.median(speeds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="multiply every task's env-step budget (and marks)")  # fmt: skip
+    p.add_argument("--memory", nargs="+", choices=["none", "gru", "lstm"], default=None,
+                   help="arms: each task once per model.memory value (default: the "
+                   "preset's)")  # fmt: skip
     p.add_argument("--jaxmarl-repo", type=Path, default=None,
                    help="a JaxMARL checkout: its own recurrent MAPPO runs on the SMAX tasks "
                    "for shoal's wall clock (benchmarks.peers.jaxmarl_mappo)")  # fmt: skip
