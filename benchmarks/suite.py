@@ -42,6 +42,8 @@ class Task:
     # lost or drawn one at most the 1.0, so a team return above 1.5 per ally is a win.
     win_above: float | None = None
     jaxmarl_map: str | None = None  # the map JaxMARL's own MAPPO trains on as the peer
+    epymarl_key: str | None = None  # the env EPyMARL's own MAPPO trains on as the peer
+    epymarl_time_limit: int = 50  # its episode limit (the paper's: LBF 50, RWARE 500)
 
 
 def _lbf(task_id: str) -> list[str]:
@@ -53,12 +55,14 @@ TASKS: dict[str, Task] = {
     "lbf_8x8_2p_2f_coop": Task(
         "lbf-8x8-2p-2f-coop", budget=2_000_000, every=200_000,
         what="team return, LBF 2.0 Foraging-8x8-2p-2f-coop-v3 (1.0 = every food loaded)",
+        epymarl_key="lbforaging:Foraging-8x8-2p-2f-coop-v3",
         published="EPyMARL (Papoudakis et al., NeurIPS 2021 D&B), MAPPO with parameter "
         "sharing, Table 3 (maximum returns over 20M steps, LBF v1): not checked here",
     ),
     "lbf_2s_8x8_2p_2f_coop": Task(
         "lbf-8x8-2p-2f-coop", _lbf("Foraging-2s-8x8-2p-2f-coop-v3"), 2_000_000, 200_000,
         "team return, LBF 2.0 Foraging-2s-8x8-2p-2f-coop-v3 (sight 2)",
+        epymarl_key="lbforaging:Foraging-2s-8x8-2p-2f-coop-v3",
     ),
     "lbf_10x10_3p_3f": Task(
         "lbf-8x8-2p-2f-coop", _lbf("Foraging-10x10-3p-3f-v3"), 2_000_000, 200_000,
@@ -67,6 +71,7 @@ TASKS: dict[str, Task] = {
     "rware_tiny_2ag": Task(
         "rware-tiny-2ag", budget=2_000_000, every=200_000,
         what="deliveries per 500-step episode, rware 2.0 rware-tiny-2ag-v2",
+        epymarl_key="rware:rware-tiny-2ag-v2", epymarl_time_limit=500,
         published="EPyMARL, MAPPO, Table 3 (40M steps, rware v1): not checked here",
     ),
     "rware_tiny_4ag": Task(
@@ -119,6 +124,36 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
         peer_sps = peer_jaxmarl(name, task.jaxmarl_map, seconds, args, line)
         for label, (_, sps) in done.items():
             emit(f"{label}_throughput_vs_jaxmarl", sps / peer_sps, "ratio", **line)
+    if task.epymarl_key and args.epymarl_repo:
+        seconds = max(total for total, _ in done.values())
+        peer_sps = peer_epymarl(name, task, seconds, args, line)
+        for label, (_, sps) in done.items():
+            emit(f"{label}_throughput_vs_epymarl", sps / peer_sps, "ratio", **line)
+
+
+def peer_epymarl(
+    name: str, task: Task, seconds: float, args: argparse.Namespace, line: dict[str, Any]
+) -> float:
+    """EPyMARL's own MAPPO on the same env for the longest arm's median wall clock a seed."""
+    from benchmarks.peers.epymarl import run
+
+    assert task.epymarl_key is not None
+    speeds, finals = [], []
+    for seed in range(args.seeds):
+        res = run(args.epymarl_repo, args.epymarl_python, task.epymarl_key,
+                  task.epymarl_time_limit, seed, seconds)  # fmt: skip
+        recs = res["records"]
+        speeds.append(res["env_steps_per_s"])
+        finals.append(recs[-1]["test_return"])
+        emit(f"{name}_epymarl_mappo_seed_run", finals[-1], "test return (its last log)",
+             seed=seed, env_steps=recs[-1]["env_steps"], wall_s=round(res["wall_s"], 1),
+             env_steps_per_s=round(speeds[-1]), curve=[[r["env_steps"], r["wall_s"],
+             r["test_return"]] for r in recs], **line)  # fmt: skip
+    emit(f"{name}_epymarl_mappo_env_steps_per_s", statistics.median(speeds), "env_steps/s",
+         seconds_per_seed=round(seconds, 1), **line)  # fmt: skip
+    emit(f"{name}_epymarl_mappo_final_return_median", statistics.median(finals), "return",
+         seeds=finals, **line)  # fmt: skip
+    return statistics.median(speeds)
 
 
 def run_arm(
@@ -202,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jaxmarl-repo", type=Path, default=None,
                    help="a JaxMARL checkout: its own recurrent MAPPO runs on the SMAX tasks "
                    "for shoal's wall clock (benchmarks.peers.jaxmarl_mappo)")  # fmt: skip
+    p.add_argument("--epymarl-repo", type=Path, default=None,
+                   help="an EPyMARL checkout: its own MAPPO runs on the LBF/rware tasks for "
+                   "shoal's wall clock (benchmarks.peers.epymarl)")  # fmt: skip
+    p.add_argument("--epymarl-python", default="python",
+                   help="the Python EPyMARL runs with (its own environment)")  # fmt: skip
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     ctx = {"machine": platform.machine()}
