@@ -97,12 +97,16 @@ class AlgorithmSpec:
     metrics: tuple[str, ...] = ()
     memory: bool = False
 
-    def check(self, action_kind: str, memory: str = "none") -> None:
+    def check(self, action_kind: str, memory: bool = False) -> None:
         """Refuse, in one line naming ``train.algorithm``, what this algorithm cannot learn.
 
+        Args:
+            action_kind: the env's.
+            memory: the run's policy has memory (it must declare ``memory``).
+
         Raises:
-            ValueError: an action kind it does not support, or a layout or acting output
-                that shoal's rollouts do not build yet.
+            ValueError: an action kind it does not support, a policy with memory it cannot
+                train, or a layout or acting output that shoal's rollouts do not build yet.
         """
         ok = self.discrete if action_kind == "discrete" else self.continuous
         if not ok:
@@ -110,7 +114,7 @@ class AlgorithmSpec:
                 f"train.algorithm={self.name} does not learn {action_kind} actions; choose "
                 f"another algorithm ({', '.join(ALGORITHMS)}) or env.continuous_actions"
             )
-        if memory != "none" and not self.memory:
+        if memory and not self.memory:
             raise ValueError(
                 f"train.algorithm={self.name} does not train policies with memory on "
                 f"sequence chunks; use model.memory=none or train.algorithm=ppo"

@@ -34,13 +34,20 @@ import torch
 from torch import Tensor, nn
 
 from policies.actor_critic import ARCHITECTURES, ActorCritic, Policy, PolicySpec, ValueNorm
-from policies.distributions import Categorical, DiagGaussian, GroupedDistribution, agent_rows
+from policies.distributions import (
+    Categorical,
+    DiagGaussian,
+    Distribution,
+    GroupedDistribution,
+    agent_rows,
+)
+from policies.memory import KEEP, MEMORY
 
 #: Batch key: ``[B, N]`` bool, the agent acted with its group's past version (self-play).
 PAST = "past_agents"
 
 # Keys whose tensors have an agent axis ``[..., N, ...]`` that an MLP view cuts to its agents.
-_AGENT_DIM = {"obs": -2, "alive": -1, "action_mask": -2}
+_AGENT_DIM = {"obs": -2, "alive": -1, "action_mask": -2, MEMORY: -2, KEEP: -1}
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ class GroupedActorCritic(Policy):
         norms = [u.value_norm for u in self._units if isinstance(u.value_norm, ValueNorm)]
         self.value_norm = GroupValueNorm(norms, unit_of_agent)
         self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
+        # One recurrent state per agent slot, as wide as the widest group's (``memory``).
+        self.memory_size = max(u.memory_size for u in self._units)
         if len(self.past):
             self.input_keys |= {PAST}
         # Each unit's networks read its own agents' rows (mlp) or the whole graph.
@@ -215,6 +224,8 @@ class GroupedActorCritic(Policy):
                 if key in view:
                     view[key] = view[key].index_select(dim, idx)
             view["obs"] = view["obs"][..., : spec.obs_dim]
+        if MEMORY in view:
+            view[MEMORY] = view[MEMORY][..., : self._units[u].memory_size]
         return view
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -282,23 +293,63 @@ class GroupedActorCritic(Policy):
 
     def dist(self, batch: dict[str, Tensor]) -> GroupedDistribution:
         """Every group's distribution over its own agents, read as one ``[B, N]``."""
+        return self._act(batch, states=False)[0]
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
+        """The distribution and, with memory, every slot's next state.
+
+        A group without memory keeps zeros; an agent played by a past version gets that
+        version's state.
+        """
+        if not self.memory_size:
+            return self.dist(batch), None
+        return self._act(batch, states=True)
+
+    def _act(
+        self, batch: dict[str, Tensor], states: bool
+    ) -> tuple[GroupedDistribution, Tensor | None]:
         parts: list[Categorical | DiagGaussian] = []
-        agents = []
+        agents, memory = [], []
         for u, unit in enumerate(self._units):
             own = self._rows[u][0] is self._mlp
             view = self._view(batch, u, own)
-            d = unit.actor(view)
             idx = self.unit_agents(u)
+            d: Any
+            old: Any
+            d, m = unit.step(view) if states else (unit.actor(view), None)
             d = d if own else agent_rows(d, idx)
             if PAST in batch and str(u) in self.past:
-                old = self._past(u).actor(view)
+                past = batch[PAST].index_select(-1, idx)
+                old, old_m = (
+                    self._past(u).step(view) if states else (self._past(u).actor(view), None)
+                )
                 old = old if own else agent_rows(old, idx)
-                d = _where(batch[PAST].index_select(-1, idx), old, d)
+                d = _where(past, old, d)
+                if m is not None and old_m is not None:
+                    m = torch.where(past.unsqueeze(-1), _rows(old_m, idx, own), _rows(m, idx, own))
+                    own = True  # already the unit's rows
             parts.append(d)
             agents.append(idx)
-        return GroupedDistribution(
+            if states:
+                memory.append(self._slot_state(batch, m, idx, own))
+        dist = GroupedDistribution(
             parts, agents, self.action_kind, self.action_dim, inverse=self._inverse
         )
+        if not states:
+            return dist, None
+        return dist, torch.cat(memory, dim=-2).index_select(-2, self._inverse)
+
+    def _slot_state(
+        self, batch: dict[str, Tensor], m: Tensor | None, idx: Tensor, own: bool
+    ) -> Tensor:
+        """A unit's next states ``[B, n_u, memory_size]`` (zero-padded; zeros without memory)."""
+        alive = batch["alive"]
+        if m is None:
+            return alive.new_zeros(
+                *alive.shape[:-1], len(idx), self.memory_size, dtype=torch.float32
+            )
+        m = _rows(m, idx, own)
+        return nn.functional.pad(m, (0, self.memory_size - m.shape[-1]))
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]``, each agent's from its group's critic."""
@@ -308,6 +359,11 @@ class GroupedActorCritic(Policy):
             v = unit.critic(self._view(batch, u, own))
             values.append(v if own else v.index_select(-1, self.unit_agents(u)))
         return torch.cat(values, dim=-1).index_select(-1, self._inverse)
+
+
+def _rows(m: Tensor, idx: Tensor, own: bool) -> Tensor:
+    """A unit's agents' rows of per-agent states ``[..., N, S]`` (as they are when ``own``)."""
+    return m if own else m.index_select(-2, idx)
 
 
 def _where(cond: Tensor, a: Any, b: Any) -> Categorical | DiagGaussian:

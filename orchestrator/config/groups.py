@@ -52,6 +52,7 @@ class GroupModelConfig(BaseModel):
     hidden: int | None = Field(None, ge=1)
     layers: int | None = Field(None, ge=1)
     heads: int | None = Field(None, ge=1)
+    memory: Literal["none", "gru", "lstm"] | None = None
 
     @field_validator("kind", "critic_kind")
     @classmethod

@@ -465,12 +465,15 @@ class Config(_Section):
             + wm
         )
 
-    def _check_memory(self) -> None:
-        if self.groups:
-            raise ValueError(
-                f"model.memory={self.model.memory} with agent groups is not built yet; use "
-                "one shared policy (no groups:) or model.memory=none"
+    def uses_memory(self) -> bool:
+        """Some policy of the run has memory (``model.memory`` or a group's)."""
+        if self.groups:  # each group's own setting, else the run's
+            return any(
+                (g.model.memory or self.model.memory) != "none" for g in self.groups.values()
             )
+        return self.model.memory != "none"
+
+    def _check_memory(self) -> None:
         lengths = [("train.rollout_len", self.train.rollout_len)]
         if self.world_model.enabled:
             lengths.append(("world_model.horizon", self.world_model.horizon))
@@ -510,7 +513,7 @@ class Config(_Section):
                 f"train.minibatches ({self.train.minibatches}) cannot exceed world_model.horizon "
                 f"({wm.horizon}): an imagined batch is split into minibatches of time steps"
             )
-        if self.model.memory != "none":
+        if self.uses_memory():
             self._check_memory()
         if self.train.minibatches > self.train.rollout_len:
             raise ValueError(

@@ -95,7 +95,7 @@ class RolloutActor:
         if self.restarted:
             # Replaying the episodes the dead process already returned would bias the data.
             seed = seed + 7919 * (1 + os.getpid() % 10007)
-            memory = cfg.model.memory != "none"
+            memory = cfg.uses_memory()
             fresh = ": its envs start new episodes, their memory from zeros" if memory else ""
             log.warning("%s restarted (pid %d)%s", self.name, os.getpid(), fresh)
         env = cfg.env.make(cfg.env.num_envs, seed, torch.device("cpu"))

@@ -105,8 +105,6 @@ def test_chunk_length_and_the_config_errors() -> None:
         chunk_length(25, 2, 7)
     with pytest.raises(ConfigError, match=r"train.chunk_len \(7\) must divide train.rollout_len"):
         load_config("spread-gnn", ["model.memory=gru", "train.chunk_len=7"])
-    with pytest.raises(ConfigError, match="model.memory=gru with agent groups"):
-        load_config("tag-mlp", ["model.memory=gru"])
     cfg = load_config("spread-gnn", ["model.memory=lstm"])
     assert cfg.model.memory == "lstm"
     plain = ActorCritic(
@@ -116,6 +114,41 @@ def test_chunk_length_and_the_config_errors() -> None:
     )
     assert plain.memory_size == 0 and MEMORY not in plain.input_keys
     assert not any("core" in k for k in plain.state_dict())
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        ["model.memory=gru"],
+        ["groups.adversary.model.memory=lstm", "groups.agent.model.kind=gnn"],
+        ["model.memory=gru", "groups.agent.pool.size=2", "groups.agent.pool.share=0.5",
+         "groups.adversary.model.kind=transformer", "model.hidden=16", "model.heads=2"],
+    ],
+    ids=["every-group", "one-group-lstm", "self-play-pool"],
+)  # fmt: skip
+def test_agent_groups_carry_and_train_their_own_memory(groups: list[str]) -> None:
+    # Each group's states live in its agents' slots (a group without memory keeps zeros); an
+    # agent a past version plays carries that version's state; whole chunks reproduce acting.
+    cfg = load_config("tag-mlp", ["env.num_envs=8", "env.max_cycles=5", *groups])
+    env = cfg.env.make(8, 0, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = cfg.build_policy(env)
+    assert model.memory_size > 0
+    batch = RolloutWorker(env, model, rollout_len=10, seed=1).collect()
+    stored = batch.obs[MEMORY]
+    if "groups.adversary.model.memory=lstm" in groups:
+        agents = model.group_agents()
+        assert (stored[..., agents["agent"], :] == 0).all()
+        assert (stored[1:, :, agents["adversary"], :] != 0).any()
+    t_len, b = batch.rewards.shape[:2]
+    steps = _Steps(torch.arange(2), 5)
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    with torch.no_grad():
+        dist, _ = model(steps.obs(batch.obs, model.input_keys, keep))
+        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    stats = Learner(model, cfg.train).update(batch)
+    assert stats["minibatches_done"] > 0
 
 
 def test_a_stale_batch_is_refreshed_chunk_by_chunk() -> None:
