@@ -7,7 +7,10 @@ parallel envs, lr 3e-4) in its own Python environment (EPyMARL pins its own torc
 of shoal's), stops it after ``--seconds`` of wall clock, and prints a JSON line per seed with
 its env steps, wall time and every ``test_return_mean`` it logged (greedy test episodes, its
 own evaluation), each stamped with the wall time it was printed at. ``test_interval`` and
-``log_interval`` are set to ``--log-every`` env steps so a short run still reports.
+``log_interval`` are set to ``--log-every`` env steps so a short run still reports, and its
+test runs to ``test_nepisode=10`` (its default, 100 episodes every 10k steps, would step more
+test episodes than training ones on RWARE's 500-step episodes; its env-steps/s count training
+steps only, so test episodes lower it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ TEST = re.compile(r"test_return_mean:\s+(-?[\d.]+)")
 
 def run(
     repo: Path, python: str, key: str, time_limit: int, seed: int, seconds: float,
-    log_every: int = 10_000,
+    log_every: int = 10_000, test_episodes: int = 10,
 ) -> dict[str, Any]:  # fmt: skip
     """One seed for ``seconds`` of wall clock: ``records`` of (env steps, wall s, test return)."""
     cmd = [
@@ -34,7 +37,7 @@ def run(
         f"env_args.key={key}", f"env_args.time_limit={time_limit}", f"seed={seed}",
         "t_max=100000000", f"test_interval={log_every}", f"log_interval={log_every}",
         f"runner_log_interval={log_every}", f"learner_log_interval={log_every}",
-        "save_model=False", "use_tensorboard=False",
+        "save_model=False", "use_tensorboard=False", f"test_nepisode={test_episodes}",
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.Popen(
