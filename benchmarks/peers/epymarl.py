@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -40,9 +42,12 @@ def run(
         "save_model=False", "use_tensorboard=False", f"test_nepisode={test_episodes}",
     ]  # fmt: skip
     start = time.perf_counter()
+    # Its own process group: EPyMARL's parallel runner forks an env process per env, and
+    # they must end with it.
     proc = subprocess.Popen(
-        cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     assert proc.stdout is not None
     records: list[dict[str, Any]] = []
     t_env: int | None = None
@@ -59,11 +64,7 @@ def run(
             if now >= seconds:
                 break
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _end(proc)
     if not records:
         raise RuntimeError("EPyMARL logged no test return; its output ended:\n" + "\n".join(tail))
     wall = time.perf_counter() - start
@@ -71,6 +72,20 @@ def run(
     span = last["wall_s"] - first["wall_s"]
     sps = (last["env_steps"] - first["env_steps"]) / span if span > 0 else float("nan")
     return {"records": records, "wall_s": wall, "env_steps_per_s": sps}
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    """Stop the run and every process it started (its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def main(argv: list[str] | None = None) -> None:
