@@ -115,11 +115,14 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def chunk_length(rollout_len: int, minibatches: int, chunk_len: int | None) -> int:
+def chunk_length(
+    rollout_len: int, minibatches: int, chunk_len: int | None, key: str = "train.rollout_len"
+) -> int:
     """Steps per training sequence.
 
     ``chunk_len``, or the longest divisor of ``rollout_len`` that leaves at least
-    ``minibatches`` chunks.
+    ``minibatches`` chunks. ``key`` names the length in errors (imagined batches are
+    ``world_model.horizon`` long).
 
     Raises:
         ValueError: a ``chunk_len`` that does not divide ``rollout_len``.
@@ -127,7 +130,7 @@ def chunk_length(rollout_len: int, minibatches: int, chunk_len: int | None) -> i
     if chunk_len is not None:
         if rollout_len % chunk_len:
             raise ValueError(
-                f"train.chunk_len ({chunk_len}) must divide train.rollout_len ({rollout_len}): "
+                f"train.chunk_len ({chunk_len}) must divide {key} ({rollout_len}): "
                 "training sequences never straddle two rollouts"
             )
         return chunk_len

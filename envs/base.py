@@ -66,6 +66,17 @@ class Observation:
         return replace(self, **kw)
 
 
+def check_at_least(**bounds: tuple[float, float]) -> None:
+    """A native env's argument checks: ``name=(value, lowest)``, in order.
+
+    Raises:
+        ValueError: the first argument below its bound, named.
+    """
+    for name, (value, low) in bounds.items():
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
 @dataclass(frozen=True)
 class AgentInfo:
     """One agent slot: its name and its own observation and action widths.

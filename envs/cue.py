@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from envs.base import AgentInfo, Observation, StepResult, VecMultiAgentEnv
+from envs.base import AgentInfo, Observation, StepResult, VecMultiAgentEnv, check_at_least
 
 
 class CueEnv(VecMultiAgentEnv):
@@ -41,14 +41,10 @@ class CueEnv(VecMultiAgentEnv):
         device: str | torch.device = "cpu",
         seed: int | None = None,
     ) -> None:
-        for name, value, low in (
-            ("num_envs", num_envs, 1),
-            ("n_agents", n_agents, 1),
-            ("choices", choices, 2),
-            ("max_cycles", max_cycles, 2),
-        ):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+        check_at_least(
+            num_envs=(num_envs, 1), n_agents=(n_agents, 1), choices=(choices, 2),
+            max_cycles=(max_cycles, 2),
+        )  # fmt: skip
         self.num_envs, self.n_agents, self.choices = num_envs, n_agents, choices
         self.max_cycles = self.max_episode_steps = max_cycles
         self.device = torch.device(device)

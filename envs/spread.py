@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from envs.base import Observation, StepResult, VecMultiAgentEnv
+from envs.base import Observation, StepResult, VecMultiAgentEnv, check_at_least
 
 # mpe2 world constants (mpe2/_mpe_utils/core.py World, simple_spread Scenario).
 DT = 0.1
@@ -141,14 +141,10 @@ class SpreadEnv(VecMultiAgentEnv):
         dtype: torch.dtype = torch.float32,
         seed: int | None = None,
     ) -> None:
-        if n_agents < 1:
-            raise ValueError(f"n_agents must be >= 1, got {n_agents}")
+        check_at_least(n_agents=(n_agents, 1))
         if not 0.0 <= local_ratio <= 1.0:
             raise ValueError(f"local_ratio must be in [0, 1], got {local_ratio}")
-        if max_cycles < 1:
-            raise ValueError(f"max_cycles must be >= 1, got {max_cycles}")
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        check_at_least(max_cycles=(max_cycles, 1), num_envs=(num_envs, 1))
         self.num_envs = num_envs
         self.n_agents = n_agents
         self.local_ratio = local_ratio

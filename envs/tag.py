@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from envs.base import AgentInfo, Observation, StepResult, VecMultiAgentEnv
+from envs.base import AgentInfo, Observation, StepResult, VecMultiAgentEnv, check_at_least
 from envs.spread import _DISCRETE_U, CONTACT_FORCE, CONTACT_MARGIN, end_step, integrate
 
 ADVERSARY_SIZE, GOOD_SIZE, OBSTACLE_SIZE = 0.075, 0.05, 0.2
@@ -84,15 +84,10 @@ class TagEnv(VecMultiAgentEnv):
         dtype: torch.dtype = torch.float32,
         seed: int | None = None,
     ) -> None:
-        for name, value, low in (
-            ("num_envs", num_envs, 1),
-            ("num_adversaries", num_adversaries, 1),
-            ("num_good", num_good, 1),
-            ("num_obstacles", num_obstacles, 0),
-            ("max_cycles", max_cycles, 1),
-        ):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+        check_at_least(
+            num_envs=(num_envs, 1), num_adversaries=(num_adversaries, 1),
+            num_good=(num_good, 1), num_obstacles=(num_obstacles, 0), max_cycles=(max_cycles, 1),
+        )  # fmt: skip
         self.num_envs = num_envs
         self.num_adversaries, self.num_good, self.num_obstacles = (
             num_adversaries,

@@ -41,7 +41,7 @@ from policies.distributions import (
     GroupedDistribution,
     agent_rows,
 )
-from policies.memory import KEEP, MEMORY
+from policies.memory import KEEP, MEMORY, zero_state
 
 #: Batch key: ``[B, N]`` bool, the agent acted with its group's past version (self-play).
 PAST = "past_agents"
@@ -318,6 +318,7 @@ class GroupedActorCritic(Policy):
             old: Any
             d, m = unit.step(view) if states else (unit.actor(view), None)
             d = d if own else agent_rows(d, idx)
+            m = None if m is None else _rows(m, idx, own)
             if PAST in batch and str(u) in self.past:
                 past = batch[PAST].index_select(-1, idx)
                 old, old_m = (
@@ -326,12 +327,11 @@ class GroupedActorCritic(Policy):
                 old = old if own else agent_rows(old, idx)
                 d = _where(past, old, d)
                 if m is not None and old_m is not None:
-                    m = torch.where(past.unsqueeze(-1), _rows(old_m, idx, own), _rows(m, idx, own))
-                    own = True  # already the unit's rows
+                    m = torch.where(past.unsqueeze(-1), _rows(old_m, idx, own), m)
             parts.append(d)
             agents.append(idx)
             if states:
-                memory.append(self._slot_state(batch, m, idx, own))
+                memory.append(self._slot_state(batch, m, len(idx)))
         dist = GroupedDistribution(
             parts, agents, self.action_kind, self.action_dim, inverse=self._inverse
         )
@@ -339,16 +339,13 @@ class GroupedActorCritic(Policy):
             return dist, None
         return dist, torch.cat(memory, dim=-2).index_select(-2, self._inverse)
 
-    def _slot_state(
-        self, batch: dict[str, Tensor], m: Tensor | None, idx: Tensor, own: bool
-    ) -> Tensor:
-        """A unit's next states ``[B, n_u, memory_size]`` (zero-padded; zeros without memory)."""
-        alive = batch["alive"]
+    def _slot_state(self, batch: dict[str, Tensor], m: Tensor | None, n: int) -> Tensor:
+        """A unit's next states ``[B, n, memory_size]`` from its agents' rows ``m``.
+
+        Zero-padded to the widest group's width; zeros for a unit without memory.
+        """
         if m is None:
-            return alive.new_zeros(
-                *alive.shape[:-1], len(idx), self.memory_size, dtype=torch.float32
-            )
-        m = _rows(m, idx, own)
+            return zero_state(batch["alive"][..., :n], self.memory_size)
         return nn.functional.pad(m, (0, self.memory_size - m.shape[-1]))
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:

@@ -26,6 +26,11 @@ MEMORY_KINDS = ("none", "gru", "lstm")
 MEMORY, KEEP = "memory", "memory_keep"
 
 
+def zero_state(alive: Tensor, size: int) -> Tensor:
+    """Zero recurrent states ``[..., N, size]`` for agents shaped like ``alive [..., N]``."""
+    return alive.new_zeros(*alive.shape, size, dtype=torch.float32)
+
+
 class MemoryCore(nn.Module):
     """A GRU or LSTM cell over ``[..., width]`` features, one state per leading index.
 
@@ -84,16 +89,11 @@ class RecurrentActor(nn.Module):
         self.actor: Any = actor
         self.core = MemoryCore(kind, hidden)
 
-    def initial(self, batch: dict[str, Tensor]) -> Tensor:
-        """Zero states for a batch's agents."""
-        alive = batch["alive"]
-        return alive.new_zeros(*alive.shape, self.core.size, dtype=torch.float32)
-
     def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """One step from ``batch["memory"]`` (zeros when the batch has none)."""
         state = batch.get(MEMORY)
         if state is None:
-            state = self.initial(batch)
+            state = zero_state(batch["alive"], self.core.size)
         h, state = self.core(self.actor.features(batch), state)
         return self.actor.head(h, batch.get("action_mask")), state
 
@@ -131,8 +131,7 @@ class MemoryState:
         if not self.size:
             return batch
         if self.state is None:
-            alive = batch["alive"]
-            self.state = alive.new_zeros(*alive.shape, self.size, dtype=torch.float32)
+            self.state = zero_state(batch["alive"], self.size)
         return {**batch, MEMORY: self.state}
 
     def advance(self, state: Tensor | None, done: Tensor, alive: Tensor) -> None:

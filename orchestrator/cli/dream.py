@@ -19,7 +19,7 @@ import yaml
 from torch import Tensor
 
 from agents.imagination import EntityWorld, LearnedDynamics, ObservationWorld, open_loop
-from envs import Observation
+from envs import Observation, StepResult
 from orchestrator.config import Config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.runtime.world import model_from_checkpoint
@@ -73,19 +73,19 @@ def dream(
     obs = env.reset(seed=seed)
     memory = MemoryState(policy.memory_size)  # the policy's memory, carried through the episode
 
-    def act(view: Observation) -> Tensor:
+    def act(view: Observation) -> tuple[Tensor, StepResult]:
         dist, state = policy.step(memory.feed(view.as_dict()))
         action = dist.sample()
-        memory.advance(state, torch.zeros(worlds, dtype=torch.bool), view.alive)
-        return action
+        res = env.step(action)
+        memory.advance(state, res.done, res.observation.alive)
+        return action, res
 
     for _ in range(start_step):
-        obs = env.step(act(obs)).observation
+        obs = act(obs)[1].observation
     start = obs
     seen, actions = [obs.as_dict()], []
     for _ in range(steps):
-        a = act(obs)
-        res = env.step(a)
+        a, res = act(obs)
         obs = res.final  # the episode's own last view, even at a time limit
         actions.append(a)
         seen.append(obs.as_dict())

@@ -478,10 +478,7 @@ class Config(_Section):
         if self.world_model.enabled:
             lengths.append(("world_model.horizon", self.world_model.horizon))
         for key, t_len in lengths:
-            try:
-                chunk_length(t_len, self.train.minibatches, self.train.chunk_len)
-            except ValueError as e:
-                raise ValueError(str(e).replace("train.rollout_len", key)) from None
+            chunk_length(t_len, self.train.minibatches, self.train.chunk_len, key)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
