@@ -23,16 +23,17 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from agents.rollout import RolloutBatch
-from policies.actor_critic import Policy
+from policies.actor_critic import Policy, PolicySpec
 
 #: What acting records per step today (``Policy.act``): an algorithm may ask for no more.
 ACTING_OUTPUTS = frozenset({"logp", "value"})
 #: Batch layouts: random time steps across envs, whole sequence chunks with their start
 #: recurrent states (a policy with ``model.memory``: every step's entering state is in
 #: ``batch.obs["memory"]``, ``policies.memory.chunk_keep`` says where acting kept it), replayed
-#: transitions. The last is not built yet.
+#: transitions (the algorithm keeps each batch it is handed in its own replay and samples
+#: transitions from it).
 LAYOUTS = ("time_steps", "chunks", "transitions")
-BUILT_LAYOUTS = frozenset({"time_steps", "chunks"})
+BUILT_LAYOUTS = frozenset({"time_steps", "chunks", "transitions"})
 
 
 class Algorithm(Protocol):
@@ -66,6 +67,9 @@ class Algorithm(Protocol):
 
 
 Build = Callable[[Policy, BaseModel, nn.Module, Callable[[Tensor], Tensor] | None], Algorithm]
+MakePolicy = Callable[[PolicySpec, int, BaseModel], Policy]
+"""``policy(spec, n_agents, train_config)``: the policy an algorithm learns, when it is not the
+actor-critic ``model`` describes (``spec``: ``model``'s architecture sized for the env)."""
 """``build(model, train_config, train_model, all_reduce_mean)``: ``train_model`` is the module
 to call in training (the DDP wrapper on K ranks), ``all_reduce_mean`` averages a tensor over
 the ranks (``None`` on one), so global statistics make K ranks reproduce one."""
@@ -85,6 +89,9 @@ class AlgorithmSpec:
         metrics: the names its ``update`` returns, for dashboards and docs.
         memory: it trains policies with memory on whole chunks from their stored states
             (``model.memory`` is refused for an algorithm that does not).
+        policy: builds the policy it learns (``None``: the actor-critic ``model`` describes).
+        groups: it trains agent groups (``groups``; refused for an algorithm that does not).
+        world_model: it learns from imagined batches (``world_model.enabled``).
     """
 
     name: str
@@ -96,13 +103,25 @@ class AlgorithmSpec:
     layout: str = "time_steps"
     metrics: tuple[str, ...] = ()
     memory: bool = False
+    policy: MakePolicy | None = None
+    groups: bool = True
+    world_model: bool = True
 
-    def check(self, action_kind: str, memory: bool = False) -> None:
+    def check(
+        self,
+        action_kind: str,
+        memory: bool = False,
+        groups: bool = False,
+        world_model: bool = False,
+    ) -> None:
         """Refuse, in one line naming ``train.algorithm``, what this algorithm cannot learn.
 
         Args:
             action_kind: the env's.
             memory: the run's policy has memory (it must declare ``memory``).
+            groups: the run has agent groups (it must declare ``groups``).
+            world_model: the run imagines with a world model (it must declare
+                ``world_model``).
 
         Raises:
             ValueError: an action kind it does not support, a policy with memory it cannot
@@ -119,11 +138,20 @@ class AlgorithmSpec:
                 f"train.algorithm={self.name} does not train policies with memory on "
                 f"sequence chunks; use model.memory=none or train.algorithm=ppo"
             )
+        for asked, able, key in (
+            (groups, self.groups, "groups"),
+            (world_model, self.world_model, "world_model"),
+        ):
+            if asked and not able:
+                raise ValueError(
+                    f"train.algorithm={self.name} does not train with {key} yet; remove "
+                    f"{key} or use train.algorithm=ppo"
+                )
         if self.layout not in BUILT_LAYOUTS or not self.acting <= ACTING_OUTPUTS:
             raise ValueError(
                 f"train.algorithm={self.name} learns from {self.layout} batches acted with "
                 f"{sorted(self.acting)}; shoal's rollouts give {sorted(BUILT_LAYOUTS)} with "
-                f"{sorted(ACTING_OUTPUTS)} (replayed transitions are planned)"
+                f"{sorted(ACTING_OUTPUTS)}"
             )
 
 
@@ -148,8 +176,44 @@ PPO = AlgorithmSpec(
 )  # fmt: skip
 """MAPPO / IPPO (``agents/ppo.py``): the critic the policy was built with decides which."""
 
+
+def _value_decomposition(
+    model: Policy,
+    cfg: BaseModel,
+    train_model: nn.Module,
+    all_reduce_mean: Callable[[Tensor], Tensor] | None,
+) -> Algorithm:
+    from agents.value_decomposition import ValueDecomposition
+    from policies.q import QPolicy
+
+    assert isinstance(model, QPolicy)
+    return ValueDecomposition(model, cfg, train_model, all_reduce_mean)
+
+
+def _q_policy(mixer: str) -> MakePolicy:
+    def make(spec: PolicySpec, n_agents: int, cfg: BaseModel) -> Policy:
+        from policies.q import QPolicy
+
+        return QPolicy(spec, mixer, n_agents, int(getattr(cfg, "mixer_embed", 32)))
+
+    return make
+
+
+_Q_METRICS = ("q_loss", "q_taken", "q_target", "grad_norm", "epsilon", "replay_transitions",
+              "gradient_steps", "lr")  # fmt: skip
+QMIX = AlgorithmSpec(
+    "qmix", _value_decomposition, continuous=False, on_policy=False, layout="transitions",
+    metrics=_Q_METRICS, policy=_q_policy("qmix"), groups=False, world_model=False,
+)  # fmt: skip
+"""QMIX (``agents/value_decomposition.py``): per-agent utilities, a monotonic mixer."""
+VDN = AlgorithmSpec(
+    "vdn", _value_decomposition, continuous=False, on_policy=False, layout="transitions",
+    metrics=_Q_METRICS, policy=_q_policy("vdn"), groups=False, world_model=False,
+)  # fmt: skip
+"""VDN: per-agent utilities summed."""
+
 #: Algorithms by name. One line each.
-ALGORITHMS: dict[str, AlgorithmSpec] = {"ppo": PPO}
+ALGORITHMS: dict[str, AlgorithmSpec] = {"ppo": PPO, "qmix": QMIX, "vdn": VDN}
 
 
 def algorithm_spec(name: str) -> AlgorithmSpec:

@@ -297,11 +297,12 @@ def episode_returns(
 def apart(model: Policy, device: torch.device, seed: int) -> Iterator[None]:
     """Act off the training's random stream, and every group with its current weights.
 
-    Inside, the RNG is a fork seeded with ``seed`` and self-play's past versions are not used.
+    Inside, the RNG is a fork seeded with ``seed`` and the policy acts as evaluation should
+    (``Policy.evaluating``: self-play's past versions are not used, value-decomposition
+    policies act greedily).
     """
     cuda = [device.index or 0] if device.type == "cuda" else []
-    current = getattr(model, "current_only", contextlib.nullcontext)
-    with torch.random.fork_rng(devices=cuda), current():
+    with torch.random.fork_rng(devices=cuda), model.evaluating():
         torch.manual_seed(seed)
         yield
 

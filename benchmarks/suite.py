@@ -44,6 +44,7 @@ class Task:
     jaxmarl_map: str | None = None  # the map JaxMARL's own MAPPO trains on as the peer
     epymarl_key: str | None = None  # the env EPyMARL's own MAPPO trains on as the peer
     epymarl_time_limit: int = 50  # its episode limit (the paper's: LBF 50, RWARE 500)
+    q_preset: str | None = None  # the preset value-decomposition arms (--algorithms) start from
 
 
 def _lbf(task_id: str) -> list[str]:
@@ -55,7 +56,7 @@ TASKS: dict[str, Task] = {
     "lbf_8x8_2p_2f_coop": Task(
         "lbf-8x8-2p-2f-coop", budget=2_000_000, every=200_000,
         what="team return, LBF 2.0 Foraging-8x8-2p-2f-coop-v3 (1.0 = every food loaded)",
-        epymarl_key="lbforaging:Foraging-8x8-2p-2f-coop-v3",
+        epymarl_key="lbforaging:Foraging-8x8-2p-2f-coop-v3", q_preset="lbf-8x8-2p-2f-coop-qmix",
         published="EPyMARL (Papoudakis et al., NeurIPS 2021 D&B), MAPPO with parameter "
         "sharing, Table 3 (maximum returns over 20M steps, LBF v1): not checked here",
     ),
@@ -112,12 +113,22 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
     line = {**ctx, "task": name, "what": task.what, "budget": budget}
     for ref, value in reference_returns(task.preset, overrides).items():
         emit(f"{name}_{ref}_return", value, "return", **line)
-    arms = args.memory or [None]
     done = {}
-    for memory in arms:
-        label = name if memory is None else f"{name}_memory_{memory}"
-        extra = [] if memory is None else [f"model.memory={memory}"]
-        done[label] = run_arm(label, task, extra, args, {**line, "memory": memory or "preset"})
+    for memory in args.memory or [None]:
+        for algorithm in args.algorithms or [None]:
+            label, extra, preset = name, [], task.preset
+            if memory is not None:
+                label, extra = f"{label}_memory_{memory}", [f"model.memory={memory}"]
+            if algorithm is not None:
+                label = f"{label}_{algorithm}"
+                if algorithm != "ppo":
+                    if task.q_preset is None:
+                        raise SystemExit(f"--algorithms {algorithm}: task {name} has no preset "
+                                         "for value decomposition (Task.q_preset)")  # fmt: skip
+                    preset = task.q_preset
+                    extra = [*extra, f"train.algorithm={algorithm}"]
+            arm_line = {**line, "memory": memory or "preset", "algorithm": algorithm or "preset"}
+            done[label] = run_arm(label, task, extra, args, arm_line, preset)
     if task.jaxmarl_map and args.jaxmarl_repo:
         # The peer gets the longest arm's median wall clock a seed.
         seconds = max(total for total, _ in done.values())
@@ -157,16 +168,21 @@ def peer_epymarl(
 
 
 def run_arm(
-    name: str, task: Task, extra: list[str], args: argparse.Namespace, line: dict[str, Any]
+    name: str,
+    task: Task,
+    extra: list[str],
+    args: argparse.Namespace,
+    line: dict[str, Any],
+    preset: str | None = None,
 ) -> tuple[float, float]:
-    """Every seed of one arm, then its summary lines."""
+    """Every seed of one arm (from ``preset``, default the task's), then its summary lines."""
     budget = max(task.every, int(task.budget * args.budget_scale))
     every = max(1, int(task.every * args.budget_scale))
     overrides = [*task.overrides, *args.overrides, *extra]
     runs, speeds, walls, totals, wins = [], [], [], [], []
     for seed in range(args.seeds):
         res = train_and_evaluate(
-            task.preset, None, [f"train.seed={seed}", *overrides],
+            preset or task.preset, None, [f"train.seed={seed}", *overrides],
             env_steps=budget, eval_every_steps=every,
         )  # fmt: skip
         final = res["evals"][-1]["mean"] if res["evals"] else math.nan
@@ -234,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory", nargs="+", choices=["none", "gru", "lstm"], default=None,
                    help="arms: each task once per model.memory value (default: the "
                    "preset's)")  # fmt: skip
+    p.add_argument("--algorithms", nargs="+", choices=["ppo", "qmix", "vdn"], default=None,
+                   help="arms: each task once per train.algorithm (qmix/vdn start from the "
+                   "task's value-decomposition preset; default: the preset's)")  # fmt: skip
     p.add_argument("--jaxmarl-repo", type=Path, default=None,
                    help="a JaxMARL checkout: its own recurrent MAPPO runs on the SMAX tasks "
                    "for shoal's wall clock (benchmarks.peers.jaxmarl_mappo)")  # fmt: skip

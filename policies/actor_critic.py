@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -215,6 +216,14 @@ class Policy(nn.Module):
     def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
         """De-normalised values ``[B, N]`` for bootstrapping."""
         return self.value_norm.denormalize(self.value(self.prepare(batch)))
+
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        """Inside, act as evaluation should.
+
+        Agent groups act with their current weights (never a self-play past version),
+        value-decomposition policies greedily.
+        """
+        return contextlib.nullcontext()
 
 
 class ActorCritic(Policy):

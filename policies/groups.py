@@ -256,6 +256,10 @@ class GroupedActorCritic(Policy):
         finally:
             self.use_past = before
 
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        """Evaluation acts with every group's current weights (:meth:`current_only`)."""
+        return self.current_only()
+
     def learn_mask(self, batch: dict[str, Tensor]) -> Tensor:
         """``[..., N]`` bool: the samples a loss learns from.
 
@@ -379,6 +383,9 @@ def policy_meta(model: Policy) -> dict[str, Any]:
             "action_kind": model.action_kind,
             "action_dim": model.action_dim,
         }
+    meta = getattr(model, "meta", None)
+    if meta is not None:  # a policy that records itself (policies.q.QPolicy)
+        return meta()  # type: ignore[no-any-return]
     assert isinstance(model, ActorCritic)
     return {"policy_spec": asdict(model.spec)}
 
@@ -388,7 +395,13 @@ def policy_from_meta(meta: dict[str, Any], **spec_overrides: Any) -> Policy:
     if "policy_groups" in meta:
         groups = [AgentGroup.from_dict(g) for g in meta["policy_groups"]]
         return GroupedActorCritic(groups, meta["action_kind"], meta["action_dim"])
-    return ActorCritic(PolicySpec(**{**meta["policy_spec"], **spec_overrides}))
+    spec = PolicySpec(**{**meta["policy_spec"], **spec_overrides})
+    if "q_policy" in meta:
+        from policies.q import QPolicy
+
+        q = meta["q_policy"]  # acting never reads the mixer, which is tied to the team size
+        return QPolicy(spec, q["mixer"], q["n_agents"], q["mixer_embed"])
+    return ActorCritic(spec)
 
 
 def with_widths(spec: PolicySpec, obs_dim: int, action_dim: int, **overrides: Any) -> PolicySpec:

@@ -207,9 +207,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
         except EnvError as e:  # an optional package missing here (e.g. jaxmarl)
             agents = f"N=? ({e})"
         groups = f" groups={','.join(cfg.groups)}" if cfg.groups else ""
+        algorithm = cfg.train.algorithm
+        critic = f" critic={cfg.model.critic}" if algorithm == "ppo" else ""  # MAPPO or IPPO
         console.print(
-            f"[cyan]{name}[/]  env={cfg.env.name} {agents} model={cfg.model.kind} "
-            f"critic={cfg.model.critic}{groups}",
+            f"[cyan]{name}[/]  env={cfg.env.name} {agents} algorithm={algorithm} "
+            f"model={cfg.model.kind}{critic}{groups}",
             highlight=False,
             markup=False if "?" in agents else None,
         )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import envs
 from agents.algorithm import algorithm_spec
 from agents.ppo import PPOConfig, chunk_length
+from agents.value_decomposition import QConfig
 from agents.world_model import ModelTrainer, trainer_for
 from envs import EnvSettings, VecMultiAgentEnv
 from orchestrator.config.groups import GroupConfig, GroupError, build_policy
@@ -139,11 +140,12 @@ class ModelConfig(_Section):
         return _one_of(value, EDGE_MODES)
 
 
-class TrainConfig(PPOConfig):
+class TrainConfig(PPOConfig, QConfig):
     """The algorithm, its settings and the length of the run.
 
     The settings are PPO's (every :class:`agents.ppo.PPOConfig` field), which on-policy
-    actor-critic algorithms share.
+    actor-critic algorithms share, and the replay's (:class:`agents.value_decomposition.
+    QConfig`), which QMIX and VDN read with ``lr``, ``gamma`` and ``max_grad_norm``.
     """
 
     algorithm: str = "ppo"
@@ -447,6 +449,11 @@ class Config(_Section):
         Raises:
             ConfigError: a ``groups`` entry that does not fit the env, naming the key.
         """
+        make = algorithm_spec(self.train.algorithm).policy
+        if make is not None:
+            if self.groups:
+                raise ConfigError(f"train.algorithm={self.train.algorithm} does not train groups")
+            return make(self.model.spec(env), env.n_agents, self.train)
         try:
             return build_policy(self.model, self.groups, env)
         except GroupError as e:

@@ -177,7 +177,9 @@ def preflight(cfg: Config) -> dict[str, list[str]]:
         if cfg.world_model.enabled:
             world.check_env(cfg, env)
         try:
-            algorithm_spec(cfg.train.algorithm).check(env.action_kind, cfg.uses_memory())
+            algorithm_spec(cfg.train.algorithm).check(
+                env.action_kind, cfg.uses_memory(), bool(cfg.groups), cfg.world_model.enabled
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         policy = cfg.build_policy(env)

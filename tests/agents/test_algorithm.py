@@ -37,9 +37,9 @@ def test_preflight_refuses_an_action_kind_the_algorithm_cannot_learn(monkeypatch
     preflight(load_config("spread-mlp", ["train.algorithm=d"]))  # spread's actions: discrete
     with pytest.raises(ConfigError, match=r"train.algorithm=d does not learn continuous"):
         preflight(load_config("spread-mlp", ["train.algorithm=d", "env.continuous_actions=true"]))
-    replay = AlgorithmSpec("c", A2C.build, layout="transitions")
-    monkeypatch.setitem(ALGORITHMS, "c", replay)
-    with pytest.raises(ConfigError, match=r"learns from transitions batches .*planned"):
+    asks_more = AlgorithmSpec("c", A2C.build, acting=frozenset({"q_values"}))
+    monkeypatch.setitem(ALGORITHMS, "c", asks_more)
+    with pytest.raises(ConfigError, match=r"acted with \['q_values'\]; shoal's rollouts give"):
         preflight(load_config("spread-mlp", ["train.algorithm=c"]))
     # A2C does not declare memory: a recurrent policy is refused before anything starts.
     with pytest.raises(ConfigError, match=r"train.algorithm=a2c does not train policies with"):

@@ -26,9 +26,9 @@ import pytest
 import ray
 import torch
 
+from agents.algorithm import algorithm_spec
 from agents.imagination import EntityWorld, LearnedDynamics, imagine
 from agents.memory import ReplayStream, RunState, WeightStore, connect
-from agents.ppo import Learner
 from agents.rollout import RolloutBatch, RolloutWorker
 from agents.world_model import TransitionBuffer
 from orchestrator.cli.evaluate import evaluate
@@ -186,6 +186,8 @@ def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int)
 
 # Agent groups: GNN predators at their own rate, MLP prey at their own widths.
 GROUPED = ["env.name=tag", "groups.adversary.lr=0.001", "groups.agent.model.kind=mlp"]
+QMIX = ["train.algorithm=qmix", "train.learning_starts=0", "train.replay_batch=64",
+        "train.updates_per_batch=2"]  # fmt: skip
 
 
 def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch]:
@@ -201,13 +203,14 @@ def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch
 
 @pytest.mark.parametrize(
     "grouping",
-    [[], GROUPED, ["imagined"], ["model.memory=gru"]],
-    ids=["shared", "groups", "imagined", "memory"],
+    [[], GROUPED, ["imagined"], ["model.memory=gru"], QMIX],
+    ids=["shared", "groups", "imagined", "memory", "qmix"],
 )
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
     # With a world model each rank imagines from its own shard's start states: its imagined
     # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both. With
-    # memory, minibatches are chunks cut along time, whole on each rank's envs.
+    # memory, minibatches are chunks cut along time, whole on each rank's envs. QMIX ranks
+    # draw the same replayed transitions and each learns from those on its own envs.
     dreamed = grouping == ["imagined"]
     cfg = tiny("train.epochs=2", "train.minibatches=2", *([] if dreamed else grouping))
     env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
@@ -245,7 +248,9 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grou
         for group in groups.values():
             group.shutdown()
 
-    assert set(one) == set(two[0]) and any(k.endswith("value_norm.debias") for k in one)
+    assert set(one) == set(two[0])
+    assert any(k.endswith("value_norm.debias" if grouping != QMIX else "mixer.v.0.weight")
+               for k in one)  # fmt: skip
     for name, value in one.items():
         for replica in two:
             torch.testing.assert_close(replica[name], value, atol=1e-6, rtol=0, msg=name)
@@ -255,7 +260,7 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grou
     # Without the all-reduce a rank would learn from half the data and end elsewhere.
     alone = policy_from_meta(policy_meta(source))
     alone.load_state_dict(init)
-    learner = Learner(alone, cfg.train)
+    learner = algorithm_spec(cfg.train.algorithm).build(alone, cfg.train, alone, None)
     for batch in batches:
         learner.update(batch.split_envs(2)[0])
     gap = max((alone.state_dict()[n] - one[n]).abs().max().item() for n in one)
@@ -295,6 +300,24 @@ def test_memory_trains_on_workers_and_two_ranks_and_evaluates(ray_instance, tmp_
     ckpt = load_checkpoint(run_dir)
     assert ckpt["meta"]["policy_spec"]["memory"] == "gru"
     assert any(".core." in k for k in ckpt["model"])
+    assert math.isfinite(evaluate(run_dir, episodes=8)["mean"])
+
+
+def test_qmix_trains_on_workers_and_two_ranks_and_workers_act_with_its_epsilon(
+    ray_instance, tmp_path
+) -> None:
+    # Each rank replays the batches of its own envs; ε travels to the workers with the weights.
+    cfg = tiny(*QMIX, "rollout.num_workers=2", "learner.num_ranks=2",
+               "train.total_env_steps=1600", "train.epsilon_steps=800")  # fmt: skip
+    run_dir = new_run_dir(tmp_path, "qmix")
+    summary = run_training(cfg, run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    table = rows(run_dir)
+    assert_monotonic_progress(table, max_staleness=1)
+    assert table[-1]["epsilon"] == pytest.approx(0.05) and table[-1]["gradient_steps"] == 2
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["meta"]["q_policy"]["mixer"] == "qmix"
+    assert ckpt["model"]["epsilon"].item() == pytest.approx(0.05)
     assert math.isfinite(evaluate(run_dir, episodes=8)["mean"])
 
 

@@ -1,0 +1,200 @@
+"""QMIX and VDN: the mixers' properties, targets, the replay, acting, and learning end to end."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.rollout import RolloutBatch
+from agents.value_decomposition import QConfig, Replay, ValueDecomposition, td_targets
+from orchestrator.cli.evaluate import evaluate
+from orchestrator.config import ConfigError, load_config
+from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
+from orchestrator.runtime.driver import preflight, run_training
+from policies.actor_critic import PolicySpec
+from policies.q import TAKEN, QMixer, QPolicy, VDNMixer
+
+RELAY = "rllib:tests.envs.toy_rllib:Relay"  # a_i earns 1 for action i; a2 leaves after step 2
+RUN = ["redis.enabled=false", "run.progress=false", "run.tensorboard=false",
+       "run.eval_every_s=null", "run.log_every_s=1e-9"]  # fmt: skip
+
+
+def _spec(kind: str = "mlp", n_actions: int = 4) -> PolicySpec:
+    return PolicySpec(kind=kind, obs_dim=5, state_dim=7, node_dim=5, action_kind="discrete",
+                      action_dim=n_actions, hidden=16)  # fmt: skip
+
+
+def _batch(b: int = 6, n: int = 3, a: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, n, a, generator=g) > 0.4
+    mask[..., 0] = True  # one legal action at least
+    return {
+        "obs": torch.randn(b, n, 5, generator=g),
+        "state": torch.randn(b, 7, generator=g),
+        "alive": torch.rand(b, n, generator=g) > 0.2,
+        "action_mask": mask,
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_qmix_is_monotonic_in_every_agent_utility(seed: int) -> None:
+    torch.manual_seed(seed)
+    mixer = QMixer(n_agents=4, state_dim=7, embed=8)
+    for p in mixer.parameters():  # far from the initialisation, too
+        p.data.mul_(3.0)
+    q = torch.randn(64, 4, requires_grad=True) * 5
+    state = torch.randn(64, 7)
+    total = mixer(q, state)
+    (grad,) = torch.autograd.grad(total.sum(), q)
+    assert (grad >= 0).all()
+    for i in range(4):  # raising one agent's utility never lowers the team's
+        raised = q.detach().clone()
+        raised[:, i] += torch.rand(64) * 10
+        assert (mixer(raised, state) >= total.detach() - 1e-5).all()
+
+
+def test_vdn_sums_the_living_agents_utilities() -> None:
+    model = QPolicy(_spec(), "vdn", n_agents=3)
+    batch = _batch()
+    chosen = torch.randn(6, 3)
+    expected = (chosen * batch["alive"]).sum(-1)
+    torch.testing.assert_close(model.mix(chosen, batch), expected)
+    assert list(VDNMixer().parameters()) == []
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gnn", "transformer"])
+def test_acting_is_epsilon_greedy_over_legal_actions_and_evaluation_is_greedy(kind: str) -> None:
+    torch.manual_seed(0)
+    model = QPolicy(_spec(kind), "qmix", n_agents=3)
+    batch = _batch(b=400)
+    if kind != "mlp":  # entity encoders read the agents as the first nodes
+        batch |= {"nodes": batch["obs"], "node_pos": batch["obs"][..., :2],
+                  "node_mask": torch.ones(400, 3, dtype=torch.bool)}  # fmt: skip
+    q = model.utilities(batch)
+    greedy = q.argmax(-1)
+    assert torch.isinf(q[~batch["action_mask"]]).all()
+    model.epsilon.fill_(1.0)
+    action, logp, value, memory = model.act(batch)
+    assert memory is None and torch.isfinite(logp).all()
+    assert batch["action_mask"].gather(-1, action.unsqueeze(-1)).all()  # never illegal
+    assert (action != greedy).float().mean() > 0.3  # explores
+    torch.testing.assert_close(value, q.amax(-1))
+    model.epsilon.fill_(0.2)
+    with model.evaluating():
+        assert torch.equal(model.act(batch)[0], greedy)
+    assert model.epsilon.item() == pytest.approx(0.2)  # the schedule's ε comes back
+
+
+def test_targets_value_the_online_choice_with_the_target_network_over_legal_actions() -> None:
+    torch.manual_seed(1)
+    online = QPolicy(_spec(), "qmix", n_agents=3)
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.data.add_(torch.randn_like(p) * 0.5)
+    nxt = _batch(b=32, seed=2)
+    reward, ended = torch.randn(32), torch.rand(32) > 0.7
+    y = td_targets(target, online, nxt, reward, ended, gamma=0.9)
+    q_online, q_target = online.utilities(nxt), target.utilities(nxt)
+    choice = q_online.argmax(-1)
+    assert nxt["action_mask"].gather(-1, choice.unsqueeze(-1)).all()  # a legal action
+    chosen = q_target.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    expected = reward + 0.9 * (~ended) * target.mix(chosen, nxt)
+    torch.testing.assert_close(y, expected)
+    assert torch.equal(y[ended], reward[ended])  # a real end is not bootstrapped
+    # Without double Q the target network both chooses and values.
+    single = td_targets(target, None, nxt, reward, ended, gamma=0.9)
+    best = target.mix(q_target.amax(-1), nxt)
+    torch.testing.assert_close(single, reward + 0.9 * (~ended) * best)
+
+
+def _rollout(t: int = 5, b: int = 4, n: int = 3) -> RolloutBatch:
+    terminated = torch.zeros(t, b, n, dtype=torch.bool)
+    truncated = torch.zeros(t, b, dtype=torch.bool)
+    terminated[1, 0] = True  # env 0 ends for real after step 1
+    truncated[2, 1] = True  # env 1 is cut by a time limit after step 2
+    terminated[2, 2, 0] = True  # an agent of env 2 dies; the episode goes on
+    z = torch.zeros(t, b, n)
+    return RolloutBatch(
+        obs={"obs": torch.randn(t, b, n, 5), "alive": torch.ones(t, b, n, dtype=torch.bool)},
+        actions=torch.zeros(t, b, n, dtype=torch.long), logp=z, values=z,
+        rewards=torch.ones(t, b, n), terminated=terminated, truncated=truncated,
+        next_values=z, episode_returns=torch.zeros(0), episode_lengths=torch.zeros(0),
+    )  # fmt: skip
+
+
+def test_the_replay_keeps_only_transitions_whose_next_observation_it_holds() -> None:
+    replay = Replay(capacity_steps=40, keys=frozenset({"obs", "alive"}))
+    batch = _rollout()
+    replay.add(batch)
+    valid, ended = replay.data["valid"][0], replay.data["ended"][0]
+    assert not valid[-1].any()  # the batch's last step has no next observation here
+    assert not valid[2, 1]  # a time limit cut it: its final observation is not stored
+    assert valid[1, 0] and ended[1, 0]  # a real end: replayed, not bootstrapped
+    assert valid[2, 2] and not ended[2, 2]  # one agent died: the team goes on
+    assert replay.transitions == 4 * 4 - 1
+    torch.testing.assert_close(replay.data["reward"][0], torch.full((5, 4), 3.0))
+    now, nxt, rest = replay.take(torch.tensor([0]), torch.tensor([3]), torch.tensor([2]))
+    assert torch.equal(now["obs"][0], batch.obs["obs"][3, 2])
+    assert torch.equal(nxt["obs"][0], batch.obs["obs"][4, 2])
+    for _ in range(3):  # a ring of two batches: the oldest goes first
+        replay.add(_rollout())
+    assert replay.slots == 2 and replay.filled == 2
+
+
+def test_a_gradient_step_moves_the_taken_actions_value_towards_its_target() -> None:
+    torch.manual_seed(3)
+    model = QPolicy(_spec(), "vdn", n_agents=3)
+    cfg = QConfig(learning_starts=0, replay_batch=64, updates_per_batch=1, epsilon_steps=100)
+    train = type("T", (), {**cfg.model_dump(), "lr": 1e-2, "gamma": 0.0, "max_grad_norm": 10.0})
+    learner = ValueDecomposition(model, train)
+    batch = _rollout()
+    batch.obs["action_mask"] = torch.ones(5, 4, 3, 4, dtype=torch.bool)
+    batch.obs["state"] = torch.randn(5, 4, 7)
+    learner.replay = Replay(10_000, model.input_keys)
+    losses = [learner.update(batch)["q_loss"] for _ in range(80)]
+    assert losses[-1] < losses[0] * 0.2  # γ = 0: Q_tot of the taken actions -> the reward
+    now = {k: v[0] for k, v in batch.obs.items()}
+    _, q_tot = model({**now, TAKEN: batch.actions[0]})
+    torch.testing.assert_close(q_tot, torch.full((4,), 3.0), atol=0.3, rtol=0)
+    assert model.epsilon.item() == pytest.approx(0.05)  # 600 env steps > epsilon_steps
+
+
+def test_config_errors_name_the_key_before_anything_starts() -> None:
+    with pytest.raises(ConfigError, match=r"train.algorithm=qmix does not learn continuous"):
+        preflight(load_config("spread-mlp", ["train.algorithm=qmix",
+                                             "env.continuous_actions=true"]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.algorithm=vdn does not train policies with"):
+        preflight(load_config("spread-mlp", ["train.algorithm=vdn", "model.memory=gru"]))
+    with pytest.raises(ConfigError, match=r"train.algorithm=qmix does not train with world_model"):
+        preflight(load_config("spread-gnn-wm", ["train.algorithm=qmix"]))
+    with pytest.raises(ConfigError, match=r"train.epsilon_end"):
+        load_config("spread-mlp", ["train.algorithm=qmix", "train.epsilon_end=2"])
+
+
+@pytest.mark.parametrize("algorithm", ["vdn", "qmix"])
+def test_learns_a_cooperative_task_checkpoints_and_evaluates_greedily(
+    algorithm: str, tmp_path: Path
+) -> None:
+    # Relay: the best team return is 12 (5 + 5 + 2, a2 leaves after two steps), chance 4;
+    # episodes end by a time limit, so no transition of the last step is bootstrapped wrongly.
+    cfg = load_config("spread-mlp", [
+        *RUN, f"env.name={RELAY}", "env.num_envs=16", "train.rollout_len=10",
+        f"train.algorithm={algorithm}", "train.total_env_steps=12000", "train.lr=0.003",
+        "train.learning_starts=500", "train.epsilon_steps=4000", "train.replay_batch=256",
+        "train.gamma=0.9", "model.hidden=32",
+    ])  # fmt: skip
+    preflight(cfg)
+    run_dir = tmp_path / algorithm
+    run_dir.mkdir()
+    summary = run_training(cfg, run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["meta"]["q_policy"]["mixer"] == algorithm
+    assert ckpt["learner"]["gradient_steps"] > 0
+    model = policy_from_checkpoint(ckpt)
+    assert isinstance(model, QPolicy) and model.epsilon.item() < 0.1
+    # a0 and a1 learn first; QMIX's hypernetwork takes longer to credit a2's two steps.
+    assert evaluate(run_dir, episodes=16)["mean"] >= 10.0
