@@ -48,6 +48,9 @@ class QConfig(BaseModel):
     """Env steps collected before the first gradient step."""
     target_tau: float = Field(0.01, gt=0, le=1)
     """Polyak step of the target network towards the online one, per gradient step."""
+    target_every: int | None = Field(None, ge=1)
+    """Copy the online network into the target every this many gradient steps instead
+    (PyMARL's hard target updates); ``None``: Polyak steps of ``target_tau``."""
     epsilon_start: float = Field(1.0, ge=0, le=1)
     epsilon_end: float = Field(0.05, ge=0, le=1)
     epsilon_steps: int = Field(500_000, ge=1)
@@ -127,6 +130,19 @@ class Replay:
         self.next = (self.next + 1) % self.slots
         self.filled = min(self.filled + 1, self.slots)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The held batches (only the filled slots) and the ring's position."""
+        held = {k: v[: self.filled].clone() for k, v in self.data.items()}
+        return {"slots": self.slots, "filled": self.filled, "next": self.next, "data": held}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Hold again what :meth:`state_dict` returned."""
+        self.slots, self.filled, self.next = state["slots"], state["filled"], state["next"]
+        self.data = {}
+        for k, v in state["data"].items():
+            self.data[k] = torch.zeros((self.slots, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            self.data[k][: self.filled] = v
+
     @property
     def transitions(self) -> int:
         """Replayable transitions held."""
@@ -201,7 +217,6 @@ class ValueDecomposition:
         for _ in range(steps):
             for key, value in self._step(batch.rewards.shape[1], device).items():
                 sums[key] += value / steps
-        self.gradient_steps += steps
         eps = epsilon_at(cfg, self.env_steps)
         self.model.epsilon.fill_(eps)
         return {
@@ -237,10 +252,13 @@ class ValueDecomposition:
         loss.backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
+        self.gradient_steps += 1
         with torch.no_grad():
-            tau = cfg.target_tau
-            for p, q in zip(model.parameters(), self.target.parameters(), strict=True):
-                q.lerp_(p, tau)
+            every = cfg.target_every
+            tau = cfg.target_tau if every is None else float(self.gradient_steps % every == 0)
+            if tau > 0:
+                for p, q in zip(model.parameters(), self.target.parameters(), strict=True):
+                    q.lerp_(p, tau)
             stats = torch.stack([
                 loss.detach(), (valid * q_tot.detach()).sum() / total.clamp_min(1.0),
                 (valid * y).sum() / total.clamp_min(1.0), norm.detach(),
@@ -252,8 +270,14 @@ class ValueDecomposition:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimiser, target network, counters and the draw generator (not the replay)."""
+        """Optimiser, target network, counters, the draw generator and, on one rank, the replay.
+
+        With K ranks each holds its own shard's replay and only rank 0 writes checkpoints, so
+        a resumed group refills its replays instead.
+        """
+        replay = {"replay": self.replay.state_dict()} if self.world == 1 else {}
         return {
+            **replay,
             "optimizer": self.optimizer.state_dict(),
             "target": self.target.state_dict(),
             "env_steps": self.env_steps,
@@ -263,7 +287,9 @@ class ValueDecomposition:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s; the replay starts empty and refills."""
+        """Restore :meth:`state_dict`'s (a checkpoint without a replay: it starts empty)."""
+        if "replay" in state and self.world == 1:
+            self.replay.load_state_dict(state["replay"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.target.load_state_dict(state["target"])
         self.env_steps = int(state["env_steps"])

@@ -198,3 +198,58 @@ def test_learns_a_cooperative_task_checkpoints_and_evaluates_greedily(
     assert isinstance(model, QPolicy) and model.epsilon.item() < 0.1
     # a0 and a1 learn first; QMIX's hypernetwork takes longer to credit a2's two steps.
     assert evaluate(run_dir, episodes=16)["mean"] >= 10.0
+
+
+def test_resume_continues_from_the_same_replay(tmp_path: Path) -> None:
+    def cfg(steps: int):  # noqa: ANN202
+        return load_config("spread-mlp", [
+            *RUN, f"env.name={RELAY}", "env.num_envs=8", "train.rollout_len=10",
+            "train.algorithm=vdn", f"train.total_env_steps={steps}", "train.learning_starts=0",
+            "train.replay_batch=64", "train.updates_per_batch=1",
+        ])  # fmt: skip
+
+    run_dir = tmp_path / "vdn"
+    run_dir.mkdir()
+    run_training(cfg(800), run_dir)
+    ckpt = load_checkpoint(run_dir)
+    held = ckpt["learner"]["replay"]
+    # Relay's time limit cuts every 5th step, and a batch's last step has no next observation
+    # here: 8 of each env's 10 steps are replayed.
+    assert held["filled"] == 10 and held["data"]["valid"].sum() == 10 * 8 * 8
+    before = _metric_rows(run_dir)
+    run_training(cfg(1200), run_dir, resume=str(run_dir))
+    after = _metric_rows(run_dir)[len(before) :]
+    assert float(after[0]["replay_transitions"]) == 11 * 64  # the old batches and one more
+    assert load_checkpoint(run_dir)["learner"]["gradient_steps"] == 15
+
+
+def _metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("every", [None, 3])
+def test_the_target_network_follows_by_polyak_steps_or_hard_copies(every: int | None) -> None:
+    torch.manual_seed(4)
+    model = QPolicy(_spec(), "vdn", n_agents=3)
+    cfg = QConfig(learning_starts=0, replay_batch=32, updates_per_batch=1, target_every=every)
+    train = type("T", (), {**cfg.model_dump(), "lr": 1e-2, "gamma": 0.9, "max_grad_norm": 10.0})
+    learner = ValueDecomposition(model, train)
+    batch = _rollout()
+    batch.obs["action_mask"] = torch.ones(5, 4, 3, 4, dtype=torch.bool)
+    batch.obs["state"] = torch.randn(5, 4, 7)
+    learner.replay = Replay(10_000, model.input_keys)
+    gaps = []
+    for _ in range(6):
+        before = [q.clone() for q in learner.target.parameters()]
+        learner.update(batch)
+        online, target = list(model.parameters()), list(learner.target.parameters())
+        same = all(torch.equal(p, q) for p, q in zip(online, target, strict=True))
+        moved = any(not torch.equal(b, q) for b, q in zip(before, target, strict=True))
+        gaps.append((same, moved))
+    if every is None:  # a small step towards the online network at every gradient step
+        assert all(moved and not same for same, moved in gaps)
+    else:  # untouched, then a copy at every third gradient step
+        assert gaps == [(False, False), (False, False), (True, True)] * 2

@@ -363,6 +363,28 @@ def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, t
     assert sum(r["env_steps"] > restarted_at for r in table) >= 2  # progress after the restart
 
 
+def test_killed_rollout_worker_loses_nothing_qmix_replays(ray_instance, tmp_path) -> None:
+    # The replay is the learner's: a worker killed mid-run takes no replayed transition with it.
+    cfg = tiny(*QMIX, "rollout.num_workers=2", "train.total_env_steps=3200")
+    run_dir = new_run_dir(tmp_path, "kill-worker-qmix")
+    run = Background(cfg, run_dir)
+    wait_for(lambda: len(rows(run_dir)) >= 2, 120, "the first iterations")
+    victim = ray.get_actor("shoal-rollout-0", namespace=f"shoal-{run_dir.name}")
+    pid = ray.get(victim.pid.remote(), timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _pid_if_changed(victim, pid), 120, "Ray to restart shoal-rollout-0")
+    summary = run.result()
+
+    assert summary["reason"] == "total_env_steps reached"
+    assert summary["counters"]["rollout_restarts"] >= 1
+    table = rows(run_dir)
+    held = [r["replay_transitions"] for r in table]
+    assert held == sorted(held) and held[-1] > held[0]  # only ever grows (the ring is not full)
+    # Every batch the learner was handed is held: each batch's 10 steps but the last, less a
+    # step cut by spread's 25-step limit now and then.
+    assert held[-1] >= 0.85 * table[-1]["env_steps"]
+
+
 def test_killed_learner_rank_restarts_the_group_from_the_checkpoint(ray_instance, tmp_path) -> None:
     # No rollout actors: each of the two ranks steps its half of the envs itself.
     cfg = tiny("learner.num_ranks=2", "train.total_env_steps=2400", "run.checkpoint_every_s=0.3")
