@@ -365,18 +365,16 @@ def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, t
 
 def test_killed_rollout_worker_loses_nothing_qmix_replays(ray_instance, tmp_path) -> None:
     # The replay is the learner's: a worker killed mid-run takes no replayed transition with it.
-    cfg = tiny(*QMIX, "rollout.num_workers=2", "train.total_env_steps=3200")
+    cfg = tiny(*QMIX, "rollout.num_workers=2", "train.total_env_steps=6400")
     run_dir = new_run_dir(tmp_path, "kill-worker-qmix")
     run = Background(cfg, run_dir)
     wait_for(lambda: len(rows(run_dir)) >= 2, 120, "the first iterations")
-    victim = ray.get_actor("shoal-rollout-0", namespace=f"shoal-{run_dir.name}")
-    pid = ray.get(victim.pid.remote(), timeout=30)
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: _pid_if_changed(victim, pid), 120, "Ray to restart shoal-rollout-0")
+    victim = ray.get_actor("shoal-rollout-1", namespace=f"shoal-{run_dir.name}")
+    os.kill(ray.get(victim.pid.remote(), timeout=30), signal.SIGKILL)
     summary = run.result()
 
     assert summary["reason"] == "total_env_steps reached"
-    assert summary["counters"]["rollout_restarts"] >= 1
+    assert summary["counters"]["rollout_restarts"] >= 1  # it was killed mid-run and restarted
     table = rows(run_dir)
     held = [r["replay_transitions"] for r in table]
     assert held == sorted(held) and held[-1] > held[0]  # only ever grows (the ring is not full)
