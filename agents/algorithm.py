@@ -67,12 +67,12 @@ class Algorithm(Protocol):
 
 
 Build = Callable[[Policy, BaseModel, nn.Module, Callable[[Tensor], Tensor] | None], Algorithm]
-MakePolicy = Callable[[PolicySpec, int, BaseModel], Policy]
-"""``policy(spec, n_agents, train_config)``: the policy an algorithm learns, when it is not the
-actor-critic ``model`` describes (``spec``: ``model``'s architecture sized for the env)."""
 """``build(model, train_config, train_model, all_reduce_mean)``: ``train_model`` is the module
 to call in training (the DDP wrapper on K ranks), ``all_reduce_mean`` averages a tensor over
 the ranks (``None`` on one), so global statistics make K ranks reproduce one."""
+MakePolicy = Callable[[PolicySpec, int, BaseModel], Policy]
+"""``policy(spec, n_agents, train_config)``: the policy an algorithm learns, when it is not the
+actor-critic ``model`` describes (``spec``: ``model``'s architecture sized for the env)."""
 
 
 @dataclass(frozen=True)
@@ -190,26 +190,25 @@ def _value_decomposition(
     return ValueDecomposition(model, cfg, train_model, all_reduce_mean)
 
 
-def _q_policy(mixer: str) -> MakePolicy:
-    def make(spec: PolicySpec, n_agents: int, cfg: BaseModel) -> Policy:
+def _value_decomposition_spec(mixer: str) -> AlgorithmSpec:
+    """QMIX or VDN, which differ only in the ``QPolicy``'s mixer."""
+
+    def policy(spec: PolicySpec, n_agents: int, cfg: BaseModel) -> Policy:
         from policies.q import QPolicy
 
         return QPolicy(spec, mixer, n_agents, int(getattr(cfg, "mixer_embed", 32)))
 
-    return make
+    return AlgorithmSpec(
+        mixer, _value_decomposition, continuous=False, on_policy=False, layout="transitions",
+        metrics=("q_loss", "q_taken", "q_target", "grad_norm", "epsilon", "replay_transitions",
+                 "gradient_steps", "lr"),
+        policy=policy, groups=False, world_model=False,
+    )  # fmt: skip
 
 
-_Q_METRICS = ("q_loss", "q_taken", "q_target", "grad_norm", "epsilon", "replay_transitions",
-              "gradient_steps", "lr")  # fmt: skip
-QMIX = AlgorithmSpec(
-    "qmix", _value_decomposition, continuous=False, on_policy=False, layout="transitions",
-    metrics=_Q_METRICS, policy=_q_policy("qmix"), groups=False, world_model=False,
-)  # fmt: skip
+QMIX = _value_decomposition_spec("qmix")
 """QMIX (``agents/value_decomposition.py``): per-agent utilities, a monotonic mixer."""
-VDN = AlgorithmSpec(
-    "vdn", _value_decomposition, continuous=False, on_policy=False, layout="transitions",
-    metrics=_Q_METRICS, policy=_q_policy("vdn"), groups=False, world_model=False,
-)  # fmt: skip
+VDN = _value_decomposition_spec("vdn")
 """VDN: per-agent utilities summed."""
 
 #: Algorithms by name. One line each.

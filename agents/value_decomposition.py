@@ -26,6 +26,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch
 from policies.q import TAKEN, QPolicy
 
@@ -164,7 +165,7 @@ class Replay:
         return now, nxt, rest
 
 
-class ValueDecomposition:
+class ValueDecomposition(OptimizerState):
     """QMIX / VDN learner for one rank (an ``agents.algorithm.Algorithm``).
 
     Args:
@@ -277,11 +278,10 @@ class ValueDecomposition:
         """
         replay = {"replay": self.replay.state_dict()} if self.world == 1 else {}
         return {
+            **super().state_dict(),
             **replay,
-            "optimizer": self.optimizer.state_dict(),
             "target": self.target.state_dict(),
             "env_steps": self.env_steps,
-            "updates": self.updates,
             "gradient_steps": self.gradient_steps,
             "draws": self.draws.get_state(),
         }
@@ -290,10 +290,9 @@ class ValueDecomposition:
         """Restore :meth:`state_dict`'s (a checkpoint without a replay: it starts empty)."""
         if "replay" in state and self.world == 1:
             self.replay.load_state_dict(state["replay"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.target.load_state_dict(state["target"])
         self.env_steps = int(state["env_steps"])
-        self.updates = int(state["updates"])
         self.gradient_steps = int(state["gradient_steps"])
         self.draws.set_state(state["draws"])
         self.model.epsilon.fill_(epsilon_at(self.cfg, self.env_steps))

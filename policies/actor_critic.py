@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -217,6 +217,13 @@ class Policy(nn.Module):
         """De-normalised values ``[B, N]`` for bootstrapping."""
         return self.value_norm.denormalize(self.value(self.prepare(batch)))
 
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild this policy.
+
+        ``policies.groups.policy_from_meta`` reads it back.
+        """
+        raise NotImplementedError
+
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         """Inside, act as evaluation should.
 
@@ -283,6 +290,10 @@ class ActorCritic(Policy):
             batch["node_pos"], batch["node_mask"], s.edges, s.radius, s.k, s.max_neighbours
         )
         return {**batch, NEIGHBOURS: nbrs}
+
+    def meta(self) -> dict[str, Any]:
+        """Its :class:`PolicySpec`, as ``policy_spec``."""
+        return {"policy_spec": asdict(self.spec)}
 
     def dist(self, batch: dict[str, Tensor]) -> Distribution:
         """Action distribution ``[B, N]``."""

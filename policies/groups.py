@@ -256,6 +256,14 @@ class GroupedActorCritic(Policy):
         finally:
             self.use_past = before
 
+    def meta(self) -> dict[str, Any]:
+        """Every group's settings, as ``policy_groups``, and the env's action space."""
+        return {
+            "policy_groups": [g.as_dict() for g in self.groups],
+            "action_kind": self.action_kind,
+            "action_dim": self.action_dim,
+        }
+
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         """Evaluation acts with every group's current weights (:meth:`current_only`)."""
         return self.current_only()
@@ -376,18 +384,11 @@ def _where(cond: Tensor, a: Any, b: Any) -> Categorical | DiagGaussian:
 
 
 def policy_meta(model: Policy) -> dict[str, Any]:
-    """What a checkpoint records to rebuild ``model`` (``policy_spec`` or ``policy_groups``)."""
-    if isinstance(model, GroupedActorCritic):
-        return {
-            "policy_groups": [g.as_dict() for g in model.groups],
-            "action_kind": model.action_kind,
-            "action_dim": model.action_dim,
-        }
-    meta = getattr(model, "meta", None)
-    if meta is not None:  # a policy that records itself (policies.q.QPolicy)
-        return meta()  # type: ignore[no-any-return]
-    assert isinstance(model, ActorCritic)
-    return {"policy_spec": asdict(model.spec)}
+    """What a checkpoint records to rebuild ``model``: its ``meta()``.
+
+    ``policy_spec`` or ``policy_groups``, and ``q_policy`` for a value-decomposition policy.
+    """
+    return model.meta()
 
 
 def policy_from_meta(meta: dict[str, Any], **spec_overrides: Any) -> Policy:

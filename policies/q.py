@@ -171,7 +171,7 @@ class QPolicy(Policy):
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Each agent's greedy utility ``[B, N]`` (what rollouts record as its value)."""
-        return self.utilities(batch).amax(-1).clamp_min(-1e9)
+        return _greedy(self.utilities(batch))
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Categorical, Tensor]:
         """``(ε-greedy distribution, greedy utilities [B, N])``.
@@ -184,7 +184,7 @@ class QPolicy(Policy):
             chosen = q.gather(-1, batch[TAKEN].long().unsqueeze(-1)).squeeze(-1)
             chosen = torch.where(torch.isfinite(chosen), chosen, torch.zeros_like(chosen))
             return self._explore(q.detach()), self.mix(chosen, batch)
-        return self._explore(q), q.amax(-1).clamp_min(-1e9)
+        return self._explore(q), _greedy(q)
 
     @torch.no_grad()
     def act(
@@ -204,3 +204,8 @@ class QPolicy(Policy):
             yield
         finally:
             self.epsilon.copy_(kept)
+
+
+def _greedy(q: Tensor) -> Tensor:
+    """The best legal utility ``[..., N]`` of ``q [..., N, A]`` (finite for an agent with none)."""
+    return q.amax(-1).clamp_min(-1e9)

@@ -449,11 +449,14 @@ class Config(_Section):
         Raises:
             ConfigError: a ``groups`` entry that does not fit the env, naming the key.
         """
-        make = algorithm_spec(self.train.algorithm).policy
-        if make is not None:
-            if self.groups:
-                raise ConfigError(f"train.algorithm={self.train.algorithm} does not train groups")
-            return make(self.model.spec(env), env.n_agents, self.train)
+        spec = algorithm_spec(self.train.algorithm)
+        if spec.policy is not None:
+            try:  # what it cannot learn (groups among them) is refused as in preflight
+                spec.check(env.action_kind, self.uses_memory(), bool(self.groups),
+                           self.world_model.enabled)  # fmt: skip
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            return spec.policy(self.model.spec(env), env.n_agents, self.train)
         try:
             return build_policy(self.model, self.groups, env)
         except GroupError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,16 +145,22 @@ def test_the_replay_keeps_only_transitions_whose_next_observation_it_holds() -> 
     assert replay.slots == 2 and replay.filled == 2
 
 
-def test_a_gradient_step_moves_the_taken_actions_value_towards_its_target() -> None:
-    torch.manual_seed(3)
+def _vdn_learner(
+    seed: int, gamma: float, **settings: Any
+) -> tuple[QPolicy, ValueDecomposition, RolloutBatch]:
+    """A VDN learner taking one gradient step per batch from the start, and a batch for it."""
+    torch.manual_seed(seed)
     model = QPolicy(_spec(), "vdn", n_agents=3)
-    cfg = QConfig(learning_starts=0, replay_batch=64, updates_per_batch=1, epsilon_steps=100)
-    train = type("T", (), {**cfg.model_dump(), "lr": 1e-2, "gamma": 0.0, "max_grad_norm": 10.0})
-    learner = ValueDecomposition(model, train)
+    cfg = QConfig(replay_size=10_000, learning_starts=0, updates_per_batch=1, **settings)
+    train = type("T", (), {**cfg.model_dump(), "lr": 1e-2, "gamma": gamma, "max_grad_norm": 10.0})
     batch = _rollout()
     batch.obs["action_mask"] = torch.ones(5, 4, 3, 4, dtype=torch.bool)
     batch.obs["state"] = torch.randn(5, 4, 7)
-    learner.replay = Replay(10_000, model.input_keys)
+    return model, ValueDecomposition(model, train), batch
+
+
+def test_a_gradient_step_moves_the_taken_actions_value_towards_its_target() -> None:
+    model, learner, batch = _vdn_learner(3, gamma=0.0, replay_batch=64, epsilon_steps=100)
     losses = [learner.update(batch)["q_loss"] for _ in range(80)]
     assert losses[-1] < losses[0] * 0.2  # γ = 0: Q_tot of the taken actions -> the reward
     now = {k: v[0] for k, v in batch.obs.items()}
@@ -232,15 +239,7 @@ def _metric_rows(run_dir: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("every", [None, 3])
 def test_the_target_network_follows_by_polyak_steps_or_hard_copies(every: int | None) -> None:
-    torch.manual_seed(4)
-    model = QPolicy(_spec(), "vdn", n_agents=3)
-    cfg = QConfig(learning_starts=0, replay_batch=32, updates_per_batch=1, target_every=every)
-    train = type("T", (), {**cfg.model_dump(), "lr": 1e-2, "gamma": 0.9, "max_grad_norm": 10.0})
-    learner = ValueDecomposition(model, train)
-    batch = _rollout()
-    batch.obs["action_mask"] = torch.ones(5, 4, 3, 4, dtype=torch.bool)
-    batch.obs["state"] = torch.randn(5, 4, 7)
-    learner.replay = Replay(10_000, model.input_keys)
+    model, learner, batch = _vdn_learner(4, gamma=0.9, replay_batch=32, target_every=every)
     gaps = []
     for _ in range(6):
         before = [q.clone() for q in learner.target.parameters()]
