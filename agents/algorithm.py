@@ -196,7 +196,10 @@ def _value_decomposition_spec(mixer: str) -> AlgorithmSpec:
     def policy(spec: PolicySpec, n_agents: int, cfg: BaseModel) -> Policy:
         from policies.q import QPolicy
 
-        return QPolicy(spec, mixer, n_agents, int(getattr(cfg, "mixer_embed", 32)))
+        return QPolicy(
+            spec, mixer, n_agents, int(getattr(cfg, "mixer_embed", 32)),
+            float(getattr(cfg, "mixer_init_scale", 0.1)),
+        )  # fmt: skip
 
     return AlgorithmSpec(
         mixer, _value_decomposition, continuous=False, on_policy=False, layout="transitions",

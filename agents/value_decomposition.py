@@ -12,7 +12,8 @@ that every rank seeds alike; a rank learns from the draws that fall on its own e
 normalises by the draws of all ranks, so ``K`` ranks (gradients averaged through the
 ``DistributedDataParallel`` wrapper) take exactly the step one rank takes on the union of
 their envs. Targets are double-Q (the online utilities choose the next actions, a Polyak-
-averaged target network values them), over legal actions only.
+averaged target network values them), over legal actions only, in units of the team reward
+standardised by its running moments over every rank's steps.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class QConfig(BaseModel):
     """The online utilities choose the next actions and the target network values them."""
     mixer_embed: int = Field(32, ge=1)
     """QMIX's mixing width (``qmix`` only)."""
+    mixer_init_scale: float = Field(0.1, gt=0, le=10)
+    """The factor on QMIX's initial mixer weights (``qmix`` only): small, so a fresh ``Q_tot``
+    is near zero whatever the scale of the state's features."""
+    standardise_rewards: bool = True
+    """Learn from team rewards standardised by their running mean and deviation over every
+    collected step (EPyMARL's ``standardise_rewards``): sparse rewards such as LBF's (a few
+    hundredths) otherwise give targets too small for the mixer's gradients to move."""
 
 
 def epsilon_at(cfg: QConfig, env_steps: int) -> float:
@@ -193,6 +201,8 @@ class ValueDecomposition(OptimizerState):
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
         self.replay = Replay(max(1, cfg.replay_size // self.world), model.input_keys)
         self.draws = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)) + 7919)
+        # Team rewards seen over all ranks: count, sum, sum of squares.
+        self.reward_moments = torch.zeros(3, dtype=torch.float64)
         self.env_steps = 0
         self.updates = 0
         self.gradient_steps = 0
@@ -209,6 +219,7 @@ class ValueDecomposition(OptimizerState):
         device = next(self.model.parameters()).device
         batch = batch.to(device)
         self.replay.add(batch)
+        self._count_rewards(batch)
         self.env_steps += batch.env_steps * self.world
         self.updates += 1
         for group in self.optimizer.param_groups:
@@ -228,6 +239,25 @@ class ValueDecomposition(OptimizerState):
             "lr": cfg.lr * lr_frac,
         }
 
+    def _count_rewards(self, batch: RolloutBatch) -> None:
+        """Fold ``batch``'s team rewards (every rank's) into the running moments."""
+        team = (batch.rewards * batch.obs["alive"].to(batch.rewards.dtype)).sum(-1).double()
+        moments = torch.stack(
+            [team.new_tensor(float(team.numel())), team.sum(), team.square().sum()]
+        )
+        if self.all_reduce_mean is not None:
+            moments = self.all_reduce_mean(moments) * self.world
+        self.reward_moments += moments.cpu()
+
+    def _scaled(self, reward: Tensor) -> Tensor:
+        """``reward`` standardised by the running moments (unchanged when switched off)."""
+        count, total, squares = self.reward_moments.tolist()
+        if not self.cfg.standardise_rewards or count == 0:
+            return reward
+        mean = total / count
+        std = max(squares / count - mean * mean, 0.0) ** 0.5
+        return (reward - mean) / max(std, 1e-6)
+
     def _draw(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share of one global draw of ``replay_batch`` transitions."""
         n, r = self.cfg.replay_batch, self.replay
@@ -244,7 +274,8 @@ class ValueDecomposition(OptimizerState):
         valid = rest["valid"].to(rest["reward"].dtype)
         with torch.no_grad():
             online = model if cfg.double_q else None
-            y = td_targets(self.target, online, nxt, rest["reward"], rest["ended"], cfg.gamma)
+            reward = self._scaled(rest["reward"])
+            y = td_targets(self.target, online, nxt, reward, rest["ended"], cfg.gamma)
             count = valid.sum()
             total = self.all_reduce_mean(count) if self.all_reduce_mean else count
         _, q_tot = self.train_model({**now, TAKEN: rest["actions"]})
@@ -284,6 +315,7 @@ class ValueDecomposition(OptimizerState):
             "env_steps": self.env_steps,
             "gradient_steps": self.gradient_steps,
             "draws": self.draws.get_state(),
+            "reward_moments": self.reward_moments.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -295,4 +327,6 @@ class ValueDecomposition(OptimizerState):
         self.env_steps = int(state["env_steps"])
         self.gradient_steps = int(state["gradient_steps"])
         self.draws.set_state(state["draws"])
+        if "reward_moments" in state:
+            self.reward_moments = state["reward_moments"].clone().double().cpu()
         self.model.epsilon.fill_(epsilon_at(self.cfg, self.env_steps))

@@ -62,14 +62,29 @@ class QMixer(nn.Module):
     value, and biases: ``Q_tot = w2ᵀ elu(W1ᵀ q + b1) + V(s)``. It is tied to the team size
     ``N`` it was built for.
 
+    Every layer starts at PyTorch's default initialisation scaled by ``init_scale``, with zero
+    bias (as JaxMARL's ``MIXER_INIT_SCALE``, which scales orthogonal weights; QR's rounding
+    depends on the thread count, and ranks must start bit-identical). Unscaled, a state of raw
+    features (LBF's grid coordinates reach 7) gives mixing weights near 1 over 32 units, so a
+    fresh ``Q_tot`` is ~10 where returns are ~0.1 and every agent's utility noise reaches it
+    amplified ~16×; the max in the targets then inflated ``Q_tot`` without bound.
+
     Args:
         n_agents: ``N``.
         state_dim: ``S``.
         embed: the mixing layer's width (PyMARL's ``mixing_embed_dim``).
         hyper_hidden: the hypernetworks' hidden width (PyMARL's ``hypernet_embed``).
+        init_scale: the factor on every layer's initial weights.
     """
 
-    def __init__(self, n_agents: int, state_dim: int, embed: int = 32, hyper_hidden: int = 64):
+    def __init__(
+        self,
+        n_agents: int,
+        state_dim: int,
+        embed: int = 32,
+        hyper_hidden: int = 64,
+        init_scale: float = 0.1,
+    ):
         super().__init__()
         self.n_agents, self.embed = n_agents, embed
 
@@ -82,6 +97,11 @@ class QMixer(nn.Module):
         self.b1 = nn.Linear(state_dim, embed)
         self.w2 = hyper(embed)
         self.v = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1))
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                with torch.no_grad():
+                    layer.weight.mul_(init_scale)
+                    layer.bias.zero_()
 
     def forward(self, q: Tensor, state: Tensor) -> Tensor:
         """``q [..., N]``, ``state [..., S]`` -> ``Q_tot [...]``."""
@@ -106,6 +126,7 @@ class QPolicy(Policy):
         mixer: ``qmix`` or ``vdn``.
         n_agents: the team size QMIX's mixer is built for.
         mixer_embed: QMIX's mixing width.
+        mixer_init_scale: the factor on QMIX's initial mixer weights (:class:`QMixer`).
 
     Shapes:
         - input: a batch dict (``Observation.as_dict()``, ``[B, N, ...]``).
@@ -115,7 +136,14 @@ class QPolicy(Policy):
     epsilon: Tensor
     """The ε of ε-greedy acting (a buffer: it travels with the weights)."""
 
-    def __init__(self, spec: PolicySpec, mixer: str, n_agents: int, mixer_embed: int = 32):
+    def __init__(
+        self,
+        spec: PolicySpec,
+        mixer: str,
+        n_agents: int,
+        mixer_embed: int = 32,
+        mixer_init_scale: float = 0.1,
+    ):
         super().__init__()
         if spec.kind not in ARCHITECTURES:
             raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
@@ -132,7 +160,9 @@ class QPolicy(Policy):
         self.encoder = encoder
         self.q_head = nn.Linear(spec.hidden, spec.action_dim)
         self.mixer: nn.Module = (
-            QMixer(n_agents, spec.state_dim, mixer_embed) if mixer == "qmix" else VDNMixer()
+            QMixer(n_agents, spec.state_dim, mixer_embed, init_scale=mixer_init_scale)
+            if mixer == "qmix"
+            else VDNMixer()
         )
         self.value_norm = Identity()
         self.register_buffer("epsilon", torch.ones(()))

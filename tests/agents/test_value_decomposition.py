@@ -160,13 +160,41 @@ def _vdn_learner(
 
 
 def test_a_gradient_step_moves_the_taken_actions_value_towards_its_target() -> None:
-    model, learner, batch = _vdn_learner(3, gamma=0.0, replay_batch=64, epsilon_steps=100)
+    model, learner, batch = _vdn_learner(
+        3, gamma=0.0, replay_batch=64, epsilon_steps=100, standardise_rewards=False
+    )
     losses = [learner.update(batch)["q_loss"] for _ in range(80)]
     assert losses[-1] < losses[0] * 0.2  # γ = 0: Q_tot of the taken actions -> the reward
     now = {k: v[0] for k, v in batch.obs.items()}
     _, q_tot = model({**now, TAKEN: batch.actions[0]})
     torch.testing.assert_close(q_tot, torch.full((4,), 3.0), atol=0.3, rtol=0)
     assert model.epsilon.item() == pytest.approx(0.05)  # 600 env steps > epsilon_steps
+
+
+def test_targets_are_in_units_of_the_standardised_team_reward() -> None:
+    model, learner, batch = _vdn_learner(4, gamma=0.0, replay_batch=64, epsilon_steps=100)
+    team = torch.arange(20.0).view(5, 4)  # each step's team reward, spread over 3 agents
+    batch.rewards = team.unsqueeze(-1).expand(5, 4, 3) / 3
+    for _ in range(120):
+        learner.update(batch)
+    torch.testing.assert_close(
+        learner.reward_moments[0], torch.tensor(120 * 20.0, dtype=torch.float64)
+    )
+    expected = (team - team.mean()) / team.std(unbiased=False)
+    now = {k: v[1] for k, v in batch.obs.items()}
+    _, q_tot = model({**now, TAKEN: batch.actions[1]})
+    torch.testing.assert_close(q_tot, expected[1], atol=0.3, rtol=0)  # γ = 0: Q_tot -> r̃
+    restored = _vdn_learner(4, gamma=0.0)[1]
+    restored.load_state_dict(learner.state_dict())
+    torch.testing.assert_close(restored.reward_moments, learner.reward_moments)
+
+
+def test_a_fresh_qmix_mixer_is_near_zero_whatever_the_state_scale() -> None:
+    torch.manual_seed(0)
+    mixer = QMixer(n_agents=3, state_dim=24, embed=32)
+    state = torch.randint(0, 8, (256, 24)).float()  # raw grid coordinates, as LBF's
+    q = torch.randn(256, 3)
+    assert mixer(q, state).abs().max() < 0.1 * q.abs().max()
 
 
 def test_config_errors_name_the_key_before_anything_starts() -> None:
