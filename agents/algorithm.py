@@ -214,8 +214,45 @@ QMIX = _value_decomposition_spec("qmix")
 VDN = _value_decomposition_spec("vdn")
 """VDN: per-agent utilities summed."""
 
+
+def _soft_actor_critic(
+    model: Policy,
+    cfg: BaseModel,
+    train_model: nn.Module,
+    all_reduce_mean: Callable[[Tensor], Tensor] | None,
+) -> Algorithm:
+    from agents.soft_actor_critic import SoftActorCritic
+    from policies.sac import SACPolicy
+
+    assert isinstance(model, SACPolicy)  # gradients are averaged by the learner itself
+    return SoftActorCritic(model, cfg, all_reduce_mean)
+
+
+def _soft_actor_critic_spec(name: str) -> AlgorithmSpec:
+    """MASAC or ISAC, which differ only in what the ``SACPolicy``'s critics read."""
+
+    def policy(spec: PolicySpec, n_agents: int, cfg: BaseModel) -> Policy:
+        from policies.sac import SACPolicy
+
+        return SACPolicy(spec, n_agents, centralised=name == "masac")
+
+    return AlgorithmSpec(
+        name, _soft_actor_critic, on_policy=False, layout="transitions",
+        metrics=("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm", "alpha",
+                 "replay_transitions", "gradient_steps", "lr"),
+        policy=policy, groups=False, world_model=False,
+    )  # fmt: skip
+
+
+MASAC = _soft_actor_critic_spec("masac")
+"""MASAC (``agents/soft_actor_critic.py``): twin critics over the state and joint action."""
+ISAC = _soft_actor_critic_spec("isac")
+"""ISAC: each agent's twin critics read its own observation and action."""
+
 #: Algorithms by name. One line each.
-ALGORITHMS: dict[str, AlgorithmSpec] = {"ppo": PPO, "qmix": QMIX, "vdn": VDN}
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "ppo": PPO, "qmix": QMIX, "vdn": VDN, "masac": MASAC, "isac": ISAC,
+}  # fmt: skip
 
 
 def algorithm_spec(name: str) -> AlgorithmSpec:

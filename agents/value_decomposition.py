@@ -1,19 +1,11 @@
 """QMIX and VDN: value decomposition learnt off-policy from a replay of acted transitions.
 
-The learner keeps the batches its rank is handed whole (``[T, B, ...]``) in a bounded ring;
-a transition is step ``t`` of env ``b`` with step ``t + 1`` of the same batch as its next
-observation. Transitions whose next observation the batch does not hold are not replayed:
-the batch's last step, and a step whose episode a time limit cut (its final observation is
-not stored). None is treated as terminal: a time limit is not an end (only ``terminated`` for
-every agent stops the bootstrap), and an agent that died adds nothing to ``Q_tot``.
-
-Each gradient step draws ``train.replay_batch`` transitions over all ranks from one generator
-that every rank seeds alike; a rank learns from the draws that fall on its own envs and
-normalises by the draws of all ranks, so ``K`` ranks (gradients averaged through the
-``DistributedDataParallel`` wrapper) take exactly the step one rank takes on the union of
-their envs. Targets are double-Q (the online utilities choose the next actions, a Polyak-
-averaged target network values them), over legal actions only, in units of the team reward
-standardised by its running moments over every rank's steps.
+The replay, its transitions and the draws K ranks share are ``agents/replay.py``'s. The team's
+episode ends only when every agent terminated (a time limit never does), and an agent that
+died adds nothing to ``Q_tot``. Targets are double-Q (the online utilities choose the next
+actions, a Polyak-averaged target network values them), over legal actions only, in units of
+the team reward standardised by its running moments over every rank's steps; gradients are
+averaged over ranks by the ``DistributedDataParallel`` wrapper.
 """
 
 from __future__ import annotations
@@ -23,17 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from agents.ppo import OptimizerState
+from agents.replay import ReplayLearner
 from agents.rollout import RolloutBatch
 from policies.q import TAKEN, QPolicy
 
 
 class QConfig(BaseModel):
-    """Off-policy value-decomposition settings (``train.algorithm=qmix`` or ``vdn``).
+    """Replay settings and value decomposition's.
+
+    The replay's are read by every replay learner (``qmix``, ``vdn``, ``masac``, ``isac``);
+    exploration, mixing and reward standardisation by ``qmix`` and ``vdn``.
 
     The run config's ``train`` section carries them beside PPO's.
     """
@@ -98,82 +92,7 @@ def td_targets(
     return reward + gamma * (~ended).to(reward.dtype) * target.mix(best, nxt)
 
 
-class Replay:
-    """Whole batches in a ring of ``capacity`` slots, on the learner's device.
-
-    Stores per step the observation fields the policy reads, the actions, the team reward
-    (every live agent's reward summed), whether the episode ended for real (every agent
-    terminated) and whether the step is a replayable transition.
-    """
-
-    def __init__(self, capacity_steps: int, keys: frozenset[str]) -> None:
-        self.capacity_steps = capacity_steps
-        self.keys = keys
-        self.slots = 0
-        self.filled = 0
-        self.next = 0
-        self.data: dict[str, Tensor] = {}
-
-    def add(self, batch: RolloutBatch) -> None:
-        """Keep ``batch`` (overwriting the oldest when full)."""
-        alive = batch.obs["alive"].to(batch.rewards.dtype)
-        ended = batch.terminated.all(-1)
-        cut = batch.truncated & ~ended
-        valid = ~cut
-        valid[-1] = False
-        row = {
-            **{f"obs.{k}": v for k, v in batch.obs.items() if k in self.keys},
-            "actions": batch.actions,
-            "reward": (batch.rewards * alive).sum(-1),
-            "ended": ended,
-            "valid": valid,
-        }
-        if not self.data:
-            self.slots = max(1, self.capacity_steps // batch.env_steps)
-            self.data = {
-                k: torch.zeros((self.slots, *v.shape), dtype=v.dtype, device=v.device)
-                for k, v in row.items()
-            }
-        for k, v in row.items():
-            self.data[k][self.next] = v
-        self.next = (self.next + 1) % self.slots
-        self.filled = min(self.filled + 1, self.slots)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The held batches (only the filled slots) and the ring's position."""
-        held = {k: v[: self.filled].clone() for k, v in self.data.items()}
-        return {"slots": self.slots, "filled": self.filled, "next": self.next, "data": held}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Hold again what :meth:`state_dict` returned."""
-        self.slots, self.filled, self.next = state["slots"], state["filled"], state["next"]
-        self.data = {}
-        for k, v in state["data"].items():
-            self.data[k] = torch.zeros((self.slots, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            self.data[k][: self.filled] = v
-
-    @property
-    def transitions(self) -> int:
-        """Replayable transitions held."""
-        return int(self.data["valid"][: self.filled].sum()) if self.data else 0
-
-    def take(self, k: Tensor, t: Tensor, b: Tensor) -> tuple[dict[str, Tensor], ...]:
-        """Transitions ``(k, t, b)`` as ``(now, next, rest)``.
-
-        ``now``/``next`` are the observations at ``t``/``t + 1``, ``rest`` the actions,
-        reward, end and validity.
-        """
-        now, nxt, rest = {}, {}, {}
-        for key, v in self.data.items():
-            if key.startswith("obs."):
-                now[key[4:]] = v[k, t, b]
-                nxt[key[4:]] = v[k, t + 1, b]
-            else:
-                rest[key] = v[k, t, b]
-        return now, nxt, rest
-
-
-class ValueDecomposition(OptimizerState):
+class ValueDecomposition(ReplayLearner):
     """QMIX / VDN learner for one rank (an ``agents.algorithm.Algorithm``).
 
     Args:
@@ -191,21 +110,13 @@ class ValueDecomposition(OptimizerState):
         train_model: nn.Module | None = None,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        self.model, self.cfg = model, cfg
+        super().__init__(cfg, model.input_keys, all_reduce_mean)
+        self.model = model
         self.train_model = train_model if train_model is not None else model
-        self.all_reduce_mean = all_reduce_mean
-        grouped = all_reduce_mean is not None and dist.is_available() and dist.is_initialized()
-        self.world = dist.get_world_size() if grouped else 1
-        self.rank = dist.get_rank() if grouped else 0
         self.target = copy.deepcopy(model).requires_grad_(False)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
-        self.replay = Replay(max(1, cfg.replay_size // self.world), model.input_keys)
-        self.draws = torch.Generator().manual_seed(int(getattr(cfg, "seed", 0)) + 7919)
         # Team rewards seen over all ranks: count, sum, sum of squares.
         self.reward_moments = torch.zeros(3, dtype=torch.float64)
-        self.env_steps = 0
-        self.updates = 0
-        self.gradient_steps = 0
         model.epsilon.fill_(epsilon_at(cfg, 0))
 
     def update(
@@ -218,14 +129,11 @@ class ValueDecomposition(OptimizerState):
         cfg = self.cfg
         device = next(self.model.parameters()).device
         batch = batch.to(device)
-        self.replay.add(batch)
+        steps = self.keep(batch)
         self._count_rewards(batch)
-        self.env_steps += batch.env_steps * self.world
-        self.updates += 1
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_frac
         sums = {"q_loss": 0.0, "q_taken": 0.0, "q_target": 0.0, "grad_norm": 0.0}
-        steps = cfg.updates_per_batch if self.env_steps >= cfg.learning_starts else 0
         for _ in range(steps):
             for key, value in self._step(batch.rewards.shape[1], device).items():
                 sums[key] += value / steps
@@ -258,42 +166,27 @@ class ValueDecomposition(OptimizerState):
         std = max(squares / count - mean * mean, 0.0) ** 0.5
         return (reward - mean) / max(std, 1e-6)
 
-    def _draw(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """This rank's share of one global draw of ``replay_batch`` transitions."""
-        n, r = self.cfg.replay_batch, self.replay
-        t_len = r.data["valid"].shape[1]
-        k = torch.randint(r.filled, (n,), generator=self.draws)
-        t = torch.randint(t_len - 1, (n,), generator=self.draws)
-        b = torch.randint(width * self.world, (n,), generator=self.draws) - self.rank * width
-        mine = (b >= 0) & (b < width)
-        return k[mine].to(device), t[mine].to(device), b[mine].to(device)
-
     def _step(self, width: int, device: torch.device) -> dict[str, float]:
         cfg, model = self.cfg, self.model
-        now, nxt, rest = self.replay.take(*self._draw(width, device))
+        now, nxt, rest = self.replay.take(*self.draw(width, device))
         valid = rest["valid"].to(rest["reward"].dtype)
         with torch.no_grad():
             online = model if cfg.double_q else None
             reward = self._scaled(rest["reward"])
             y = td_targets(self.target, online, nxt, reward, rest["ended"], cfg.gamma)
-            count = valid.sum()
-            total = self.all_reduce_mean(count) if self.all_reduce_mean else count
+            total = self.rank_count(valid.sum())
         _, q_tot = self.train_model({**now, TAKEN: rest["actions"]})
-        loss = (valid * (q_tot - y) ** 2).sum() / total.clamp_min(1.0)
+        loss = (valid * (q_tot - y) ** 2).sum() / total
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.gradient_steps += 1
+        self.follow(model, self.target)
         with torch.no_grad():
-            every = cfg.target_every
-            tau = cfg.target_tau if every is None else float(self.gradient_steps % every == 0)
-            if tau > 0:
-                for p, q in zip(model.parameters(), self.target.parameters(), strict=True):
-                    q.lerp_(p, tau)
             stats = torch.stack([
-                loss.detach(), (valid * q_tot.detach()).sum() / total.clamp_min(1.0),
-                (valid * y).sum() / total.clamp_min(1.0), norm.detach(),
+                loss.detach(), (valid * q_tot.detach()).sum() / total, (valid * y).sum() / total,
+                norm.detach(),
             ])  # fmt: skip
             if self.all_reduce_mean is not None:  # each rank holds its share of the sums
                 stats[:3] = self.all_reduce_mean(stats[:3])
@@ -302,31 +195,17 @@ class ValueDecomposition(OptimizerState):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimiser, target network, counters, the draw generator and, on one rank, the replay.
-
-        With K ranks each holds its own shard's replay and only rank 0 writes checkpoints, so
-        a resumed group refills its replays instead.
-        """
-        replay = {"replay": self.replay.state_dict()} if self.world == 1 else {}
+        """The replay learner's state, the target network and the reward moments."""
         return {
             **super().state_dict(),
-            **replay,
             "target": self.target.state_dict(),
-            "env_steps": self.env_steps,
-            "gradient_steps": self.gradient_steps,
-            "draws": self.draws.get_state(),
             "reward_moments": self.reward_moments.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s (a checkpoint without a replay: it starts empty)."""
-        if "replay" in state and self.world == 1:
-            self.replay.load_state_dict(state["replay"])
         super().load_state_dict(state)
         self.target.load_state_dict(state["target"])
-        self.env_steps = int(state["env_steps"])
-        self.gradient_steps = int(state["gradient_steps"])
-        self.draws.set_state(state["draws"])
         if "reward_moments" in state:
             self.reward_moments = state["reward_moments"].clone().double().cpu()
         self.model.epsilon.fill_(epsilon_at(self.cfg, self.env_steps))

@@ -112,6 +112,9 @@ class PolicySpec:
     #: A recurrent core after the actor's encoder (``policies.memory``): ``none``, ``gru``
     #: or ``lstm``.
     memory: str = "none"
+    #: The env's continuous action box (a squashed policy scales into it).
+    action_low: float = -1.0
+    action_high: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -386,7 +386,8 @@ def _where(cond: Tensor, a: Any, b: Any) -> Categorical | DiagGaussian:
 def policy_meta(model: Policy) -> dict[str, Any]:
     """What a checkpoint records to rebuild ``model``: its ``meta()``.
 
-    ``policy_spec`` or ``policy_groups``, and ``q_policy`` for a value-decomposition policy.
+    ``policy_spec`` or ``policy_groups``, and ``q_policy`` for a value-decomposition policy or
+    ``sac_policy`` for a soft actor-critic one.
     """
     return model.meta()
 
@@ -402,6 +403,10 @@ def policy_from_meta(meta: dict[str, Any], **spec_overrides: Any) -> Policy:
 
         q = meta["q_policy"]  # acting never reads the mixer, which is tied to the team size
         return QPolicy(spec, q["mixer"], q["n_agents"], q["mixer_embed"])
+    if "sac_policy" in meta:
+        from policies.sac import SACPolicy
+
+        return SACPolicy(spec, **meta["sac_policy"])
     return ActorCritic(spec)
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import envs
 from agents.algorithm import algorithm_spec
 from agents.ppo import PPOConfig, chunk_length
+from agents.soft_actor_critic import SACConfig
 from agents.value_decomposition import QConfig
 from agents.world_model import ModelTrainer, trainer_for
 from envs import EnvSettings, VecMultiAgentEnv
@@ -119,6 +120,8 @@ class ModelConfig(_Section):
             k=self.k,
             max_neighbours=self.max_neighbours,
             memory=self.memory,
+            action_low=float(env.action_low),
+            action_high=float(env.action_high),
         )
 
     def build(self, env: VecMultiAgentEnv) -> ActorCritic:
@@ -140,12 +143,13 @@ class ModelConfig(_Section):
         return _one_of(value, EDGE_MODES)
 
 
-class TrainConfig(PPOConfig, QConfig):
+class TrainConfig(PPOConfig, QConfig, SACConfig):
     """The algorithm, its settings and the length of the run.
 
     The settings are PPO's (every :class:`agents.ppo.PPOConfig` field), which on-policy
-    actor-critic algorithms share, and the replay's (:class:`agents.value_decomposition.
-    QConfig`), which QMIX and VDN read with ``lr``, ``gamma`` and ``max_grad_norm``.
+    actor-critic algorithms share, the replay's (:class:`agents.value_decomposition.
+    QConfig`), which QMIX, VDN, MASAC and ISAC read with ``lr``, ``gamma`` and
+    ``max_grad_norm``, and soft actor-critic's (:class:`agents.soft_actor_critic.SACConfig`).
     """
 
     algorithm: str = "ppo"

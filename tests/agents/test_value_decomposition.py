@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from agents.replay import Replay
 from agents.rollout import RolloutBatch
-from agents.value_decomposition import QConfig, Replay, ValueDecomposition, td_targets
+from agents.value_decomposition import QConfig, ValueDecomposition, td_targets
 from orchestrator.cli.evaluate import evaluate
 from orchestrator.config import ConfigError, load_config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint

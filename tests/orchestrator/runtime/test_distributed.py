@@ -188,6 +188,8 @@ def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int)
 GROUPED = ["env.name=tag", "groups.adversary.lr=0.001", "groups.agent.model.kind=mlp"]
 QMIX = ["train.algorithm=qmix", "train.learning_starts=0", "train.replay_batch=64",
         "train.updates_per_batch=2"]  # fmt: skip
+MASAC = ["train.algorithm=masac", "env.continuous_actions=true", "train.learning_starts=0",
+         "train.replay_batch=64", "train.updates_per_batch=2"]  # fmt: skip
 
 
 def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch]:
@@ -203,14 +205,15 @@ def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch
 
 @pytest.mark.parametrize(
     "grouping",
-    [[], GROUPED, ["imagined"], ["model.memory=gru"], QMIX],
-    ids=["shared", "groups", "imagined", "memory", "qmix"],
+    [[], GROUPED, ["imagined"], ["model.memory=gru"], QMIX, MASAC],
+    ids=["shared", "groups", "imagined", "memory", "qmix", "masac"],
 )
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
     # With a world model each rank imagines from its own shard's start states: its imagined
     # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both. With
     # memory, minibatches are chunks cut along time, whole on each rank's envs. QMIX ranks
-    # draw the same replayed transitions and each learns from those on its own envs.
+    # draw the same replayed transitions and each learns from those on its own envs; MASAC's
+    # ranks too, averaging each loss's gradients (critics, actor, temperature) themselves.
     dreamed = grouping == ["imagined"]
     cfg = tiny("train.epochs=2", "train.minibatches=2", *([] if dreamed else grouping))
     env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
@@ -249,8 +252,8 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grou
             group.shutdown()
 
     assert set(one) == set(two[0])
-    assert any(k.endswith("value_norm.debias" if grouping != QMIX else "mixer.v.0.weight")
-               for k in one)  # fmt: skip
+    marker = {id(QMIX): "mixer.v.0.weight", id(MASAC): "critics.1.mlp.0.weight"}
+    assert any(k.endswith(marker.get(id(grouping), "value_norm.debias")) for k in one)
     for name, value in one.items():
         for replica in two:
             torch.testing.assert_close(replica[name], value, atol=1e-6, rtol=0, msg=name)

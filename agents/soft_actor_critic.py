@@ -1,0 +1,225 @@
+"""MASAC and ISAC: soft actor-critic learnt off-policy from a replay of acted transitions.
+
+The replay, its transitions and the draws K ranks share are ``agents/replay.py``'s. Each agent
+learns from its own reward and termination (a time limit never ends an episode; dead agents
+and transitions a batch cannot complete weigh nothing):
+
+- **critics**: twin soft Q-functions regressed on ``r_i + γ (1 - d_i) V⁻(s')`` with
+  ``V⁻(s') = E_{a' ~ π}[min_j Q⁻_j(s', a') - α log π(a' | o')]`` from Polyak-averaged target
+  critics; the expectation is exact over a discrete policy's actions, one reparameterised
+  sample for continuous ones (MASAC: every agent's next action is drawn, as the critics read
+  the joint action).
+- **actor**: minimises ``E[α log π(a | o) - min_j Q_j(s, a)]`` (reparameterised through the
+  squashed Gaussian; an exact expectation for discrete actions).
+- **temperature**: ``log α`` is learnt so the policy's entropy tracks ``train.
+  target_entropy`` (default ``-|A|`` for continuous actions, ``train.target_entropy_scale ·
+  log |A|`` for discrete ones, as CleanRL's discrete SAC).
+
+K ranks: each loss is a sum over the rank's share of one global draw divided by the all-rank
+mean count, and its gradients are averaged over ranks in one all-reduce per loss; the
+Gaussian noise of continuous samples is drawn for the global draw and shared out with it, so
+K ranks take exactly the step one rank takes on the union of their envs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from agents.replay import ReplayLearner
+from agents.rollout import RolloutBatch
+from policies.sac import SACPolicy, discrete_probs
+
+
+class SACConfig(BaseModel):
+    """Soft actor-critic settings (``train.algorithm=masac`` or ``isac``).
+
+    The replay's settings are :class:`agents.value_decomposition.QConfig`'s; ``lr``,
+    ``gamma`` and ``max_grad_norm`` are PPO's.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    alpha_init: float = Field(0.2, gt=0)
+    """The entropy temperature α at the start."""
+    autotune_alpha: bool = True
+    """Learn α so the policy's entropy tracks ``target_entropy``; off: α stays fixed."""
+    target_entropy: float | None = None
+    """The entropy α is tuned towards; ``None``: ``-|A|`` (continuous actions) or
+    ``target_entropy_scale · log |A|`` (discrete)."""
+    target_entropy_scale: float = Field(0.89, gt=0, le=1)
+    """The fraction of the uniform policy's entropy a discrete policy's α aims at."""
+
+
+@torch.no_grad()
+def soft_targets(
+    model: SACPolicy,
+    target: nn.ModuleList,
+    nxt: dict[str, Tensor],
+    rewards: Tensor,
+    terminated: Tensor,
+    alpha: Tensor,
+    gamma: float,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``y_i = r_i + γ (1 - d_i) (min_j Q⁻_j(s', a') - α log π(a' | o'))`` ``[n, N]``.
+
+    ``a' ~ π`` of ``model``'s current actor (an exact expectation over discrete actions; for
+    continuous ones ``noise`` is the sample's standard normal draw); ``target`` holds the
+    target critics.
+    """
+    following = model.policy(nxt)
+    if model.discrete:
+        probs, logp = discrete_probs(following)  # type: ignore[arg-type]
+        q_next = torch.min(*model.q(nxt, critics=target))
+        v_next = (probs * (q_next - alpha * logp)).sum(-1)
+    else:
+        a_next, logp_next = following.rsample(noise)  # type: ignore[union-attr]
+        v_next = torch.min(*model.q(nxt, a_next, target)) - alpha * logp_next
+    return rewards + gamma * (1 - terminated.to(rewards.dtype)) * v_next
+
+
+class SoftActorCritic(ReplayLearner):
+    """MASAC / ISAC learner for one rank (an ``agents.algorithm.Algorithm``).
+
+    Args:
+        model: the :class:`policies.sac.SACPolicy` the rank acts and learns with.
+        cfg: the ``train`` section (:class:`SACConfig`, the replay's settings, ``lr``,
+            ``gamma``, ``max_grad_norm``, ``seed``).
+        all_reduce_mean: averages a tensor over ranks (``None`` on one).
+    """
+
+    def __init__(
+        self,
+        model: SACPolicy,
+        cfg: Any,
+        all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__(cfg, model.input_keys, all_reduce_mean)
+        self.model = model
+        self.target = copy.deepcopy(model.critics).requires_grad_(False)
+        self.actor_params = [*model.encoder.parameters(), *model.pi.parameters()]
+        self.critic_params = list(model.critics.parameters())
+        device = next(model.parameters()).device
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha_init), device=device))
+        self.optimizer = torch.optim.Adam(self.actor_params, lr=cfg.lr, eps=1e-5)
+        self.critic_optimizer = torch.optim.Adam(self.critic_params, lr=cfg.lr, eps=1e-5)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=cfg.lr, eps=1e-5)
+        a = model.spec.action_dim
+        auto = cfg.target_entropy_scale * math.log(a) if model.discrete else -float(a)
+        self.target_entropy = auto if cfg.target_entropy is None else float(cfg.target_entropy)
+
+    def update(
+        self, batch: RolloutBatch, lr_frac: float = 1.0, staleness: int = 0
+    ) -> dict[str, float]:
+        """Keep ``batch`` in the replay, then ``train.updates_per_batch`` gradient steps.
+
+        ``staleness`` is ignored: replayed transitions are off-policy by construction.
+        """
+        cfg = self.cfg
+        device = next(self.model.parameters()).device
+        batch = batch.to(device)
+        steps = self.keep(batch)
+        for opt in (self.optimizer, self.critic_optimizer, self.alpha_optimizer):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_frac
+        names = ("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm")
+        sums = dict.fromkeys(names, 0.0)
+        for _ in range(steps):
+            for key, value in self._step(batch.rewards.shape[1], device).items():
+                sums[key] += value / steps
+        return {
+            **sums,
+            "alpha": float(self.log_alpha.detach().exp()),
+            "replay_transitions": float(self.replay.transitions * self.world),
+            "gradient_steps": float(steps),
+            "lr": cfg.lr * lr_frac,
+        }
+
+    def _descend(self, opt: torch.optim.Optimizer, loss: Tensor, params: list[Any]) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.average_gradients(params)
+        norm = nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        opt.step()
+        return norm
+
+    def _step(self, width: int, device: torch.device) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        now, nxt, rest = self.replay.take(*self.draw(width, device))
+        dtype = rest["rewards"].dtype
+        weight = rest["valid"].unsqueeze(-1).to(dtype) * now["alive"].to(dtype)
+        total = self.rank_count(weight.sum())
+        alpha = self.log_alpha.detach().exp()
+
+        noise: list[Tensor | None] = [None, None]
+        if not model.discrete:  # drawn for all ranks' transitions: K ranks sample as one
+            shape = (2, cfg.replay_batch, *rest["actions"].shape[1:])
+            noise = list(torch.randn(shape, generator=self.draws)[:, self.share].to(device))
+        y = soft_targets(model, self.target, nxt, rest["rewards"], rest["terminated"], alpha,
+                         cfg.gamma, noise[0])  # fmt: skip
+
+        if model.discrete:
+            taken = rest["actions"].long().unsqueeze(-1)
+            q1, q2 = (q.gather(-1, taken).squeeze(-1) for q in model.q(now))
+        else:
+            q1, q2 = model.q(now, rest["actions"])
+        q_loss = (weight * ((q1 - y).square() + (q2 - y).square())).sum() / total
+        critic_norm = self._descend(self.critic_optimizer, q_loss, self.critic_params)
+
+        model.critics.requires_grad_(False)
+        try:
+            d = model.policy(now)
+            if model.discrete:
+                probs, logp = discrete_probs(d)  # type: ignore[arg-type]
+                q_now = torch.min(*model.q(now))
+                per_agent = (probs * (alpha * logp - q_now)).sum(-1)
+                entropy = -(probs * logp).sum(-1)
+            else:
+                action, logp_a = d.rsample(noise[1])  # type: ignore[union-attr]
+                per_agent = alpha * logp_a - torch.min(*model.q(now, action))
+                entropy = -logp_a
+            actor_loss = (weight * per_agent).sum() / total
+            actor_norm = self._descend(self.optimizer, actor_loss, self.actor_params)
+        finally:
+            model.critics.requires_grad_(True)
+
+        mean_entropy = (weight * entropy.detach()).sum() / total
+        if cfg.autotune_alpha:
+            alpha_loss = self.log_alpha * (mean_entropy - self.target_entropy)
+            self._descend(self.alpha_optimizer, alpha_loss, [self.log_alpha])
+        self.gradient_steps += 1
+        self.follow(model.critics, self.target)
+        with torch.no_grad():
+            stats = torch.stack([
+                q_loss.detach(), actor_loss.detach(), (weight * q1.detach()).sum() / total,
+                mean_entropy, torch.maximum(critic_norm, actor_norm).detach(),
+            ])  # fmt: skip
+            if self.all_reduce_mean is not None:  # each rank holds its share of the sums
+                stats[:4] = self.all_reduce_mean(stats[:4])
+        names = ("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm")
+        return dict(zip(names, stats.tolist(), strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The replay learner's state, the target critics, the temperature and its optimisers."""
+        return {
+            **super().state_dict(),
+            "target": self.target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s (a checkpoint without a replay: it starts empty)."""
+        super().load_state_dict(state)
+        self.target.load_state_dict(state["target"])
+        self.log_alpha.data.copy_(state["log_alpha"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])

@@ -1,0 +1,164 @@
+"""MASAC / ISAC: the squashed policy, soft targets, the temperature, learning and the seams."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from agents.algorithm import ALGORITHMS
+from agents.rollout import RolloutBatch
+from agents.soft_actor_critic import SACConfig, SoftActorCritic, soft_targets
+from agents.value_decomposition import QConfig
+from orchestrator.cli.evaluate import evaluate
+from orchestrator.config import ConfigError, load_config
+from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
+from orchestrator.runtime.driver import preflight, run_training
+from policies.actor_critic import PolicySpec
+from policies.sac import SACPolicy, SquashedGaussian
+
+RELAY = "rllib:tests.envs.toy_rllib:Relay"  # a_i earns 1 for action i; a2 leaves after step 2
+RUN = ["redis.enabled=false", "run.progress=false", "run.tensorboard=false",
+       "run.eval_every_s=null", "run.log_every_s=1e-9"]  # fmt: skip
+
+
+def _spec(kind: str = "mlp", action_kind: str = "continuous", a: int = 2) -> PolicySpec:
+    return PolicySpec(kind=kind, obs_dim=5, state_dim=7, node_dim=5, action_kind=action_kind,
+                      action_dim=a, hidden=32, action_low=0.0, action_high=1.0)  # fmt: skip
+
+
+def _train(**settings: Any) -> Any:
+    fields = {**QConfig().model_dump(), **SACConfig().model_dump()}
+    fields.update(lr=3e-3, gamma=0.0, max_grad_norm=10.0, learning_starts=0,
+                  updates_per_batch=1, replay_batch=128)  # fmt: skip
+    fields.update(settings)
+    return type("T", (), fields)
+
+
+def _batch(actions: torch.Tensor, rewards: torch.Tensor, t: int = 5, b: int = 8) -> RolloutBatch:
+    n = rewards.shape[-1]
+    g = torch.Generator().manual_seed(1)
+    z = torch.zeros(t, b, n)
+    return RolloutBatch(
+        obs={"obs": torch.randn(t, b, n, 5, generator=g),
+             "state": torch.randn(t, b, 7, generator=g),
+             "alive": torch.ones(t, b, n, dtype=torch.bool)},
+        actions=actions, logp=z, values=z, rewards=rewards,
+        terminated=torch.zeros(t, b, n, dtype=torch.bool),
+        truncated=torch.zeros(t, b, dtype=torch.bool), next_values=z,
+        episode_returns=torch.zeros(0), episode_lengths=torch.zeros(0),
+    )  # fmt: skip
+
+
+def test_the_squashed_gaussian_stays_in_the_box_and_scores_its_own_samples() -> None:
+    torch.manual_seed(0)
+    d = SquashedGaussian(torch.randn(256, 3) * 3, torch.randn(256, 3).clamp(-2, 1), -2.0, 0.5)
+    action, logp = d.rsample()
+    assert ((action >= -2.0) & (action <= 0.5)).all()
+    inside = (action > -1.99) & (action < 0.49)  # away from the edges, where atanh is exact
+    rows = inside.all(-1)
+    torch.testing.assert_close(d.log_prob(action)[rows], logp[rows], atol=2e-3, rtol=1e-4)
+    assert ((d.mode() >= -2.0) & (d.mode() <= 0.5)).all()
+    # A 1-D density integrates to one over the box.
+    one = SquashedGaussian(torch.tensor([[0.3]]), torch.tensor([[-0.5]]), -1.0, 3.0)
+    grid = torch.linspace(-1.0, 3.0, 20001)[1:-1].view(-1, 1)
+    mass = torch.trapezoid(
+        one.log_prob(grid.unsqueeze(0).transpose(0, 1)).exp().squeeze(), grid.squeeze()
+    )
+    assert mass.item() == pytest.approx(1.0, abs=1e-2)
+
+
+@pytest.mark.parametrize("action_kind", ["discrete", "continuous"])
+def test_soft_targets_bootstrap_from_the_target_critics_only_where_agents_go_on(
+    action_kind: str,
+) -> None:
+    torch.manual_seed(0)
+    model = SACPolicy(_spec(action_kind=action_kind, a=3), n_agents=2)
+    target = SACPolicy(_spec(action_kind=action_kind, a=3), n_agents=2).critics
+    nxt = {"obs": torch.randn(64, 2, 5), "state": torch.randn(64, 7),
+           "alive": torch.ones(64, 2, dtype=torch.bool)}  # fmt: skip
+    rewards = torch.randn(64, 2)
+    done = torch.rand(64, 2) > 0.5
+    alpha = torch.tensor(0.3)
+    torch.manual_seed(1)
+    y = soft_targets(model, target, nxt, rewards, done, alpha, 0.9)
+    torch.testing.assert_close(y[done], rewards[done])  # a terminated agent's target is r
+    for p in model.critics.parameters():  # the online critics play no part
+        p.data.add_(1.0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(soft_targets(model, target, nxt, rewards, done, alpha, 0.9), y)
+    target[0].mlp[-1].bias.data.add_(5.0)  # a target critic's value rises by 5 ...
+    target[1].mlp[-1].bias.data.add_(5.0)
+    torch.manual_seed(1)
+    raised = soft_targets(model, target, nxt, rewards, done, alpha, 0.9)
+    torch.testing.assert_close((raised - y)[~done], torch.full_like(y[~done], 4.5))  # ... γ·5
+
+
+def test_the_temperature_falls_while_the_policy_is_more_random_than_its_target() -> None:
+    torch.manual_seed(0)
+    model = SACPolicy(_spec(action_kind="discrete", a=5), n_agents=3)
+    learner = SoftActorCritic(model, _train())
+    assert learner.target_entropy == pytest.approx(0.89 * math.log(5))
+    batch = _batch(torch.randint(5, (5, 8, 3)), torch.zeros(5, 8, 3))
+    alphas = [learner.update(batch)["alpha"] for _ in range(5)]
+    assert alphas[-1] < alphas[0] < 0.2  # a fresh policy is near uniform: entropy log 5
+    fixed = SoftActorCritic(SACPolicy(_spec(), n_agents=3), _train(autotune_alpha=False))
+    assert fixed.target_entropy == -2.0  # -|A| for continuous actions
+    fixed.update(_batch(torch.rand(5, 8, 3, 2), torch.zeros(5, 8, 3)))
+    assert fixed.log_alpha.exp().item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("centralised", [True, False], ids=["masac", "isac"])
+def test_continuous_actor_moves_towards_the_best_action(centralised: bool) -> None:
+    # γ = 0 and each agent's reward -(a - 0.8)² summed over action dims: the critics learn
+    # the bowl from uniformly random actions and the actor's mode moves towards its bottom.
+    torch.manual_seed(0)
+    model = SACPolicy(_spec(), n_agents=3, centralised=centralised)
+    learner = SoftActorCritic(model, _train(alpha_init=0.01, autotune_alpha=False))
+    actions = torch.rand(5, 64, 3, 2)
+    batch = _batch(actions, -(actions - 0.8).square().sum(-1), b=64)
+    before = model.policy({k: v[0] for k, v in batch.obs.items()}).mode()
+    assert (before - 0.5).abs().max() < 0.05  # a fresh policy is centred in the box
+    for _ in range(300):
+        stats = learner.update(batch)
+    assert all(math.isfinite(v) for v in stats.values())
+    after = model.policy({k: v[0] for k, v in batch.obs.items()}).mode()
+    assert (after > before + 0.05).all()  # every agent's action rose towards the bottom
+    assert (after - 0.8).abs().mean() < 0.2  # from 0.3 at the start
+
+
+@pytest.mark.parametrize("algorithm", ["masac", "isac"])
+def test_learns_a_cooperative_task_checkpoints_and_evaluates_with_the_mode(
+    algorithm: str, tmp_path: Path
+) -> None:
+    # Relay: the best team return is 12 (5 + 5 + 2), chance 4 (see the QMIX test).
+    cfg = load_config("spread-mlp", [
+        *RUN, f"env.name={RELAY}", "env.num_envs=16", "train.rollout_len=10",
+        f"train.algorithm={algorithm}", "train.total_env_steps=8000", "train.lr=0.003",
+        "train.learning_starts=500", "train.replay_batch=256", "train.gamma=0.9",
+        "model.hidden=32",
+    ])  # fmt: skip
+    preflight(cfg)
+    run_dir = tmp_path / algorithm
+    run_dir.mkdir()
+    summary = run_training(cfg, run_dir)
+    assert summary["reason"] == "total_env_steps reached"
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt["meta"]["sac_policy"]["centralised"] == (algorithm == "masac")
+    assert ckpt["learner"]["gradient_steps"] > 0 and "log_alpha" in ckpt["learner"]
+    assert isinstance(policy_from_checkpoint(ckpt), SACPolicy)
+    assert evaluate(run_dir, episodes=16)["mean"] >= 10.0
+
+
+def test_config_names_the_key_and_presets_list_the_algorithms() -> None:
+    assert {"masac", "isac"} <= set(ALGORITHMS)
+    preflight(load_config("spread-mlp", ["train.algorithm=masac", "env.continuous_actions=true"]))
+    with pytest.raises(ConfigError, match=r"train.algorithm=isac does not train policies with"):
+        preflight(load_config("spread-mlp", ["train.algorithm=isac", "model.memory=gru"]))
+    with pytest.raises(ConfigError, match=r"train.algorithm=masac does not train with world_model"):
+        preflight(load_config("spread-gnn-wm", ["train.algorithm=masac"]))
+    with pytest.raises(ConfigError, match=r"train.target_entropy_scale"):
+        load_config("spread-mlp", ["train.algorithm=masac", "train.target_entropy_scale=2"])
