@@ -44,7 +44,8 @@ class Task:
     jaxmarl_map: str | None = None  # the map JaxMARL's own MAPPO trains on as the peer
     epymarl_key: str | None = None  # the env EPyMARL's own MAPPO trains on as the peer
     epymarl_time_limit: int = 50  # its episode limit (the paper's: LBF 50, RWARE 500)
-    q_preset: str | None = None  # the preset value-decomposition arms (--algorithms) start from
+    # The preset each replay-learner arm (--algorithms qmix/vdn/masac/isac) starts from.
+    replay_presets: dict[str, str] = field(default_factory=dict)
 
 
 def _lbf(task_id: str) -> list[str]:
@@ -56,7 +57,8 @@ TASKS: dict[str, Task] = {
     "lbf_8x8_2p_2f_coop": Task(
         "lbf-8x8-2p-2f-coop", budget=2_000_000, every=200_000,
         what="team return, LBF 2.0 Foraging-8x8-2p-2f-coop-v3 (1.0 = every food loaded)",
-        epymarl_key="lbforaging:Foraging-8x8-2p-2f-coop-v3", q_preset="lbf-8x8-2p-2f-coop-qmix",
+        epymarl_key="lbforaging:Foraging-8x8-2p-2f-coop-v3",
+        replay_presets=dict.fromkeys(("qmix", "vdn"), "lbf-8x8-2p-2f-coop-qmix"),
         published="EPyMARL (Papoudakis et al., NeurIPS 2021 D&B), MAPPO with parameter "
         "sharing, Table 3 (maximum returns over 20M steps, LBF v1): not checked here",
     ),
@@ -94,8 +96,12 @@ TASKS: dict[str, Task] = {
     "vmas_balance": Task(
         "navigation-wm", ["env.name=vmas:balance", "world_model.enabled=false"],
         3_000_000, 300_000, "team return, VMAS balance",
+        replay_presets=dict.fromkeys(("masac", "isac"), "balance-masac"),
     ),
-    "mpe_spread": Task("spread-mlp", [], 3_000_000, 300_000, "team return, spread (N=3)"),
+    "mpe_spread": Task(
+        "spread-mlp", [], 3_000_000, 300_000, "team return, spread (N=3)",
+        replay_presets=dict.fromkeys(("masac", "isac"), "spread-mlp-masac"),
+    ),
     "spread_gnn": Task("spread-gnn", [], 1_000_000, 100_000, "team return, spread (N=3), GNN"),
     "cue": Task(
         "spread-mlp", ["env.name=cue", "env.n_agents=2", "env.max_cycles=4", "env.num_envs=64",
@@ -122,10 +128,10 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
             if algorithm is not None:
                 label = f"{label}_{algorithm}"
                 if algorithm != "ppo":
-                    if task.q_preset is None:
+                    if algorithm not in task.replay_presets:
                         raise SystemExit(f"--algorithms {algorithm}: task {name} has no preset "
-                                         "for value decomposition (Task.q_preset)")  # fmt: skip
-                    preset = task.q_preset
+                                         f"for {algorithm} (Task.replay_presets)")  # fmt: skip
+                    preset = task.replay_presets[algorithm]
                     extra = [*extra, f"train.algorithm={algorithm}"]
             arm_line = {**line, "memory": memory or "preset", "algorithm": algorithm or "preset"}
             done[label] = run_arm(label, task, extra, args, arm_line, preset)
@@ -250,9 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory", nargs="+", choices=["none", "gru", "lstm"], default=None,
                    help="arms: each task once per model.memory value (default: the "
                    "preset's)")  # fmt: skip
-    p.add_argument("--algorithms", nargs="+", choices=["ppo", "qmix", "vdn"], default=None,
-                   help="arms: each task once per train.algorithm (qmix/vdn start from the "
-                   "task's value-decomposition preset; default: the preset's)")  # fmt: skip
+    p.add_argument("--algorithms", nargs="+", choices=["ppo", "qmix", "vdn", "masac", "isac"],
+                   default=None, help="arms: each task once per train.algorithm (a replay "
+                   "learner starts from the task's preset for it; default: the "
+                   "preset's)")  # fmt: skip
     p.add_argument("--jaxmarl-repo", type=Path, default=None,
                    help="a JaxMARL checkout: its own recurrent MAPPO runs on the SMAX tasks "
                    "for shoal's wall clock (benchmarks.peers.jaxmarl_mappo)")  # fmt: skip

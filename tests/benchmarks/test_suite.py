@@ -14,7 +14,6 @@ def test_every_suite_task_is_a_valid_config(name: str) -> None:
     cfg = load_config(task.preset, task.overrides)
     assert task.every <= task.budget and task.budget % task.every == 0
     assert cfg.env.name
-    if task.q_preset is not None:  # its value-decomposition arms train the same task
-        for algorithm in ("qmix", "vdn"):
-            q = load_config(task.q_preset, [*task.overrides, f"train.algorithm={algorithm}"])
-            assert q.env.name == cfg.env.name and q.train.algorithm == algorithm
+    for algorithm, preset in task.replay_presets.items():  # replay learners train the same task
+        q = load_config(preset, [*task.overrides, f"train.algorithm={algorithm}"])
+        assert q.env.name == cfg.env.name and q.train.algorithm == algorithm
