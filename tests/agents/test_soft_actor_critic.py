@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,28 @@ def test_config_names_the_key_and_presets_list_the_algorithms() -> None:
         preflight(load_config("spread-gnn-wm", ["train.algorithm=masac"]))
     with pytest.raises(ConfigError, match=r"train.target_entropy_scale"):
         load_config("spread-mlp", ["train.algorithm=masac", "train.target_entropy_scale=2"])
+
+
+def test_a_restored_learner_takes_the_same_next_step() -> None:
+    # Everything a step draws (transitions and Gaussian noise) comes from the learner's own
+    # generator, which its state holds with the replay, the target critics, α and the three
+    # optimisers: a learner restored from a checkpoint continues exactly.
+    def learner() -> SoftActorCritic:
+        torch.manual_seed(0)
+        return SoftActorCritic(SACPolicy(_spec(), n_agents=3), _train(updates_per_batch=2))
+
+    actions = torch.rand(5, 8, 3, 2)
+    batch = _batch(actions, -(actions - 0.8).square().sum(-1))
+    first = learner()
+    for _ in range(3):
+        first.update(batch)
+    second = learner()
+    # A checkpoint is a copy (optimiser state tensors must not be shared between the two).
+    second.model.load_state_dict(copy.deepcopy(first.model.state_dict()))
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert second.replay.transitions == first.replay.transitions == 3 * 4 * 8
+    for one in (first, second):
+        one.update(batch)
+    for name, value in first.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)
+    assert second.log_alpha.item() == first.log_alpha.item()
