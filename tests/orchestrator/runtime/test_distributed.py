@@ -343,7 +343,10 @@ def test_an_algorithm_from_outside_shoal_trains_on_workers_and_two_ranks(
 
 
 def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, tmp_path) -> None:
-    cfg = tiny("rollout.num_workers=2", "train.total_env_steps=3200")
+    # Long enough that the run outlasts the restart on a loaded machine (the other worker keeps
+    # the run going meanwhile); the restart is read from the run's counters, not from a new
+    # pid, which a run that already finished would never show.
+    cfg = tiny("rollout.num_workers=2", "train.total_env_steps=6400")
     run_dir = new_run_dir(tmp_path, "kill-worker")
     run = Background(cfg, run_dir)
     wait_for(lambda: len(rows(run_dir)) >= 2, 120, "the first iterations")
@@ -351,12 +354,10 @@ def test_killed_rollout_worker_is_restarted_and_training_resumes(ray_instance, t
     pid = ray.get(victim.pid.remote(), timeout=30)
     steps_at_kill = rows(run_dir)[-1]["env_steps"]
     os.kill(pid, signal.SIGKILL)
-    new_pid = wait_for(lambda: _pid_if_changed(victim, pid), 120, "Ray to restart shoal-rollout-1")
     summary = run.result()
 
-    assert new_pid != pid
     assert summary["reason"] == "total_env_steps reached"
-    assert summary["counters"]["env_steps"] == 3200
+    assert summary["counters"]["env_steps"] == 6400
     assert summary["counters"]["rollout_restarts"] >= 1
     table = rows(run_dir)
     assert_monotonic_progress(table, max_staleness=1)
@@ -403,14 +404,6 @@ def test_killed_learner_rank_restarts_the_group_from_the_checkpoint(ray_instance
     assert_monotonic_progress(table, max_staleness=0)  # in-rank envs act with current weights
     assert table[-1]["learner_restarts"] == 1
     assert load_checkpoint(run_dir)["meta"]["counters"]["learner_restarts"] == 1
-
-
-def _pid_if_changed(actor: Any, old: int) -> int | None:
-    try:
-        pid = ray.get(actor.pid.remote(), timeout=5)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return None
-    return pid if pid != old else None
 
 
 def test_redis_restart_mid_run_reconnects_and_completes(
