@@ -106,17 +106,24 @@ class Replay:
 class ReplayLearner(OptimizerState):
     """The replay, the shared draws, counters and target updates of one rank's learner.
 
+    :meth:`update` is every replay learner's: keep the batch, then ``updates_per_batch``
+    gradient steps (:meth:`_step`, the subclass's) with their statistics averaged.
+
     Args:
-        cfg: the ``train`` section (``replay_size``, ``replay_batch``, ``learning_starts``,
-            ``target_tau``, ``target_every``, ``seed``).
-        keys: the observation fields to replay.
+        model: the policy the rank acts and learns with (its ``input_keys`` are replayed).
+        cfg: the ``train`` section (``replay_size``, ``replay_batch``, ``updates_per_batch``,
+            ``learning_starts``, ``target_tau``, ``target_every``, ``lr``, ``seed``).
         all_reduce_mean: averages a tensor over ranks (``None`` on one).
     """
 
+    step_stats: tuple[str, ...] = ()
+    """What :meth:`_step` returns (0 for a batch without gradient steps)."""
+
     def __init__(
-        self, cfg: Any, keys: frozenset[str], all_reduce_mean: Callable[[Tensor], Tensor] | None
+        self, model: nn.Module, cfg: Any, all_reduce_mean: Callable[[Tensor], Tensor] | None
     ) -> None:
-        self.cfg, self.all_reduce_mean = cfg, all_reduce_mean
+        self.model, self.cfg, self.all_reduce_mean = model, cfg, all_reduce_mean
+        keys: frozenset[str] = model.input_keys  # type: ignore[assignment]
         grouped = all_reduce_mean is not None and dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if grouped else 1
         self.rank = dist.get_rank() if grouped else 0
@@ -127,12 +134,50 @@ class ReplayLearner(OptimizerState):
         self.gradient_steps = 0
         self.share = torch.zeros(0, dtype=torch.bool)
 
-    def keep(self, batch: RolloutBatch) -> int:
-        """Replay ``batch``; the gradient steps due now (none before ``learning_starts``)."""
+    def update(
+        self, batch: RolloutBatch, lr_frac: float = 1.0, staleness: int = 0
+    ) -> dict[str, float]:
+        """Keep ``batch`` in the replay, then ``train.updates_per_batch`` gradient steps.
+
+        ``staleness`` is ignored: replayed transitions are off-policy by construction.
+        """
+        cfg = self.cfg
+        device = next(self.model.parameters()).device
+        batch = batch.to(device)
         self.replay.add(batch)
         self.env_steps += batch.env_steps * self.world
         self.updates += 1
-        return self.cfg.updates_per_batch if self.env_steps >= self.cfg.learning_starts else 0
+        self.observe(batch)
+        for opt in self.optimizers():
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_frac
+        steps = cfg.updates_per_batch if self.env_steps >= cfg.learning_starts else 0
+        sums = dict.fromkeys(self.step_stats, 0.0)
+        for _ in range(steps):
+            for key, value in self._step(batch.rewards.shape[1], device).items():
+                sums[key] += value / steps
+        return {
+            **sums,
+            **self.after_batch(),
+            "replay_transitions": float(self.replay.transitions * self.world),
+            "gradient_steps": float(steps),
+            "lr": cfg.lr * lr_frac,
+        }
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimiser whose rate ``lr_frac`` scales."""
+        return [self.optimizer]
+
+    def observe(self, batch: RolloutBatch) -> None:
+        """Learn what a learner keeps of every batch besides the replay (nothing here)."""
+
+    def _step(self, width: int, device: torch.device) -> dict[str, float]:
+        """One gradient step on a draw of ``width`` envs' transitions: :attr:`step_stats`."""
+        raise NotImplementedError
+
+    def after_batch(self) -> dict[str, float]:
+        """Move what follows the env-step count after a batch; statistics to report."""
+        return {}
 
     def draw(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share ``(slot, step, env)`` of one global draw of transitions.

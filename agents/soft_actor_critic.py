@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from agents.replay import ReplayLearner
-from agents.rollout import RolloutBatch
 from policies.sac import SACPolicy, discrete_probs
 
 
@@ -95,14 +94,16 @@ class SoftActorCritic(ReplayLearner):
         all_reduce_mean: averages a tensor over ranks (``None`` on one).
     """
 
+    step_stats = ("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm")
+
     def __init__(
         self,
         model: SACPolicy,
         cfg: Any,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(cfg, model.input_keys, all_reduce_mean)
-        self.model = model
+        super().__init__(model, cfg, all_reduce_mean)
+        self.model: SACPolicy = model
         self.target = copy.deepcopy(model.critics).requires_grad_(False)
         self.actor_params = [*model.encoder.parameters(), *model.pi.parameters()]
         self.critic_params = list(model.critics.parameters())
@@ -115,32 +116,13 @@ class SoftActorCritic(ReplayLearner):
         auto = cfg.target_entropy_scale * math.log(a) if model.discrete else -float(a)
         self.target_entropy = auto if cfg.target_entropy is None else float(cfg.target_entropy)
 
-    def update(
-        self, batch: RolloutBatch, lr_frac: float = 1.0, staleness: int = 0
-    ) -> dict[str, float]:
-        """Keep ``batch`` in the replay, then ``train.updates_per_batch`` gradient steps.
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The actor's, the critics' and the temperature's."""
+        return [self.optimizer, self.critic_optimizer, self.alpha_optimizer]
 
-        ``staleness`` is ignored: replayed transitions are off-policy by construction.
-        """
-        cfg = self.cfg
-        device = next(self.model.parameters()).device
-        batch = batch.to(device)
-        steps = self.keep(batch)
-        for opt in (self.optimizer, self.critic_optimizer, self.alpha_optimizer):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_frac
-        names = ("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm")
-        sums = dict.fromkeys(names, 0.0)
-        for _ in range(steps):
-            for key, value in self._step(batch.rewards.shape[1], device).items():
-                sums[key] += value / steps
-        return {
-            **sums,
-            "alpha": float(self.log_alpha.detach().exp()),
-            "replay_transitions": float(self.replay.transitions * self.world),
-            "gradient_steps": float(steps),
-            "lr": cfg.lr * lr_frac,
-        }
+    def after_batch(self) -> dict[str, float]:
+        """The temperature now."""
+        return {"alpha": float(self.log_alpha.detach().exp())}
 
     def _descend(self, opt: torch.optim.Optimizer, loss: Tensor, params: list[Any]) -> Tensor:
         opt.zero_grad(set_to_none=True)
@@ -203,8 +185,7 @@ class SoftActorCritic(ReplayLearner):
             ])  # fmt: skip
             if self.all_reduce_mean is not None:  # each rank holds its share of the sums
                 stats[:4] = self.all_reduce_mean(stats[:4])
-        names = ("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm")
-        return dict(zip(names, stats.tolist(), strict=True))
+        return dict(zip(self.step_stats, stats.tolist(), strict=True))
 
     def state_dict(self) -> dict[str, Any]:
         """The replay learner's state, the target critics, the temperature and its optimisers."""

@@ -103,6 +103,8 @@ class ValueDecomposition(ReplayLearner):
         all_reduce_mean: averages a tensor over ranks (``None`` on one).
     """
 
+    step_stats = ("q_loss", "q_taken", "q_target", "grad_norm")
+
     def __init__(
         self,
         model: QPolicy,
@@ -110,8 +112,8 @@ class ValueDecomposition(ReplayLearner):
         train_model: nn.Module | None = None,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(cfg, model.input_keys, all_reduce_mean)
-        self.model = model
+        super().__init__(model, cfg, all_reduce_mean)
+        self.model: QPolicy = model
         self.train_model = train_model if train_model is not None else model
         self.target = copy.deepcopy(model).requires_grad_(False)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
@@ -119,35 +121,13 @@ class ValueDecomposition(ReplayLearner):
         self.reward_moments = torch.zeros(3, dtype=torch.float64)
         model.epsilon.fill_(epsilon_at(cfg, 0))
 
-    def update(
-        self, batch: RolloutBatch, lr_frac: float = 1.0, staleness: int = 0
-    ) -> dict[str, float]:
-        """Keep ``batch`` in the replay, then ``train.updates_per_batch`` gradient steps.
-
-        ``staleness`` is ignored: replayed transitions are off-policy by construction.
-        """
-        cfg = self.cfg
-        device = next(self.model.parameters()).device
-        batch = batch.to(device)
-        steps = self.keep(batch)
-        self._count_rewards(batch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_frac
-        sums = {"q_loss": 0.0, "q_taken": 0.0, "q_target": 0.0, "grad_norm": 0.0}
-        for _ in range(steps):
-            for key, value in self._step(batch.rewards.shape[1], device).items():
-                sums[key] += value / steps
-        eps = epsilon_at(cfg, self.env_steps)
+    def after_batch(self) -> dict[str, float]:
+        """ε along its schedule by the env steps now collected."""
+        eps = epsilon_at(self.cfg, self.env_steps)
         self.model.epsilon.fill_(eps)
-        return {
-            **sums,
-            "epsilon": eps,
-            "replay_transitions": float(self.replay.transitions * self.world),
-            "gradient_steps": float(steps),
-            "lr": cfg.lr * lr_frac,
-        }
+        return {"epsilon": eps}
 
-    def _count_rewards(self, batch: RolloutBatch) -> None:
+    def observe(self, batch: RolloutBatch) -> None:
         """Fold ``batch``'s team rewards (every rank's) into the running moments."""
         team = (batch.rewards * batch.obs["alive"].to(batch.rewards.dtype)).sum(-1).double()
         moments = torch.stack(
@@ -190,9 +170,7 @@ class ValueDecomposition(ReplayLearner):
             ])  # fmt: skip
             if self.all_reduce_mean is not None:  # each rank holds its share of the sums
                 stats[:3] = self.all_reduce_mean(stats[:3])
-        return dict(
-            zip(("q_loss", "q_taken", "q_target", "grad_norm"), stats.tolist(), strict=True)
-        )
+        return dict(zip(self.step_stats, stats.tolist(), strict=True))
 
     def state_dict(self) -> dict[str, Any]:
         """The replay learner's state, the target network and the reward moments."""
