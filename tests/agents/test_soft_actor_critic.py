@@ -16,14 +16,11 @@ from agents.soft_actor_critic import SACConfig, SoftActorCritic, soft_targets
 from agents.value_decomposition import QConfig
 from orchestrator.cli.evaluate import evaluate
 from orchestrator.config import ConfigError, load_config
-from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
-from orchestrator.runtime.driver import preflight, run_training
+from orchestrator.runtime.checkpoint import policy_from_checkpoint
+from orchestrator.runtime.driver import preflight
 from policies.actor_critic import PolicySpec
 from policies.sac import SACPolicy, SquashedGaussian
-
-RELAY = "rllib:tests.envs.toy_rllib:Relay"  # a_i earns 1 for action i; a2 leaves after step 2
-RUN = ["redis.enabled=false", "run.progress=false", "run.tensorboard=false",
-       "run.eval_every_s=null", "run.log_every_s=1e-9"]  # fmt: skip
+from tests.agents.relay import train_on_relay
 
 
 def _spec(kind: str = "mlp", action_kind: str = "continuous", a: int = 2) -> PolicySpec:
@@ -135,19 +132,7 @@ def test_continuous_actor_moves_towards_the_best_action(centralised: bool) -> No
 def test_learns_a_cooperative_task_checkpoints_and_evaluates_with_the_mode(
     algorithm: str, tmp_path: Path
 ) -> None:
-    # Relay: the best team return is 12 (5 + 5 + 2), chance 4 (see the QMIX test).
-    cfg = load_config("spread-mlp", [
-        *RUN, f"env.name={RELAY}", "env.num_envs=16", "train.rollout_len=10",
-        f"train.algorithm={algorithm}", "train.total_env_steps=8000", "train.lr=0.003",
-        "train.learning_starts=500", "train.replay_batch=256", "train.gamma=0.9",
-        "model.hidden=32",
-    ])  # fmt: skip
-    preflight(cfg)
-    run_dir = tmp_path / algorithm
-    run_dir.mkdir()
-    summary = run_training(cfg, run_dir)
-    assert summary["reason"] == "total_env_steps reached"
-    ckpt = load_checkpoint(run_dir)
+    run_dir, ckpt = train_on_relay(tmp_path, algorithm, 8000)  # best 12, chance 4
     assert ckpt["meta"]["sac_policy"]["centralised"] == (algorithm == "masac")
     assert ckpt["learner"]["gradient_steps"] > 0 and "log_alpha" in ckpt["learner"]
     assert isinstance(policy_from_checkpoint(ckpt), SACPolicy)

@@ -18,10 +18,7 @@ from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpo
 from orchestrator.runtime.driver import preflight, run_training
 from policies.actor_critic import PolicySpec
 from policies.q import TAKEN, QMixer, QPolicy, VDNMixer
-
-RELAY = "rllib:tests.envs.toy_rllib:Relay"  # a_i earns 1 for action i; a2 leaves after step 2
-RUN = ["redis.enabled=false", "run.progress=false", "run.tensorboard=false",
-       "run.eval_every_s=null", "run.log_every_s=1e-9"]  # fmt: skip
+from tests.agents.relay import RELAY, RUN, train_on_relay
 
 
 def _spec(kind: str = "mlp", n_actions: int = 4) -> PolicySpec:
@@ -214,20 +211,7 @@ def test_config_errors_name_the_key_before_anything_starts() -> None:
 def test_learns_a_cooperative_task_checkpoints_and_evaluates_greedily(
     algorithm: str, tmp_path: Path
 ) -> None:
-    # Relay: the best team return is 12 (5 + 5 + 2, a2 leaves after two steps), chance 4;
-    # episodes end by a time limit, so no transition of the last step is bootstrapped wrongly.
-    cfg = load_config("spread-mlp", [
-        *RUN, f"env.name={RELAY}", "env.num_envs=16", "train.rollout_len=10",
-        f"train.algorithm={algorithm}", "train.total_env_steps=12000", "train.lr=0.003",
-        "train.learning_starts=500", "train.epsilon_steps=4000", "train.replay_batch=256",
-        "train.gamma=0.9", "model.hidden=32",
-    ])  # fmt: skip
-    preflight(cfg)
-    run_dir = tmp_path / algorithm
-    run_dir.mkdir()
-    summary = run_training(cfg, run_dir)
-    assert summary["reason"] == "total_env_steps reached"
-    ckpt = load_checkpoint(run_dir)
+    run_dir, ckpt = train_on_relay(tmp_path, algorithm, 12000, "train.epsilon_steps=4000")
     assert ckpt["meta"]["q_policy"]["mixer"] == algorithm
     assert ckpt["learner"]["gradient_steps"] > 0
     model = policy_from_checkpoint(ckpt)
