@@ -44,22 +44,36 @@ class Replay:
 
     def add(self, batch: RolloutBatch) -> None:
         """Keep ``batch`` (overwriting the oldest when full)."""
-        alive = batch.obs["alive"].to(batch.rewards.dtype)
-        ended = batch.terminated.all(-1)
-        cut = batch.truncated & ~ended
+        self.add_steps(batch.obs, batch.actions, batch.rewards, batch.terminated, batch.truncated)
+
+    def add_steps(
+        self,
+        obs: dict[str, Tensor],
+        actions: Tensor,
+        rewards: Tensor,
+        terminated: Tensor,
+        truncated: Tensor,
+    ) -> None:
+        """Keep ``T`` steps of ``B`` envs given field by field (``obs`` holds ``alive``).
+
+        Shapes: as :class:`~agents.rollout.RolloutBatch`'s fields of the same names.
+        """
+        alive = obs["alive"].to(rewards.dtype)
+        ended = terminated.all(-1)
+        cut = truncated & ~ended
         valid = ~cut
         valid[-1] = False
         row = {
-            **{f"obs.{k}": v for k, v in batch.obs.items() if k in self.keys},
-            "actions": batch.actions,
-            "rewards": batch.rewards,
-            "terminated": batch.terminated,
-            "reward": (batch.rewards * alive).sum(-1),
+            **{f"obs.{k}": v for k, v in obs.items() if k in self.keys},
+            "actions": actions,
+            "rewards": rewards,
+            "terminated": terminated,
+            "reward": (rewards * alive).sum(-1),
             "ended": ended,
             "valid": valid,
         }
         if not self.data:
-            self.slots = max(1, self.capacity_steps // batch.env_steps)
+            self.slots = max(1, self.capacity_steps // int(rewards.shape[0] * rewards.shape[1]))
             self.data = {
                 k: torch.zeros((self.slots, *v.shape), dtype=v.dtype, device=v.device)
                 for k, v in row.items()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ return out
 
 
 class ReplayStream:
-    """A capped Redis stream of trajectory chunks for world-model training.
+    """A capped Redis stream of trajectory chunks: the world model's and replay learners' data.
 
     Args:
         client: A client from :func:`connect` (or a plain ``redis.Redis``).
@@ -112,6 +112,31 @@ class ReplayStream:
             out.append(
                 (entry_id.decode() if isinstance(entry_id, bytes) else entry_id, chunk, meta)
             )
+        return out
+
+    def read(self, ids: Sequence[str]) -> list[tuple[Chunk, dict[str, Any]]]:
+        """The entries ``ids`` (as :meth:`append` returned them), in that order, in one trip.
+
+        Raises:
+            LookupError: naming the first id the stream no longer holds (trimmed by
+                ``maxlen``, or never written).
+        """
+
+        def fetch(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for entry_id in ids:
+                pipe.xrange(self.key, entry_id, entry_id)
+            return list(pipe.execute())
+
+        replies = self._call(fetch) if ids else []
+        out = []
+        for entry_id, reply in zip(ids, replies, strict=True):
+            if not reply:
+                raise LookupError(
+                    f"replay stream {self.key} no longer holds entry {entry_id} (it keeps the "
+                    f"newest ~{self.maxlen} entries)"
+                )
+            out.append(decode_tensors(reply[0][1][b"data"]))
         return out
 
     def sample(self, n: int, rng: random.Random | np.random.Generator) -> list[Chunk]:

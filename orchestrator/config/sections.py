@@ -237,9 +237,12 @@ class RedisConfig(_Section):
     """Local in-process runs may skip Redis entirely (``redis.enabled=false``)."""
     replay_maxlen: int = Field(2000, ge=1)
     replay: bool = True
-    """Rollout workers append one trajectory chunk per batch to the replay stream."""
+    """Rollout workers append one trajectory chunk per batch to the replay stream. For an
+    algorithm that replays transitions the chunk is the whole batch and the stream is the
+    run's replay: learner ranks read their batches from it and refill from it on a restart."""
     replay_envs: int = Field(1, ge=1)
-    """Sub-envs of each batch copied into its replay chunk (keeps chunks small)."""
+    """Sub-envs of each batch copied into its replay chunk (keeps chunks small); a replay
+    learner's chunks hold every sub-env."""
 
     @field_validator("url")
     @classmethod
@@ -478,6 +481,14 @@ class Config(_Section):
             + self.learner.num_ranks * self.learner.cpus_per_rank
             + wm
         )
+
+    def streams_batches(self) -> bool:
+        """Rollout workers hand batches to the learner through the Redis replay stream.
+
+        They do for an algorithm that learns from replayed transitions when ``redis.replay``
+        is on: the stream is then the run's replay, which outlives a learner restart.
+        """
+        return self.redis.replay and algorithm_spec(self.train.algorithm).layout == "transitions"
 
     def uses_memory(self) -> bool:
         """Some policy of the run has memory (``model.memory`` or a group's)."""

@@ -65,6 +65,23 @@ def check_topology(cfg: Config) -> None:
             "ray.address or --ray) keep weights and run state in Redis; remove "
             "redis.enabled=false"
         )
+    workers = cfg.rollout.num_workers
+    if workers and cfg.streams_batches():
+        # A rank reads a batch's entries after its workers wrote them; two rounds may be
+        # in the stream unread (with rollout.max_staleness=1).
+        if cfg.redis.replay_maxlen < 2 * workers:
+            raise ConfigError(
+                f"redis.replay_maxlen={cfg.redis.replay_maxlen}: {cfg.train.algorithm}'s "
+                f"batches travel through the replay stream, one entry per rollout worker; "
+                f"raise it to at least {2 * workers} (2 x rollout.num_workers)"
+            )
+        kept = cfg.redis.replay_maxlen * cfg.train.rollout_len * cfg.env.num_envs
+        if kept < cfg.train.replay_size:
+            log.warning(
+                "the replay stream keeps ~%d transitions (redis.replay_maxlen=%d entries), "
+                "fewer than train.replay_size=%d: a restarted learner refills only those",
+                kept, cfg.redis.replay_maxlen, cfg.train.replay_size,
+            )  # fmt: skip
     need = cfg.reserved_cpus()
     world = ""
     if cfg.world_model.enabled and cfg.rollout.num_workers:

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from agents.algorithm import Algorithm, algorithm_spec
+from agents.replay import Replay
 from agents.rollout import LocalRollouts, RolloutBatch
 from orchestrator.config import Config, config_to_yaml
 from orchestrator.runtime import process_group, storage, world
@@ -293,6 +294,7 @@ class LearnerRank:
             transport.open(self.model, self.practice, self.self_play)
             kept = self.practice.buffer.kept.keys if self.practice is not None else ()
             rollouts = transport.rollouts(self.model, int(counters["iteration"]), frozenset(kept))
+            self._refill_replay(rollouts)
             transport.running()
             res = run_loop(
                 self.cfg,
@@ -324,6 +326,24 @@ class LearnerRank:
             "counters": dict(counters),
             "metrics": res.metrics,
         }
+
+    def _refill_replay(self, rollouts: LocalRollouts | ActorRollouts) -> None:
+        """Refill a replay learner's replay from the Redis replay stream, where batches came.
+
+        The stream holds every batch up to the moment a failed group died, the checkpoint's
+        replay (one rank only) what it held when written: the fuller one is kept.
+        """
+        replay = getattr(self.learner, "replay", None)
+        if getattr(rollouts, "stream", None) is None or not isinstance(replay, Replay):
+            return
+        fresh = Replay(replay.capacity_steps, replay.keys)
+        held = rollouts.refill(fresh)  # type: ignore[union-attr]
+        if held > replay.transitions:
+            log.info(
+                "rank %d refilled its replay from the Redis stream: %d transitions (%d before)",
+                self.rank, held, replay.transitions,
+            )  # fmt: skip
+            self.learner.replay = fresh  # type: ignore[attr-defined]
 
     def _step(
         self, rollouts: LocalRollouts | ActorRollouts, lr_frac: float

@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -29,6 +30,8 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from torch import Tensor
 
 from agents.memory import RedisUnavailable, ReplayStream, RunState, WeightStore, connect
+from agents.memory.replay import Chunk
+from agents.replay import Replay
 from agents.rollout import RolloutBatch, RolloutWorker
 from orchestrator.config import Config
 from orchestrator.runtime.loop import FatalRunError
@@ -47,6 +50,23 @@ MAX_DEATHS_PER_BATCH = 3
 def rollout_name(index: int) -> str:
     """The Ray actor name of rollout worker ``index``."""
     return f"shoal-rollout-{index}"
+
+
+def learner_chunk(batch: RolloutBatch) -> dict[str, Tensor]:
+    """Everything a replay learner keeps of a batch, as a replay-stream chunk.
+
+    Shapes:
+        - ``obs.<key>`` for every observation field, ``actions``, ``rewards``,
+          ``terminated``, ``truncated``: ``[T, B, ...]``, every sub-env.
+    """
+    chunk = {f"obs.{k}": v for k, v in batch.obs.items()}
+    chunk.update(
+        actions=batch.actions,
+        rewards=batch.rewards,
+        terminated=batch.terminated,
+        truncated=batch.truncated,
+    )
+    return chunk
 
 
 def replay_chunk(
@@ -109,6 +129,8 @@ class RolloutActor:
         # A world model learns from the stream: it gets more of each batch than a sample.
         self.replay_envs = max(cfg.redis.replay_envs, cfg.world_model.stream_envs if wm else 0)
         self.replay_fields = ("alive", *keys) if wm else REPLAY_FIELDS
+        # A replay learner's batches travel through the stream, whole.
+        self.streams = cfg.streams_batches()
         self.version: int | None = None
         client = connect(redis_url, outage_timeout=cfg.redis.outage_timeout_s)
         self.client = client
@@ -164,13 +186,19 @@ class RolloutActor:
                 )
             time.sleep(0.01)
 
-    def collect(self, min_version: int) -> tuple[RolloutBatch, dict[str, float]]:
+    def collect(self, min_version: int, round_: int = -1) -> tuple[RolloutBatch, dict[str, Any]]:
         """One batch acted with weights of version ``min_version`` or newer.
+
+        Args:
+            min_version: the oldest weights the batch may be acted with.
+            round_: the learner's count of the batch it asks for (tags the stream entry).
 
         Returns:
             ``(batch, stats)``; ``batch.weights_version`` is the version it acted with and
             ``stats`` holds ``worker``, ``weights_version``, ``fetch_s``, ``collect_s``,
-            ``restarted`` (1.0 on a restarted actor) and ``pid``, for metrics.
+            ``restarted`` (1.0 on a restarted actor) and ``pid``, for metrics. For a replay
+            learner the observations and actions are in the replay stream instead, under the
+            entry id ``stats["replay_entry"]``, and the batch holds none.
         """
         with self._lock:
             t0 = time.perf_counter()
@@ -178,11 +206,20 @@ class RolloutActor:
             t1 = time.perf_counter()
             batch = self.worker.collect()
             t2 = time.perf_counter()
+            entry: str | None = None
             if self.replay is not None:
-                envs = min(self.replay_envs, batch.rewards.shape[1])
-                chunk = replay_chunk(batch, envs, self.replay_fields)
-                meta = {"worker": self.index, "weights_version": batch.weights_version}
-                self.replay.append(chunk, meta)
+                meta = {
+                    "worker": self.index,
+                    "weights_version": batch.weights_version,
+                    "round": round_,
+                    "pid": os.getpid(),
+                }
+                if self.streams:
+                    entry = self.replay.append(learner_chunk(batch), meta)
+                    batch = replace(batch, obs={}, actions=batch.actions[:0])
+                else:
+                    envs = min(self.replay_envs, batch.rewards.shape[1])
+                    self.replay.append(replay_chunk(batch, envs, self.replay_fields), meta)
             t_rtt = time.perf_counter()
             self.state.heartbeat(self.name)
             rtt_ms = (time.perf_counter() - t_rtt) * 1e3
@@ -192,7 +229,7 @@ class RolloutActor:
             row["redis_rtt_ms"] = rtt_ms
             row["env_steps_per_s"] = batch.env_steps / max(t2 - t1, 1e-9)
             self.metrics.log(row)
-            stats = {
+            stats: dict[str, Any] = {
                 "worker": float(self.index),
                 "weights_version": float(batch.weights_version),
                 "fetch_s": t1 - t0,
@@ -200,6 +237,8 @@ class RolloutActor:
                 "restarted": float(self.restarted),
                 "pid": float(os.getpid()),
             }
+            if entry is not None:
+                stats["replay_entry"] = entry
             return batch, stats
 
 
@@ -209,25 +248,41 @@ class ActorRollouts:
     With ``rollout.max_staleness >= 1`` the next batch is requested as soon as one arrives, so
     workers step envs while the learner updates and act with weights one version old.
 
+    For a replay learner (``Config.streams_batches``) the workers put each batch's observations
+    and actions in the Redis replay stream and return the rest; the rank reads its workers'
+    entries back (one trip per batch) and, when it starts, refills its replay from the entries
+    the stream still holds (:meth:`refill`).
+
     Args:
         cfg: the run config.
         names: the actors this rank drives.
         namespace: their Ray namespace.
+        stream: the run's replay stream, when batches travel through it.
+        first_round: the run's iteration counter (tags the batches asked for from here on).
     """
 
-    def __init__(self, cfg: Config, names: list[str], namespace: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        names: list[str],
+        namespace: str,
+        stream: ReplayStream | None = None,
+        first_round: int = 0,
+    ) -> None:
         self.cfg = cfg
         self.names = names
         self.handles = {n: ray.get_actor(n, namespace=namespace) for n in names}
-        # name -> (ref, min_version, submitted at)
-        self.pending: dict[str, tuple[Any, int, float]] = {}
+        self.stream = stream
+        self.round = first_round
+        # name -> (ref, min_version, submitted at, round)
+        self.pending: dict[str, tuple[Any, int, float, int]] = {}
         self.pids: dict[str, float] = {}
         self._recollected = 0
 
-    def submit(self, name: str, min_version: int) -> None:
-        """Ask ``name`` for a batch acted with weights of at least ``min_version``."""
-        ref: Any = self.handles[name].collect.remote(min_version)
-        self.pending[name] = (ref, min_version, time.monotonic())
+    def submit(self, name: str, min_version: int, round_: int) -> None:
+        """Ask ``name`` for batch ``round_``, acted with weights of at least ``min_version``."""
+        ref: Any = self.handles[name].collect.remote(min_version, round_)
+        self.pending[name] = (ref, min_version, time.monotonic(), round_)
 
     def next_batch(
         self, version: int, idle: Callable[[], None]
@@ -247,12 +302,15 @@ class ActorRollouts:
         """
         if not self.pending:
             for n in self.names:
-                self.submit(n, version)
+                self.submit(n, version, self.round)
         results = self._gather(idle)
         self.pending.clear()
+        self.round += 1
         if self.cfg.rollout.max_staleness >= 1:
             for n in self.names:
-                self.submit(n, version + 1 - self.cfg.rollout.max_staleness)
+                self.submit(n, version + 1 - self.cfg.rollout.max_staleness, self.round)
+        if self.stream is not None:
+            results = self._from_stream(results)
         infos = [results[n][1] for n in self.names]
         restarts = 0
         for n, info in zip(self.names, infos, strict=True):
@@ -269,9 +327,75 @@ class ActorRollouts:
         }
         return RolloutBatch.concat_envs([results[n][0] for n in self.names]), stats
 
-    def _gather(self, idle: Callable[[], None]) -> dict[str, tuple[RolloutBatch, dict[str, float]]]:
+    def _from_stream(
+        self, results: dict[str, tuple[RolloutBatch, dict[str, Any]]]
+    ) -> dict[str, tuple[RolloutBatch, dict[str, Any]]]:
+        """The batches whole again: their observations and actions read from the stream."""
+        assert self.stream is not None
+        ids = [results[n][1]["replay_entry"] for n in self.names]
+        try:
+            entries = self.stream.read(ids)
+        except LookupError as err:
+            raise FatalRunError(
+                f"{err}: raise redis.replay_maxlen (now {self.cfg.redis.replay_maxlen}) above "
+                f"the rollout workers' count ({self.cfg.rollout.num_workers})"
+            ) from None
+        except RedisUnavailable as err:
+            raise FatalRunError(str(err)) from None
+        whole = {}
+        for n, (chunk, _) in zip(self.names, entries, strict=True):
+            batch, info = results[n]
+            obs = {k[4:]: v for k, v in chunk.items() if k.startswith("obs.")}
+            whole[n] = (replace(batch, obs=obs, actions=chunk["actions"]), info)
+        return whole
+
+    def refill(self, replay: Replay) -> int:
+        """Fill ``replay`` with this rank's batches the stream holds, oldest first.
+
+        A batch is a round every worker of the rank wrote an entry for (a round one of them
+        never finished is skipped; a re-collected batch's entry replaces the lost one's).
+
+        Returns:
+            The transitions ``replay`` then holds.
+        """
+        assert self.stream is not None
+        index = {int(n.rsplit("-", 1)[1]): n for n in self.names}
+        open_rounds: dict[int, dict[str, Chunk]] = {}
+        last = "0-0"
+        while True:
+            try:
+                entries = self.stream.tail(last, count=64)
+            except RedisUnavailable as err:
+                raise FatalRunError(str(err)) from None
+            if not entries:
+                break
+            last = entries[-1][0]
+            for _, chunk, meta in entries:
+                name = index.get(int(meta.get("worker", -1)))
+                if name is None or "obs.alive" not in chunk:
+                    continue
+                parts = open_rounds.setdefault(int(meta.get("round", -1)), {})
+                parts[name] = chunk
+                if len(parts) == len(self.names):
+                    del open_rounds[int(meta.get("round", -1))]
+                    whole = [parts[n] for n in self.names]
+                    obs = {
+                        k[4:]: torch.cat([c[k] for c in whole], dim=1)
+                        for k in whole[0]
+                        if k.startswith("obs.")
+                    }
+                    replay.add_steps(
+                        obs,
+                        *(
+                            torch.cat([c[k] for c in whole], dim=1)
+                            for k in ("actions", "rewards", "terminated", "truncated")
+                        ),
+                    )
+        return replay.transitions
+
+    def _gather(self, idle: Callable[[], None]) -> dict[str, tuple[RolloutBatch, dict[str, Any]]]:
         """Wait for every pending batch, re-requesting those a dead worker lost."""
-        results: dict[str, tuple[RolloutBatch, dict[str, float]]] = {}
+        results: dict[str, tuple[RolloutBatch, dict[str, Any]]] = {}
         lost_at: dict[str, float] = {}
         retry_at: dict[str, float] = {}
         backoff = dict.fromkeys(self.names, 0.2)
@@ -280,7 +404,7 @@ class ActorRollouts:
         while len(results) < len(self.names):
             waiting = {
                 ref: n
-                for n, (ref, _, _) in self.pending.items()
+                for n, (ref, *_) in self.pending.items()
                 if n not in results and n not in retry_at
             }
             ready: list[Any] = []
@@ -317,12 +441,12 @@ class ActorRollouts:
             for name, due in list(retry_at.items()):
                 if now >= due:
                     del retry_at[name]
-                    self.submit(name, self.pending[name][1])
-            for name, (ref, min_version, since) in list(self.pending.items()):
+                    self.submit(name, self.pending[name][1], self.pending[name][3])
+            for name, (ref, min_version, since, round_) in list(self.pending.items()):
                 if name not in results and name not in retry_at and now - since > timeout:
                     # A hung worker is treated like a dead one: Ray restarts it.
                     log.warning("%s returned nothing in %g s; restarting it", name, timeout)
                     ray.kill(self.handles[name], no_restart=False)
-                    self.pending[name] = (ref, min_version, now)
+                    self.pending[name] = (ref, min_version, now, round_)
         self._recollected = len(lost_at)
         return results

@@ -64,6 +64,7 @@ class Transport:
         self.version = 0  # of the weights last published
         self._model: nn.Module | None = None
         self._client: Any = None
+        self._stream_client: Any = None  # any rank whose batches come through the stream
         self._weights: WeightStore | None = None
         self._state: RunState | None = None
         self._republish = threading.Event()
@@ -126,10 +127,12 @@ class Transport:
             self._state.set_status("running")
 
     def close(self) -> None:
-        """Close the Redis connection, if any."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Close the Redis connections, if any."""
+        for name in ("_client", "_stream_client"):
+            client = getattr(self, name)
+            if client is not None:
+                client.close()
+                setattr(self, name, None)
 
     def _start_version(self) -> int:
         """Rank 0 continues after the newest version in Redis; every rank learns it."""
@@ -169,7 +172,14 @@ class Transport:
         assert self.namespace is not None, "rollout workers are Ray actors: a namespace is needed"
         per_rank = m // k
         names = [rollout_name(i) for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
-        return ActorRollouts(cfg, names, self.namespace)
+        stream = None
+        if self.redis_url is not None and cfg.streams_batches():
+            # Every rank reads its own workers' batches from the stream.
+            from agents.memory import ReplayStream, connect
+
+            self._stream_client = connect(self.redis_url, outage_timeout=cfg.redis.outage_timeout_s)
+            stream = ReplayStream(self._stream_client, self.run_id, cfg.redis.replay_maxlen)
+        return ActorRollouts(cfg, names, self.namespace, stream, first_round=iteration)
 
     def advance(self) -> int:
         """The weights changed: their new version."""

@@ -6,6 +6,7 @@ import random
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from agents.memory import ReplayStream
@@ -43,3 +44,16 @@ def test_replay_sample_is_uniform_over_the_newest_maxlen_and_reproducible(client
     again = [int(c["i"]) for c in stream.sample(2000, random.Random(7))]
     assert again == picks
     assert len(stream.sample(5, np.random.default_rng(0))) == 5
+
+
+@redis_test
+def test_replay_stream_reads_entries_by_id_in_order_and_names_one_it_trimmed(client) -> None:
+    stream = ReplayStream(client, run_id(), maxlen=10)
+    ids = [stream.append({"x": torch.full((3, 2), float(i))}, {"i": i}) for i in range(300)]
+    picked = [ids[-1], ids[-5], ids[-1]]
+    got = stream.read(picked)
+    assert [meta["i"] for _, meta in got] == [299, 295, 299]
+    assert torch.equal(got[1][0]["x"], torch.full((3, 2), 295.0))
+    assert stream.read([]) == []
+    with pytest.raises(LookupError, match=ids[0]):
+        stream.read([ids[-1], ids[0]])

@@ -68,6 +68,11 @@ CASES = {
         ["ray.num_cpus=1", "rollout.num_workers=2"],
         r"ray.num_cpus=1 but the run reserves 3 CPUs",
     ),
+    "replay-stream-too-short": (
+        ["train.algorithm=qmix", "rollout.num_workers=2", "redis.replay_maxlen=3"],
+        r"redis.replay_maxlen=3: qmix's batches travel through the replay stream, one entry "
+        r"per rollout worker; raise it to at least 4",
+    ),
     # Agent groups are checked against the env's agent names, in preflight.
     "group-pattern": (
         ["env.name=tag", "groups.prey.agents=nobody_*", "groups.adversary.share=true"],

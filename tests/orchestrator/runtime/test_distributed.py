@@ -387,6 +387,34 @@ def test_killed_rollout_worker_loses_nothing_qmix_replays(ray_instance, tmp_path
     assert held[-1] >= 0.85 * table[-1]["env_steps"]
 
 
+def test_killed_learner_rank_refills_the_replay_from_the_redis_stream(
+    ray_instance, tmp_path
+) -> None:
+    # The workers put every batch in the Redis replay stream and the ranks read them from
+    # there; a K=2 checkpoint holds no replay, so what the restarted ranks replay at once is
+    # what they refilled from the stream: every transition the dead group held, and more.
+    cfg = tiny(*QMIX, "rollout.num_workers=2", "learner.num_ranks=2",
+               "train.total_env_steps=6400", "run.checkpoint_every_s=0.3")  # fmt: skip
+    run_dir = new_run_dir(tmp_path, "kill-learner-qmix")
+    run = Background(cfg, run_dir)
+    wait_for(
+        lambda: list_checkpoints(run_dir / "checkpoints") and len(rows(run_dir)) >= 4,
+        120,
+        "a checkpoint and four iterations",
+    )
+    held_at_kill = rows(run_dir)[-1]["replay_transitions"]
+    rank1 = ray.get_actor("shoal-learner-1", namespace=f"shoal-{run_dir.name}")
+    os.kill(ray.get(rank1.info.remote(), timeout=30)["pid"], signal.SIGKILL)
+    summary = run.result()
+
+    assert summary["reason"] == "total_env_steps reached"
+    assert summary["counters"]["learner_restarts"] == 1
+    table = rows(run_dir)
+    after = [r for r in table if r["learner_restarts"] == 1]
+    # The first batch after the restart joins a replay already holding the lost group's.
+    assert after and after[0]["replay_transitions"] > held_at_kill
+
+
 def test_killed_learner_rank_restarts_the_group_from_the_checkpoint(ray_instance, tmp_path) -> None:
     # No rollout actors: each of the two ranks steps its half of the envs itself.
     cfg = tiny("learner.num_ranks=2", "train.total_env_steps=2400", "run.checkpoint_every_s=0.3")
