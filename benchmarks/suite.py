@@ -87,6 +87,7 @@ TASKS: dict[str, Task] = {
         published="JaxMARL (Rutherford et al.) trains recurrent MAPPO 10M steps on SMAX; "
         "no 3m figure was found in its report",
         win_above=4.5, jaxmarl_map="3m",
+        replay_presets=dict.fromkeys(("qmix", "vdn"), "smax-3m-qmix"),
     ),
     "smax_2s3z": Task(
         "smax-3m", ["env.name=jaxmarl:smax:2s3z"], 5_000_000, 500_000,
