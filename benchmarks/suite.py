@@ -95,8 +95,9 @@ TASKS: dict[str, Task] = {
         win_above=7.5, jaxmarl_map="2s3z",
     ),
     "vmas_balance": Task(
-        "navigation-wm", ["env.name=vmas:balance", "world_model.enabled=false"],
-        3_000_000, 300_000, "team return, VMAS balance",
+        "navigation-wm",
+        ["env.name=vmas:balance", "env.continuous_actions=true", "world_model.enabled=false"],
+        3_000_000, 300_000, "team return, VMAS balance (continuous 2-D forces)",
         replay_presets=dict.fromkeys(("masac", "isac"), "balance-masac"),
     ),
     "mpe_spread": Task(
