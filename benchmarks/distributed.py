@@ -15,6 +15,11 @@ measured in the same run: the in-process trainer next to every Ray topology, ``r
   Redis and the TCP floor take turns in blocks of consecutive transfers, each led by one
   unrecorded transfer; ``ray.put``/``ray.get`` runs after them, as the object store frees
   objects in the background.
+* ``replay``: MASAC (``spread-mlp-masac``) trained for ``--seconds`` on Ray with 2 rollout
+  workers and 1 rank, its batches through the Redis replay stream (``redis.replay=true``, the
+  default) and through the object store (``redis.replay=false``), arms alternating, next to
+  the in-process run; then the seconds a rank takes to refill a full replay (500k
+  transitions: 624 entries of 800 steps) from a stream.
 * ``allreduce``: share of a K=2 update spent in the gradient all-reduce. The timing hook runs
   each bucket's all-reduce synchronously, so this is the communication time itself, without
   the overlap with the backward pass DDP normally gets.
@@ -140,6 +145,69 @@ def bench_throughput(seconds: float, num_envs: int) -> None:
             in_process=round(reference, 1),
             seconds=seconds,
         )
+
+
+# -- replay through Redis -----------------------------------------------------------------
+
+
+def masac_rate(seconds: float, overrides: list[str]) -> float:
+    """env-steps/s of ``spread-mlp-masac`` (32 envs per worker), training loop only."""
+    cfg = load_config(
+        "spread-mlp-masac",
+        [*BASE, *RAY_QUIET, "env.num_envs=32", f"train.time_limit_s={seconds}", *overrides],
+    )
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
+        run_dir = Path(tmp) / f"bench-replay-{uuid.uuid4().hex[:6]}"
+        run_dir.mkdir()
+        summary = run_training(cfg, run_dir)
+    return float(summary["steps_this_session"] / summary["train_seconds"])
+
+
+def refill_seconds(rounds: int = 312, workers: int = 2) -> tuple[float, int]:
+    """Seconds to refill a replay from ``rounds`` x ``workers`` spread-mlp-masac entries."""
+    from agents.memory import ReplayStream
+    from agents.replay import Replay
+    from orchestrator.runtime.rollout import learner_chunk, refill_replay
+
+    cfg = load_config("spread-mlp-masac", ["env.num_envs=32"])
+    env = cfg.env.make(32, seed=0, device=torch.device("cpu"))
+    policy = cfg.build_policy(env)
+    batch = RolloutWorker(env, policy, cfg.train.rollout_len, seed=0).collect()
+    with RedisServer() as server:
+        client = connect(server.url)
+        stream = ReplayStream(client, "bench", maxlen=rounds * workers)
+        for r in range(rounds):
+            for w in range(workers):
+                stream.append(learner_chunk(batch), {"worker": w, "round": r})
+        replay = Replay(cfg.train.replay_size, policy.input_keys)
+        names = [f"shoal-rollout-{w}" for w in range(workers)]
+        t0 = time.perf_counter()
+        held = refill_replay(stream, names, replay)
+        spent = time.perf_counter() - t0
+        client.close()
+    return spent, held
+
+
+def bench_replay(seconds: float, repeats: int = 2) -> None:
+    reference = masac_rate(seconds, [])
+    rates: dict[str, list[float]] = {"stream": [], "object_store": []}
+    for _ in range(repeats):
+        for arm, flag in (("stream", "true"), ("object_store", "false")):
+            rates[arm].append(
+                masac_rate(seconds, ["rollout.num_workers=2", f"redis.replay={flag}"])
+            )
+    for arm, values in rates.items():
+        emit(
+            f"replay_masac_ray_m2_k1_{arm}",
+            statistics.median(values),
+            "env_steps/s",
+            preset="spread-mlp-masac",
+            runs=[round(v, 1) for v in values],
+            in_process=round(reference, 1),
+            seconds=seconds,
+        )
+    spent, held = refill_seconds()
+    emit("replay_refill_s", spent, "s", transitions=held, entries=624, preset="spread-mlp-masac")
 
 
 # -- weight transport ---------------------------------------------------------------------
@@ -372,7 +440,7 @@ def bench_allreduce(num_envs: int, updates: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["throughput", "weights", "allreduce"])
+    parser.add_argument("--only", choices=["throughput", "replay", "weights", "allreduce"])
     parser.add_argument("--seconds", type=float, default=20.0, help="training time per topology")
     parser.add_argument("--num-envs", type=int, help="envs per rollout worker (preset's default)")
     parser.add_argument("--repeats", type=int, default=60, help="weight transfers per size")
@@ -382,6 +450,8 @@ def main() -> None:
     try:
         if args.only in (None, "throughput"):
             bench_throughput(args.seconds, num_envs)
+        if args.only in (None, "replay"):
+            bench_replay(args.seconds)
         if args.only in (None, "weights"):
             bench_weights(args.repeats)
         if args.only in (None, "allreduce"):

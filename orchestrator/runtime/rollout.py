@@ -89,6 +89,44 @@ def replay_chunk(
     return chunk
 
 
+def refill_replay(stream: ReplayStream, names: list[str], replay: Replay) -> int:
+    """Fill ``replay`` with the batches of rollout workers ``names`` the stream holds.
+
+    A batch is a round every one of those workers wrote an entry for, joined along the env
+    axis in ``names``' order as the rank joins them; rounds go in oldest first. A round one of
+    them never finished is skipped; a re-collected batch's entry replaces the lost one's.
+
+    Returns:
+        The transitions ``replay`` then holds.
+    """
+    index = {int(n.rsplit("-", 1)[1]): n for n in names}
+    open_rounds: dict[int, dict[str, Chunk]] = {}
+    last = "0-0"
+    while entries := stream.tail(last, count=64):
+        last = entries[-1][0]
+        for _, chunk, meta in entries:
+            name = index.get(int(meta.get("worker", -1)))
+            if name is None or "obs.alive" not in chunk:
+                continue  # another rank's worker, or a chunk for the world model
+            round_ = int(meta.get("round", -1))
+            parts = open_rounds.setdefault(round_, {})
+            parts[name] = chunk
+            if len(parts) < len(names):
+                continue
+            del open_rounds[round_]
+            whole = [parts[n] for n in names]
+            joined = {k: torch.cat([c[k] for c in whole], dim=1) for k in whole[0]}
+            obs = {k[4:]: v for k, v in joined.items() if k.startswith("obs.")}
+            replay.add_steps(
+                obs,
+                joined["actions"],
+                joined["rewards"],
+                joined["terminated"],
+                joined["truncated"],
+            )
+    return replay.transitions
+
+
 class RolloutActor:
     """One ``VecMultiAgentEnv`` and a policy copy, fed with weights from Redis.
 
@@ -350,48 +388,12 @@ class ActorRollouts:
         return whole
 
     def refill(self, replay: Replay) -> int:
-        """Fill ``replay`` with this rank's batches the stream holds, oldest first.
-
-        A batch is a round every worker of the rank wrote an entry for (a round one of them
-        never finished is skipped; a re-collected batch's entry replaces the lost one's).
-
-        Returns:
-            The transitions ``replay`` then holds.
-        """
+        """Fill ``replay`` with this rank's batches the stream holds (:func:`refill_replay`)."""
         assert self.stream is not None
-        index = {int(n.rsplit("-", 1)[1]): n for n in self.names}
-        open_rounds: dict[int, dict[str, Chunk]] = {}
-        last = "0-0"
-        while True:
-            try:
-                entries = self.stream.tail(last, count=64)
-            except RedisUnavailable as err:
-                raise FatalRunError(str(err)) from None
-            if not entries:
-                break
-            last = entries[-1][0]
-            for _, chunk, meta in entries:
-                name = index.get(int(meta.get("worker", -1)))
-                if name is None or "obs.alive" not in chunk:
-                    continue
-                parts = open_rounds.setdefault(int(meta.get("round", -1)), {})
-                parts[name] = chunk
-                if len(parts) == len(self.names):
-                    del open_rounds[int(meta.get("round", -1))]
-                    whole = [parts[n] for n in self.names]
-                    obs = {
-                        k[4:]: torch.cat([c[k] for c in whole], dim=1)
-                        for k in whole[0]
-                        if k.startswith("obs.")
-                    }
-                    replay.add_steps(
-                        obs,
-                        *(
-                            torch.cat([c[k] for c in whole], dim=1)
-                            for k in ("actions", "rewards", "terminated", "truncated")
-                        ),
-                    )
-        return replay.transitions
+        try:
+            return refill_replay(self.stream, self.names, replay)
+        except RedisUnavailable as err:
+            raise FatalRunError(str(err)) from None
 
     def _gather(self, idle: Callable[[], None]) -> dict[str, tuple[RolloutBatch, dict[str, Any]]]:
         """Wait for every pending batch, re-requesting those a dead worker lost."""
