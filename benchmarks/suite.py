@@ -7,6 +7,10 @@ and prints JSON lines: random and no-op references (same run), the IQM [95 % CI]
 at every mark, env-steps/s and wall seconds, and the published figure this task is compared
 with where one is cited (``published``: what, where, at what budget; ``None`` where no
 figure was checked). ``--budget-scale`` shortens every budget (a smoke run; the marks move).
+Peers run on the same machine after shoal's arms, for the same wall clock a seed: JaxMARL's
+recurrent MAPPO on SMAX (``--jaxmarl-repo``), EPyMARL's MAPPO on LBF/rware
+(``--epymarl-repo``), BenchMARL's MASAC on VMAS balance (``--benchmarl-python``), each in its
+own Python environment.
 
 Returns are what each env gives summed over the agents (LBF: 1.0 when every food is loaded;
 rware: deliveries per 500-step episode; SMAX: each ally's team reward, damage dealt plus 1.0
@@ -16,9 +20,11 @@ for a win, summed over the allies; VMAS and MPE: their team returns).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import statistics
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,7 @@ class Task:
     epymarl_time_limit: int = 50  # its episode limit (the paper's: LBF 50, RWARE 500)
     # The preset each replay-learner arm (--algorithms qmix/vdn/masac/isac) starts from.
     replay_presets: dict[str, str] = field(default_factory=dict)
+    benchmarl_masac: bool = False  # BenchMARL's own MASAC runs on this task as the peer
 
 
 def _lbf(task_id: str) -> list[str]:
@@ -99,6 +106,7 @@ TASKS: dict[str, Task] = {
         ["env.name=vmas:balance", "env.continuous_actions=true", "world_model.enabled=false"],
         3_000_000, 300_000, "team return, VMAS balance (continuous 2-D forces)",
         replay_presets=dict.fromkeys(("masac", "isac"), "balance-masac"),
+        benchmarl_masac=True,
     ),
     "mpe_spread": Task(
         "spread-mlp", [], 3_000_000, 300_000, "team return, spread (N=3)",
@@ -139,15 +147,49 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
             done[label] = run_arm(label, task, extra, args, arm_line, preset)
     if task.jaxmarl_map and args.jaxmarl_repo:
         # The peer gets the longest arm's median wall clock a seed.
-        seconds = max(total for total, _ in done.values())
+        seconds = max(total for total, _, _ in done.values())
         peer_sps = peer_jaxmarl(name, task.jaxmarl_map, seconds, args, line)
-        for label, (_, sps) in done.items():
+        for label, (_, sps, _) in done.items():
             emit(f"{label}_throughput_vs_jaxmarl", sps / peer_sps, "ratio", **line)
     if task.epymarl_key and args.epymarl_repo:
-        seconds = max(total for total, _ in done.values())
+        seconds = max(total for total, _, _ in done.values())
         peer_sps = peer_epymarl(name, task, seconds, args, line)
-        for label, (_, sps) in done.items():
+        for label, (_, sps, _) in done.items():
             emit(f"{label}_throughput_vs_epymarl", sps / peer_sps, "ratio", **line)
+    if task.benchmarl_masac and args.benchmarl_python:
+        # The peer trains as long as the longest arm's training loop ran a seed (setup and
+        # evaluation excluded on both sides).
+        seconds = max(train for _, _, train in done.values())
+        peer_sps = peer_benchmarl(name, seconds, args, line)
+        for label, (_, sps, _) in done.items():
+            emit(f"{label}_throughput_vs_benchmarl", sps / peer_sps, "ratio", **line)
+
+
+def peer_benchmarl(
+    name: str, seconds: float, args: argparse.Namespace, line: dict[str, Any]
+) -> float:
+    """BenchMARL's own MASAC on VMAS balance (continuous) for ``seconds`` of training a seed."""
+    speeds, finals = [], []
+    for seed in range(args.seeds):
+        cmd = [args.benchmarl_python, "-m", "benchmarks.peers.benchmarl_masac",
+               "--seeds", str(seed), "--max-env-steps", "100000000", "--eval-every", "6000",
+               "--continuous-actions", "--seconds", f"{seconds:.1f}"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"benchmarl peer failed: {out.stderr.strip().splitlines()[-1:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        recs = res["records"]
+        speeds.append(res["env_steps_per_s"])
+        finals.append(recs[-1]["team_return"])
+        emit(f"{name}_benchmarl_masac_seed_run", finals[-1], "team return (its last eval)",
+             seed=seed, env_steps=res["env_steps"], train_wall_s=res["train_wall_s"],
+             env_steps_per_s=round(speeds[-1]), curve=[[r["env_steps"], r["train_wall_s"],
+             round(r["team_return"], 3)] for r in recs], **line)  # fmt: skip
+    emit(f"{name}_benchmarl_masac_env_steps_per_s", statistics.median(speeds), "env_steps/s",
+         seconds_per_seed=round(seconds, 1), **line)  # fmt: skip
+    emit(f"{name}_benchmarl_masac_final_return_median", statistics.median(finals), "return",
+         seeds=finals, **line)  # fmt: skip
+    return statistics.median(speeds)
 
 
 def peer_epymarl(
@@ -182,8 +224,12 @@ def run_arm(
     args: argparse.Namespace,
     line: dict[str, Any],
     preset: str | None = None,
-) -> tuple[float, float]:
-    """Every seed of one arm (from ``preset``, default the task's), then its summary lines."""
+) -> tuple[float, float, float]:
+    """Every seed of one arm (from ``preset``, default the task's), then its summary lines.
+
+    Returns:
+        The median seconds a seed took (setup included), env-steps/s and training seconds.
+    """
     budget = max(task.every, int(task.budget * args.budget_scale))
     every = max(1, int(task.every * args.budget_scale))
     overrides = [*task.overrides, *args.overrides, *extra]
@@ -219,7 +265,7 @@ def run_arm(
         emit(f"{name}_final_win_rate_median", statistics.median(wins), "win rate",
              seeds=wins, **line)  # fmt: skip
     emit(f"{name}_published", math.nan, "see text", published=task.published, **line)
-    return statistics.median(totals), statistics.median(speeds)
+    return statistics.median(totals), statistics.median(speeds), statistics.median(walls)
 
 
 def peer_jaxmarl(
@@ -270,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
                    "shoal's wall clock (benchmarks.peers.epymarl)")  # fmt: skip
     p.add_argument("--epymarl-python", default="python",
                    help="the Python EPyMARL runs with (its own environment)")  # fmt: skip
+    p.add_argument("--benchmarl-python", default=None,
+                   help="the Python of an environment with benchmarl 1.5.2 and vmas: BenchMARL's "
+                   "own MASAC runs on VMAS balance for shoal's training wall clock "
+                   "(benchmarks.peers.benchmarl_masac)")  # fmt: skip
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     ctx = {"machine": platform.machine()}
