@@ -490,6 +490,19 @@ class Config(_Section):
         """
         return self.redis.replay and algorithm_spec(self.train.algorithm).layout == "transitions"
 
+    def replay_stream_entries(self) -> int:
+        """Entries the rollout workers keep in the replay stream.
+
+        ``redis.replay_maxlen``; a replay learner's entries are whole batches, so the stream
+        keeps no more of them than its replay holds (``train.replay_size`` transitions) plus
+        two rounds of every worker in flight.
+        """
+        if not self.streams_batches():
+            return self.redis.replay_maxlen
+        per_entry = self.train.rollout_len * self.env.num_envs
+        need = -(-self.train.replay_size // per_entry) + 2 * max(1, self.rollout.num_workers)
+        return min(self.redis.replay_maxlen, need)
+
     def uses_memory(self) -> bool:
         """Some policy of the run has memory (``model.memory`` or a group's)."""
         if self.groups:  # each group's own setting, else the run's

@@ -175,7 +175,7 @@ class RolloutActor:
         self.weights = WeightStore(client, run_id)
         self.state = RunState(client, run_id)
         self.replay = (
-            ReplayStream(client, run_id, maxlen=cfg.redis.replay_maxlen)
+            ReplayStream(client, run_id, maxlen=cfg.replay_stream_entries())
             if cfg.redis.replay
             else None
         )

@@ -178,7 +178,7 @@ class Transport:
             from agents.memory import ReplayStream, connect
 
             self._stream_client = connect(self.redis_url, outage_timeout=cfg.redis.outage_timeout_s)
-            stream = ReplayStream(self._stream_client, self.run_id, cfg.redis.replay_maxlen)
+            stream = ReplayStream(self._stream_client, self.run_id, cfg.replay_stream_entries())
         return ActorRollouts(cfg, names, self.namespace, stream, first_round=iteration)
 
     def advance(self) -> int:

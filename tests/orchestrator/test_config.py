@@ -116,3 +116,15 @@ def test_every_preset_builds_its_env_and_policy_and_steps(preset: str) -> None:
     cfg = load_config(preset, ["redis.enabled=false"])
     groups = preflight(cfg)  # builds a sub-env and the policy, acts and steps once
     assert sum(len(agents) for agents in groups.values()) >= 1
+
+
+def test_a_replay_learners_stream_keeps_about_one_replay_of_whole_batches() -> None:
+    # 128 envs x 64 steps a worker's entry: 300k transitions are 37 entries, plus two rounds
+    # of both workers in flight; a PPO run's small chunks keep redis.replay_maxlen.
+    cfg = load_config("smax-3m-qmix", ["rollout.num_workers=2"])
+    assert cfg.streams_batches() and cfg.replay_stream_entries() == 37 + 4
+    tight = load_config("smax-3m-qmix", ["rollout.num_workers=2", "redis.replay_maxlen=20"])
+    assert tight.replay_stream_entries() == 20
+    off = load_config("smax-3m-qmix", ["rollout.num_workers=2", "redis.replay=false"])
+    assert not off.streams_batches() and off.replay_stream_entries() == 2000
+    assert load_config("spread-gnn", ["rollout.num_workers=2"]).replay_stream_entries() == 2000
