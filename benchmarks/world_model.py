@@ -295,9 +295,15 @@ def summarize(
              of_seeds=len(runs), range=[min(reached), max(reached)] if reached else None,
              **ctx)  # fmt: skip
     for mark in range(every, max_env_steps + 1, every):
-        # A run counts at the marks it trained to (a time limit may end it sooner).
+        # A run counts at the marks it trained to (a time limit may end it sooner). A
+        # checkpoint falls at the first iteration past its mark, up to a batch later: half the
+        # spacing of the marks is the slack that keeps it at its own mark.
         trained = [r for r in runs if r["evals"] and r["evals"][-1]["env_steps"] >= mark]
-        values = [v for r in trained if (v := at_mark(r["evals"], "env_steps", mark)) is not None]
+        values = [
+            v
+            for r in trained
+            if (v := at_mark(r["evals"], "env_steps", mark, every / 2)) is not None
+        ]
         if values:
             lo, hi = bootstrap_ci(values)
             emit(f"{prefix}_iqm_return_at_{mark}_steps", iqm(values), unit,

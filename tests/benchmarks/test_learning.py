@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from benchmarks.learning import at_mark, seed_figures, train_fall_after_target
@@ -55,3 +56,15 @@ def test_training_fall_counts_from_the_first_iteration_at_the_target() -> None:
     assert train_fall_after_target([(1, -60.0), (2, -75.0), (3, -45.0), (4, -46.0)]) == 1.0
     f = seed_figures(EVALS, train)
     assert f["train_fall_after_target"] == 7.0 and f["train_fall"] == 20.0  # -60 to -80
+
+
+def test_a_checkpoint_that_landed_past_its_mark_is_placed_at_that_mark(capsys) -> None:
+    # 8192-step batches against marks every 200k: checkpoints land at 204800 and 401408.
+    from benchmarks.world_model import summarize
+
+    evals = [{"env_steps": 204_800, "mean": 1.0}, {"env_steps": 401_408, "mean": 2.0}]
+    runs = [{"evals": evals, "reach": {"env_steps": None, "seconds": None}}] * 3
+    summarize("arm", runs, 200_000, 400_000, "return", {})
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    at = {r["name"]: r["value"] for r in lines if "_iqm_return_at_" in r["name"]}
+    assert at == {"arm_iqm_return_at_200000_steps": 1.0, "arm_iqm_return_at_400000_steps": 2.0}
