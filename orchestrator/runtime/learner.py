@@ -337,7 +337,7 @@ class LearnerRank:
         if getattr(rollouts, "stream", None) is None or not isinstance(replay, Replay):
             return
         fresh = Replay(replay.capacity_steps, replay.keys)
-        held = rollouts.refill(fresh)  # type: ignore[union-attr]
+        held = rollouts.refill(fresh, self.device)  # type: ignore[union-attr]
         if held > replay.transitions:
             log.info(
                 "rank %d refilled its replay from the Redis stream: %d transitions (%d before)",

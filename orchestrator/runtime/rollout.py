@@ -89,12 +89,15 @@ def replay_chunk(
     return chunk
 
 
-def refill_replay(stream: ReplayStream, names: list[str], replay: Replay) -> int:
+def refill_replay(
+    stream: ReplayStream, names: list[str], replay: Replay, device: torch.device | None = None
+) -> int:
     """Fill ``replay`` with the batches of rollout workers ``names`` the stream holds.
 
-    A batch is a round every one of those workers wrote an entry for, joined along the env
-    axis in ``names``' order as the rank joins them; rounds go in oldest first. A round one of
-    them never finished is skipped; a re-collected batch's entry replaces the lost one's.
+    The batches go to ``device`` (default the CPU), where the rank's replay lives. A batch is a
+    round every one of those workers wrote an entry for, joined along the env axis in
+    ``names``' order as the rank joins them; rounds go in oldest first. A round one of them
+    never finished is skipped; a re-collected batch's entry replaces the lost one's.
 
     Returns:
         The transitions ``replay`` then holds.
@@ -115,7 +118,7 @@ def refill_replay(stream: ReplayStream, names: list[str], replay: Replay) -> int
                 continue
             del open_rounds[round_]
             whole = [parts[n] for n in names]
-            joined = {k: torch.cat([c[k] for c in whole], dim=1) for k in whole[0]}
+            joined = {k: torch.cat([c[k] for c in whole], dim=1).to(device) for k in whole[0]}
             obs = {k[4:]: v for k, v in joined.items() if k.startswith("obs.")}
             replay.add_steps(
                 obs,
@@ -387,11 +390,11 @@ class ActorRollouts:
             whole[n] = (replace(batch, obs=obs, actions=chunk["actions"]), info)
         return whole
 
-    def refill(self, replay: Replay) -> int:
+    def refill(self, replay: Replay, device: torch.device | None = None) -> int:
         """Fill ``replay`` with this rank's batches the stream holds (:func:`refill_replay`)."""
         assert self.stream is not None
         try:
-            return refill_replay(self.stream, self.names, replay)
+            return refill_replay(self.stream, self.names, replay, device)
         except RedisUnavailable as err:
             raise FatalRunError(str(err)) from None
 
