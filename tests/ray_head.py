@@ -108,36 +108,46 @@ def ray_head(
     env.update(extra_env or {})
     # Job entrypoints run `python` from PATH: make it this interpreter, as an active venv would.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    # Every listening port is explicit so this head never collides with another on the host.
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard_port,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
-    command = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
-        f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
-        *(f"{flag}={port}" for flag, port in ports.items()),
-    ]  # fmt: skip
-    head.metrics_port = ports["--metrics-export-port"]
     try:
-        starter = subprocess.Popen(
-            command,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        head.session = starter.pid
-        _, stderr = starter.communicate(timeout=120)
+        for attempt in range(3):
+            # Every listening port is explicit so this head never collides with another on
+            # the host; dashboard_port is the first attempt's.
+            dashboard_port = dashboard_port if attempt == 0 else free_port()
+            head.address = f"http://127.0.0.1:{dashboard_port}"
+            ports = {
+                "--port": free_port(),
+                "--dashboard-port": dashboard_port,
+                "--ray-client-server-port": free_port(),
+                "--dashboard-agent-listen-port": free_port(),
+                "--dashboard-agent-grpc-port": free_port(),
+                "--runtime-env-agent-port": free_port(),
+                "--metrics-export-port": free_port(),
+                "--node-manager-port": free_port(),
+                "--object-manager-port": free_port(),
+            }
+            command = [
+                sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+                "--disable-usage-stats", *(f"{flag}={port}" for flag, port in ports.items()),
+            ]  # fmt: skip
+            head.metrics_port = ports["--metrics-export-port"]
+            starter = subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            head.session = starter.pid
+            _, stderr = starter.communicate(timeout=120)
+            # A port picked free may be taken by another process before Ray binds it (the
+            # GCS then fails to start): start again on fresh ports.
+            if starter.returncode == 0 or "Failed to start GCS" not in stderr or attempt == 2:
+                break
+            _stop_head(head)
+            os.makedirs(temp_dir, exist_ok=True)
         assert starter.returncode == 0, f"ray start failed:\n{stderr[-3000:]}"
         headers = {"authorization": f"Bearer {token}"} if token else {}
         deadline = time.monotonic() + 60.0
