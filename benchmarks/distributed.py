@@ -167,7 +167,7 @@ def refill_seconds(rounds: int = 312, workers: int = 2) -> tuple[float, int]:
     """Seconds to refill a replay from ``rounds`` x ``workers`` spread-mlp-masac entries."""
     from agents.memory import ReplayStream
     from agents.replay import Replay
-    from orchestrator.runtime.rollout import learner_chunk, refill_replay
+    from orchestrator.runtime.rollout import refill_replay, replay_chunk
 
     cfg = load_config("spread-mlp-masac", ["env.num_envs=32"])
     env = cfg.env.make(32, seed=0, device=torch.device("cpu"))
@@ -178,7 +178,8 @@ def refill_seconds(rounds: int = 312, workers: int = 2) -> tuple[float, int]:
         stream = ReplayStream(client, "bench", maxlen=rounds * workers)
         for r in range(rounds):
             for w in range(workers):
-                stream.append(learner_chunk(batch), {"worker": w, "round": r})
+                whole = replay_chunk(batch, batch.rewards.shape[1], tuple(batch.obs))
+                stream.append(whole, {"worker": w, "round": r})
         replay = Replay(cfg.train.replay_size, policy.input_keys)
         names = [f"shoal-rollout-{w}" for w in range(workers)]
         t0 = time.perf_counter()

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # What a replay chunk keeps of the observations: a trained world model learns from the entity
 # graph alone, so its chunks carry that instead (a third of the bytes).
 REPLAY_FIELDS = ("obs", "state", "alive")
+# What a replay chunk holds besides observation fields.
+BATCH_FIELDS = ("actions", "rewards", "terminated", "truncated")
 # A worker that dies this many times while one batch is owed is given up on.
 MAX_DEATHS_PER_BATCH = 3
 
@@ -50,23 +52,6 @@ MAX_DEATHS_PER_BATCH = 3
 def rollout_name(index: int) -> str:
     """The Ray actor name of rollout worker ``index``."""
     return f"shoal-rollout-{index}"
-
-
-def learner_chunk(batch: RolloutBatch) -> dict[str, Tensor]:
-    """Everything a replay learner keeps of a batch, as a replay-stream chunk.
-
-    Shapes:
-        - ``obs.<key>`` for every observation field, ``actions``, ``rewards``,
-          ``terminated``, ``truncated``: ``[T, B, ...]``, every sub-env.
-    """
-    chunk = {f"obs.{k}": v for k, v in batch.obs.items()}
-    chunk.update(
-        actions=batch.actions,
-        rewards=batch.rewards,
-        terminated=batch.terminated,
-        truncated=batch.truncated,
-    )
-    return chunk
 
 
 def replay_chunk(
@@ -89,6 +74,11 @@ def replay_chunk(
     return chunk
 
 
+def chunk_observations(chunk: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The observation fields of a replay chunk (everything but :data:`BATCH_FIELDS`)."""
+    return {k: v for k, v in chunk.items() if k not in BATCH_FIELDS}
+
+
 def refill_replay(
     stream: ReplayStream, names: list[str], replay: Replay, device: torch.device | None = None
 ) -> int:
@@ -109,8 +99,8 @@ def refill_replay(
         last = entries[-1][0]
         for _, chunk, meta in entries:
             name = index.get(int(meta.get("worker", -1)))
-            if name is None or "obs.alive" not in chunk:
-                continue  # another rank's worker, or a chunk for the world model
+            if name is None or "alive" not in chunk or "actions" not in chunk:
+                continue  # another rank's worker, or a chunk that is no batch
             round_ = int(meta.get("round", -1))
             parts = open_rounds.setdefault(round_, {})
             parts[name] = chunk
@@ -119,9 +109,8 @@ def refill_replay(
             del open_rounds[round_]
             whole = [parts[n] for n in names]
             joined = {k: torch.cat([c[k] for c in whole], dim=1).to(device) for k in whole[0]}
-            obs = {k[4:]: v for k, v in joined.items() if k.startswith("obs.")}
             replay.add_steps(
-                obs,
+                chunk_observations(joined),
                 joined["actions"],
                 joined["rewards"],
                 joined["terminated"],
@@ -256,7 +245,8 @@ class RolloutActor:
                     "pid": os.getpid(),
                 }
                 if self.streams:
-                    entry = self.replay.append(learner_chunk(batch), meta)
+                    whole = replay_chunk(batch, batch.rewards.shape[1], tuple(batch.obs))
+                    entry = self.replay.append(whole, meta)
                     batch = replace(batch, obs={}, actions=batch.actions[:0])
                 else:
                     envs = min(self.replay_envs, batch.rewards.shape[1])
@@ -378,15 +368,15 @@ class ActorRollouts:
             entries = self.stream.read(ids)
         except LookupError as err:
             raise FatalRunError(
-                f"{err}: raise redis.replay_maxlen (now {self.cfg.redis.replay_maxlen}) above "
-                f"the rollout workers' count ({self.cfg.rollout.num_workers})"
+                f"{err}: raise redis.replay_maxlen (now {self.cfg.redis.replay_maxlen}) to at "
+                f"least 2 x rollout.num_workers ({2 * self.cfg.rollout.num_workers})"
             ) from None
         except RedisUnavailable as err:
             raise FatalRunError(str(err)) from None
         whole = {}
         for n, (chunk, _) in zip(self.names, entries, strict=True):
             batch, info = results[n]
-            obs = {k[4:]: v for k, v in chunk.items() if k.startswith("obs.")}
+            obs = chunk_observations(chunk)
             whole[n] = (replace(batch, obs=obs, actions=chunk["actions"]), info)
         return whole
 

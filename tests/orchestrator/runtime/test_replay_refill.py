@@ -29,8 +29,8 @@ def chunk(worker: int, round_: int) -> dict[str, torch.Tensor]:
     """A worker's batch whose observations say which worker and round wrote it."""
     tag = float(100 * round_ + worker)
     return {
-        "obs.obs": torch.full((T, B, N, 4), tag),
-        "obs.alive": torch.ones(T, B, N, dtype=torch.bool),
+        "obs": torch.full((T, B, N, 4), tag),
+        "alive": torch.ones(T, B, N, dtype=torch.bool),
         "actions": torch.zeros(T, B, N, dtype=torch.long),
         "rewards": torch.full((T, B, N), tag),
         "terminated": torch.zeros(T, B, N, dtype=torch.bool),
@@ -51,7 +51,7 @@ def test_a_rank_refills_the_rounds_all_its_workers_wrote_joined_in_worker_order(
     write(stream, 3, 4)
     write(stream, 3, 4)  # a re-collected batch (the first copy's process died)
     write(stream, 2, 4)
-    stream.append({"obs": torch.zeros(2)}, {"worker": 2})  # a world-model chunk: not a batch
+    stream.append({"obs": torch.zeros(2)}, {"worker": 2})  # a chunk that is no batch
 
     replay = Replay(10_000, frozenset({"obs", "alive"}))
     held = refill_replay(stream, names, replay)
