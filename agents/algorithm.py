@@ -205,7 +205,7 @@ def _value_decomposition_spec(mixer: str) -> AlgorithmSpec:
         mixer, _value_decomposition, continuous=False, on_policy=False, layout="transitions",
         metrics=("q_loss", "q_taken", "q_target", "grad_norm", "epsilon", "replay_transitions",
                  "gradient_steps", "lr"),
-        policy=policy, groups=False, world_model=False,
+        memory=True, policy=policy, groups=False, world_model=False,
     )  # fmt: skip
 
 

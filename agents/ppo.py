@@ -70,7 +70,9 @@ class PPOConfig(BaseModel):
     starts from the recurrent state stored when it was acted and backpropagates through its
     steps; minibatches are sets of chunk positions across every env. It must divide
     ``train.rollout_len``; ``None`` takes the longest chunk that still leaves
-    ``train.minibatches`` chunks per rollout."""
+    ``train.minibatches`` chunks per rollout. A replay learner (``qmix``, ``vdn``) replays
+    chunks of this many steps from anywhere in a batch: fewer than ``train.rollout_len``;
+    ``None``: ``train.rollout_len - 1``."""
 
 
 def compute_gae(

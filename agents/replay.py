@@ -7,6 +7,12 @@ batch as its next observation. Transitions whose next observation the batch does
 not replayed: the batch's last step, and a step whose episode a time limit cut (its final
 observation is not stored). A time limit is never treated as terminal.
 
+A policy with memory is trained on sequences instead: chunks of ``L`` consecutive steps of one
+env inside one batch (plus the step after, for the targets), each unrolled from the recurrent
+state acting stored at its first step and reset inside it where acting reset it (R2D2's
+stored-state replay; a chunk never straddles two batches, whose envs' states were carried
+across by acting).
+
 Each gradient step draws ``train.replay_batch`` transitions over all ranks from one generator
 that every rank seeds alike; a rank learns from the draws that fall on its own envs and
 normalises by the draws of all ranks, so ``K`` ranks (gradients averaged over ranks) take
@@ -24,6 +30,7 @@ from torch import Tensor, nn
 
 from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch
+from policies.memory import KEEP, MEMORY
 
 
 class Replay:
@@ -31,7 +38,9 @@ class Replay:
 
     Stores per step the observation fields the policy reads, the actions, each agent's reward
     and termination, the team reward (every live agent's reward summed), whether the episode
-    ended for real (every agent terminated) and whether the step is a replayable transition.
+    ended for real (every agent terminated) and whether the step is a replayable transition;
+    for a policy with memory (``memory`` among the fields), also whether the env reset after
+    the step (ended or cut by a time limit), where a replayed sequence resets its state.
     """
 
     def __init__(self, capacity_steps: int, keys: frozenset[str]) -> None:
@@ -72,6 +81,8 @@ class Replay:
             "ended": ended,
             "valid": valid,
         }
+        if MEMORY in self.keys:
+            row["reset"] = ended | truncated
         if not self.data:
             self.slots = max(1, self.capacity_steps // int(rewards.shape[0] * rewards.shape[1]))
             self.data = {
@@ -115,6 +126,30 @@ class Replay:
             else:
                 rest[key] = v[k, t, b]
         return now, nxt, rest
+
+    def take_chunks(
+        self, k: Tensor, t: Tensor, b: Tensor, length: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Chunks of ``length`` steps from ``(k, t, b)`` and the step after, as ``(obs, rest)``.
+
+        Every field is ``[length + 1, n, ...]``, time-major. ``obs`` is a sequence batch for a
+        policy with memory: its steps flattened (``[(length + 1) * n, ...]``), ``memory`` the
+        state stored at each chunk's first step and ``memory_keep`` where a step keeps the
+        previous one's (the env did not reset after it and the agent is alive).
+        """
+        steps = t.unsqueeze(0) + torch.arange(length + 1, device=t.device).unsqueeze(1)
+        obs, rest = {}, {}
+        for key, v in self.data.items():
+            rows = v[k.unsqueeze(0), steps, b.unsqueeze(0)]
+            if key.startswith("obs."):
+                obs[key[4:]] = rows
+            else:
+                rest[key] = rows
+        keep = obs["alive"].bool().clone()
+        keep[0] = True
+        keep[1:] &= ~rest["reset"][:-1].unsqueeze(-1)
+        seq = {key: v.flatten(0, 1) for key, v in obs.items() if key != MEMORY}
+        return {**seq, MEMORY: obs[MEMORY][0], KEEP: keep}, rest
 
 
 class ReplayLearner(OptimizerState):
@@ -193,16 +228,21 @@ class ReplayLearner(OptimizerState):
         """Move what follows the env-step count after a batch; statistics to report."""
         return {}
 
-    def draw(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def draw(
+        self, width: int, device: torch.device, length: int = 1
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share ``(slot, step, env)`` of one global draw of transitions.
 
-        ``train.replay_batch`` are drawn over all ranks; ``width`` is this rank's envs.
+        ``train.replay_batch`` transitions are drawn over all ranks, as single steps or, with
+        ``length`` > 1, as ``replay_batch // length`` chunks (the first step of each); the
+        step after a chunk is always in its batch. ``width`` is this rank's envs.
         ``self.share`` keeps which of the global draws are this rank's.
         """
-        n, r = self.cfg.replay_batch, self.replay
+        r = self.replay
+        n = max(1, self.cfg.replay_batch // length)
         t_len = r.data["valid"].shape[1]
         k = torch.randint(r.filled, (n,), generator=self.draws)
-        t = torch.randint(t_len - 1, (n,), generator=self.draws)
+        t = torch.randint(t_len - length, (n,), generator=self.draws)
         b = torch.randint(width * self.world, (n,), generator=self.draws) - self.rank * width
         mine = (b >= 0) & (b < width)
         self.share = mine

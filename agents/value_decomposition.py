@@ -6,6 +6,11 @@ died adds nothing to ``Q_tot``. Targets are double-Q (the online utilities choos
 actions, a Polyak-averaged target network values them), over legal actions only, in units of
 the team reward standardised by its running moments over every rank's steps; gradients are
 averaged over ranks by the ``DistributedDataParallel`` wrapper.
+
+With ``model.memory`` the utilities are recurrent and each gradient step learns from chunks of
+``train.chunk_len`` replayed steps (default: a batch's whole length but its last step), online
+and target networks both unrolled from the state acting stored at the chunk's first step
+(``agents/replay.py``); the loss is the same mean over the chunks' replayable steps.
 """
 
 from __future__ import annotations
@@ -92,6 +97,22 @@ def td_targets(
     return reward + gamma * (~ended).to(reward.dtype) * target.mix(best, nxt)
 
 
+def sequence_length(rollout_len: int, chunk_len: int | None) -> int:
+    """Steps per replayed sequence: ``chunk_len``, or a batch's whole length but its last step.
+
+    Raises:
+        ValueError: a ``chunk_len`` that leaves no step after it in a batch.
+    """
+    if chunk_len is None:
+        return max(1, rollout_len - 1)
+    if chunk_len >= rollout_len:
+        raise ValueError(
+            f"train.chunk_len ({chunk_len}) must be below train.rollout_len ({rollout_len}) "
+            "for a replay learner: a replayed sequence and the step after it lie in one batch"
+        )
+    return chunk_len
+
+
 class ValueDecomposition(ReplayLearner):
     """QMIX / VDN learner for one rank (an ``agents.algorithm.Algorithm``).
 
@@ -148,14 +169,45 @@ class ValueDecomposition(ReplayLearner):
 
     def _step(self, width: int, device: torch.device) -> dict[str, float]:
         cfg, model = self.cfg, self.model
+        if model.memory_size:
+            return self._finish(*self._sequences(width, device))
         now, nxt, rest = self.replay.take(*self.draw(width, device))
         valid = rest["valid"].to(rest["reward"].dtype)
         with torch.no_grad():
             online = model if cfg.double_q else None
             reward = self._scaled(rest["reward"])
             y = td_targets(self.target, online, nxt, reward, rest["ended"], cfg.gamma)
-            total = self.rank_count(valid.sum())
         _, q_tot = self.train_model({**now, TAKEN: rest["actions"]})
+        return self._finish(q_tot, y, valid)
+
+    def _sequences(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Q_tot, y, valid)`` ``[L, n]`` over chunks of replayed steps, unrolled."""
+        cfg, model = self.cfg, self.model
+        length = sequence_length(
+            self.replay.data["valid"].shape[1], getattr(cfg, "chunk_len", None)
+        )
+        obs, rest = self.replay.take_chunks(*self.draw(width, device, length), length)
+        n = rest["reward"].shape[1]
+        valid = rest["valid"][:-1].to(rest["reward"].dtype)
+        with torch.no_grad():
+            q_next = self.target.utilities(obs)
+            q_next = q_next.view(length + 1, n, *q_next.shape[1:])
+            chooser = model.utilities(obs).view_as(q_next) if cfg.double_q else q_next
+            best = q_next.gather(-1, chooser.argmax(-1, keepdim=True)).squeeze(-1)[1:]
+            best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+            later = {k: obs[k].view(length + 1, n, *obs[k].shape[1:])[1:].flatten(0, 1)
+                     for k in ("alive", "state")}  # fmt: skip
+            value = self.target.mix(best.flatten(0, 1), later).view(length, n)
+            reward = self._scaled(rest["reward"][:-1])
+            y = reward + cfg.gamma * (~rest["ended"][:-1]).to(reward.dtype) * value
+        _, q_tot = self.train_model({**obs, TAKEN: rest["actions"].flatten(0, 1)})
+        return q_tot.view(length + 1, n)[:-1], y, valid
+
+    def _finish(self, q_tot: Tensor, y: Tensor, valid: Tensor) -> dict[str, float]:
+        """The masked TD loss's gradient step; its statistics averaged over ranks."""
+        cfg, model = self.cfg, self.model
+        with torch.no_grad():
+            total = self.rank_count(valid.sum())
         loss = (valid * (q_tot - y) ** 2).sum() / total
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

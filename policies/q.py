@@ -7,6 +7,12 @@ head with one output per action. A mixer turns the chosen utilities into the tea
 hypernetwork reads from the global state, kept non-negative so ``Q_tot`` is monotonic in every
 agent's utility (Rashid et al., 2018) and each agent's greedy action is the team's.
 
+With ``model.memory`` (``gru`` | ``lstm``) a recurrent core (``policies.memory.MemoryCore``,
+shared by every agent) sits between the encoder and the utility head, as in PyMARL's RNN agent:
+acting carries each agent's state through the episode (``batch["memory"]``), and training
+unrolls it over chunks of replayed steps from the state stored at each chunk's first step
+(``agents/value_decomposition.py``).
+
 Acting is ε-greedy over the legal actions (``action_mask``); ``epsilon`` is a buffer, so it
 travels to rollout workers with the weights, and the learner moves it along its schedule.
 Evaluation (:meth:`QPolicy.evaluating`) acts greedily.
@@ -25,6 +31,7 @@ from torch.nn import functional as F
 
 from policies.actor_critic import ARCHITECTURES, POLICY_KINDS, Policy, PolicySpec
 from policies.distributions import Categorical
+from policies.memory import KEEP, MEMORY, MemoryCore, zero_state
 
 #: The batch key a training pass reads the actions taken from (``QPolicy.forward``).
 TAKEN = "taken_actions"
@@ -121,16 +128,20 @@ class QPolicy(Policy):
     """Shared per-agent utilities with a mixer; acts ε-greedily, evaluates greedily.
 
     Args:
-        spec: the encoder (``spec.kind``), its widths and the env's dimensions; discrete
-            actions only, no memory (``spec.memory`` must be ``none``).
+        spec: the encoder (``spec.kind``), its widths and the env's dimensions (discrete
+            actions only) and ``spec.memory``.
         mixer: ``qmix`` or ``vdn``.
         n_agents: the team size QMIX's mixer is built for.
         mixer_embed: QMIX's mixing width.
         mixer_init_scale: the factor on QMIX's initial mixer weights (:class:`QMixer`).
 
     Shapes:
-        - input: a batch dict (``Observation.as_dict()``, ``[B, N, ...]``).
+        - input: a batch dict (``Observation.as_dict()``, ``[B, N, ...]``); with memory, the
+          state each agent enters the step with, ``memory [B, N, S]`` (zeros when absent).
         - :meth:`utilities`: ``[B, N, A]``, illegal actions at ``-inf``.
+        - sequence (with memory): ``L`` steps of ``b`` chunks flattened time-major
+          (``[L * b, ...]``), the chunks' first states ``memory [b, N, S]`` and
+          ``memory_keep [L, b, N]`` (``policies.memory.chunk_keep``) -> ``[L * b, N, A]``.
     """
 
     epsilon: Tensor
@@ -147,10 +158,9 @@ class QPolicy(Policy):
         super().__init__()
         if spec.kind not in ARCHITECTURES:
             raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
-        if spec.action_kind != "discrete" or spec.memory != "none" or mixer not in MIXERS:
+        if spec.action_kind != "discrete" or mixer not in MIXERS:
             raise ValueError(
-                f"a {mixer} policy has discrete actions and no memory (got "
-                f"{spec.action_kind} actions, memory {spec.memory}); mixers: {MIXERS}"
+                f"a {mixer} policy has discrete actions (got {spec.action_kind}); mixers: {MIXERS}"
             )
         self.spec, self.mixer_kind = spec, mixer
         self.n_agents, self.mixer_embed = n_agents, mixer_embed
@@ -158,6 +168,8 @@ class QPolicy(Policy):
         encoder = arch.actor(spec)
         del encoder.head  # its features feed the utility head instead
         self.encoder = encoder
+        self.core = MemoryCore(spec.memory, spec.hidden) if spec.memory != "none" else None
+        self.memory_size = self.core.size if self.core is not None else 0
         self.q_head = nn.Linear(spec.hidden, spec.action_dim)
         self.mixer: nn.Module = (
             QMixer(n_agents, spec.state_dim, mixer_embed, init_scale=mixer_init_scale)
@@ -166,7 +178,11 @@ class QPolicy(Policy):
         )
         self.value_norm = Identity()
         self.register_buffer("epsilon", torch.ones(()))
-        self.input_keys = frozenset({"alive", "action_mask", "state"} | arch.inputs(spec))
+        self.input_keys = frozenset(
+            {"alive", "action_mask", "state"}
+            | arch.inputs(spec)
+            | ({MEMORY} if self.memory_size else set())
+        )
 
     def meta(self) -> dict[str, Any]:
         """What a checkpoint records to rebuild this policy."""
@@ -176,11 +192,42 @@ class QPolicy(Policy):
                          "mixer_embed": self.mixer_embed},
         }  # fmt: skip
 
-    def utilities(self, batch: dict[str, Tensor]) -> Tensor:
-        """Every agent's utility of every action ``[B, N, A]``; illegal ones ``-inf``."""
-        q = self.q_head(self.encoder.features(batch))  # type: ignore[operator]
+    def _masked(self, h: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        q = self.q_head(h)
         mask = batch.get("action_mask")
         return q if mask is None else q.masked_fill(~mask.bool(), float("-inf"))
+
+    def step_utilities(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """One step's utilities ``[B, N, A]`` and, with memory, the state after it."""
+        h = self.encoder.features(batch)  # type: ignore[operator]
+        if self.core is None:
+            return self._masked(h, batch), None
+        state = batch.get(MEMORY)
+        if state is None:
+            state = zero_state(batch["alive"], self.core.size)
+        h, state = self.core(h, state)
+        return self._masked(h, batch), state
+
+    def utilities(self, batch: dict[str, Tensor]) -> Tensor:
+        """Every agent's utility of every action ``[B, N, A]``; illegal ones ``-inf``.
+
+        Given ``memory_keep`` (a policy with memory), of whole chunks: the encoder runs once
+        over every step, the core step by step from each chunk's stored state, reset where
+        ``memory_keep`` is false, exactly as acting reset it.
+        """
+        if self.core is None or KEEP not in batch:
+            return self.step_utilities(batch)[0]
+        keep = batch[KEEP]
+        steps, chunks = keep.shape[:2]
+        f = self.encoder.features(batch)  # type: ignore[operator]
+        f = f.view(steps, chunks, *f.shape[1:])
+        state, out = batch[MEMORY], []
+        for t in range(steps):
+            if t:
+                state = state * keep[t].unsqueeze(-1).to(state.dtype)
+            h, state = self.core(f[t], state)
+            out.append(h)
+        return self._masked(torch.stack(out).flatten(0, 1), batch)
 
     def mix(self, chosen: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``Q_tot [B]`` from the agents' chosen utilities ``[B, N]`` (dead agents add 0)."""
@@ -199,6 +246,11 @@ class QPolicy(Policy):
         """ε-greedy over the legal actions ``[B, N]``."""
         return self._explore(self.utilities(batch))
 
+    def step(self, batch: dict[str, Tensor]) -> tuple[Categorical, Tensor | None]:
+        """ε-greedy over the legal actions and, with memory, the state after this step."""
+        q, state = self.step_utilities(batch)
+        return self._explore(q), state
+
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Each agent's greedy utility ``[B, N]`` (what rollouts record as its value)."""
         return _greedy(self.utilities(batch))
@@ -207,7 +259,7 @@ class QPolicy(Policy):
         """``(ε-greedy distribution, greedy utilities [B, N])``.
 
         In training, with the actions taken in ``batch[TAKEN]`` (``[B, N]``), the second is
-        ``Q_tot [B]`` of those actions instead.
+        ``Q_tot [B]`` of those actions instead (over whole chunks given ``memory_keep``).
         """
         q = self.utilities(batch)
         if TAKEN in batch:
@@ -220,10 +272,11 @@ class QPolicy(Policy):
     def act(
         self, batch: dict[str, Tensor], deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """One forward for the action, its probability and the greedy utility."""
-        d, value = self.forward(batch)
+        """One forward for the action, its probability, the greedy utility and the state."""
+        q, state = self.step_utilities(batch)
+        d = self._explore(q)
         action = d.mode() if deterministic else d.sample()
-        return action, d.log_prob(action), value, None
+        return action, d.log_prob(action), _greedy(q), state
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:

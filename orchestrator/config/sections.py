@@ -16,7 +16,7 @@ import envs
 from agents.algorithm import algorithm_spec
 from agents.ppo import PPOConfig, chunk_length
 from agents.soft_actor_critic import SACConfig
-from agents.value_decomposition import QConfig
+from agents.value_decomposition import QConfig, sequence_length
 from agents.world_model import ModelTrainer, trainer_for
 from envs import EnvSettings, VecMultiAgentEnv
 from orchestrator.config.groups import GroupConfig, GroupError, build_policy
@@ -512,6 +512,9 @@ class Config(_Section):
         return self.model.memory != "none"
 
     def _check_memory(self) -> None:
+        if algorithm_spec(self.train.algorithm).layout == "transitions":
+            sequence_length(self.train.rollout_len, self.train.chunk_len)
+            return
         lengths = [("train.rollout_len", self.train.rollout_len)]
         if self.world_model.enabled:
             lengths.append(("world_model.horizon", self.world_model.horizon))

@@ -188,6 +188,7 @@ def assert_monotonic_progress(table: list[dict[str, float]], max_staleness: int)
 GROUPED = ["env.name=tag", "groups.adversary.lr=0.001", "groups.agent.model.kind=mlp"]
 QMIX = ["train.algorithm=qmix", "train.learning_starts=0", "train.replay_batch=64",
         "train.updates_per_batch=2"]  # fmt: skip
+QMIX_MEMORY = [*QMIX, "model.memory=gru", "train.chunk_len=4"]
 MASAC = ["train.algorithm=masac", "env.continuous_actions=true", "train.learning_starts=0",
          "train.replay_batch=64", "train.updates_per_batch=2"]  # fmt: skip
 
@@ -205,15 +206,16 @@ def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch
 
 @pytest.mark.parametrize(
     "grouping",
-    [[], GROUPED, ["imagined"], ["model.memory=gru"], QMIX, MASAC],
-    ids=["shared", "groups", "imagined", "memory", "qmix", "masac"],
+    [[], GROUPED, ["imagined"], ["model.memory=gru"], QMIX, QMIX_MEMORY, MASAC],
+    ids=["shared", "groups", "imagined", "memory", "qmix", "qmix-memory", "masac"],
 )
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
     # With a world model each rank imagines from its own shard's start states: its imagined
     # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both. With
     # memory, minibatches are chunks cut along time, whole on each rank's envs. QMIX ranks
-    # draw the same replayed transitions and each learns from those on its own envs; MASAC's
-    # ranks too, averaging each loss's gradients (critics, actor, temperature) themselves.
+    # draw the same replayed transitions (with memory: chunks) and each learns from those on
+    # its own envs; MASAC's ranks too, averaging each loss's gradients (critics, actor,
+    # temperature) themselves.
     dreamed = grouping == ["imagined"]
     cfg = tiny("train.epochs=2", "train.minibatches=2", *([] if dreamed else grouping))
     env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
@@ -252,7 +254,8 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grou
             group.shutdown()
 
     assert set(one) == set(two[0])
-    marker = {id(QMIX): "mixer.v.0.weight", id(MASAC): "critics.1.mlp.0.weight"}
+    marker = {id(QMIX): "mixer.v.0.weight", id(QMIX_MEMORY): "core.cell.weight_hh",
+              id(MASAC): "critics.1.mlp.0.weight"}  # fmt: skip
     assert any(k.endswith(marker.get(id(grouping), "value_norm.debias")) for k in one)
     for name, value in one.items():
         for replica in two:
@@ -306,11 +309,13 @@ def test_memory_trains_on_workers_and_two_ranks_and_evaluates(ray_instance, tmp_
     assert math.isfinite(evaluate(run_dir, episodes=8)["mean"])
 
 
-def test_qmix_trains_on_workers_and_two_ranks_and_workers_act_with_its_epsilon(
+def test_recurrent_qmix_trains_on_workers_and_two_ranks_and_workers_act_with_its_epsilon(
     ray_instance, tmp_path
 ) -> None:
-    # Each rank replays the batches of its own envs; ε travels to the workers with the weights.
-    cfg = tiny(*QMIX, "rollout.num_workers=2", "learner.num_ranks=2",
+    # Each rank replays the batches of its own envs, read back from the Redis stream with the
+    # recurrent states the workers acted with; ε travels to the workers with the weights.
+    # (Feed-forward QMIX on Ray: the worker- and rank-kill tests below.)
+    cfg = tiny(*QMIX_MEMORY, "rollout.num_workers=2", "learner.num_ranks=2",
                "train.total_env_steps=1600", "train.epsilon_steps=800")  # fmt: skip
     run_dir = new_run_dir(tmp_path, "qmix")
     summary = run_training(cfg, run_dir)
@@ -320,6 +325,7 @@ def test_qmix_trains_on_workers_and_two_ranks_and_workers_act_with_its_epsilon(
     assert table[-1]["epsilon"] == pytest.approx(0.05) and table[-1]["gradient_steps"] == 2
     ckpt = load_checkpoint(run_dir)
     assert ckpt["meta"]["q_policy"]["mixer"] == "qmix"
+    assert ckpt["meta"]["policy_spec"]["memory"] == "gru"
     assert ckpt["model"]["epsilon"].item() == pytest.approx(0.05)
     assert math.isfinite(evaluate(run_dir, episodes=8)["mean"])
 
