@@ -52,7 +52,8 @@ class Task:
     epymarl_time_limit: int = 50  # its episode limit (the paper's: LBF 50, RWARE 500)
     # The preset each replay-learner arm (--algorithms qmix/vdn/masac/isac) starts from.
     replay_presets: dict[str, str] = field(default_factory=dict)
-    benchmarl_masac: bool = False  # BenchMARL's own MASAC runs on this task as the peer
+    # The VMAS task BenchMARL's own MASAC runs as the peer (benchmarks/peers/benchmarl_masac.py).
+    benchmarl_task: str | None = None
 
 
 def _lbf(task_id: str) -> list[str]:
@@ -106,7 +107,16 @@ TASKS: dict[str, Task] = {
         ["env.name=vmas:balance", "env.continuous_actions=true", "world_model.enabled=false"],
         3_000_000, 300_000, "team return, VMAS balance (continuous 2-D forces)",
         replay_presets=dict.fromkeys(("masac", "isac"), "balance-masac"),
-        benchmarl_masac=True,
+        benchmarl_task="balance",
+    ),
+    "vmas_transport": Task(
+        "navigation-wm",
+        ["env.name=vmas:transport", "env.continuous_actions=true", "env.max_cycles=100",
+         "world_model.enabled=false"],
+        3_000_000, 300_000,
+        "team return, VMAS transport (4 agents push a package of mass 50; 100-step episodes)",
+        replay_presets=dict.fromkeys(("masac", "isac"), "balance-masac"),
+        benchmarl_task="transport",
     ),
     "mpe_spread": Task(
         "spread-mlp", [], 3_000_000, 300_000, "team return, spread (N=3)",
@@ -156,24 +166,25 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
         peer_sps = peer_epymarl(name, task, seconds, args, line)
         for label, (_, sps, _) in done.items():
             emit(f"{label}_throughput_vs_epymarl", sps / peer_sps, "ratio", **line)
-    if task.benchmarl_masac and args.benchmarl_python:
+    if task.benchmarl_task and args.benchmarl_python:
         # The peer trains as long as the longest arm's training loop ran a seed (setup and
         # evaluation excluded on both sides).
         seconds = max(train for _, _, train in done.values())
-        peer_sps = peer_benchmarl(name, seconds, args, line)
+        peer_sps = peer_benchmarl(name, task.benchmarl_task, seconds, args, line)
         for label, (_, sps, _) in done.items():
             emit(f"{label}_throughput_vs_benchmarl", sps / peer_sps, "ratio", **line)
 
 
 def peer_benchmarl(
-    name: str, seconds: float, args: argparse.Namespace, line: dict[str, Any]
+    name: str, vmas_task: str, seconds: float, args: argparse.Namespace, line: dict[str, Any]
 ) -> float:
-    """BenchMARL's own MASAC on VMAS balance (continuous) for ``seconds`` of training a seed."""
+    """BenchMARL's own MASAC on a VMAS task (continuous) for ``seconds`` of training a seed."""
     speeds, finals = [], []
     for seed in range(args.seeds):
         cmd = [args.benchmarl_python, "-m", "benchmarks.peers.benchmarl_masac",
                "--seeds", str(seed), "--max-env-steps", "100000000", "--eval-every", "6000",
-               "--continuous-actions", "--seconds", f"{seconds:.1f}"]  # fmt: skip
+               "--continuous-actions", "--seconds", f"{seconds:.1f}",
+               "--task", vmas_task]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"benchmarl peer failed: {out.stderr.strip().splitlines()[-1:]}")

@@ -1,4 +1,4 @@
-"""BenchMARL's own MASAC on VMAS ``balance``, run on this machine as a peer of shoal's MASAC.
+"""BenchMARL's own MASAC on VMAS ``balance`` or ``transport``, a peer of shoal's MASAC here.
 
 Run it from the repository root with the Python of a separate environment that has
 ``pip install benchmarl==1.5.2 vmas`` (BenchMARL pins its own torch and torchrl; keep them
@@ -8,9 +8,12 @@ out of shoal's, and this module imports nothing of shoal's)::
         --max-env-steps 300000 --eval-every 30000
 
 It builds BenchMARL's ``Experiment`` from its own yaml defaults (``ExperimentConfig``,
-``MasacConfig``, ``MlpConfig`` for actor and critics, ``VmasTask.BALANCE``) and changes only
-what makes the env shoal's ``balance-masac`` preset: VMAS's default 3 agents (BenchMARL's yaml
-says 4), ``max_steps`` 25 (shoal's ``env.max_cycles``; BenchMARL's yaml says 100) and the
+``MasacConfig``, ``MlpConfig`` for actor and critics, ``VmasTask.BALANCE`` or, with
+``--task transport``, ``VmasTask.TRANSPORT``) and changes only what makes the env shoal's
+``balance-masac`` preset: on balance VMAS's default 3 agents (BenchMARL's yaml says 4),
+``max_steps`` 25 (shoal's ``env.max_cycles``; BenchMARL's yaml says 100); on transport
+nothing (4 agents, one package of mass 50, 100 steps: the suite runs shoal with
+``env.max_cycles=100``, VMAS's other defaults being BenchMARL's yaml's); and the
 action kind (``--continuous-actions``; the preset leaves ``env.continuous_actions`` at its
 default, false, so by default both learn VMAS's 5 discrete actions), plus what a run on this
 machine needs: CPU devices, ``max_n_frames`` = ``--max-env-steps``, no rendering, no wandb
@@ -72,9 +75,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-# balance as shoal's balance-masac preset builds it (envs/registry.py ``_vmas``: VMAS's
-# max_steps = env.max_cycles, default 25; n_agents is the scenario's own default, 3).
-SHOAL_BALANCE = {"n_agents": 3, "max_steps": 25}
+# Each task as shoal builds it (envs/registry.py ``_vmas``: VMAS's max_steps =
+# env.max_cycles, default 25; n_agents is the scenario's own default: 3 on balance, 4 on
+# transport, whose suite row sets env.max_cycles=100 as BenchMARL's yaml does).
+SHOAL_TASKS = {
+    "balance": {"n_agents": 3, "max_steps": 25},
+    "transport": {"n_agents": 4, "max_steps": 100},
+}
 
 
 try:
@@ -167,8 +174,9 @@ def run(
     overrides: dict[str, Any] | None = None,
     save_folder: Path | None = None,
     seconds: float | None = None,
+    task_name: str = "balance",
 ) -> dict[str, Any]:
-    """One seed of BenchMARL's MASAC on balance: ``records`` of its evaluations and timings.
+    """One seed of BenchMARL's MASAC on a VMAS task: ``records`` of evaluations and timings.
 
     Args:
         seed: the experiment's seed (BenchMARL seeds torch, numpy and VMAS with it).
@@ -183,6 +191,7 @@ def run(
         seconds: stop at the first evaluation after this much training wall clock (setup and
             evaluations not counted), the same budget a shoal arm had; ``None``: run to
             ``max_env_steps``.
+        task_name: ``balance`` or ``transport`` (:data:`SHOAL_TASKS`).
     """
     _require_benchmarl()
     from benchmarl.algorithms import MasacConfig  # type: ignore[import-not-found]
@@ -218,9 +227,9 @@ def run(
     for key, value in settings.items():
         if key not in changed:
             setattr(exp, key, value)
-    task = VmasTask.BALANCE.get_from_yaml()
+    task = getattr(VmasTask, task_name.upper()).get_from_yaml()
     task_defaults = dict(task.config)
-    task.config.update(SHOAL_BALANCE)
+    task.config.update(SHOAL_TASKS[task_name])
     model = MlpConfig.get_from_yaml()
 
     with contextlib.ExitStack() as stack:
@@ -278,11 +287,12 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Seeds of BenchMARL's MASAC on VMAS balance, a JSON line per seed."""
+    """Seeds of BenchMARL's MASAC on a VMAS task, a JSON line per seed."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--task", choices=sorted(SHOAL_TASKS), default="balance")
     p.add_argument("--max-env-steps", type=int, default=300_000)
     p.add_argument(
         "--eval-every",
@@ -352,9 +362,10 @@ def main(argv: list[str] | None = None) -> None:
             overrides,
             args.save_folder,
             args.seconds,
+            args.task,
         )
         print(json.dumps({"metric": "benchmarl_masac_seed_run", "seed": seed,
-                          "scenario": "vmas:balance", **res}), flush=True)  # fmt: skip
+                          "scenario": f"vmas:{args.task}", **res}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
