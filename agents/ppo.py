@@ -72,7 +72,7 @@ class PPOConfig(BaseModel):
     ``train.rollout_len``; ``None`` takes the longest chunk that still leaves
     ``train.minibatches`` chunks per rollout. A replay learner (``qmix``, ``vdn``) replays
     chunks of this many steps from anywhere in a batch: fewer than ``train.rollout_len``;
-    ``None``: ``train.rollout_len - 1``."""
+    ``None``: ``train.rollout_len - 1 - train.burn_in``."""
 
 
 def compute_gae(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from agents.replay import ReplayLearner
 from agents.rollout import RolloutBatch
+from policies.memory import KEEP, MEMORY
 from policies.q import TAKEN, QPolicy
 
 
@@ -63,6 +64,11 @@ class QConfig(BaseModel):
     mixer_init_scale: float = Field(0.1, gt=0, le=10)
     """The factor on QMIX's initial mixer weights (``qmix`` only): small, so a fresh ``Q_tot``
     is near zero whatever the scale of the state's features."""
+    burn_in: int = Field(0, ge=0)
+    """With ``model.memory``: steps each replayed sequence first unrolls without loss or
+    gradient, from the stored state, so the steps it learns from start from a state of the
+    current weights (R2D2's burn-in; ``qmix``/``vdn`` only). They come before the
+    ``train.chunk_len`` steps, in the same batch."""
     standardise_rewards: bool = True
     """Learn from team rewards standardised by their running mean and deviation over every
     collected step (EPyMARL's ``standardise_rewards``): sparse rewards such as LBF's (a few
@@ -97,20 +103,43 @@ def td_targets(
     return reward + gamma * (~ended).to(reward.dtype) * target.mix(best, nxt)
 
 
-def sequence_length(rollout_len: int, chunk_len: int | None) -> int:
-    """Steps per replayed sequence: ``chunk_len``, or a batch's whole length but its last step.
+def sequence_length(rollout_len: int, chunk_len: int | None, burn_in: int = 0) -> int:
+    """Steps a replayed sequence learns from.
+
+    ``chunk_len``, or what a batch leaves after ``burn_in`` steps and before its last step
+    (whose next observation it does not hold).
 
     Raises:
-        ValueError: a ``chunk_len`` that leaves no step after it in a batch.
+        ValueError: a ``chunk_len`` and ``burn_in`` that leave no step after them in a batch.
     """
-    if chunk_len is None:
-        return max(1, rollout_len - 1)
-    if chunk_len >= rollout_len:
+    length = rollout_len - 1 - burn_in if chunk_len is None else chunk_len
+    if length < 1 or burn_in + length >= rollout_len:
+        burn = f"train.burn_in ({burn_in}) + " if burn_in else ""
         raise ValueError(
-            f"train.chunk_len ({chunk_len}) must be below train.rollout_len ({rollout_len}) "
-            "for a replay learner: a replayed sequence and the step after it lie in one batch"
+            f"{burn}train.chunk_len ({chunk_len if chunk_len is not None else 'default'}) "
+            f"must be below train.rollout_len ({rollout_len}) for a replay learner: a "
+            "replayed sequence and the step after it lie in one batch"
         )
-    return chunk_len
+    return length
+
+
+def split_chunks(
+    obs: dict[str, Tensor], burn: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """A sequence batch cut after its first ``burn`` steps: ``(head, tail, keep)``.
+
+    ``head`` keeps the stored first states; ``tail`` has none (its states are the head's
+    last, times ``keep [b, N, 1]``: zero where the env reset or the agent died in between).
+    """
+    keep = obs[KEEP]
+    steps, n = keep.shape[:2]
+    head: dict[str, Tensor] = {KEEP: keep[:burn], MEMORY: obs[MEMORY]}
+    tail: dict[str, Tensor] = {KEEP: torch.cat([torch.ones_like(keep[:1]), keep[burn + 1 :]])}
+    for key, v in obs.items():
+        if key not in (KEEP, MEMORY):
+            rows = v.view(steps, n, *v.shape[1:])
+            head[key], tail[key] = rows[:burn].flatten(0, 1), rows[burn:].flatten(0, 1)
+    return head, tail, keep[burn].unsqueeze(-1).to(obs[MEMORY].dtype)
 
 
 class ValueDecomposition(ReplayLearner):
@@ -183,24 +212,32 @@ class ValueDecomposition(ReplayLearner):
     def _sequences(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``(Q_tot, y, valid)`` ``[L, n]`` over chunks of replayed steps, unrolled."""
         cfg, model = self.cfg, self.model
+        burn = int(getattr(cfg, "burn_in", 0))
         length = sequence_length(
-            self.replay.data["valid"].shape[1], getattr(cfg, "chunk_len", None)
+            self.replay.data["valid"].shape[1], getattr(cfg, "chunk_len", None), burn
         )
-        obs, rest = self.replay.take_chunks(*self.draw(width, device, length), length)
+        obs, rest = self.replay.take_chunks(*self.draw(width, device, burn + length), burn + length)
+        online, target = obs, obs
+        if burn:  # each network unrolls the first steps to its own state at the chunk
+            head, tail, keep = split_chunks(obs, burn)
+            online = {**tail, MEMORY: model.state_after(head) * keep}
+            target = {**tail, MEMORY: self.target.state_after(head) * keep}
+            rest = {k: v[burn:] for k, v in rest.items()}
         n = rest["reward"].shape[1]
         valid = rest["valid"][:-1].to(rest["reward"].dtype)
         with torch.no_grad():
-            q_next = self.target.utilities(obs)
+            q_next = self.target.utilities(target)
             q_next = q_next.view(length + 1, n, *q_next.shape[1:])
-            chooser = model.utilities(obs).view_as(q_next) if cfg.double_q else q_next
+            chooser = model.utilities(online).view_as(q_next) if cfg.double_q else q_next
             best = q_next.gather(-1, chooser.argmax(-1, keepdim=True)).squeeze(-1)[1:]
             best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-            later = {k: obs[k].view(length + 1, n, *obs[k].shape[1:])[1:].flatten(0, 1)
+            steps = burn + length + 1
+            later = {k: obs[k].view(steps, n, *obs[k].shape[1:])[burn + 1 :].flatten(0, 1)
                      for k in ("alive", "state")}  # fmt: skip
             value = self.target.mix(best.flatten(0, 1), later).view(length, n)
             reward = self._scaled(rest["reward"][:-1])
             y = reward + cfg.gamma * (~rest["ended"][:-1]).to(reward.dtype) * value
-        _, q_tot = self.train_model({**obs, TAKEN: rest["actions"].flatten(0, 1)})
+        _, q_tot = self.train_model({**online, TAKEN: rest["actions"].flatten(0, 1)})
         return q_tot.view(length + 1, n)[:-1], y, valid
 
     def _finish(self, q_tot: Tensor, y: Tensor, valid: Tensor) -> dict[str, float]:

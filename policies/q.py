@@ -217,6 +217,16 @@ class QPolicy(Policy):
         """
         if self.core is None or KEEP not in batch:
             return self.step_utilities(batch)[0]
+        return self._masked(self._unroll(batch)[0], batch)
+
+    @torch.no_grad()
+    def state_after(self, batch: dict[str, Tensor]) -> Tensor:
+        """The state each of a sequence batch's chunks ends with ``[b, N, S]`` (burn-in)."""
+        return self._unroll(batch)[1]
+
+    def _unroll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The core's outputs over whole chunks ``[L * b, N, H]`` and the state after them."""
+        assert self.core is not None
         keep = batch[KEEP]
         steps, chunks = keep.shape[:2]
         f = self.encoder.features(batch)  # type: ignore[operator]
@@ -227,7 +237,7 @@ class QPolicy(Policy):
                 state = state * keep[t].unsqueeze(-1).to(state.dtype)
             h, state = self.core(f[t], state)
             out.append(h)
-        return self._masked(torch.stack(out).flatten(0, 1), batch)
+        return torch.stack(out).flatten(0, 1), state
 
     def mix(self, chosen: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``Q_tot [B]`` from the agents' chosen utilities ``[B, N]`` (dead agents add 0)."""

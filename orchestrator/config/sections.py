@@ -513,7 +513,7 @@ class Config(_Section):
 
     def _check_memory(self) -> None:
         if algorithm_spec(self.train.algorithm).layout == "transitions":
-            sequence_length(self.train.rollout_len, self.train.chunk_len)
+            sequence_length(self.train.rollout_len, self.train.chunk_len, self.train.burn_in)
             return
         lengths = [("train.rollout_len", self.train.rollout_len)]
         if self.world_model.enabled:

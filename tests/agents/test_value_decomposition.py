@@ -12,7 +12,7 @@ import torch
 import envs
 from agents.replay import Replay
 from agents.rollout import RolloutBatch, RolloutWorker
-from agents.value_decomposition import QConfig, ValueDecomposition, td_targets
+from agents.value_decomposition import QConfig, ValueDecomposition, split_chunks, td_targets
 from orchestrator.cli.evaluate import evaluate
 from orchestrator.config import ConfigError, load_config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
@@ -206,6 +206,9 @@ def test_config_errors_name_the_key_before_anything_starts() -> None:
     with pytest.raises(ConfigError, match=r"train.chunk_len \(25\) must be below"):
         load_config("spread-mlp", ["train.algorithm=vdn", "model.memory=gru",
                                    "train.chunk_len=25"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.burn_in \(24\) \+ train.chunk_len \(def"):
+        load_config("spread-mlp", ["train.algorithm=qmix", "model.memory=gru",
+                                   "train.burn_in=24"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"train.algorithm=qmix does not train with world_model"):
         preflight(load_config("spread-gnn-wm", ["train.algorithm=qmix"]))
     with pytest.raises(ConfigError, match=r"train.epsilon_end"):
@@ -305,10 +308,35 @@ def test_replayed_chunks_unroll_to_what_acting_gave_step_by_step(kind: str, memo
             assert not torch.allclose(cold.amax(-1).view_as(greedy), greedy, atol=1e-4)
 
 
-def test_recurrent_targets_bootstrap_from_the_next_step_of_the_same_unroll() -> None:
+def test_a_burnt_in_tail_continues_the_whole_unroll_exactly() -> None:
+    # Whatever the weights (here: not the acting ones), unrolling the first steps to a state
+    # and the rest from it gives the whole chunk's unroll, resets between them included.
+    torch.manual_seed(0)
+    env = envs.make("cue", num_envs=6, n_agents=2, max_cycles=3, seed=0)
+    spec = PolicySpec("mlp", env.obs_dim, env.state_dim, env.node_dim, "discrete",
+                      env.action_dim, hidden=16, memory="lstm")  # fmt: skip
+    model = QPolicy(spec, "qmix", n_agents=2)
+    batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
+    replay = Replay(10_000, model.input_keys)
+    replay.add(batch)
+    torch.manual_seed(1)
+    other = QPolicy(spec, "qmix", n_agents=2)
+    at = (torch.zeros(6, dtype=torch.long), torch.tensor([0, 1, 2, 3, 0, 1]), torch.arange(6))
+    obs, _ = replay.take_chunks(*at, 8)
+    for burn in (1, 2, 3, 4):  # episodes of 3 steps: some cuts fall on a reset
+        head, tail, keep = split_chunks(obs, burn)
+        with torch.no_grad():
+            whole = other.utilities(obs).view(9, 6, 2, -1)[burn:]
+            rest = other.utilities({**tail, MEMORY: other.state_after(head) * keep})
+        torch.testing.assert_close(rest.view_as(whole), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("burn", [0, 2])
+def test_recurrent_targets_bootstrap_from_the_next_step_of_the_same_unroll(burn: int) -> None:
     # A fresh target network is the online one, so a chunk's target at step t is the team
     # reward plus gamma times the summed greedy utilities acting recorded at t + 1 (VDN) -
-    # nothing at a real end, and a step a time limit cut is not replayed.
+    # nothing at a real end, and a step a time limit cut is not replayed. Burn-in steps
+    # unroll the same weights from the stored state, so they reach acting's state too.
     torch.manual_seed(0)
     env = envs.make("cue", num_envs=8, n_agents=2, max_cycles=4, seed=0)
     spec = PolicySpec("mlp", env.obs_dim, env.state_dim, env.node_dim, "discrete",
@@ -317,12 +345,12 @@ def test_recurrent_targets_bootstrap_from_the_next_step_of_the_same_unroll() -> 
     cfg = QConfig(replay_size=10_000, learning_starts=0, replay_batch=60,
                   standardise_rewards=False)  # fmt: skip
     train = type("T", (), {**cfg.model_dump(), "lr": 1e-2, "gamma": 0.9, "max_grad_norm": 10.0,
-                           "chunk_len": 5})  # fmt: skip
+                           "chunk_len": 5, "burn_in": burn})  # fmt: skip
     learner = ValueDecomposition(model, train)
     batch = RolloutWorker(env, model, rollout_len=10, seed=2).collect()
     batch.truncated[6, 3] = True  # as if a time limit had cut env 3 after step 6
     learner.replay.add(batch)
-    start = torch.tensor([0, 1, 2, 3, 4, 0, 2, 4])
+    start = torch.tensor([0, 1, 2, 3, 4, 0, 2, 4]) if not burn else torch.tensor([0, 1, 2] * 3)[:8]
     at = (torch.zeros(8, dtype=torch.long), start, torch.arange(8))
     learner.draw = lambda width, device, length=1: at  # type: ignore[method-assign]
     q_tot, y, valid = learner._sequences(8, torch.device("cpu"))
@@ -334,7 +362,7 @@ def test_recurrent_targets_bootstrap_from_the_next_step_of_the_same_unroll() -> 
     later = (batch.values * alive).sum(-1)  # what acting valued each step at
     for i, t0 in enumerate(start.tolist()):
         for step in range(5):
-            t = t0 + step
+            t = t0 + burn + step
             assert bool(valid[step, i]) == (not (t == 6 and i == 3))
             if i == 3 and t >= 6:  # the unroll reset after the cut, where acting did not
                 continue
