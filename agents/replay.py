@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch
-from policies.memory import KEEP, MEMORY
+from policies.memory import KEEP, MEMORY, chunk_keep
 
 
 class Replay:
@@ -39,8 +39,9 @@ class Replay:
     Stores per step the observation fields the policy reads, the actions, each agent's reward
     and termination, the team reward (every live agent's reward summed), whether the episode
     ended for real (every agent terminated) and whether the step is a replayable transition;
-    for a policy with memory (``memory`` among the fields), also whether the env reset after
-    the step (ended or cut by a time limit), where a replayed sequence resets its state.
+    for a policy with memory (``memory`` among the fields), also whether a time limit cut the
+    episode after the step (with the terminations: where a replayed sequence resets its state,
+    by acting's rule, ``policies.memory.chunk_keep``).
     """
 
     def __init__(self, capacity_steps: int, keys: frozenset[str]) -> None:
@@ -82,7 +83,7 @@ class Replay:
             "valid": valid,
         }
         if MEMORY in self.keys:
-            row["reset"] = ended | truncated
+            row["truncated"] = truncated
         if not self.data:
             self.slots = max(1, self.capacity_steps // int(rewards.shape[0] * rewards.shape[1]))
             self.data = {
@@ -145,9 +146,7 @@ class Replay:
                 obs[key[4:]] = rows
             else:
                 rest[key] = rows
-        keep = obs["alive"].bool().clone()
-        keep[0] = True
-        keep[1:] &= ~rest["reset"][:-1].unsqueeze(-1)
+        keep = chunk_keep(rest["terminated"], rest["truncated"], obs["alive"])
         seq = {key: v.flatten(0, 1) for key, v in obs.items() if key != MEMORY}
         return {**seq, MEMORY: obs[MEMORY][0], KEEP: keep}, rest
 

@@ -67,6 +67,31 @@ class MemoryCore(nn.Module):
         h, c = self.cell(x, (state[:, : self.width], state[:, self.width :]))
         return h.view(*lead, -1), torch.cat([h, c], -1).view(*lead, -1)
 
+    def step(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """One step of features ``x [B, N, width]`` from ``batch["memory"]`` (zeros if absent)."""
+        state = batch.get(MEMORY)
+        if state is None:
+            state = zero_state(batch["alive"], self.size)
+        return self(x, state)  # type: ignore[no-any-return]
+
+    def unroll(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Whole chunks: outputs ``[L * b, N, width]`` and the state after the last step.
+
+        ``x`` holds ``L`` steps of ``b`` chunks time-major (``[L * b, N, width]``); each chunk
+        starts from ``batch["memory"] [b, N, S]`` and resets where ``memory_keep [L, b, N]``
+        is false.
+        """
+        keep = batch[KEEP]
+        steps, chunks = keep.shape[:2]
+        f = x.view(steps, chunks, *x.shape[1:])
+        state, out = batch[MEMORY], []
+        for t in range(steps):
+            if t:
+                state = state * keep[t].unsqueeze(-1).to(state.dtype)
+            h, state = self(f[t], state)
+            out.append(h)
+        return torch.stack(out).flatten(0, 1), state
+
 
 class RecurrentActor(nn.Module):
     """An actor with memory: ``actor.features`` -> :class:`MemoryCore` -> ``actor.head``.
@@ -91,25 +116,13 @@ class RecurrentActor(nn.Module):
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """One step from ``batch["memory"]`` (zeros when the batch has none)."""
-        state = batch.get(MEMORY)
-        if state is None:
-            state = zero_state(batch["alive"], self.core.size)
-        h, state = self.core(self.actor.features(batch), state)
+        h, state = self.core.step(self.actor.features(batch), batch)
         return self.actor.head(h, batch.get("action_mask")), state
 
     def sequence(self, batch: dict[str, Tensor]) -> Distribution:
         """Whole chunks: the encoder runs once over every step, the core step by step."""
-        keep = batch[KEEP]
-        steps, chunks = keep.shape[:2]
-        f = self.actor.features(batch)
-        f = f.view(steps, chunks, *f.shape[1:])
-        state, out = batch[MEMORY], []
-        for t in range(steps):
-            if t:
-                state = state * keep[t].unsqueeze(-1).to(state.dtype)
-            h, state = self.core(f[t], state)
-            out.append(h)
-        return self.actor.head(torch.stack(out).flatten(0, 1), batch.get("action_mask"))
+        h, _ = self.core.unroll(self.actor.features(batch), batch)
+        return self.actor.head(h, batch.get("action_mask"))
 
     def forward(self, batch: dict[str, Tensor]) -> Any:
         """The distribution of a step or, given ``memory_keep``, of whole chunks."""

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from policies.actor_critic import ARCHITECTURES, POLICY_KINDS, Policy, PolicySpec
 from policies.distributions import Categorical
-from policies.memory import KEEP, MEMORY, MemoryCore, zero_state
+from policies.memory import KEEP, MEMORY, MemoryCore
 
 #: The batch key a training pass reads the actions taken from (``QPolicy.forward``).
 TAKEN = "taken_actions"
@@ -202,10 +202,7 @@ class QPolicy(Policy):
         h = self.encoder.features(batch)  # type: ignore[operator]
         if self.core is None:
             return self._masked(h, batch), None
-        state = batch.get(MEMORY)
-        if state is None:
-            state = zero_state(batch["alive"], self.core.size)
-        h, state = self.core(h, state)
+        h, state = self.core.step(h, batch)
         return self._masked(h, batch), state
 
     def utilities(self, batch: dict[str, Tensor]) -> Tensor:
@@ -227,17 +224,7 @@ class QPolicy(Policy):
     def _unroll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The core's outputs over whole chunks ``[L * b, N, H]`` and the state after them."""
         assert self.core is not None
-        keep = batch[KEEP]
-        steps, chunks = keep.shape[:2]
-        f = self.encoder.features(batch)  # type: ignore[operator]
-        f = f.view(steps, chunks, *f.shape[1:])
-        state, out = batch[MEMORY], []
-        for t in range(steps):
-            if t:
-                state = state * keep[t].unsqueeze(-1).to(state.dtype)
-            h, state = self.core(f[t], state)
-            out.append(h)
-        return torch.stack(out).flatten(0, 1), state
+        return self.core.unroll(self.encoder.features(batch), batch)  # type: ignore[operator]
 
     def mix(self, chosen: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``Q_tot [B]`` from the agents' chosen utilities ``[B, N]`` (dead agents add 0)."""
