@@ -20,6 +20,7 @@ for a win, summed over the allies; VMAS and MPE: their team returns).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -140,21 +141,30 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
     for ref, value in reference_returns(task.preset, overrides).items():
         emit(f"{name}_{ref}_return", value, "return", **line)
     done = {}
-    for memory in args.memory or [None]:
-        for algorithm in args.algorithms or [None]:
-            label, extra, preset = name, [], task.preset
-            if memory is not None:
-                label, extra = f"{label}_memory_{memory}", [f"model.memory={memory}"]
-            if algorithm is not None:
-                label = f"{label}_{algorithm}"
-                if algorithm != "ppo":
-                    if algorithm not in task.replay_presets:
-                        raise SystemExit(f"--algorithms {algorithm}: task {name} has no preset "
-                                         f"for {algorithm} (Task.replay_presets)")  # fmt: skip
-                    preset = task.replay_presets[algorithm]
-                    extra = [*extra, f"train.algorithm={algorithm}"]
-            arm_line = {**line, "memory": memory or "preset", "algorithm": algorithm or "preset"}
-            done[label] = run_arm(label, task, extra, args, arm_line, preset)
+    for (arm, sets), memory, algorithm in itertools.product(
+        args.arms or [(None, [])], args.memory or [None], args.algorithms or [None]
+    ):
+        label, extra, preset = name, list(sets), task.preset
+        if arm is not None:
+            label = f"{label}_{arm}"
+        if memory is not None:
+            label, extra = f"{label}_memory_{memory}", [*extra, f"model.memory={memory}"]
+        if algorithm is not None:
+            label = f"{label}_{algorithm}"
+            if algorithm != "ppo":
+                if algorithm not in task.replay_presets:
+                    raise SystemExit(f"--algorithms {algorithm}: task {name} has no preset "
+                                     f"for {algorithm} (Task.replay_presets)")  # fmt: skip
+                preset = task.replay_presets[algorithm]
+                extra = [*extra, f"train.algorithm={algorithm}"]
+        arm_line = {
+            **line,
+            "memory": memory or "preset",
+            "algorithm": algorithm or "preset",
+            "arm": arm or "preset",
+            "arm_sets": sets,
+        }
+        done[label] = run_arm(label, task, extra, args, arm_line, preset)
     if task.jaxmarl_map and args.jaxmarl_repo:
         # The peer gets the longest arm's median wall clock a seed.
         seconds = max(total for total, _, _ in done.values())
@@ -305,6 +315,15 @@ def peer_jaxmarl(
     return statistics.median(speeds)
 
 
+def _arm(text: str) -> tuple[str, list[str]]:
+    label, _, sets = text.partition("=")
+    if not label.isidentifier() or not sets or any("=" not in kv for kv in sets.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"'{text}': an arm is LABEL=KEY=VALUE[,KEY=VALUE...], e.g. native=env.num_envs=32"
+        )
+    return label, sets.split(",")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure the named tasks."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -319,6 +338,10 @@ def main(argv: list[str] | None = None) -> None:
                    default=None, help="arms: each task once per train.algorithm (a replay "
                    "learner starts from the task's preset for it; default: the "
                    "preset's)")  # fmt: skip
+    p.add_argument("--arms", nargs="+", type=_arm, default=None, metavar="LABEL=KEY=VALUE,...",
+                   help="arms: each task once per LABEL with its overrides (comma-separated), "
+                   "e.g. package=env.name=gym:lbforaging:Foraging-8x8-2p-2f-coop-v3 "
+                   "native=env.num_envs=32")  # fmt: skip
     p.add_argument("--jaxmarl-repo", type=Path, default=None,
                    help="a JaxMARL checkout: its own recurrent MAPPO runs on the SMAX tasks "
                    "for shoal's wall clock (benchmarks.peers.jaxmarl_mappo)")  # fmt: skip

@@ -2,7 +2,7 @@
 
 Three kinds of name: a registered one (``spread``, ``mpe2-spread``, ``tag``, ``cue``), an
 adapter prefix (``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``,
-``vmas:<scenario>``, ``gym:<module>:<env id>``), and
+``vmas:<scenario>``, ``gym:<module>:<env id>``, ``jaxmarl:<env>[:<map>]``, ``lbf:<env id>``), and
 nothing else. Each kind says which of shoal's common settings (:class:`EnvSettings`) it takes,
 so callers pass the same settings whatever the env, and every failure to build an env is one
 :class:`~envs.base.EnvError` line naming the env, never a library's traceback.
@@ -18,6 +18,7 @@ from typing import Any
 from envs.base import EnvError, VecMultiAgentEnv
 from envs.cue import CueEnv
 from envs.gym_tuple import load_gym_tuple_factory
+from envs.lbf import make_foraging
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
 from envs.spread import SpreadEnv, observe_spread_entities, spread_entities
@@ -99,6 +100,7 @@ _ADAPTERS: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {
     "rllib": (_stepped_in_a_loop(load_multi_agent_factory), _none),
     "gym": (_stepped_in_a_loop(load_gym_tuple_factory), _none),
     "jaxmarl": (_jaxmarl, _none),
+    "lbf": (make_foraging, _none),
     "vmas": (VmasVecEnv, _vmas),
 }
 
@@ -118,7 +120,7 @@ def register(name: str, builder: Callable[..., VecMultiAgentEnv], takes: Takes =
 def available() -> list[str]:
     """Registered names, plus the adapter prefix forms."""
     adapters = ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>", "vmas:<scenario>",
-                "gym:<module>:<env id>", "jaxmarl:<env>[:<map>]"]  # fmt: skip
+                "gym:<module>:<env id>", "jaxmarl:<env>[:<map>]", "lbf:<env id>"]  # fmt: skip
     return sorted(_REGISTRY) + adapters
 
 
@@ -176,7 +178,8 @@ def make(
             ``config`` dict); or ``vmas:<scenario>`` for a VMAS scenario (vectorised in
             torch like ``spread``; kwargs go to the scenario); or ``gym:<module>:<env id>``
             for a Gymnasium env with per-agent tuple spaces (LBF, rware; kwargs go to
-            ``gymnasium.make``).
+            ``gymnasium.make``); or ``lbf:<env id>`` for Level-Based Foraging natively in torch
+            (kwargs: the package's argument names).
         num_envs: ``B``.
         settings: shoal's common env settings; each kind of env takes those it has.
         **kwargs: env arguments (``seed``, ``device`` and the env's own); they win over
