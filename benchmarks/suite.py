@@ -58,7 +58,7 @@ class Task:
 
 
 def _lbf(task_id: str) -> list[str]:
-    return [f"env.name=gym:lbforaging:{task_id}"]
+    return [f"env.name=lbf:{task_id}"]
 
 
 # Budgets: about 10 minutes a seed on 2 cores at each preset's measured speed.
@@ -79,6 +79,7 @@ TASKS: dict[str, Task] = {
     "lbf_10x10_3p_3f": Task(
         "lbf-8x8-2p-2f-coop", _lbf("Foraging-10x10-3p-3f-v3"), 2_000_000, 200_000,
         "team return, LBF 2.0 Foraging-10x10-3p-3f-v3",
+        epymarl_key="lbforaging:Foraging-10x10-3p-3f-v3",
     ),
     "rware_tiny_2ag": Task(
         "rware-tiny-2ag", budget=2_000_000, every=200_000,
