@@ -28,7 +28,7 @@ observation, concatenated, as the ``gym:`` adapter builds it.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,12 @@ from torch import Tensor
 
 from envs.base import AgentInfo, EnvError, Observation, StepResult, VecMultiAgentEnv, check_at_least
 
+if TYPE_CHECKING:
+    import numpy as np
+
 NONE, NORTH, SOUTH, WEST, EAST, LOAD = range(6)
 _DELTA = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (0, 0))
+_PLAYER_RGB = ((31, 119, 180), (214, 39, 40), (148, 103, 189), (255, 127, 14), (140, 86, 75))
 
 _ID = re.compile(
     r"Foraging(?P<po>-2s)?-(?P<rows>\d+)x(?P<cols>\d+)-(?P<p>\d+)p-(?P<f>\d+)f"
@@ -167,6 +171,7 @@ class ForagingEnv(VecMultiAgentEnv):
         self.spawned = torch.zeros(b, dtype=torch.float64, device=dev)
         self.steps = torch.zeros(b, dtype=torch.long, device=dev)
         self._placed = torch.zeros(b, dtype=torch.bool, device=dev)
+        self._view: tuple[Tensor, Tensor, Tensor] | None = None  # world 0, as last seen
 
     def agent_info(self) -> list[AgentInfo]:
         """Every player sees and acts alike: ``agent_0`` ... ``agent_{P-1}``."""
@@ -179,6 +184,7 @@ class ForagingEnv(VecMultiAgentEnv):
         if seed is not None:
             self._gen.manual_seed(seed)
         self._reset_worlds(torch.arange(self.num_envs, device=self.device))
+        self._keep_view()
         return self._observe()
 
     def reset_to(self, pos: Tensor, level: Tensor, field: Tensor) -> Observation:
@@ -195,6 +201,7 @@ class ForagingEnv(VecMultiAgentEnv):
         self._placed[:] = True
         self._index_food(torch.arange(self.num_envs, device=self.device))
         self.steps.zero_()
+        self._keep_view()
         return self._observe()
 
     def _choose(self, free: Tensor) -> tuple[Tensor, Tensor]:
@@ -330,6 +337,7 @@ class ForagingEnv(VecMultiAgentEnv):
         cleared = self.food_level.sum(1) == 0
         truncated = ~cleared & (self.steps >= self.limit)
         final = self._observe()
+        self._keep_view()
         obs = final
         done = cleared | truncated
         if bool(done.any()):
@@ -339,6 +347,35 @@ class ForagingEnv(VecMultiAgentEnv):
         return StepResult(obs, reward, terminated, truncated, final)
 
     # -- observation -------------------------------------------------------------------------
+
+    def _keep_view(self) -> None:
+        self._view = (self.pos[0].clone(), self.level[0].clone(), self.field[0].clone())
+
+    def frame(self) -> np.ndarray:
+        """World 0 as a grid, ``[H, W, 3]`` uint8.
+
+        Food is green (darker for higher levels), each player a coloured square with one white
+        bar per level. After a step that ended world 0's episode: that step, not the next start.
+        """
+        import numpy as np
+
+        if self._view is None:
+            self.reset()
+        assert self._view is not None
+        pos, level, field = (t.cpu().numpy() for t in self._view)
+        c = 32
+        img = np.full((self.rows * c + 1, self.cols * c + 1, 3), 240, np.uint8)
+        img[::c, :], img[:, ::c] = 200, 200
+        top = max(int(field.max()), 1)
+        for r, col in zip(*np.nonzero(field), strict=True):
+            g = 200 - int(120 * field[r, col] / top)
+            img[r * c + 5 : (r + 1) * c - 4, col * c + 5 : (col + 1) * c - 4] = (40, g, 40)
+        for i, ((r, col), lv) in enumerate(zip(pos, level, strict=True)):
+            y, x = r * c, col * c
+            img[y + 7 : y + c - 6, x + 7 : x + c - 6] = _PLAYER_RGB[i % len(_PLAYER_RGB)]
+            for k in range(int(lv)):
+                img[y + 11 + 4 * k : y + 13 + 4 * k, x + 11 : x + c - 10] = 255
+        return img
 
     def _observe(self) -> Observation:
         b, p, s = self.num_envs, self.n_agents, self.sight

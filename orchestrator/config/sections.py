@@ -41,7 +41,9 @@ class EnvConfig(_Section):
     """Registered env name (``spread``, ``mpe2-spread``), ``pettingzoo:<module>[:factory]`` or
     ``rllib:<module>:<Class>`` (an RLlib ``MultiAgentEnv``; ``env.kwargs`` is its config),
     ``vmas:<scenario>`` or ``gym:<module>:<env id>`` (a Gymnasium env with per-agent tuple
-    spaces: ``gym:lbforaging:Foraging-8x8-2p-2f-coop-v3``, ``gym:rware:rware-tiny-2ag-v2``)."""
+    spaces: ``gym:lbforaging:Foraging-8x8-2p-2f-coop-v3``, ``gym:rware:rware-tiny-2ag-v2``),
+    ``jaxmarl:<env>[:<map>]`` (``jaxmarl:smax:3m``) or ``lbf:<env id>`` (Level-Based Foraging
+    ported to torch: ``lbf:Foraging-8x8-2p-2f-coop-v3``)."""
     n_agents: int = Field(3, ge=1, le=1024)
     num_envs: int = Field(512, ge=1)
     """Sub-envs stepped per call, per rollout worker (or in-process)."""

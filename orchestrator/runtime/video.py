@@ -61,7 +61,7 @@ def _positioned(obs: Observation) -> bool:
 def _cannot(name: str) -> CannotDraw:
     return CannotDraw(
         f"env '{name}' neither renders rgb_array frames nor gives its entities positions to "
-        "draw; shoal draws native spread and tag, VMAS scenarios and PettingZoo envs with an "
+        "draw; shoal draws native spread, tag and lbf, VMAS scenarios and PettingZoo envs with an "
         "rgb_array render mode"
     )
 

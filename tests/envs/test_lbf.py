@@ -177,3 +177,17 @@ def test_auto_reset_returns_the_final_view_and_a_fresh_world() -> None:
 def test_bad_names_and_arguments_are_one_line(name, kwargs, message) -> None:
     with pytest.raises(envs.EnvError, match=message):
         envs.make(name, num_envs=1, **kwargs)
+
+
+def test_frame_draws_world_zero_and_its_last_step() -> None:
+    env = envs.make("lbf:Foraging-8x8-2p-2f-coop-v3", num_envs=2, seed=0, max_episode_steps=3)
+    env.reset()
+    first = env.frame()
+    assert first.shape == (8 * 32 + 1, 8 * 32 + 1, 3) and first.dtype == np.uint8
+    for _ in range(3):
+        res = env.step(env.random_actions())
+    assert bool(res.done[0])
+    ended = env.frame()  # the episode's end, not the next episode's start
+    pos = env._view[0] if env._view is not None else None
+    assert pos is not None and not torch.equal(pos, env.pos[0])
+    assert not np.array_equal(first, ended)
