@@ -35,14 +35,16 @@ class MemoryCore(nn.Module):
     """A GRU or LSTM cell over ``[..., width]`` features, one state per leading index.
 
     The state is one tensor ``[..., size]``: the GRU's ``h``, or the LSTM's ``h`` and ``c``
-    side by side.
+    side by side. With ``norm`` the features are layer-normalised before the cell (so the
+    gates see inputs of unit scale however the encoder's outputs grow).
     """
 
-    def __init__(self, kind: str, width: int) -> None:
+    def __init__(self, kind: str, width: int, norm: bool = False) -> None:
         super().__init__()
         if kind not in ("gru", "lstm"):
             raise ValueError(f"memory kind must be 'gru' or 'lstm', not {kind!r}")
         self.kind, self.width = kind, width
+        self.norm: nn.Module = nn.LayerNorm(width) if norm else nn.Identity()
         self.cell: nn.Module = (
             nn.GRUCell(width, width) if kind == "gru" else nn.LSTMCell(width, width)
         )
@@ -60,7 +62,7 @@ class MemoryCore(nn.Module):
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """``(output [..., width], next state [..., size])``."""
         lead = x.shape[:-1]
-        x, state = x.reshape(-1, self.width), state.reshape(-1, self.size)
+        x, state = self.norm(x).reshape(-1, self.width), state.reshape(-1, self.size)
         if self.kind == "gru":
             h = self.cell(x, state)
             return h.view(*lead, -1), h.view(*lead, -1)
@@ -100,6 +102,7 @@ class RecurrentActor(nn.Module):
         actor: a feed-forward actor with ``features(batch) -> [B, N, hidden]`` and ``head``.
         kind: ``gru`` or ``lstm``.
         hidden: the features' width.
+        norm: layer-normalise the features before the core.
 
     Shapes:
         - step: a batch ``[B, ...]`` with ``memory [B, N, S]`` (zeros when absent) ->
@@ -109,10 +112,10 @@ class RecurrentActor(nn.Module):
           distribution over ``[L * b, N]``.
     """
 
-    def __init__(self, actor: nn.Module, kind: str, hidden: int) -> None:
+    def __init__(self, actor: nn.Module, kind: str, hidden: int, norm: bool = False) -> None:
         super().__init__()
         self.actor: Any = actor
-        self.core = MemoryCore(kind, hidden)
+        self.core = MemoryCore(kind, hidden, norm)
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """One step from ``batch["memory"]`` (zeros when the batch has none)."""

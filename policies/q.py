@@ -168,7 +168,11 @@ class QPolicy(Policy):
         encoder = arch.actor(spec)
         del encoder.head  # its features feed the utility head instead
         self.encoder = encoder
-        self.core = MemoryCore(spec.memory, spec.hidden) if spec.memory != "none" else None
+        self.core = (
+            MemoryCore(spec.memory, spec.hidden, spec.memory_norm)
+            if spec.memory != "none"
+            else None
+        )
         self.memory_size = self.core.size if self.core is not None else 0
         self.q_head = nn.Linear(spec.hidden, spec.action_dim)
         self.mixer: nn.Module = (

@@ -102,6 +102,8 @@ class ModelConfig(_Section):
     """A recurrent core (``hidden`` wide) between the actor's encoder and its action head,
     shared by every agent (``policies/memory.py``); trained on sequence chunks of
     ``train.chunk_len`` steps. ``none``: a feed-forward actor."""
+    memory_norm: bool = False
+    """Layer-normalise the encoder's features before the recurrent core."""
 
     def spec(self, env: VecMultiAgentEnv) -> PolicySpec:
         """Policy dimensions from ``env``, architecture from this section."""
@@ -122,6 +124,7 @@ class ModelConfig(_Section):
             k=self.k,
             max_neighbours=self.max_neighbours,
             memory=self.memory,
+            memory_norm=self.memory_norm,
             action_low=float(env.action_low),
             action_high=float(env.action_high),
         )

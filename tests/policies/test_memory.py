@@ -18,11 +18,14 @@ from policies import ActorCritic, PolicySpec
 from policies.memory import MEMORY, MemoryState, chunk_keep
 
 
-def _cue_policy(kind: str, memory: str, n_agents: int = 2, seed: int = 0, **kw):
+def _cue_policy(
+    kind: str, memory: str, n_agents: int = 2, seed: int = 0, memory_norm: bool = False, **kw
+):
     torch.manual_seed(seed)
     env = envs.make("cue", num_envs=6, n_agents=n_agents, max_cycles=3, seed=seed, **kw)
     spec = PolicySpec(kind, env.obs_dim, env.state_dim, env.node_dim, "discrete",
-                      env.action_dim, hidden=16, memory=memory)  # fmt: skip
+                      env.action_dim, hidden=16, memory=memory,
+                      memory_norm=memory_norm)  # fmt: skip
     return env, ActorCritic(spec)
 
 
@@ -183,3 +186,26 @@ def test_the_cue_task_is_learned_with_memory_and_stays_at_chance_without(
         results[memory] = evaluate(run, episodes=400, which="latest")["mean"]  # carries memory
     assert results["gru"] > 1.8, results
     assert abs(results["none"] - 0.5) < 0.15, results
+
+
+def test_memory_norm_layer_normalises_the_core_input_and_keeps_chunks_exact() -> None:
+    # The norm sits inside the core: acting and whole-chunk training still agree, and the
+    # core's gates see unit-scale inputs however large the encoder's features are.
+    env, model = _cue_policy("mlp", "gru", memory_norm=True)
+    core = model.actor.core
+    assert isinstance(core.norm, torch.nn.LayerNorm)
+    big = torch.randn(5, 2, 16) * 100
+    _, h = core(big, torch.zeros(5, 2, 16))
+    _, h_unit = core(big / 100, torch.zeros(5, 2, 16))
+    torch.testing.assert_close(h, h_unit, atol=1e-3, rtol=0)  # scale-free input
+    batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
+    t_len, b = batch.rewards.shape[:2]
+    steps = _Steps(torch.arange(t_len // 4), 4)
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    with torch.no_grad():
+        dist, _ = model(steps.obs(batch.obs, model.input_keys, keep))
+        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    assert load_config(
+        "spread-gnn", ["model.memory=gru", "model.memory_norm=true"]
+    ).model.memory_norm
