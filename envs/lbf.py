@@ -158,8 +158,15 @@ class ForagingEnv(VecMultiAgentEnv):
         self.action_dim = 6
         dev = self.device
         self._delta = torch.tensor(_DELTA, device=dev)
-        self._others = torch.arange(players, device=dev).expand(players, players)
-        self._eye = torch.eye(players, dtype=torch.bool, device=dev)
+        # Observation order of the players each one sees: itself, then the others in order.
+        eye = torch.eye(players, dtype=torch.bool, device=dev)
+        self._rank = torch.where(eye, 0, torch.arange(1, players + 1, device=dev).expand_as(eye))
+        # Where food may spawn: off the border, nothing in the 3x3 square or the 5-cell plus.
+        self._interior = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
+        self._interior[1:-1, 1:-1] = True
+        self._square = torch.ones(1, 1, 3, 3, device=dev)
+        self._plus = torch.zeros(1, 1, 5, 5, device=dev)
+        self._plus[0, 0, 2, :], self._plus[0, 0, :, 2] = 1.0, 1.0
         self._gen = torch.Generator(device=dev)
         self._gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
         b = num_envs
@@ -172,6 +179,7 @@ class ForagingEnv(VecMultiAgentEnv):
         self.steps = torch.zeros(b, dtype=torch.long, device=dev)
         self._placed = torch.zeros(b, dtype=torch.bool, device=dev)
         self._view: tuple[Tensor, Tensor, Tensor] | None = None  # world 0, as last seen
+        self._mask: Tensor | None = None  # the legal actions of the last observation
 
     def agent_info(self) -> list[AgentInfo]:
         """Every player sees and acts alike: ``agent_0`` ... ``agent_{P-1}``."""
@@ -233,15 +241,10 @@ class ForagingEnv(VecMultiAgentEnv):
         f_lo, f_hi = self.food_levels
         top = three if f_hi is None else torch.full_like(three, f_hi)
         bottom = top if self.force_coop else torch.full_like(top, f_lo)
-        interior = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
-        interior[1:-1, 1:-1] = True
-        square = torch.ones(1, 1, 3, 3, device=dev)
-        plus = torch.zeros(1, 1, 5, 5, device=dev)
-        plus[0, 0, 2, :], plus[0, 0, :, 2] = 1.0, 1.0
         for _ in range(self.max_num_food):
             food = (field > 0).float().unsqueeze(1)
-            near = (F.conv2d(food, square, padding=1) + F.conv2d(food, plus, padding=2))[:, 0]
-            cell, some = self._choose(interior & (near == 0) & ~players)
+            near = F.conv2d(food, self._square, padding=1) + F.conv2d(food, self._plus, padding=2)
+            cell, some = self._choose(self._interior & (near[:, 0] == 0) & ~players)
             u = torch.rand(k, generator=self._gen, device=dev)
             lv = bottom + (u * (top - bottom + 1).double()).long().clamp(max=top - bottom)
             field[ar[some], cell[some, 0], cell[some, 1]] = lv[some]
@@ -297,7 +300,8 @@ class ForagingEnv(VecMultiAgentEnv):
         b, p, cols = self.num_envs, self.n_agents, self.cols
         cells = self.rows * cols
         act = actions.to(self.device).long().view(b, p)
-        act = torch.where(self._legal().gather(2, act.unsqueeze(-1)).squeeze(-1), act, NONE)
+        legal = self._mask if self._mask is not None else self._legal()  # the current state's
+        act = torch.where(legal.gather(2, act.unsqueeze(-1)).squeeze(-1), act, NONE)
         # Movement: a player moves unless another one heads for the same cell (or stays there).
         target = self.pos + self._delta[act]
         flat = target[..., 0] * cols + target[..., 1]
@@ -385,7 +389,7 @@ class ForagingEnv(VecMultiAgentEnv):
         # window's corner (the package's test); the rest of the slots (-1, -1, 0).
         rel = pos.unsqueeze(1) - corner.unsqueeze(2)  # [B, P(observer), P, 2]
         seen = ((rel >= 0) & (rel <= 2 * s)).all(-1)
-        rank = torch.where(self._eye, 0, self._others + 1).expand(b, p, p)
+        rank = self._rank.expand(b, p, p)
         order = torch.where(seen, rank, rank + p + 1).sort(-1).indices
         feats = [rel, self.level.unsqueeze(1).expand(b, p, p).unsqueeze(-1)]
         them = torch.cat(feats[: 2 if self.observe_levels else 1], -1)
@@ -404,6 +408,7 @@ class ForagingEnv(VecMultiAgentEnv):
         food = food.gather(2, forder.unsqueeze(-1).expand_as(food))
         food = torch.where(fseen.gather(2, forder).unsqueeze(-1), food, blank3)
         obs = torch.cat([food.flatten(2), them.flatten(2)], -1).float()
+        self._mask = self._legal()
         return Observation(
             obs=obs,
             state=obs.reshape(b, -1),
@@ -412,5 +417,5 @@ class ForagingEnv(VecMultiAgentEnv):
             node_pos=torch.zeros(b, p, 2, device=dev),
             node_type=torch.zeros(b, p, dtype=torch.long, device=dev),
             node_mask=torch.ones(b, p, dtype=torch.bool, device=dev),
-            action_mask=self._legal(),
+            action_mask=self._mask,
         )
