@@ -29,6 +29,17 @@ def _cue_policy(
     return env, ActorCritic(spec)
 
 
+def _chunk_logp(model, batch, obs: dict | None = None) -> torch.Tensor:
+    """The batch's actions' log-probabilities from whole 4-step chunks, each started from the
+    state stored in ``obs`` (default the batch's own) and reset where acting reset."""
+    t_len, b = batch.rewards.shape[:2]
+    steps = _Steps(torch.arange(t_len // 4), 4)
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    with torch.no_grad():
+        dist, _ = model(steps.obs(batch.obs if obs is None else obs, model.input_keys, keep))
+        return steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+
+
 @pytest.mark.parametrize("memory", ["gru", "lstm"])
 @pytest.mark.parametrize("kind", ["mlp", "gnn", "transformer"])
 def test_whole_chunks_give_what_acting_step_by_step_gave(kind: str, memory: str) -> None:
@@ -36,20 +47,10 @@ def test_whole_chunks_give_what_acting_step_by_step_gave(kind: str, memory: str)
     # chunk has to happen exactly where acting reset.
     env, model = _cue_policy(kind, memory)
     batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
-    t_len, b = batch.rewards.shape[:2]
-    steps = _Steps(torch.arange(t_len // 4), 4)
-    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
-    with torch.no_grad():
-        dist, _ = model(steps.obs(batch.obs, model.input_keys, keep))
-        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
-    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_chunk_logp(model, batch), batch.logp, atol=1e-5, rtol=0)
     # The states carried matter: the same chunks from zero states act differently.
     zeros = {**batch.obs, MEMORY: torch.zeros_like(batch.obs[MEMORY])}
-    with torch.no_grad():
-        cold = model(steps.obs(zeros, model.input_keys, keep))[0].log_prob(
-            steps.take(batch.actions)
-        )
-    assert not torch.allclose(steps.untake(cold, (t_len, b)), batch.logp, atol=1e-4)
+    assert not torch.allclose(_chunk_logp(model, batch, zeros), batch.logp, atol=1e-4)
 
 
 def test_states_reset_exactly_where_episodes_end_and_agents_die() -> None:
@@ -199,13 +200,7 @@ def test_memory_norm_layer_normalises_the_core_input_and_keeps_chunks_exact() ->
     _, h_unit = core(big / 100, torch.zeros(5, 2, 16))
     torch.testing.assert_close(h, h_unit, atol=1e-3, rtol=0)  # scale-free input
     batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
-    t_len, b = batch.rewards.shape[:2]
-    steps = _Steps(torch.arange(t_len // 4), 4)
-    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
-    with torch.no_grad():
-        dist, _ = model(steps.obs(batch.obs, model.input_keys, keep))
-        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
-    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_chunk_logp(model, batch), batch.logp, atol=1e-5, rtol=0)
     assert load_config(
         "spread-gnn", ["model.memory=gru", "model.memory_norm=true"]
     ).model.memory_norm
