@@ -73,6 +73,12 @@ class PPOConfig(BaseModel):
     ``train.minibatches`` chunks per rollout. A replay learner (``qmix``, ``vdn``) replays
     chunks of this many steps from anywhere in a batch: fewer than ``train.rollout_len``;
     ``None``: ``train.rollout_len - 1 - train.burn_in``."""
+    refresh_memory: bool = False
+    """With ``model.memory``: before each PPO epoch whose weights differ from the ones that
+    acted (every epoch after the first; the first too on a stale batch), unroll the batch
+    once without gradients to recompute the state each chunk starts from with the current
+    weights, instead of reusing the state acting stored (R2D2's "stale state" problem, in
+    PPO's later epochs). Costs one forward pass of the actor over the batch per epoch."""
 
 
 def compute_gae(
@@ -272,6 +278,26 @@ class Learner(OptimizerState):
         return chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
 
     @torch.no_grad()
+    def chunk_states(self, obs: dict[str, Tensor], keep: Tensor, length: int) -> Tensor:
+        """``obs[MEMORY]`` with each chunk's first state recomputed under the current weights.
+
+        Acting's own loop over the batch (``model.step`` one step at a time, states reset
+        where ``keep [T, B, N]`` is false), from the state stored at the batch's first step;
+        the rows inside chunks keep what acting stored (training never reads them).
+        """
+        model = self.model
+        memory = obs[MEMORY].clone()
+        state = memory[0]
+        keys = [k for k in model.input_keys if k != MEMORY and k in obs]
+        for t in range(memory.shape[0] - length):
+            _, nxt = model.step({**{k: obs[k][t] for k in keys}, MEMORY: state})
+            assert nxt is not None
+            state = nxt * keep[t + 1].unsqueeze(-1).to(nxt.dtype)
+            if (t + 1) % length == 0:
+                memory[t + 1] = state
+        return memory
+
+    @torch.no_grad()
     def refresh(self, batch: RolloutBatch, done: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The current policy's view of a batch acted with older weights.
 
@@ -286,7 +312,10 @@ class Learner(OptimizerState):
         length = self._chunk(t_len)
         steps = _Steps(torch.arange(t_len // length, device=self.device), length)
         keep = self._keep(batch)
-        dist, value = model(steps.obs(batch.obs, model.input_keys, keep))
+        obs = batch.obs
+        if keep is not None and self.cfg.refresh_memory:
+            obs = {**obs, MEMORY: self.chunk_states(obs, keep, length)}
+        dist, value = model(steps.obs(obs, model.input_keys, keep))
         logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
         values = steps.untake(model.value_norm.denormalize(value), (t_len, b))
         next_values = batch.next_values.clone()
@@ -369,13 +398,17 @@ class Learner(OptimizerState):
         }
         n_mb, stopped = 0, False
         planned = cfg.epochs * min(cfg.minibatches, units)
-        for _ in range(cfg.epochs):
+        obs = batch.obs
+        for epoch in range(cfg.epochs):
             if stopped:
                 break
+            if keep is not None and cfg.refresh_memory and (epoch or staleness > 0):
+                # Chunks start from states the current weights compute, not acting's.
+                obs = {**obs, MEMORY: self.chunk_states(batch.obs, keep, length)}
             perm = torch.randperm(units, generator=gen)
             for idx in perm.tensor_split(min(cfg.minibatches, units)):
                 mb = _Steps(idx.to(self.device), length)
-                mb_obs = mb.obs(batch.obs, model.input_keys, keep)
+                mb_obs = mb.obs(obs, model.input_keys, keep)
                 mb_alive = mb.take(alive).to(adv.dtype)
                 count = mb_alive.sum().clamp(min=1.0)
 

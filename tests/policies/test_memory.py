@@ -169,6 +169,45 @@ def test_a_stale_batch_is_refreshed_chunk_by_chunk() -> None:
     assert stats["minibatches_done"] > 0
 
 
+@pytest.mark.parametrize("memory", ["gru", "lstm"])
+def test_refreshed_chunk_states_follow_the_current_weights(memory: str) -> None:
+    # train.refresh_memory: unrolling the batch with the weights that acted gives back the
+    # states acting stored at every chunk start (resets included); after an update the
+    # chunks start from the new weights' states, and the update still trains.
+    env, model = _cue_policy("mlp", memory)
+    batch = RolloutWorker(env, model, rollout_len=12, seed=4).collect()
+    learner = Learner(model, PPOConfig(minibatches=3, refresh_memory=True))
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    fresh = learner.chunk_states(batch.obs, keep, 4)
+    torch.testing.assert_close(fresh, batch.obs[MEMORY], atol=1e-5, rtol=0)
+    stats = learner.update(batch)
+    assert stats["minibatches_done"] == 1.0
+    moved = learner.chunk_states(batch.obs, keep, 4)
+    assert torch.equal(moved[0], batch.obs[MEMORY][0])  # the batch's first state is given
+    assert not torch.allclose(moved[4], batch.obs[MEMORY][4], atol=1e-4)
+    assert torch.equal(moved[5], batch.obs[MEMORY][5])  # inside chunks: never read
+    # Where acting reset (the cue's episodes are 3 steps), the recomputed state is zero too.
+    pairs = learner.chunk_states(batch.obs, keep, 2)
+    assert not keep[6].any() and (pairs[6] == 0).all()
+    assert keep[4].all() and (pairs[4] != 0).any()
+
+
+def test_refreshed_chunk_states_of_grouped_policies_match_acting() -> None:
+    cfg = load_config(
+        "tag-mlp",
+        ["env.num_envs=8", "env.max_cycles=5", "model.memory=gru", "train.refresh_memory=true"],
+    )
+    env = cfg.env.make(8, 0, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = cfg.build_policy(env)
+    batch = RolloutWorker(env, model, rollout_len=10, seed=1).collect()
+    learner = Learner(model, cfg.train)
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    fresh = learner.chunk_states(batch.obs, keep, 5)
+    torch.testing.assert_close(fresh, batch.obs[MEMORY], atol=1e-5, rtol=0)
+    assert learner.update(batch)["minibatches_done"] > 0
+
+
 CUE = ["env.name=cue", "env.n_agents=2", "env.max_cycles=4", "env.num_envs=64",
        "model.kind=mlp", "model.hidden=32", "train.rollout_len=16", "train.minibatches=2",
        "train.total_env_steps=24000", "redis.enabled=false", "run.progress=false"]  # fmt: skip
