@@ -114,6 +114,8 @@ class PolicySpec:
     memory: str = "none"
     #: Layer-normalise the recurrent core's input (``model.memory_norm``).
     memory_norm: bool = False
+    #: Layer-normalise the core's output before the head (``model.memory_out_norm``).
+    memory_out_norm: bool = False
     #: The env's continuous action box (a squashed policy scales into it).
     action_low: float = -1.0
     action_high: float = 1.0
@@ -259,7 +261,9 @@ class ActorCritic(Policy):
         actor, critic = ARCHITECTURES[spec.kind], ARCHITECTURES[critic_kind]
         self.actor = actor.actor(spec)
         if spec.memory != "none":
-            self.actor = RecurrentActor(self.actor, spec.memory, spec.hidden, spec.memory_norm)
+            self.actor = RecurrentActor(
+                self.actor, spec.memory, spec.hidden, spec.memory_norm, spec.memory_out_norm
+            )
             self.memory_size = self.actor.core.size
         self.critic = critic.critic(spec)
         self.value_norm = ValueNorm()

@@ -36,15 +36,17 @@ class MemoryCore(nn.Module):
 
     The state is one tensor ``[..., size]``: the GRU's ``h``, or the LSTM's ``h`` and ``c``
     side by side. With ``norm`` the features are layer-normalised before the cell (so the
-    gates see inputs of unit scale however the encoder's outputs grow).
+    gates see inputs of unit scale however the encoder's outputs grow); with ``out_norm`` the
+    output is layer-normalised after it (MAPPO's ``RNNLayer``), the carried state is not.
     """
 
-    def __init__(self, kind: str, width: int, norm: bool = False) -> None:
+    def __init__(self, kind: str, width: int, norm: bool = False, out_norm: bool = False) -> None:
         super().__init__()
         if kind not in ("gru", "lstm"):
             raise ValueError(f"memory kind must be 'gru' or 'lstm', not {kind!r}")
         self.kind, self.width = kind, width
         self.norm: nn.Module = nn.LayerNorm(width) if norm else nn.Identity()
+        self.out_norm: nn.Module = nn.LayerNorm(width) if out_norm else nn.Identity()
         self.cell: nn.Module = (
             nn.GRUCell(width, width) if kind == "gru" else nn.LSTMCell(width, width)
         )
@@ -65,9 +67,9 @@ class MemoryCore(nn.Module):
         x, state = self.norm(x).reshape(-1, self.width), state.reshape(-1, self.size)
         if self.kind == "gru":
             h = self.cell(x, state)
-            return h.view(*lead, -1), h.view(*lead, -1)
+            return self.out_norm(h).view(*lead, -1), h.view(*lead, -1)
         h, c = self.cell(x, (state[:, : self.width], state[:, self.width :]))
-        return h.view(*lead, -1), torch.cat([h, c], -1).view(*lead, -1)
+        return self.out_norm(h).view(*lead, -1), torch.cat([h, c], -1).view(*lead, -1)
 
     def step(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """One step of features ``x [B, N, width]`` from ``batch["memory"]`` (zeros if absent)."""
@@ -103,6 +105,7 @@ class RecurrentActor(nn.Module):
         kind: ``gru`` or ``lstm``.
         hidden: the features' width.
         norm: layer-normalise the features before the core.
+        out_norm: layer-normalise the core's output before the head.
 
     Shapes:
         - step: a batch ``[B, ...]`` with ``memory [B, N, S]`` (zeros when absent) ->
@@ -112,10 +115,12 @@ class RecurrentActor(nn.Module):
           distribution over ``[L * b, N]``.
     """
 
-    def __init__(self, actor: nn.Module, kind: str, hidden: int, norm: bool = False) -> None:
+    def __init__(
+        self, actor: nn.Module, kind: str, hidden: int, norm: bool = False, out_norm: bool = False
+    ) -> None:
         super().__init__()
         self.actor: Any = actor
-        self.core = MemoryCore(kind, hidden, norm)
+        self.core = MemoryCore(kind, hidden, norm, out_norm)
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
         """One step from ``batch["memory"]`` (zeros when the batch has none)."""

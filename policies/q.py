@@ -169,7 +169,7 @@ class QPolicy(Policy):
         del encoder.head  # its features feed the utility head instead
         self.encoder = encoder
         self.core = (
-            MemoryCore(spec.memory, spec.hidden, spec.memory_norm)
+            MemoryCore(spec.memory, spec.hidden, spec.memory_norm, spec.memory_out_norm)
             if spec.memory != "none"
             else None
         )

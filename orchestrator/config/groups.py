@@ -54,6 +54,7 @@ class GroupModelConfig(BaseModel):
     heads: int | None = Field(None, ge=1)
     memory: Literal["none", "gru", "lstm"] | None = None
     memory_norm: bool | None = None
+    memory_out_norm: bool | None = None
 
     @field_validator("kind", "critic_kind")
     @classmethod

@@ -104,6 +104,9 @@ class ModelConfig(_Section):
     ``train.chunk_len`` steps. ``none``: a feed-forward actor."""
     memory_norm: bool = False
     """Layer-normalise the encoder's features before the recurrent core."""
+    memory_out_norm: bool = False
+    """Layer-normalise the recurrent core's output before the action head (MAPPO's
+    ``RNNLayer``); the carried state stays the core's own."""
 
     def spec(self, env: VecMultiAgentEnv) -> PolicySpec:
         """Policy dimensions from ``env``, architecture from this section."""
@@ -125,6 +128,7 @@ class ModelConfig(_Section):
             max_neighbours=self.max_neighbours,
             memory=self.memory,
             memory_norm=self.memory_norm,
+            memory_out_norm=self.memory_out_norm,
             action_low=float(env.action_low),
             action_high=float(env.action_high),
         )

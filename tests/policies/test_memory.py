@@ -19,13 +19,19 @@ from policies.memory import MEMORY, MemoryState, chunk_keep
 
 
 def _cue_policy(
-    kind: str, memory: str, n_agents: int = 2, seed: int = 0, memory_norm: bool = False, **kw
+    kind: str,
+    memory: str,
+    n_agents: int = 2,
+    seed: int = 0,
+    memory_norm: bool = False,
+    memory_out_norm: bool = False,
+    **kw,
 ):
     torch.manual_seed(seed)
     env = envs.make("cue", num_envs=6, n_agents=n_agents, max_cycles=3, seed=seed, **kw)
     spec = PolicySpec(kind, env.obs_dim, env.state_dim, env.node_dim, "discrete",
                       env.action_dim, hidden=16, memory=memory,
-                      memory_norm=memory_norm)  # fmt: skip
+                      memory_norm=memory_norm, memory_out_norm=memory_out_norm)  # fmt: skip
     return env, ActorCritic(spec)
 
 
@@ -243,3 +249,19 @@ def test_memory_norm_layer_normalises_the_core_input_and_keeps_chunks_exact() ->
     assert load_config(
         "spread-gnn", ["model.memory=gru", "model.memory_norm=true"]
     ).model.memory_norm
+
+
+@pytest.mark.parametrize("memory", ["gru", "lstm"])
+def test_memory_out_norm_normalises_the_head_input_not_the_carried_state(memory: str) -> None:
+    # MAPPO's RNNLayer: the head reads a layer-normalised output, the next step reads the
+    # cell's raw state; acting and whole-chunk training still agree.
+    env, model = _cue_policy("mlp", memory, memory_out_norm=True)
+    core = model.actor.core
+    assert isinstance(core.out_norm, torch.nn.LayerNorm)
+    out, state = core(torch.randn(5, 2, 16), torch.randn(5, 2, core.size))
+    torch.testing.assert_close(out.mean(-1), torch.zeros(5, 2), atol=1e-5, rtol=0)
+    assert not torch.allclose(state[..., :16], out, atol=1e-3)  # the state is not normalised
+    batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
+    torch.testing.assert_close(_chunk_logp(model, batch), batch.logp, atol=1e-5, rtol=0)
+    cfg = load_config("spread-gnn", ["model.memory=gru", "groups.agent.model.memory_out_norm=true"])
+    assert cfg.groups["agent"].model.memory_out_norm
