@@ -21,6 +21,7 @@ from envs.gym_tuple import load_gym_tuple_factory
 from envs.lbf import make_foraging
 from envs.pettingzoo import PettingZooVecEnv, load_parallel_env_factory
 from envs.rllib import load_multi_agent_factory
+from envs.rware import make_warehouse
 from envs.spread import SpreadEnv, observe_spread_entities, spread_entities
 from envs.tag import TagEnv
 from envs.vmas import VmasVecEnv
@@ -101,6 +102,7 @@ _ADAPTERS: dict[str, tuple[Callable[..., VecMultiAgentEnv], Takes]] = {
     "gym": (_stepped_in_a_loop(load_gym_tuple_factory), _none),
     "jaxmarl": (_jaxmarl, _none),
     "lbf": (make_foraging, _none),
+    "rware": (make_warehouse, _none),
     "vmas": (VmasVecEnv, _vmas),
 }
 
@@ -120,7 +122,8 @@ def register(name: str, builder: Callable[..., VecMultiAgentEnv], takes: Takes =
 def available() -> list[str]:
     """Registered names, plus the adapter prefix forms."""
     adapters = ["pettingzoo:<module>[:factory]", "rllib:<module>:<Class>", "vmas:<scenario>",
-                "gym:<module>:<env id>", "jaxmarl:<env>[:<map>]", "lbf:<env id>"]  # fmt: skip
+                "gym:<module>:<env id>", "jaxmarl:<env>[:<map>]", "lbf:<env id>",
+                "rware:<env id>"]  # fmt: skip
     return sorted(_REGISTRY) + adapters
 
 
@@ -179,7 +182,8 @@ def make(
             torch like ``spread``; kwargs go to the scenario); or ``gym:<module>:<env id>``
             for a Gymnasium env with per-agent tuple spaces (LBF, rware; kwargs go to
             ``gymnasium.make``); or ``lbf:<env id>`` for Level-Based Foraging natively in torch
-            (kwargs: the package's argument names).
+            (kwargs: the package's argument names); or ``rware:<env id>`` for the Multi-Robot
+            Warehouse natively in torch (kwargs: the package's argument names).
         num_envs: ``B``.
         settings: shoal's common env settings; each kind of env takes those it has.
         **kwargs: env arguments (``seed``, ``device`` and the env's own); they win over
