@@ -2,7 +2,8 @@
 
 Three kinds of name: a registered one (``spread``, ``mpe2-spread``, ``tag``, ``cue``), an
 adapter prefix (``pettingzoo:<module>[:factory]``, ``rllib:<module>:<Class>``,
-``vmas:<scenario>``, ``gym:<module>:<env id>``, ``jaxmarl:<env>[:<map>]``, ``lbf:<env id>``), and
+``vmas:<scenario>``, ``gym:<module>:<env id>``, ``jaxmarl:<env>[:<map>]``, ``lbf:<env id>``,
+``rware:<env id>``), and
 nothing else. Each kind says which of shoal's common settings (:class:`EnvSettings`) it takes,
 so callers pass the same settings whatever the env, and every failure to build an env is one
 :class:`~envs.base.EnvError` line naming the env, never a library's traceback.

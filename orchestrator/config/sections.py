@@ -42,8 +42,9 @@ class EnvConfig(_Section):
     ``rllib:<module>:<Class>`` (an RLlib ``MultiAgentEnv``; ``env.kwargs`` is its config),
     ``vmas:<scenario>`` or ``gym:<module>:<env id>`` (a Gymnasium env with per-agent tuple
     spaces: ``gym:lbforaging:Foraging-8x8-2p-2f-coop-v3``, ``gym:rware:rware-tiny-2ag-v2``),
-    ``jaxmarl:<env>[:<map>]`` (``jaxmarl:smax:3m``) or ``lbf:<env id>`` (Level-Based Foraging
-    ported to torch: ``lbf:Foraging-8x8-2p-2f-coop-v3``)."""
+    ``jaxmarl:<env>[:<map>]`` (``jaxmarl:smax:3m``), ``lbf:<env id>`` (Level-Based Foraging
+    ported to torch: ``lbf:Foraging-8x8-2p-2f-coop-v3``) or ``rware:<env id>`` (the
+    Multi-Robot Warehouse ported to torch: ``rware:rware-tiny-2ag-v2``)."""
     n_agents: int = Field(3, ge=1, le=1024)
     num_envs: int = Field(512, ge=1)
     """Sub-envs stepped per call, per rollout worker (or in-process)."""

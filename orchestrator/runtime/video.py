@@ -61,8 +61,8 @@ def _positioned(obs: Observation) -> bool:
 def _cannot(name: str) -> CannotDraw:
     return CannotDraw(
         f"env '{name}' neither renders rgb_array frames nor gives its entities positions to "
-        "draw; shoal draws native spread, tag and lbf, VMAS scenarios and PettingZoo envs with an "
-        "rgb_array render mode"
+        "draw; shoal draws native spread, tag, lbf and rware, VMAS scenarios and PettingZoo "
+        "envs with an rgb_array render mode"
     )
 
 
@@ -74,7 +74,8 @@ def require_ffmpeg(what: str, instead: str) -> None:
 
 def check_drawable(env: VecMultiAgentEnv, name: str) -> None:
     """Raise :class:`CannotDraw` unless episodes of ``env`` can be filmed (it is reset)."""
-    if not offers_frames(env) and not _positioned(env.reset(seed=0)):
+    obs = env.reset(seed=0)
+    if not offers_frames(env) and env.frame() is None and not _positioned(obs):
         raise _cannot(name)
 
 

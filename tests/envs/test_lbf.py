@@ -15,6 +15,7 @@ import torch
 
 import envs
 from envs.lbf import ForagingEnv, foraging_kwargs
+from orchestrator.runtime import video
 
 lbforaging = pytest.importorskip("lbforaging")
 gymnasium = pytest.importorskip("gymnasium")
@@ -193,3 +194,4 @@ def test_frame_draws_world_zero_and_its_last_step() -> None:
     pos = env._view[0] if env._view is not None else None
     assert pos is not None and not torch.equal(pos, env.pos[0])
     assert not np.array_equal(first, ended)
+    video.check_drawable(env, "lbf:Foraging-8x8-2p-2f-coop-v3")  # run.render_every_s takes it
