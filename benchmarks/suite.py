@@ -88,7 +88,7 @@ TASKS: dict[str, Task] = {
         published="EPyMARL, MAPPO, Table 3 (40M steps, rware v1): not checked here",
     ),
     "rware_tiny_4ag": Task(
-        "rware-tiny-2ag", ["env.name=gym:rware:rware-tiny-4ag-v2"], 2_000_000, 200_000,
+        "rware-tiny-2ag", ["env.name=rware:rware-tiny-4ag-v2"], 2_000_000, 200_000,
         "deliveries per 500-step episode, rware 2.0 rware-tiny-4ag-v2",
     ),
     "smax_3m": Task(
