@@ -4,9 +4,10 @@
 task's preset for its env-step budget per seed (tasks in turn; run one task per invocation to
 keep tasks in separate runs), evaluates every checkpoint on 100 episodes of the task's own env,
 and prints JSON lines: random and no-op references (same run), the IQM [95 % CI] over seeds
-at every mark, env-steps/s and wall seconds, and the published figure this task is compared
-with where one is cited (``published``: what, where, at what budget; ``None`` where no
-figure was checked). ``--budget-scale`` shortens every budget (a smoke run; the marks move).
+at every mark, each seed's largest fall below its best so far (stability), env-steps/s and
+wall seconds, and the published figure this task is compared with where one is cited
+(``published``: what, where, at what budget; ``None`` where no figure was checked).
+``--budget-scale`` shortens every budget (a smoke run; the marks move).
 Peers run on the same machine after shoal's arms, for the same wall clock a seed: JaxMARL's
 recurrent MAPPO on SMAX (``--jaxmarl-repo``), EPyMARL's MAPPO on LBF/rware
 (``--epymarl-repo``), BenchMARL's MASAC on VMAS balance (``--benchmarl-python``), each in its
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.spread import emit, train_and_evaluate
+from benchmarks.stats import largest_drop
 from benchmarks.world_model import reference_returns, summarize
 
 
@@ -255,13 +257,14 @@ def run_arm(
     budget = max(task.every, int(task.budget * args.budget_scale))
     every = max(1, int(task.every * args.budget_scale))
     overrides = [*task.overrides, *args.overrides, *extra]
-    runs, speeds, walls, totals, wins = [], [], [], [], []
+    runs, speeds, walls, totals, wins, falls = [], [], [], [], [], []
     for seed in range(args.seeds):
         res = train_and_evaluate(
             preset or task.preset, None, [f"train.seed={seed}", *overrides],
             env_steps=budget, eval_every_steps=every,
         )  # fmt: skip
         final = res["evals"][-1]["mean"] if res["evals"] else math.nan
+        falls.append(round(largest_drop([e["mean"] for e in res["evals"]]), 3))
         speeds.append(res["sps"])
         walls.append(res["summary"]["train_seconds"])
         totals.append(walls[-1] + res["setup_s"])
@@ -282,6 +285,8 @@ def run_arm(
              **more, **line)  # fmt: skip
     emit(f"{name}_env_steps_per_s", statistics.median(speeds), "env_steps/s", **line)
     emit(f"{name}_train_seconds", statistics.median(walls), "s", **line)
+    # Stability: each seed's largest fall of the evaluated return below its best so far.
+    emit(f"{name}_largest_fall", max(falls), "return", seeds=falls, **line)
     summarize(name, runs, every, budget, "return", line)
     if wins:
         emit(f"{name}_final_win_rate_median", statistics.median(wins), "win rate",
