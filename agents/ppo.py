@@ -297,9 +297,26 @@ class Learner(OptimizerState):
                 memory[t + 1] = state
         return memory
 
+    def _current_obs(
+        self, batch: RolloutBatch, keep: Tensor | None, length: int
+    ) -> dict[str, Tensor]:
+        """The batch's inputs as the current weights see them.
+
+        With ``train.refresh_memory`` each chunk starts from the state the current weights
+        compute (:meth:`chunk_states`); otherwise ``batch.obs`` itself.
+        """
+        if keep is None or not self.cfg.refresh_memory:
+            return batch.obs
+        return {**batch.obs, MEMORY: self.chunk_states(batch.obs, keep, length)}
+
     @torch.no_grad()
-    def refresh(self, batch: RolloutBatch, done: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def refresh(
+        self, batch: RolloutBatch, done: Tensor, obs: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The current policy's view of a batch acted with older weights.
+
+        ``obs``: the batch's inputs as the current weights see them (:meth:`_current_obs`;
+        computed here when not given).
 
         Returns:
             ``(logp, values, next_values)``: log-probabilities of the batch's actions and
@@ -312,9 +329,8 @@ class Learner(OptimizerState):
         length = self._chunk(t_len)
         steps = _Steps(torch.arange(t_len // length, device=self.device), length)
         keep = self._keep(batch)
-        obs = batch.obs
-        if keep is not None and self.cfg.refresh_memory:
-            obs = {**obs, MEMORY: self.chunk_states(obs, keep, length)}
+        if obs is None:
+            obs = self._current_obs(batch, keep, length)
         dist, value = model(steps.obs(obs, model.input_keys, keep))
         logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
         values = steps.untake(model.value_norm.denormalize(value), (t_len, b))
@@ -342,10 +358,16 @@ class Learner(OptimizerState):
             # Frozen groups' agents, and agents that played a past version, reach no loss.
             alive = model.learn_mask(batch.obs)
         done = batch.terminated | batch.truncated.unsqueeze(-1)
+        t_len = batch.rewards.shape[0]
+        length = self._chunk(t_len)
+        keep = self._keep(batch)
+        # A stale batch's chunks start from the current weights' states from the first epoch
+        # on (with train.refresh_memory), and the behaviour correction reads the same inputs.
+        obs = self._current_obs(batch, keep, length) if staleness > 0 else batch.obs
         prox_logp, values, next_values = batch.logp, batch.values, batch.next_values
         weight: Tensor | None = None
         if staleness > 0 and cfg.behaviour_correction:
-            prox_logp, values, next_values = self.refresh(batch, done)
+            prox_logp, values, next_values = self.refresh(batch, done, obs)
             weight = (prox_logp - batch.logp).exp().clamp(max=cfg.rho_max)
         adv, returns = compute_gae(
             batch.rewards,
@@ -381,13 +403,10 @@ class Learner(OptimizerState):
                 mean, std = self._global_mean_std(adv, alive)
                 adv = (adv - mean) / (std + 1e-8)
 
-        t_len = batch.rewards.shape[0]
         # Minibatches are sets of time steps (with memory: of chunk positions) across all
         # envs: every rank takes the same steps of its own envs, so K ranks together see
         # exactly one rank's minibatch.
-        length = self._chunk(t_len)
         units = t_len // length
-        keep = self._keep(batch)
         gen = torch.Generator().manual_seed(1_000_003 * self.updates + 17)
         stats: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0}
         stats.update(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0)
@@ -398,13 +417,12 @@ class Learner(OptimizerState):
         }
         n_mb, stopped = 0, False
         planned = cfg.epochs * min(cfg.minibatches, units)
-        obs = batch.obs
         for epoch in range(cfg.epochs):
             if stopped:
                 break
-            if keep is not None and cfg.refresh_memory and (epoch or staleness > 0):
+            if epoch:
                 # Chunks start from states the current weights compute, not acting's.
-                obs = {**obs, MEMORY: self.chunk_states(batch.obs, keep, length)}
+                obs = self._current_obs(batch, keep, length)
             perm = torch.randperm(units, generator=gen)
             for idx in perm.tensor_split(min(cfg.minibatches, units)):
                 mb = _Steps(idx.to(self.device), length)

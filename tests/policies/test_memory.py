@@ -196,6 +196,8 @@ def test_refreshed_chunk_states_follow_the_current_weights(memory: str) -> None:
     pairs = learner.chunk_states(batch.obs, keep, 2)
     assert not keep[6].any() and (pairs[6] == 0).all()
     assert keep[4].all() and (pairs[4] != 0).any()
+    # A stale batch: refreshed once for the behaviour correction and the first epoch.
+    assert learner.update(batch, staleness=1)["minibatches_done"] == 1.0
 
 
 def test_refreshed_chunk_states_of_grouped_policies_match_acting() -> None:
