@@ -200,3 +200,61 @@ class VecMultiAgentEnv(abc.ABC):
             return torch.randint(self.action_dim, (b, n), generator=generator, device=self.device)
         u = torch.rand((b, n, self.action_dim), generator=generator, device=self.device)
         return self.action_low + u * (self.action_high - self.action_low)
+
+
+class WorldBatchEnv(VecMultiAgentEnv):
+    """A ported env of ``B`` worlds in tensors that draws its own episodes.
+
+    The LBF and rware ports (``lbf:``, ``rware:``) are such envs. This class owns the episode
+    generator (``_gen``), resetting and the end of a step: the final observation is kept,
+    world 0's view is kept for :meth:`frame`, and finished worlds start afresh. A subclass
+    gives :meth:`_reset_worlds`, :meth:`_observe` and :meth:`_keep_view`.
+    """
+
+    _gen: torch.Generator
+
+    def _seed_generator(self, seed: int | None) -> None:
+        """The episode generator on the env's device, seeded by ``seed`` (``None``: fresh)."""
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+
+    @abc.abstractmethod
+    def _reset_worlds(self, idx: Tensor) -> None:
+        """Draw new episodes in worlds ``idx``."""
+
+    @abc.abstractmethod
+    def _observe(self) -> Observation:
+        """Every world's observation now."""
+
+    @abc.abstractmethod
+    def _keep_view(self) -> None:
+        """Keep world 0 as it is now, for :meth:`frame`."""
+
+    def reset(self, seed: int | None = None) -> Observation:
+        """Draw new episodes in every world."""
+        if seed is not None:
+            self._gen.manual_seed(seed)
+        self._reset_worlds(torch.arange(self.num_envs, device=self.device))
+        self._keep_view()
+        return self._observe()
+
+    def _end_step(
+        self,
+        reward: Tensor,
+        terminated: Tensor,
+        truncated: Tensor,
+        final: Observation | None = None,
+    ) -> StepResult:
+        """The step's result, after which worlds whose episode ended start afresh.
+
+        An episode ended where ``truncated`` or every agent is ``terminated``. ``final``: the
+        observation now, if already made.
+        """
+        final = self._observe() if final is None else final
+        self._keep_view()
+        obs = final
+        done = truncated | terminated.all(-1)
+        if bool(done.any()):
+            self._reset_worlds(done.nonzero().squeeze(1))
+            obs = self._observe()
+        return StepResult(obs, reward, terminated, truncated, final)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from envs.base import AgentInfo, EnvError, Observation, StepResult, VecMultiAgentEnv, check_at_least
+from envs.base import EnvError, Observation, StepResult, WorldBatchEnv, check_at_least
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +78,7 @@ def make_foraging(spec: str, num_envs: int = 1, **kwargs: Any) -> ForagingEnv:
     return ForagingEnv(num_envs=num_envs, **{**foraging_kwargs(spec), **kwargs})
 
 
-class ForagingEnv(VecMultiAgentEnv):
+class ForagingEnv(WorldBatchEnv):
     """``B`` Level-Based Foraging worlds stepped together.
 
     Args:
@@ -167,8 +167,7 @@ class ForagingEnv(VecMultiAgentEnv):
         self._square = torch.ones(1, 1, 3, 3, device=dev)
         self._plus = torch.zeros(1, 1, 5, 5, device=dev)
         self._plus[0, 0, 2, :], self._plus[0, 0, :, 2] = 1.0, 1.0
-        self._gen = torch.Generator(device=dev)
-        self._gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        self._seed_generator(seed)
         b = num_envs
         self.pos = torch.zeros(b, players, 2, dtype=torch.long, device=dev)
         self.level = torch.ones(b, players, dtype=torch.long, device=dev)
@@ -181,19 +180,7 @@ class ForagingEnv(VecMultiAgentEnv):
         self._view: tuple[Tensor, Tensor, Tensor] | None = None  # world 0, as last seen
         self._mask: Tensor | None = None  # the legal actions of the last observation
 
-    def agent_info(self) -> list[AgentInfo]:
-        """Every player sees and acts alike: ``agent_0`` ... ``agent_{P-1}``."""
-        return [AgentInfo(f"agent_{i}", self.obs_dim, 6) for i in range(self.n_agents)]
-
     # -- episodes ----------------------------------------------------------------------------
-
-    def reset(self, seed: int | None = None) -> Observation:
-        """Draw new players and food in every world."""
-        if seed is not None:
-            self._gen.manual_seed(seed)
-        self._reset_worlds(torch.arange(self.num_envs, device=self.device))
-        self._keep_view()
-        return self._observe()
 
     def reset_to(self, pos: Tensor, level: Tensor, field: Tensor) -> Observation:
         """Start every world from a given state.
@@ -340,15 +327,7 @@ class ForagingEnv(VecMultiAgentEnv):
         self.steps += 1
         cleared = self.food_level.sum(1) == 0
         truncated = ~cleared & (self.steps >= self.limit)
-        final = self._observe()
-        self._keep_view()
-        obs = final
-        done = cleared | truncated
-        if bool(done.any()):
-            self._reset_worlds(done.nonzero().squeeze(1))
-            obs = self._observe()
-        terminated = cleared.unsqueeze(1).expand(b, p)
-        return StepResult(obs, reward, terminated, truncated, final)
+        return self._end_step(reward, cleared.unsqueeze(1).expand(b, p), truncated)
 
     # -- observation -------------------------------------------------------------------------
 

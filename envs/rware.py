@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from envs.base import AgentInfo, EnvError, Observation, StepResult, VecMultiAgentEnv, check_at_least
+from envs.base import EnvError, Observation, StepResult, WorldBatchEnv, check_at_least
 
 if TYPE_CHECKING:
     import numpy as np
@@ -127,7 +127,7 @@ def _layout(
     ]
 
 
-class WarehouseEnv(VecMultiAgentEnv):
+class WarehouseEnv(WorldBatchEnv):
     """``B`` Multi-Robot Warehouse worlds stepped together.
 
     Args:
@@ -229,8 +229,7 @@ class WarehouseEnv(VecMultiAgentEnv):
         r = sensor_range
         dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
         self._window = (dy.flatten() * (self.cols + 2 * r) + dx.flatten()).to(dev)
-        self._gen = torch.Generator(device=dev)
-        self._gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        self._seed_generator(seed)
         b, n = num_envs, n_agents
         self.pos = torch.zeros(b, n, 2, dtype=torch.long, device=dev)  # (row, column)
         self.dir = torch.zeros(b, n, dtype=torch.long, device=dev)
@@ -242,19 +241,7 @@ class WarehouseEnv(VecMultiAgentEnv):
         self.idle = torch.zeros(b, dtype=torch.long, device=dev)
         self._view: tuple[Tensor, ...] | None = None  # world 0, as last seen
 
-    def agent_info(self) -> list[AgentInfo]:
-        """Every robot sees and acts alike: ``agent_0`` ... ``agent_{N-1}``."""
-        return [AgentInfo(f"agent_{i}", self.obs_dim, 5) for i in range(self.n_agents)]
-
     # -- episodes ----------------------------------------------------------------------------
-
-    def reset(self, seed: int | None = None) -> Observation:
-        """Draw new robots and requests in every world."""
-        if seed is not None:
-            self._gen.manual_seed(seed)
-        self._reset_worlds(torch.arange(self.num_envs, device=self.device))
-        self._keep_view()
-        return self._observe()
 
     def reset_to(
         self,
@@ -448,14 +435,10 @@ class WarehouseEnv(VecMultiAgentEnv):
             cut |= self.steps >= self.max_steps
         if self.max_idle:
             cut |= self.idle >= self.max_idle
-        final = self._observe()
-        self._keep_view()
-        obs = final
-        if bool(cut.any()):
-            self._reset_worlds(cut.nonzero().squeeze(1))
-            obs = self._observe()
         terminated = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        return StepResult(obs, reward, terminated, cut, final)
+        # Deliveries moved nothing: the grids after the moves are the final view's.
+        final = self._observe(robots, shelves)
+        return self._end_step(reward, terminated, cut, final)
 
     # -- observation -------------------------------------------------------------------------
 
@@ -495,10 +478,15 @@ class WarehouseEnv(VecMultiAgentEnv):
             img[cy - 2 : cy + 2, cx - 2 : cx + 2] = 255
         return img
 
-    def _observe(self) -> Observation:
+    def _observe(self, robots: Tensor | None = None, shelves: Tensor | None = None) -> Observation:
+        """Every robot's flattened view.
+
+        ``robots``, ``shelves``: :meth:`_grids` of the current positions, if already made.
+        """
         b, n, r, dev = self.num_envs, self.n_agents, self.sensor_range, self.device
         rows, cols = self.rows, self.cols
-        robots, shelves = self._grids()
+        if robots is None or shelves is None:
+            robots, shelves = self._grids()
         # Per cell: [robot, its direction one-hot] and [shelf, requested], padded off the map.
         facing = torch.nn.functional.one_hot(self.dir, 4).float()  # [B, N, 4]
         none = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], device=dev)
