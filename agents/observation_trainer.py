@@ -60,7 +60,7 @@ class ObservationTrainer(ModelTrainer):
         agents, agents_next, world, world_next = self._vectors(s)
         mask = s.get(m.mask_field.key) if m.mask_field else None
         tokens = m.tokens(agents, mask, s["actions"], alive)
-        delta, w_delta, reward, cont, mask_logits = m.run_members(tokens, world, alive)
+        delta, w_delta, reward, cont, mask_logits = m.run_members(tokens, world, alive, agents)
 
         moving = (alive & (s["agent_cont"] > 0)).unsqueeze(-1).to(delta.dtype)
         target = (agents_next - agents) / m.delta_scale

@@ -89,7 +89,9 @@ MODEL_FREE = ["world_model.enabled=false"]
 OBSERVATION = ["world_model.architecture=observation"]
 ENVS: dict[str, EnvBench] = {
     "mpe2_spread": EnvBench(
-        "spread-gnn-wm-slow", {"model_free": MODEL_FREE, "observation": OBSERVATION},
+        "spread-gnn-wm-slow",
+        {"model_free": MODEL_FREE, "observation": OBSERVATION,
+         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"]},
         -45.0, 409_600, 25_600, 3, 300.0, "team return, PettingZoo mpe2 simple_spread_v3 N=3",
     ),
     "speaker_listener": EnvBench(

@@ -95,6 +95,11 @@ class ObservationWorldModel(nn.Module):
         action_dim: ``A``.
         groups: each agent's group index (``None``: one group); tokens carry its one-hot.
         hidden, layers, heads, members: as the entity model's.
+        reward_from: what the reward head reads: ``"transition"``, the agent's token after
+            the transformer (its observation and action, mixed with the others'); ``"next"``,
+            that and the agent's predicted next observation, as Dreamer reads reward off the
+            next state. Rewards are mostly functions of where a step ends (distances,
+            collisions, deliveries), which the head then reads instead of working it out.
     """
 
     group_of_agent: Tensor
@@ -113,13 +118,17 @@ class ObservationWorldModel(nn.Module):
         layers: int = 2,
         heads: int = 2,
         members: int = 3,
+        reward_from: str = "transition",
     ) -> None:
         super().__init__()
+        if reward_from not in ("transition", "next"):
+            raise ValueError(f"reward_from must be 'transition' or 'next', not {reward_from!r}")
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
         self.fields, self.n_agents = fields, n_agents
         self.hidden, self.layers, self.heads = hidden, layers, heads
         self.action_kind, self.action_dim, self.members = action_kind, action_dim, members
+        self.reward_from = reward_from
         self.agent_fields = [f for f in fields if f.kind == "agent"]
         self.world_fields = [f for f in fields if f.kind == "world"]
         self.mask_field = next((f for f in fields if f.kind == "mask"), None)
@@ -139,6 +148,8 @@ class ObservationWorldModel(nn.Module):
         self.norm = _EnsembleNorm(members, hidden)
         self.delta = _EnsembleLinear(members, hidden, max(self.agent_dim, 1))
         self.world_delta = _EnsembleLinear(members, hidden, max(self.world_dim, 1))
+        if reward_from == "next":  # the token and the predicted next fields, through a layer
+            self.reward_hidden = _EnsembleLinear(members, hidden + max(self.agent_dim, 1), hidden)
         self.reward = _EnsembleLinear(members, hidden, 1)
         self.cont = _EnsembleLinear(members, hidden, 1)
         self.mask = _EnsembleLinear(members, hidden, max(self.mask_dim, 1))
@@ -155,7 +166,7 @@ class ObservationWorldModel(nn.Module):
             "n_agents": self.n_agents, "action_kind": self.action_kind,
             "action_dim": self.action_dim, "groups": self.group_of_agent.tolist(),
             "hidden": self.hidden, "layers": self.layers, "heads": self.heads,
-            "members": self.members,
+            "members": self.members, "reward_from": self.reward_from,
         }  # fmt: skip
 
     @classmethod
@@ -219,9 +230,12 @@ class ObservationWorldModel(nn.Module):
     # -- the network ------------------------------------------------------------------------
 
     def run_members(
-        self, tokens: Tensor, world: Tensor, alive: Tensor
+        self, tokens: Tensor, world: Tensor, alive: Tensor, agents: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Member ``k`` on its own worlds: ``tokens [K, B, N, T]``, ``world [K, B, W]``.
+
+        ``agents [K, B, N, D]``: the agents' fields unsquashed (:meth:`agent_vector`), which
+        a ``"next"`` reward head adds its member's predicted change to.
 
         Returns normalised agent deltas ``[K, B, N, D]``, world deltas ``[K, B, W]``,
         normalised rewards ``[K, B, N]``, continuation logits ``[K, B, N]`` and mask logits
@@ -237,14 +251,22 @@ class ObservationWorldModel(nn.Module):
         for block in self.blocks:
             x = block(x, e, key_mask)
         h = self.norm(x).view(k, b, e, -1)
-        agents = h[:, :, :n].reshape(k, b * n, -1)
+        agent_h = h[:, :, :n].reshape(k, b * n, -1)
         world_h = h[:, :, n]
+        delta = self.delta(agent_h)
+        reward_in = agent_h
+        if self.reward_from == "next":
+            if agents is None:
+                raise ValueError("a 'next' reward head needs the agents' fields")
+            # The change is not taught through the reward: its own loss says what it is.
+            nxt = agents.reshape(k, b * n, -1) + delta.detach() * self.delta_scale
+            reward_in = F.relu(self.reward_hidden(torch.cat([agent_h, symlog(nxt)], -1)))
         return (
-            self.delta(agents).view(k, b, n, -1),
+            delta.view(k, b, n, -1),
             self.world_delta(world_h),
-            self.reward(agents).view(k, b, n),
-            self.cont(agents).view(k, b, n),
-            self.mask(agents).view(k, b, n, -1),
+            self.reward(reward_in).view(k, b, n),
+            self.cont(agent_h).view(k, b, n),
+            self.mask(agent_h).view(k, b, n, -1),
         )
 
     def forward(
@@ -253,11 +275,13 @@ class ObservationWorldModel(nn.Module):
         """Every member's normalised prediction for the same worlds (see :meth:`run_members`)."""
         k = self.members
         mask = world.get(self.mask_field.key) if self.mask_field else None
-        tokens = self.tokens(self.agent_vector(world, alive), mask, actions, alive)
+        agents = self.agent_vector(world, alive)
+        tokens = self.tokens(agents, mask, actions, alive)
         wv = self.world_vector(world, tuple(alive.shape[:-1]))
         return self.run_members(
-            tokens.expand(k, *tokens.shape), wv.expand(k, *wv.shape), alive.expand(k, *alive.shape)
-        )
+            tokens.expand(k, *tokens.shape), wv.expand(k, *wv.shape),
+            alive.expand(k, *alive.shape), agents.expand(k, *agents.shape),
+        )  # fmt: skip
 
     @torch.no_grad()
     def predict(

@@ -288,6 +288,12 @@ class WorldModelConfig(_Section):
     def _old_name(cls, value: object) -> object:
         return "entity" if value == "entity_transformer" else value  # the name before 'auto'
 
+    reward_from: Literal["transition", "next"] = "transition"
+    """What the observation model's reward head reads: ``transition``, each agent's token
+    after the transformer (its observation and action, mixed with the others'); ``next``,
+    that and the agent's predicted next observation, as Dreamer reads reward off the next
+    state (most rewards are functions of where a step ends: distances, collisions). The
+    observation model's alone: with the entity model it is refused."""
     oracle: bool = False
     """Imagine with the true env instead of a model: the upper bound a model can reach
     (envs that can be put in a given state, e.g. native ``spread``)."""
@@ -351,7 +357,7 @@ class WorldModelConfig(_Section):
         return ObservationWorldModel(
             layout(example, env.n_agents), env.n_agents, env.action_kind, env.action_dim,
             groups=groups, hidden=self.hidden, layers=self.layers, heads=self.heads,
-            members=self.members,
+            members=self.members, reward_from=self.reward_from,
         )  # fmt: skip
 
     def trainer(

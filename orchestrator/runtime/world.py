@@ -91,6 +91,11 @@ def check_env(cfg: Config, env: VecMultiAgentEnv) -> None:
         )
     if wm.oracle and not hasattr(env, "set_entities"):
         raise EnvError(f"world_model.oracle: {name} cannot be put in a given state")
+    if wm.reward_from != "transition" and architecture(cfg, env) == "entity":
+        raise EnvError(
+            f"world_model.reward_from={wm.reward_from}: only the observation model has it, and "
+            f"{name} gets the entity model; add world_model.architecture=observation"
+        )
 
 
 def build_model(

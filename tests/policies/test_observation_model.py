@@ -47,8 +47,9 @@ def test_the_layout_sorts_fields_by_shape() -> None:
     }  # alive is imagination's to track
 
 
-def test_permuting_agents_permutes_every_prediction() -> None:
-    model = _model(4, masks=True)
+@pytest.mark.parametrize("reward_from", ["transition", "next"])
+def test_permuting_agents_permutes_every_prediction(reward_from: str) -> None:
+    model = _model(4, masks=True, reward_from=reward_from)
     world = _world(6, 4, masks=True)
     actions, alive = torch.randint(0, 3, (6, 4)), torch.rand(6, 4) > 0.2
     perm = torch.tensor([2, 0, 3, 1])
@@ -69,6 +70,22 @@ def test_one_model_runs_with_any_number_of_agents() -> None:
         # Predictions are per agent: agent 0's does not depend on how many others exist
         # beyond what attention reads from them, so a lone agent is still predicted.
         assert torch.isfinite(nxt["obs"]).all()
+
+
+def test_a_next_reward_head_reads_the_predicted_next_observation() -> None:
+    model = _model(3, reward_from="next")
+    rebuilt = ObservationWorldModel.from_config(model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    world, actions = _world(5, 3), torch.randint(0, 3, (5, 3))
+    alive = torch.ones(5, 3, dtype=torch.bool)
+    torch.testing.assert_close(model(world, actions, alive), rebuilt(world, actions, alive))
+    # The reward moves with the predicted change; the transition head's would not see it.
+    with torch.no_grad():
+        model.delta.bias.add_(1.0)
+    moved = model(world, actions, alive)
+    assert not torch.allclose(moved[2], rebuilt(world, actions, alive)[2])
+    with pytest.raises(ValueError, match="reward_from"):
+        _model(3, reward_from="state")
 
 
 def _toy(b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -97,12 +114,15 @@ def _toy(b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_it_fits_known_dynamics_with_a_mask_that_changes_with_the_state() -> None:
+@pytest.mark.parametrize("reward_from", ["transition", "next"])
+def test_it_fits_known_dynamics_with_a_mask_that_changes_with_the_state(reward_from: str) -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     example = {"obs": torch.zeros(1, 2, 1), "action_mask": torch.ones(1, 2, 3, dtype=torch.bool)}
     torch.manual_seed(0)
-    model = ObservationWorldModel(layout(example, 2), 2, "discrete", 3, hidden=32, members=2)
+    model = ObservationWorldModel(
+        layout(example, 2), 2, "discrete", 3, hidden=32, members=2, reward_from=reward_from
+    )
     trainer = ObservationTrainer(model, lr=3e-3, batch_size=256)
     buffer = TransitionBuffer(20_000)
     buffer.append(_toy(20_000, gen))

@@ -151,6 +151,14 @@ def test_the_entity_model_on_an_env_without_entity_views_is_refused(tmp_path, ca
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_next_reward_head_on_the_entity_model_is_refused(tmp_path, capsys) -> None:
+    args = ["run", "spread-gnn-wm", "world_model.reward_from=next", f"run.dir={tmp_path / 'r'}"]
+    assert shoal(args) == 2  # auto gives native spread the entity model
+    err = capsys.readouterr().err
+    assert "world_model.reward_from=next" in err and "architecture=observation" in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     "env, extra",
     [
@@ -162,8 +170,16 @@ def test_the_entity_model_on_an_env_without_entity_views_is_refused(tmp_path, ca
         ),
         ("vmas:navigation", ["env.num_envs=8", "train.total_env_steps=320"]),
         ("tag", ["world_model.fit_process=true"]),
+        ("tag", ["world_model.fit_process=true", "world_model.reward_from=next"]),
     ],
-    ids=["tag", "speaker-listener", "speaker-listener-groups", "vmas-navigation", "tag-fit-behind"],
+    ids=[
+        "tag",
+        "speaker-listener",
+        "speaker-listener-groups",
+        "vmas-navigation",
+        "tag-fit-behind",
+        "tag-next-reward-fit-behind",
+    ],  # fmt: skip
 )
 def test_every_formerly_refused_env_practises_in_an_observation_model(tmp_path, env, extra) -> None:
     run_dir = tmp_path / "run"
