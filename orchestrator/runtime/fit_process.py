@@ -46,11 +46,11 @@ def _cpu(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
-def _serve(conn: Connection, setup: bytes) -> None:
+def _serve(conn: Connection) -> None:
     """The child: build the model, mirror the replay, fit on request until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        cfg = _loads(setup)
+        cfg = _loads(conn.recv_bytes())
         torch.set_num_threads(cfg["threads"])
         device = torch.device(cfg["device"])
         model = rebuild(cfg["model_args"]).to(device)
@@ -140,15 +140,26 @@ class FitProcess:
         }
         ctx = mp.get_context("spawn")  # no fork of a process holding torch threads
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_serve, args=(child, _dumps(setup)), name="shoal-wm-fit", daemon=True
-        )
+        self.proc = ctx.Process(target=_serve, args=(child,), name="shoal-wm-fit", daemon=True)
         self.proc.start()
         child.close()
         self.conn = parent
-        reply = self._receive()
+        # The replay goes over the pipe, not with the process's arguments: spawn writes those
+        # to the child while holding the pipe's other end, so a child that dies while it
+        # starts (a script without `if __name__ == "__main__":` re-runs itself there) would
+        # leave that write waiting forever; over the pipe its death is an error here.
+        try:
+            parent.send_bytes(_dumps(setup))
+        except OSError:
+            self._forget()
+            reply = None
+        else:
+            reply = self._receive()
         if reply is None:
-            raise RuntimeError("the world-model fit process exited while starting")
+            raise RuntimeError(
+                "the world-model fit process exited while starting (a script that runs "
+                'shoal must guard its entry point with `if __name__ == "__main__":`)'
+            )
 
     def _receive(self) -> dict[str, Any] | None:
         """The child's next reply; ``None`` if it died (then it is forgotten)."""

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +121,33 @@ def test_closing_does_not_wait_for_a_fit_nobody_will_collect() -> None:
     child = proc.proc
     proc.close(timeout=600)  # waiting would let the fit finish and the child exit 0
     assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+
+
+def test_a_child_that_dies_while_starting_is_an_error_not_a_hang(tmp_path) -> None:
+    # A script without a __main__ guard: the spawned child re-runs it, and the run it starts
+    # there dies at its own first fit. The replay the parent sends then (256 worlds: far
+    # more than a pipe holds) once went with the child's start-up data and waited forever.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+            from orchestrator.config import load_config
+            from orchestrator.runtime.driver import run_training
+            from tests.orchestrator.runtime.test_world import TINY
+            run = Path({str(tmp_path / "run")!r})
+            run.mkdir(exist_ok=True)
+            overrides = [*TINY, "world_model.fit_process=true", "env.num_envs=256"]
+            run_training(load_config("spread-gnn", overrides), run)
+            """
+        )
+    )
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "the world-model fit process exited while starting" in proc.stderr
+    assert 'if __name__ == "__main__":' in proc.stderr  # says what to do
