@@ -91,7 +91,8 @@ ENVS: dict[str, EnvBench] = {
     "mpe2_spread": EnvBench(
         "spread-gnn-wm-slow",
         {"model_free": MODEL_FREE, "observation": OBSERVATION,
-         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"]},
+         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"],
+         "observation_horizon_5": [*OBSERVATION, "world_model.horizon=5"]},
         -45.0, 409_600, 25_600, 3, 300.0, "team return, PettingZoo mpe2 simple_spread_v3 N=3",
     ),
     "speaker_listener": EnvBench(
@@ -105,7 +106,9 @@ ENVS: dict[str, EnvBench] = {
         "predators' team return against frozen prey, native tag (30 per tag: 120 = 4 tags)",
     ),
     "navigation": EnvBench(
-        "navigation-wm", {"model_free": MODEL_FREE, "observation": []},
+        "navigation-wm",
+        {"model_free": MODEL_FREE, "observation": [],
+         "observation_horizon_5": ["world_model.horizon=5"]},
         9.0, 307_200, 25_600, 5, 300.0, "team return, VMAS navigation (continuous actions)",
     ),
     "spread": EnvBench(
