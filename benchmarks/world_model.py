@@ -108,8 +108,9 @@ ENVS: dict[str, EnvBench] = {
     "navigation": EnvBench(
         "navigation-wm",
         {"model_free": MODEL_FREE, "observation": [],
-         "observation_horizon_5": ["world_model.horizon=5"]},
-        9.0, 307_200, 25_600, 5, 300.0, "team return, VMAS navigation (continuous actions)",
+         "observation_horizon_15": ["world_model.horizon=15"]},
+        9.0, 307_200, 25_600, 5, 300.0,
+        "team return, VMAS navigation (discrete actions unless env.continuous_actions=true)",
     ),
     "spread": EnvBench(
         "spread-gnn-wm",
@@ -191,7 +192,11 @@ def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str,
     ctx = {**ctx, "env": name, "target": bench.target, "what": bench.what}
     seeds = args.seeds if args.seeds_given else bench.seeds
     # Native spread is evaluated on real mpe2, so its references are mpe2's.
-    refs = baseline_returns() if name == "spread" else reference_returns(bench.preset, MODEL_FREE)
+    refs = (  # with the run's overrides: e.g. env.continuous_actions changes what random does
+        baseline_returns()
+        if name == "spread"
+        else reference_returns(bench.preset, [*MODEL_FREE, *args.overrides])
+    )
     for ref, value in refs.items():
         emit(f"{name}_{ref}_return", value, "return", **ctx)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in bench.arms}
