@@ -230,7 +230,7 @@ class ObservationWorldModel(nn.Module):
     # -- the network ------------------------------------------------------------------------
 
     def run_members(
-        self, tokens: Tensor, world: Tensor, alive: Tensor, agents: Tensor | None = None
+        self, tokens: Tensor, world: Tensor, alive: Tensor, agents: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Member ``k`` on its own worlds: ``tokens [K, B, N, T]``, ``world [K, B, W]``.
 
@@ -256,8 +256,6 @@ class ObservationWorldModel(nn.Module):
         delta = self.delta(agent_h)
         reward_in = agent_h
         if self.reward_from == "next":
-            if agents is None:
-                raise ValueError("a 'next' reward head needs the agents' fields")
             # The change is not taught through the reward: its own loss says what it is.
             nxt = agents.reshape(k, b * n, -1) + delta.detach() * self.delta_scale
             reward_in = F.relu(self.reward_hidden(torch.cat([agent_h, symlog(nxt)], -1)))
