@@ -2,8 +2,9 @@
 
 A learner rank's :class:`~agents.world_model.Practice` asks its placement to fit after each real
 batch and whether the model is ready to imagine with. In the learner (:class:`InlineFit`), in
-a child process that fits while the next batch is collected (:class:`BehindFit` over
-``orchestrator.runtime.fit_process.FitProcess``), in the Ray actor ``shoal-world-model``
+a child process that fits while the rank imagines and collects the next batch
+(:class:`BehindFit` over ``orchestrator.runtime.fit_process.FitProcess``), in the Ray actor
+``shoal-world-model``
 (``orchestrator.runtime.world.ActorFit``), or nowhere, for the oracle (:class:`NoFit`).
 """
 
@@ -61,7 +62,7 @@ class Fitting:
         return None
 
     def launch(self, steps: int) -> None:
-        """Start fitting while the next batch is collected (where the fit runs behind)."""
+        """Start fitting while the rank imagines and collects (where the fit runs behind)."""
 
     def sync(self) -> None:
         """Once per iteration, on every learner rank at the same point: agree on the weights."""
@@ -99,7 +100,7 @@ class InlineFit(Fitting):
 
 
 class BehindFit(Fitting):
-    """A child process fits while the next real batch is collected.
+    """A child process fits while the rank imagines and collects the next real batch.
 
     The model imagines with weights fitted up to the batch before.
     """

@@ -435,7 +435,11 @@ class Practice:
         return {**out, **{f"wm_{k}": v for k, v in (now or fitted or {}).items()}}
 
     def fit_behind(self) -> None:
-        """Where the fit runs behind: start it, to run while the next batch is collected."""
+        """Where the fit runs behind: start it on the replay as it is now.
+
+        It runs while the rank imagines (with the weights it already holds) and collects the
+        next batch.
+        """
         if self.fitting.learns and self.updates_per_iter > 0:
             self.fitting.launch(self.updates_per_iter)
 

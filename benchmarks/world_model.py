@@ -28,7 +28,8 @@ seed in one run, envs one after another: the model-free arm (its preset with
 ``world_model.enabled=false``) and one arm per world-model architecture. Each env states its
 target before measuring (about what model-free reaches at 2/3 of its budget) and its budget
 of real env steps; every checkpoint (every ``every`` real steps) is evaluated on 100 seeded
-episodes of the run's own env. Per env: random and no-op returns (every agent uniformly random
+episodes of the run's own env (1000 on tag, whose returns move in steps of 30), each with its
+standard error. Per env: random and no-op returns (every agent uniformly random
 / the zero action; the agents that learn are summed), then per arm real env steps and wall
 seconds to the target (median, range, seeds reached), the IQM [95 % CI] at every mark, each
 seed's largest evaluated fall below its best so far, where an iteration's time goes (collect,
@@ -83,6 +84,9 @@ class EnvBench:
     seeds: int
     time_limit: float  # wall seconds a run may take at most
     what: str  # what the return means
+    # Episodes per evaluation: enough that a checkpoint's standard error stays well under the
+    # stability statistic's 5 (tag's returns come in steps of 30 per tag).
+    eval_episodes: int = 100
 
 
 MODEL_FREE = ["world_model.enabled=false"]
@@ -101,9 +105,12 @@ ENVS: dict[str, EnvBench] = {
         "team return (speaker + listener, a group each), mpe2 simple_speaker_listener_v4",
     ),
     "tag": EnvBench(
-        "tag-wm", {"model_free": MODEL_FREE, "observation": []},
+        "tag-wm",
+        {"model_free": MODEL_FREE, "observation": [],
+         "observation_horizon_5": ["world_model.horizon=5"]},
         120.0, 614_400, 51_200, 5, 300.0,
         "predators' team return against frozen prey, native tag (30 per tag: 120 = 4 tags)",
+        eval_episodes=1000,
     ),
     "navigation": EnvBench(
         "navigation-wm",
@@ -218,6 +225,7 @@ def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str,
                 bench.preset, bench.time_limit,
                 [f"train.seed={seed}", "run.eval_every_s=null", *extra, *args.overrides],
                 inspect=inspect, env_steps=bench.max_env_steps, eval_every_steps=bench.every,
+                eval_episodes=bench.eval_episodes,
             )  # fmt: skip
             reach = _reach(res["evals"], bench.target)
             means = [e["mean"] for e in res["evals"]]
@@ -226,7 +234,8 @@ def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str,
                  seed=seed, seconds_to_target=reach["seconds"], env_steps_per_s=round(res["sps"]),
                  eval_fall=round(largest_drop(means), 2) if means else None,
                  returns=[[e["env_steps"], round(e["mean"], 2)] for e in res["evals"]],
-                 **sink, **ctx)  # fmt: skip
+                 stderr=[round(e["stderr"], 2) for e in res["evals"]],
+                 eval_episodes=bench.eval_episodes, **sink, **ctx)  # fmt: skip
     medians = {
         arm: summarize(f"{name}_{arm}", arm_runs, bench.every, bench.max_env_steps, "return", ctx)
         for arm, arm_runs in runs.items()

@@ -328,8 +328,9 @@ class WorldModelConfig(_Section):
     reward") and an open-loop error at ``horizon`` steps below that of "repeat" (nothing
     changes); ``null`` imagines from the end of warm-up whatever the model's error."""
     fit_process: bool = False
-    """In-process runs: fit the model in a child process while the next real batch is
-    collected, so the model imagines with weights fitted up to the previous batch. Pays where
+    """In-process runs: fit the model in a child process while the rank imagines and
+    collects the next real batch, so the model imagines with weights fitted up to the
+    previous batch. Pays where
     real steps are slow (a Python-loop env such as the PettingZoo path leaves a core to the
     fit); on Ray the ``shoal-world-model`` actor fits anyway."""
     max_disagreement: float | None = Field(None, gt=0)

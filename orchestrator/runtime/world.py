@@ -263,8 +263,10 @@ def practise(
     every rank may imagine: then each imagines from its own shard's replay and the imagined
     updates are all-reduced like real ones; else none does.
 
-    With ``world_model.fit_process`` the fit runs in a child process from the end of this
-    call until the next one, while the next real batch is collected.
+    With ``world_model.fit_process`` the fit on this batch starts in a child process as soon
+    as the batch has joined the replay and runs until the next call needs it: while this
+    iteration imagines (with the weights fitted up to the batch before) and the next real
+    batch is collected and learned from.
 
     Returns:
         Statistics for the row: the model's held-out errors and losses (``wm_*``), the
@@ -276,6 +278,7 @@ def practise(
     t0 = time.perf_counter()
     practice.fitting.sync()
     stats = practice.remember_and_fit(batch)
+    practice.fit_behind()  # imagination below uses the weights fitted up to the batch before
     t1 = time.perf_counter()
     real = batch.env_steps
     imagined, teams = 0, []
@@ -287,8 +290,7 @@ def practise(
         algorithm.update(img, lr_frac=lr_frac)
         imagined += int(live.sum())
     t2 = time.perf_counter()
-    practice.fit_behind()
-    fit_s = t1 - t0 + time.perf_counter() - t2
+    fit_s = t1 - t0
     if teams:
         stats["imagined_team_reward"] = sum(teams) / len(teams)
     wm_version = practice.fitting.version

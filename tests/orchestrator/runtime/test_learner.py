@@ -13,9 +13,10 @@ import torch
 
 from orchestrator.cli.evaluate import evaluate, plot_run
 from orchestrator.config import load_config
+from orchestrator.runtime import learner
 from orchestrator.runtime.checkpoint import list_checkpoints, load_checkpoint
 from orchestrator.runtime.driver import run_training
-from orchestrator.runtime.learner import LearnerRank
+from orchestrator.runtime.learner import LearnerRank, learner_threads
 
 TINY = [
     "env.num_envs=8",
@@ -26,6 +27,19 @@ TINY = [
     "model.hidden=16",
     "redis.enabled=false",
 ]
+
+
+@pytest.mark.parametrize(("cores", "alone", "beside_a_fit"), [(4, 4, 3), (2, 2, 1), (1, 1, 1)])
+def test_a_lone_rank_leaves_a_core_to_its_world_models_fit_process(
+    monkeypatch, cores: int, alone: int, beside_a_fit: int
+) -> None:
+    monkeypatch.setattr(learner.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert learner_threads(load_config("spread-gnn")) == alone
+    assert learner_threads(load_config("spread-gnn-wm", ["world_model.fit_process=false"])) == alone
+    fitting = load_config("spread-gnn-wm", ["world_model.fit_process=true"])
+    assert learner_threads(fitting) == beside_a_fit
+    threads = load_config("spread-gnn-wm", ["world_model.fit_process=true", "train.threads=2"])
+    assert learner_threads(threads) == 2  # train.threads decides when it is set
 
 
 def test_train_resume_continues_counters_and_state(tmp_path) -> None:
