@@ -122,6 +122,7 @@ ENVS: dict[str, EnvBench] = {
     "spread": EnvBench(
         "spread-gnn-wm",
         {"model_free": MODEL_FREE, "entity": ["world_model.architecture=entity"],
+         "entity_fit_process": ["world_model.architecture=entity", "world_model.fit_process=true"],
          "observation": OBSERVATION},
         -45.0, 460_800, 25_600, 3, 200.0, "team return, evaluated on mpe2 simple_spread_v3 N=3",
     ),
