@@ -174,7 +174,9 @@ class TrainConfig(PPOConfig, QConfig, SACConfig):
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = Field(None, ge=1)
-    """torch intra-op threads (default: what torch picks)."""
+    """torch intra-op threads of a learner rank (default: 1 where ranks or rollout workers
+    share the node; a lone rank takes every core it may run on, less one for
+    ``world_model.fit_process``)."""
 
     @field_validator("algorithm")
     @classmethod
