@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
 
 from orchestrator.cli.main import main as shoal
 from orchestrator.config import ConfigError, load_config
+from orchestrator.config.loading import config_to_yaml
 from orchestrator.runtime.checkpoint import load_checkpoint
 from orchestrator.runtime.driver import run_training
 
@@ -111,7 +113,7 @@ def test_a_model_that_predicts_new_batches_badly_is_not_imagined_in(tmp_path) ->
     assert len(scored) >= 3 and min(scored) > 0
 
 
-def test_the_gate_opens_only_for_a_model_that_beats_repeat_at_the_horizon() -> None:
+def test_the_gate_opens_only_for_a_model_that_beats_repeat_at_the_horizon(tmp_path) -> None:
     from types import SimpleNamespace
 
     from agents.world_model import Practice
@@ -129,8 +131,17 @@ def test_the_gate_opens_only_for_a_model_that_beats_repeat_at_the_horizon() -> N
     practice.holdout = {"delta_mse": 1.1, "reward_mse": 0.4, "horizon_ratio": 0.1}
     practice.max_error = 1.0
     assert not practice.trusted()
+    practice.max_error = math.inf  # the horizon test alone
+    assert practice.trusted()
+    practice.holdout["horizon_ratio"] = 1.2
+    assert not practice.trusted()
     practice.max_error = None  # ungated
     assert practice.trusted()
+    # inf is a value a user can give, and it survives the run directory's config.yaml
+    cfg = load_config("tag-wm", ["world_model.max_error=inf"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_to_yaml(cfg))
+    assert load_config(str(saved)).world_model.max_error == math.inf
 
 
 def test_dream_needs_a_run_with_a_world_model(tmp_path, capsys) -> None:
