@@ -58,11 +58,12 @@ class Fitting:
         self, buffer: TransitionBuffer, rows: dict[str, Tensor], steps: int,
         generator: torch.Generator | None,
     ) -> dict[str, float] | None:  # fmt: skip
-        """The replay gained ``rows``: fit ``steps`` times now (its loss terms), or later."""
-        return None
+        """The replay gained ``rows``: fit ``steps`` times (its loss terms, or ``None``).
 
-    def launch(self, steps: int) -> None:
-        """Start fitting while the rank imagines and collects (where the fit runs behind)."""
+        A fit that runs elsewhere starts here and returns ``None``; its terms come with the
+        next :meth:`collect`.
+        """
+        return None
 
     def sync(self) -> None:
         """Once per iteration, on every learner rank at the same point: agree on the weights."""
@@ -109,7 +110,6 @@ class BehindFit(Fitting):
 
     def __init__(self, fitter: Fitter) -> None:
         self.fitter = fitter
-        self.unfitted: list[dict[str, Tensor]] = []  # not yet sent to the child
 
     def collect(self) -> dict[str, float] | None:
         """See :class:`Fitting`."""
@@ -119,14 +119,13 @@ class BehindFit(Fitting):
         self, buffer: TransitionBuffer, rows: dict[str, Tensor], steps: int,
         generator: torch.Generator | None,
     ) -> dict[str, float] | None:  # fmt: skip
-        """See :class:`Fitting`."""
-        self.unfitted.append(rows)
-        return None
+        """See :class:`Fitting`.
 
-    def launch(self, steps: int) -> None:
-        """See :class:`Fitting`."""
-        rows, self.unfitted = self.unfitted, []
-        self.fitter.start(rows, steps)
+        The child starts on ``rows`` at once and fits while the rank imagines (with the
+        weights it already holds) and collects the next batch.
+        """
+        self.fitter.start([rows], steps)
+        return None
 
     def close(self) -> None:
         """See :class:`Fitting`."""

@@ -419,8 +419,8 @@ class Practice:
     def remember_and_fit(self, batch: RolloutBatch) -> dict[str, float]:
         """Score the model on a new real batch, add it to the replay, train on the replay.
 
-        Where the fit runs behind, the training is the fit :meth:`fit_behind` started last
-        iteration, waited for here; this batch joins the next one.
+        Where the fit runs behind, the training is the fit started here last iteration,
+        waited for here; this batch starts the next one.
         """
         out: dict[str, float] = {}
         fitting = self.fitting
@@ -433,15 +433,6 @@ class Practice:
             return out
         now = fitting.fit(self.buffer, rows, self.updates_per_iter, self.generator)
         return {**out, **{f"wm_{k}": v for k, v in (now or fitted or {}).items()}}
-
-    def fit_behind(self) -> None:
-        """Where the fit runs behind: start it on the replay as it is now.
-
-        It runs while the rank imagines (with the weights it already holds) and collects the
-        next batch.
-        """
-        if self.fitting.learns and self.updates_per_iter > 0:
-            self.fitting.launch(self.updates_per_iter)
 
     def close(self) -> None:
         """Stop whatever fits elsewhere."""

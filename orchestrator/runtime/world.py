@@ -277,8 +277,7 @@ def practise(
     """
     t0 = time.perf_counter()
     practice.fitting.sync()
-    stats = practice.remember_and_fit(batch)
-    practice.fit_behind()  # imagination below uses the weights fitted up to the batch before
+    stats = practice.remember_and_fit(batch)  # a fit behind starts on the batch here
     t1 = time.perf_counter()
     real = batch.env_steps
     imagined, teams = 0, []
