@@ -81,7 +81,8 @@ def learner_threads(cfg: Config) -> int:
     affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores
     cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     wm = cfg.world_model
-    return max(cores - 1, 1) if wm.enabled and wm.fit_process else cores
+    fits_beside = wm.enabled and wm.fit_process and not wm.oracle  # the oracle fits nothing
+    return max(cores - 1, 1) if fits_beside else cores
 
 
 class _RowQueue:

@@ -38,6 +38,10 @@ def test_a_lone_rank_leaves_a_core_to_its_world_models_fit_process(
     assert learner_threads(load_config("spread-gnn-wm", ["world_model.fit_process=false"])) == alone
     fitting = load_config("spread-gnn-wm", ["world_model.fit_process=true"])
     assert learner_threads(fitting) == beside_a_fit
+    oracle = load_config(
+        "spread-gnn-wm", ["world_model.fit_process=true", "world_model.oracle=true"]
+    )
+    assert learner_threads(oracle) == alone  # nothing to fit: no child beside it
     threads = load_config("spread-gnn-wm", ["world_model.fit_process=true", "train.threads=2"])
     assert learner_threads(threads) == 2  # train.threads decides when it is set
 
