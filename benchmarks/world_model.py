@@ -35,7 +35,8 @@ seconds to the target (median, range, seeds reached), the IQM [95 % CI] at every
 seed's largest evaluated fall below its best so far, where an iteration's time goes (collect,
 waiting for the fit, imagining, learning; seconds per iteration), and
 ``<env>_sample_efficiency_gain`` (model-free's median real steps to the target over the
-arm's) with the wall-time ratio beside it.
+arm's) with the wall-time ratio beside it. ``--env-arms ARM ...`` runs only those arms of each
+env, beside its model-free reference.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ ENVS: dict[str, EnvBench] = {
     "mpe2_spread": EnvBench(
         "spread-gnn-wm-slow",
         {"model_free": MODEL_FREE, "observation": OBSERVATION,
-         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"],
-         "observation_horizon_5": [*OBSERVATION, "world_model.horizon=5"]},
+         "observation_horizon_5": [*OBSERVATION, "world_model.horizon=5"],
+         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"]},
         -45.0, 409_600, 25_600, 3, 300.0, "team return, PettingZoo mpe2 simple_spread_v3 N=3",
     ),
     "speaker_listener": EnvBench(
@@ -207,10 +208,11 @@ def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str,
     )
     for ref, value in refs.items():
         emit(f"{name}_{ref}_return", value, "return", **ctx)
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in bench.arms}
     first = next(iter(bench.arms))  # model-free: no model to dream with
+    arms = {a: x for a, x in bench.arms.items() if a == first or a in (args.env_arms or bench.arms)}
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for seed in range(seeds):
-        for arm, extra in bench.arms.items():
+        for arm, extra in arms.items():
             sink: dict[str, Any] = {}
 
             def inspect(
@@ -241,8 +243,8 @@ def run_env(name: str, bench: EnvBench, args: argparse.Namespace, ctx: dict[str,
         arm: summarize(f"{name}_{arm}", arm_runs, bench.every, bench.max_env_steps, "return", ctx)
         for arm, arm_runs in runs.items()
     }
-    free = medians[next(iter(bench.arms))]
-    for arm in list(bench.arms)[1:]:
+    free = medians[first]
+    for arm in list(arms)[1:]:
         emit(f"{name}_sample_efficiency_gain", free["env_steps"] / medians[arm]["env_steps"],
              "ratio",
              arm=arm, wall_time_ratio=medians[arm]["seconds"] / free["seconds"],
@@ -392,6 +394,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-limit", type=float, default=300.0, help="wall seconds cap a run")
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
                    help="native-spread arms (none, with --slow: only the slow path)")  # fmt: skip
+    p.add_argument(
+        "--env-arms",
+        nargs="*",
+        default=[],
+        metavar="ARM",
+        help="with --envs: only these arms of each env (and its model-free reference)",
+    )
     p.add_argument("--slow", action="store_true", help="also the PettingZoo path, two arms")
     p.add_argument("--slow-seeds", type=int, default=2, help="seeds of each slow arm")
     p.add_argument("--slow-max-env-steps", type=int,
@@ -401,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every arm, e.g. world_model.ratio=3")  # fmt: skip
     args = p.parse_args(argv)
+    unknown = sorted(set(args.env_arms) - {a for e in args.envs or ENVS for a in ENVS[e].arms})
+    if unknown:
+        p.error(f"--env-arms: no arm {', '.join(unknown)} in {', '.join(args.envs or ENVS)}")
     args.seeds_given = args.seeds is not None
     args.seeds = args.seeds or 5
     ctx: dict[str, Any] = {"machine": platform.machine(), "overrides": args.overrides}
