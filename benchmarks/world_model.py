@@ -97,7 +97,11 @@ ENVS: dict[str, EnvBench] = {
         "spread-gnn-wm-slow",
         {"model_free": MODEL_FREE, "observation": OBSERVATION,
          "observation_horizon_5": [*OBSERVATION, "world_model.horizon=5"],
-         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"]},
+         "observation_next_reward": [*OBSERVATION, "world_model.reward_from=next"],
+         "observation_horizon_5_hidden_64": [*OBSERVATION, "world_model.horizon=5",
+                                             "world_model.hidden=64"],
+         "observation_horizon_5_real_critic": [*OBSERVATION, "world_model.horizon=5",
+                                               "train.imagined_value=false"]},
         -45.0, 409_600, 25_600, 3, 300.0, "team return, PettingZoo mpe2 simple_spread_v3 N=3",
     ),
     "speaker_listener": EnvBench(
