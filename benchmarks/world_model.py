@@ -112,7 +112,8 @@ ENVS: dict[str, EnvBench] = {
     "tag": EnvBench(
         "tag-wm",
         {"model_free": MODEL_FREE, "observation": [],
-         "observation_horizon_5": ["world_model.horizon=5"]},
+         "observation_horizon_5": ["world_model.horizon=5"],
+         "observation_ratio_6": ["world_model.ratio=6"]},
         120.0, 614_400, 51_200, 5, 300.0,
         "predators' team return against frozen prey, native tag (30 per tag: 120 = 4 tags)",
         eval_episodes=1000,
