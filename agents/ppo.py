@@ -55,11 +55,6 @@ class PPOConfig(BaseModel):
     epochs: int = Field(4, ge=1)
     minibatches: int = Field(2, ge=1)
     max_grad_norm: float = Field(10.0, gt=0)
-    imagined_value: bool = True
-    """With a world model: the critic learns from imagined batches too. ``false``: imagined
-    batches train the actor only (their advantages still read the critic), so the values that
-    real batches' advantages are computed with are fitted to real returns alone, not to
-    returns the model's reward errors bias."""
     target_kl: float | None = Field(None, gt=0)
     """Stop an update's epochs once a minibatch's approximate KL to the acting policy exceeds
     this (CleanRL's ``target_kl``); ``None`` runs every epoch."""
@@ -231,9 +226,6 @@ class Learner(OptimizerState):
         self.cfg = cfg
         params: Any = model.parameters()
         self._clip_groups: list[list[nn.Parameter]] = [list(model.parameters())]
-        self._critic_params = [
-            p for name, p in model.named_parameters() if "critic" in name.split(".")
-        ]
         # Grouped policies: which policy each agent's statistics belong to.
         self._unit_of_agent: Tensor | None = getattr(model, "unit_of_agent", None)
         if isinstance(model, GroupedActorCritic):
@@ -391,8 +383,7 @@ class Learner(OptimizerState):
         record: dict[str, Any] | None = None
         if self.trace is not None:
             record = _batch_record(batch, adv, returns, alive, vn)
-        learn_value = cfg.imagined_value or not batch.imagined
-        if cfg.value_norm and learn_value:
+        if cfg.value_norm:
             # Fold global (all-rank) statistics into the normaliser, identically on every rank.
             if isinstance(vn, GroupValueNorm):
                 mean, std, active = self._unit_mean_std(returns, alive)
@@ -462,11 +453,6 @@ class Learner(OptimizerState):
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if not learn_value:
-                    # No gradient at all (not a zero one, which Adam's momentum would still
-                    # turn into a step); on K ranks every rank drops the same ones.
-                    for p in self._critic_params:
-                        p.grad = None
                 norms = [nn.utils.clip_grad_norm_(p, cfg.max_grad_norm) for p in self._clip_groups]
                 grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
                 self.optimizer.step()

@@ -101,9 +101,7 @@ ENVS: dict[str, EnvBench] = {
          "observation_horizon_5_hidden_64": [*OBSERVATION, "world_model.horizon=5",
                                              "world_model.hidden=64"],
          "observation_horizon_5_hidden_128": [*OBSERVATION, "world_model.horizon=5",
-                                              "world_model.hidden=128"],
-         "observation_horizon_5_real_critic": [*OBSERVATION, "world_model.horizon=5",
-                                               "train.imagined_value=false"]},
+                                              "world_model.hidden=128"]},
         -45.0, 409_600, 25_600, 3, 300.0, "team return, PettingZoo mpe2 simple_spread_v3 N=3",
     ),
     "speaker_listener": EnvBench(

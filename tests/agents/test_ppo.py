@@ -292,19 +292,3 @@ def test_update_log_records_every_minibatch() -> None:
     assert len(first["value_norm_before"]) == len(first["value_norm_after"]) == 2
     assert first["value_norm_before"] != first["value_norm_after"]
     assert first["terminated_share"] == 0.0 and first["episodes_ended"] == 16  # 5-step limits
-
-
-@pytest.mark.parametrize("imagined_value", [True, False])
-def test_imagined_batches_train_the_critic_only_with_imagined_value(imagined_value) -> None:
-    env, model = _setup()
-    worker = RolloutWorker(env, model, rollout_len=10, seed=2)
-    learner = Learner(model, PPOConfig(epochs=2, imagined_value=imagined_value))
-    learner.update(worker.collect())  # a real update first: Adam has momentum on the critic
-    batch = worker.collect()
-    batch.imagined = True
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    learner.update(batch)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert any(k.startswith("actor") for k in changed)
-    critic = {k for k in changed if k.startswith(("critic", "value_norm"))}
-    assert bool(critic) == imagined_value
