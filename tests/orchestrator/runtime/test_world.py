@@ -137,8 +137,13 @@ def test_the_gate_opens_only_for_a_model_that_beats_repeat_at_the_horizon(tmp_pa
     assert not practice.trusted()
     practice.max_error = None  # ungated
     assert practice.trusted()
-    # inf is a value a user can give, and it survives the run directory's config.yaml
-    cfg = load_config("tag-wm", ["world_model.max_error=inf"])
+    # inf (the default: the horizon test alone) survives the run directory's config.yaml; a
+    # preset's own bound stays, and a user can lift it
+    assert load_config("spread-gnn-wm").world_model.max_error == 0.2
+    lifted = load_config("spread-gnn-wm", ["world_model.max_error=inf"])
+    assert lifted.world_model.max_error == math.inf
+    cfg = load_config("tag-wm")
+    assert cfg.world_model.max_error == math.inf
     saved = tmp_path / "config.yaml"
     saved.write_text(config_to_yaml(cfg))
     assert load_config(str(saved)).world_model.max_error == math.inf
