@@ -19,7 +19,7 @@ from torch import Tensor
 
 from envs.base import Observation, VecMultiAgentEnv
 from policies.actor_critic import Policy
-from policies.memory import MemoryState
+from policies.memory import MEMORY, MemoryState
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +233,18 @@ class RolloutWorker:
             log.add(seen, action, logp, value, res.reward, res.terminated, res.truncated)
             done = res.done
             obs = res.observation
+            entering = state  # what each agent carries into the next observation
             memory.advance(state, done, obs.alive)
             batch = model.prepare(memory.feed(obs.as_dict()))
             action, logp, value, state = model.act(batch)
             next_value = value
             if bool(done.any()):
                 # Bootstrap finished episodes from what they saw last, not the reset state.
-                final_value = model.raw_value(res.final.as_dict())
+                # A critic with memory reads the state it had reached there, before resets.
+                final = res.final.as_dict()
+                if entering is not None:
+                    final[MEMORY] = entering
+                final_value = model.raw_value(final)
                 next_value = torch.where(done.unsqueeze(-1), final_value, value)
             log.bootstrap(next_value)
             alive = seen["alive"]

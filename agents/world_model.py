@@ -26,6 +26,7 @@ from agents.imagination import ENTITY, Kept, World, imagine, open_loop_error
 from agents.ppo import OptimizerState
 from agents.rollout import RolloutBatch
 from policies.actor_critic import Policy
+from policies.memory import MEMORY
 from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
@@ -42,7 +43,8 @@ def transitions(
 
     A transition is one world's step: ``kept.keys``, ``alive``, ``actions``, ``rewards``,
     ``cont`` (1 unless the world terminated), ``next_<key>`` of ``kept.next_keys`` and, with
-    ``kept.agent_cont``, ``agent_cont [N]`` (1 unless that agent terminated). Steps cut by a
+    ``kept.agent_cont``, ``agent_cont [N]`` (1 unless that agent terminated) and, where the
+    batch holds them, the policy's recurrent states (``memory``). Steps cut by a
     time limit are left out (a truncation says nothing about the dynamics), and so is the
     last step, whose next state the batch does not hold.
 
@@ -75,6 +77,8 @@ def transitions(
         rows[f"next_{k}"] = obs[k][nxt, b_idx]
     if kept.agent_cont:
         rows["agent_cont"] = (~terminated[t_idx, b_idx]).float()
+    if MEMORY in obs:  # a policy with memory: imagination starts from the state it carried
+        rows[MEMORY] = obs[MEMORY][t_idx, b_idx]
     return rows
 
 
@@ -431,7 +435,9 @@ class Practice:
         self.buffer.append(rows)
         if not fitting.learns or self.updates_per_iter == 0:
             return out
-        now = fitting.fit(self.buffer, rows, self.updates_per_iter, self.generator)
+        # The model learns nothing from the policy's memory: it stays with this rank.
+        fit_rows = {k: v for k, v in rows.items() if k != MEMORY}
+        now = fitting.fit(self.buffer, fit_rows, self.updates_per_iter, self.generator)
         return {**out, **{f"wm_{k}": v for k, v in (now or fitted or {}).items()}}
 
     def close(self) -> None:

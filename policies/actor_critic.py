@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from policies.distributions import Distribution
 from policies.edges import LIST_LAYOUTS, NEIGHBOURS, build_neighbours
 from policies.gnn import GNNActor, GNNCritic
-from policies.memory import MEMORY, RecurrentActor
+from policies.memory import MEMORY, RecurrentActor, RecurrentCritic
 from policies.mlp import MLPActor, MLPCritic
 from policies.transformer import TransformerActor, TransformerCritic
 
@@ -112,9 +112,12 @@ class PolicySpec:
     #: A recurrent core after the actor's encoder (``policies.memory``): ``none``, ``gru``
     #: or ``lstm``.
     memory: str = "none"
-    #: Layer-normalise the recurrent core's input (``model.memory_norm``).
+    #: A recurrent core between the critic's encoder and its value head
+    #: (``model.critic_memory``): ``none``, ``gru`` or ``lstm``.
+    critic_memory: str = "none"
+    #: Layer-normalise the recurrent cores' inputs (``model.memory_norm``).
     memory_norm: bool = False
-    #: Layer-normalise the core's output before the head (``model.memory_out_norm``).
+    #: Layer-normalise the cores' outputs before the heads (``model.memory_out_norm``).
     memory_out_norm: bool = False
     #: The env's continuous action box (a squashed policy scales into it).
     action_low: float = -1.0
@@ -266,6 +269,12 @@ class ActorCritic(Policy):
             )
             self.memory_size = self.actor.core.size
         self.critic = critic.critic(spec)
+        if spec.critic_memory != "none":  # its state follows the actor's in ``memory``
+            self.critic = RecurrentCritic(
+                self.critic, spec.critic_memory, spec.hidden, self.memory_size,
+                spec.memory_norm, spec.memory_out_norm,
+            )  # fmt: skip
+            self.memory_size += self.critic.core.size
         self.value_norm = ValueNorm()
         self.input_keys = frozenset(
             {"alive", "action_mask"}
@@ -275,9 +284,10 @@ class ActorCritic(Policy):
         )
         # Entity encoders say which layout they use at a size (``layout(num_nodes)``).
         base = getattr(self.actor, "actor", self.actor)  # inside a memory core
+        base_critic = getattr(self.critic, "critic", self.critic)
         self._layouts: list[Callable[[int], str]] = [
             enc.layout
-            for enc in (getattr(base, "encoder", None), getattr(self.critic, "encoder", None))
+            for enc in (getattr(base, "encoder", None), getattr(base_critic, "encoder", None))
             if enc is not None and hasattr(enc, "layout")
         ]
 
@@ -309,11 +319,39 @@ class ActorCritic(Policy):
         return self.actor(batch)  # type: ignore[no-any-return]
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
-        """Action distribution and, with memory, the next recurrent state."""
+        """Action distribution and, with memory, the next recurrent state.
+
+        The state is the actor's and then the critic's (each where it has memory).
+        """
+        d, state = self._actor_step(batch)
+        if isinstance(self.critic, RecurrentCritic):
+            state = _joined(state, self.critic.step(batch)[1])
+        return d, state
+
+    def _actor_step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
         if isinstance(self.actor, RecurrentActor):
             return self.actor.step(batch)
         return self.actor(batch), None
 
+    @torch.no_grad()
+    def act(
+        self, batch: dict[str, Tensor], deterministic: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """As :meth:`Policy.act`; a recurrent critic runs once for its value and its state."""
+        if not isinstance(self.critic, RecurrentCritic):
+            return super().act(batch, deterministic)
+        batch = self.prepare(batch)
+        d, state = self._actor_step(batch)
+        value, critic_state = self.critic.step(batch)
+        action = d.mode() if deterministic else d.sample()
+        value = self.value_norm.denormalize(value)
+        return action, d.log_prob(action), value, _joined(state, critic_state)
+
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]`` (what the critic is trained on)."""
         return self.critic(batch)  # type: ignore[no-any-return]
+
+
+def _joined(actor_state: Tensor | None, critic_state: Tensor) -> Tensor:
+    """One ``memory`` row per agent: the actor's state, then the critic's."""
+    return critic_state if actor_state is None else torch.cat([actor_state, critic_state], -1)

@@ -61,8 +61,8 @@ class EntityCritic(nn.Module):
         self.centralised = centralised
         self.out = mlp(hidden * (2 if centralised else 1), hidden, 1, 1)
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Values ``[B, N]``."""
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        """The value MLP's hidden layer ``[B, N, hidden]`` (what a critic's memory core reads)."""
         n = batch["alive"].shape[-1]
         h = self.encoder(batch)
         x = h[:, :n]
@@ -70,4 +70,12 @@ class EntityCritic(nn.Module):
             mask = batch["node_mask"].unsqueeze(-1).to(h.dtype)
             pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             x = torch.cat([x, pooled.unsqueeze(1).expand_as(x)], dim=-1)
-        return self.out(x).squeeze(-1)
+        return self.out[:-1](x)  # type: ignore[no-any-return]
+
+    def head(self, h: Tensor) -> Tensor:
+        """Values ``[B, N]`` from :meth:`features`."""
+        return self.out[-1](h).squeeze(-1)  # type: ignore[no-any-return]
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Values ``[B, N]``."""
+        return self.head(self.features(batch))

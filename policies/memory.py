@@ -7,8 +7,12 @@ permutation-equivariant and independent of N. The state each agent enters a step
 in the batch as ``memory [B, N, S]``: acting loops keep it (:class:`MemoryState`), rollouts
 store it per step, and training restarts each sequence chunk from the state stored at its
 first step, resetting it inside the chunk exactly where acting did (episode ends, dead
-agents). The critic stays feed-forward: a centralised critic reads the global state, which is
-what memory would reconstruct.
+agents). With ``model.critic_memory`` the critic gets a core of its own
+(:class:`RecurrentCritic`) between its encoder and its value head; its state travels in the
+same ``memory`` tensor, after the actor's (``[..., actor size + critic size]``), so storage,
+chunking, resets, sharding and Ray batches carry it unchanged. A centralised critic that reads
+the full global state has nothing to remember; one that reads only what agents see (IPPO, or a
+"state" built from partial observations) does.
 """
 
 from __future__ import annotations
@@ -71,24 +75,29 @@ class MemoryCore(nn.Module):
         h, c = self.cell(x, (state[:, : self.width], state[:, self.width :]))
         return self.out_norm(h).view(*lead, -1), torch.cat([h, c], -1).view(*lead, -1)
 
-    def step(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """One step of features ``x [B, N, width]`` from ``batch["memory"]`` (zeros if absent)."""
+    def step(self, x: Tensor, batch: dict[str, Tensor], offset: int = 0) -> tuple[Tensor, Tensor]:
+        """One step of features ``x [B, N, width]`` from ``batch["memory"]`` (zeros if absent).
+
+        The core's state is ``memory[..., offset : offset + size]``.
+        """
         state = batch.get(MEMORY)
         if state is None:
             state = zero_state(batch["alive"], self.size)
+        else:
+            state = state[..., offset : offset + self.size]
         return self(x, state)  # type: ignore[no-any-return]
 
-    def unroll(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def unroll(self, x: Tensor, batch: dict[str, Tensor], offset: int = 0) -> tuple[Tensor, Tensor]:
         """Whole chunks: outputs ``[L * b, N, width]`` and the state after the last step.
 
         ``x`` holds ``L`` steps of ``b`` chunks time-major (``[L * b, N, width]``); each chunk
-        starts from ``batch["memory"] [b, N, S]`` and resets where ``memory_keep [L, b, N]``
-        is false.
+        starts from ``batch["memory"][..., offset : offset + size]`` (``[b, N, size]``) and
+        resets where ``memory_keep [L, b, N]`` is false.
         """
         keep = batch[KEEP]
         steps, chunks = keep.shape[:2]
         f = x.view(steps, chunks, *x.shape[1:])
-        state, out = batch[MEMORY], []
+        state, out = batch[MEMORY][..., offset : offset + self.size], []
         for t in range(steps):
             if t:
                 state = state * keep[t].unsqueeze(-1).to(state.dtype)
@@ -134,6 +143,52 @@ class RecurrentActor(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Any:
         """The distribution of a step or, given ``memory_keep``, of whole chunks."""
+        return self.sequence(batch) if KEEP in batch else self.step(batch)[0]
+
+
+class RecurrentCritic(nn.Module):
+    """A critic with memory: ``critic.features`` -> :class:`MemoryCore` -> ``critic.head``.
+
+    Its state is ``memory[..., offset : offset + size]``: the columns after the actor's.
+
+    Args:
+        critic: a feed-forward critic with ``features(batch) -> [B, N, hidden]`` and
+            ``head(h) -> [B, N]``.
+        kind: ``gru`` or ``lstm``.
+        hidden: the features' width.
+        offset: where its state starts in ``batch["memory"]`` (the actor's state width).
+        norm, out_norm: as :class:`RecurrentActor`.
+
+    Shapes: as :class:`RecurrentActor`, with values ``[B, N]`` (``[L * b, N]``) in place of
+    the distribution.
+    """
+
+    def __init__(
+        self,
+        critic: nn.Module,
+        kind: str,
+        hidden: int,
+        offset: int = 0,
+        norm: bool = False,
+        out_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.critic: Any = critic
+        self.core = MemoryCore(kind, hidden, norm, out_norm)
+        self.offset = offset
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Values ``[B, N]`` and the critic's next state ``[B, N, size]``."""
+        h, state = self.core.step(self.critic.features(batch), batch, self.offset)
+        return self.critic.head(h), state
+
+    def sequence(self, batch: dict[str, Tensor]) -> Tensor:
+        """Whole chunks' values ``[L * b, N]``."""
+        h, _ = self.core.unroll(self.critic.features(batch), batch, self.offset)
+        return self.critic.head(h)  # type: ignore[no-any-return]
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Values of a step or, given ``memory_keep``, of whole chunks."""
         return self.sequence(batch) if KEEP in batch else self.step(batch)[0]
 
 

@@ -86,10 +86,18 @@ class MLPCritic(nn.Module):
         self.centralised = centralised
         self.net = mlp(obs_dim + (state_dim if centralised else 0), hidden, layers, 1)
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Values ``[B, N]``."""
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        """The last hidden layer ``[B, N, hidden]`` (what a critic's memory core reads)."""
         x = batch["obs"]
         if self.centralised:
             state = batch["state"].unsqueeze(-2).expand(*x.shape[:-1], -1)
             x = torch.cat([state, x], dim=-1)
-        return self.net(x).squeeze(-1)
+        return self.net[:-1](x)  # type: ignore[no-any-return]
+
+    def head(self, h: Tensor) -> Tensor:
+        """Values ``[B, N]`` from :meth:`features`."""
+        return self.net[-1](h).squeeze(-1)  # type: ignore[no-any-return]
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Values ``[B, N]``."""
+        return self.head(self.features(batch))

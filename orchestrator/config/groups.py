@@ -53,6 +53,7 @@ class GroupModelConfig(BaseModel):
     layers: int | None = Field(None, ge=1)
     heads: int | None = Field(None, ge=1)
     memory: Literal["none", "gru", "lstm"] | None = None
+    critic_memory: Literal["none", "gru", "lstm"] | None = None
     memory_norm: bool | None = None
     memory_out_norm: bool | None = None
 

@@ -104,11 +104,17 @@ class ModelConfig(_Section):
     """A recurrent core (``hidden`` wide) between the actor's encoder and its action head,
     shared by every agent (``policies/memory.py``); trained on sequence chunks of
     ``train.chunk_len`` steps. ``none``: a feed-forward actor."""
+    critic_memory: Literal["none", "gru", "lstm"] = "none"
+    """A recurrent core (``hidden`` wide) between the critic's encoder and its value head,
+    trained on the same chunks as the actor's (``policies/memory.py``). For critics that see
+    only part of the world (``critic=independent``, or an env whose ``state`` is built from
+    partial observations); a critic reading the full global state has nothing to remember.
+    ``none``: a feed-forward critic. Actor-critic algorithms only (``ppo``)."""
     memory_norm: bool = False
-    """Layer-normalise the encoder's features before the recurrent core."""
+    """Layer-normalise the encoder's features before each recurrent core."""
     memory_out_norm: bool = False
-    """Layer-normalise the recurrent core's output before the action head (MAPPO's
-    ``RNNLayer``); the carried state stays the core's own."""
+    """Layer-normalise each recurrent core's output before its head (MAPPO's ``RNNLayer``);
+    the carried state stays the core's own."""
 
     def spec(self, env: VecMultiAgentEnv) -> PolicySpec:
         """Policy dimensions from ``env``, architecture from this section."""
@@ -129,6 +135,7 @@ class ModelConfig(_Section):
             k=self.k,
             max_neighbours=self.max_neighbours,
             memory=self.memory,
+            critic_memory=self.critic_memory,
             memory_norm=self.memory_norm,
             memory_out_norm=self.memory_out_norm,
             action_low=float(env.action_low),
@@ -528,16 +535,25 @@ class Config(_Section):
         need = -(-self.train.replay_size // per_entry) + 2 * max(1, self.rollout.num_workers)
         return min(self.redis.replay_maxlen, need)
 
-    def uses_memory(self) -> bool:
-        """Some policy of the run has memory (``model.memory`` or a group's)."""
+    def uses_memory(self, keys: tuple[str, ...] = ("memory", "critic_memory")) -> bool:
+        """Some policy of the run has memory: ``model.<key>`` or a group's, for ``keys``."""
         if self.groups:  # each group's own setting, else the run's
             return any(
-                (g.model.memory or self.model.memory) != "none" for g in self.groups.values()
+                (getattr(g.model, key) or getattr(self.model, key)) != "none"
+                for g in self.groups.values()
+                for key in keys
             )
-        return self.model.memory != "none"
+        return any(getattr(self.model, key) != "none" for key in keys)
 
     def _check_memory(self) -> None:
-        if algorithm_spec(self.train.algorithm).layout == "transitions":
+        spec = algorithm_spec(self.train.algorithm)
+        if spec.policy is not None and self.uses_memory(("critic_memory",)):
+            raise ValueError(
+                f"model.critic_memory: train.algorithm={spec.name} has no actor-critic critic "
+                "to give memory; use model.critic_memory=none (model.memory gives its "
+                "policy memory)"
+            )
+        if spec.layout == "transitions":
             sequence_length(self.train.rollout_len, self.train.chunk_len, self.train.burn_in)
             return
         lengths = [("train.rollout_len", self.train.rollout_len)]

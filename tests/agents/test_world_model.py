@@ -11,6 +11,7 @@ from agents.ppo import Learner, PPOConfig
 from agents.rollout import RolloutBatch, RolloutWorker
 from agents.world_model import TransitionBuffer, WorldModelTrainer
 from policies import ActorCritic, PolicySpec
+from policies.memory import MEMORY
 from policies.world_model import EntityWorldModel
 
 KEYS = frozenset({"nodes", "node_mask"})
@@ -88,6 +89,28 @@ def test_an_imagined_batch_keeps_the_rollout_batch_contract_and_learns() -> None
         assert batch.obs[key].shape[:2] == (5, 40), key
     stats = Learner(policy, PPOConfig(lr=1e-3, minibatches=5)).update(batch)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_imagination_starts_from_the_recurrent_states_acting_stored() -> None:
+    # With memory (actor and critic) the replay keeps each step's entering state, a branch
+    # starts from it and carries it on; the model's fit never sees it.
+    torch.manual_seed(0)
+    env = envs.make("spread", num_envs=16, n_agents=3, seed=0)
+    spec = PolicySpec("mlp", env.obs_dim, env.state_dim, env.node_dim, "discrete", 5,
+                      hidden=16, memory="gru", critic_memory="lstm")  # fmt: skip
+    policy = ActorCritic(spec)
+    real = RolloutWorker(env, policy, rollout_len=10, seed=0, extra_keys=KEYS).collect()
+    buffer = TransitionBuffer(capacity=1000)
+    buffer.add(real)
+    assert buffer.data[MEMORY].shape[1:] == (3, policy.memory_size)
+    starts = buffer.sample(24, torch.Generator().manual_seed(1))
+    assert starts[MEMORY].abs().sum() > 0  # real, mostly non-zero states
+    model = EntityWorldModel(5, "discrete", 5, hidden=16)
+    batch = imagine(policy, EntityWorld(LearnedDynamics(model), env.observe_entities), starts, 4)
+    torch.testing.assert_close(batch.obs[MEMORY][0], starts[MEMORY])
+    assert (batch.obs[MEMORY][1] != 0).all()
+    stats = Learner(policy, PPOConfig(minibatches=2)).update(batch)
+    assert stats["minibatches_done"] > 0
 
 
 def test_the_oracle_imagines_exactly_what_the_env_does() -> None:

@@ -25,25 +25,34 @@ def _cue_policy(
     seed: int = 0,
     memory_norm: bool = False,
     memory_out_norm: bool = False,
+    critic_memory: str = "none",
+    centralised: bool = True,
     **kw,
 ):
     torch.manual_seed(seed)
     env = envs.make("cue", num_envs=6, n_agents=n_agents, max_cycles=3, seed=seed, **kw)
     spec = PolicySpec(kind, env.obs_dim, env.state_dim, env.node_dim, "discrete",
-                      env.action_dim, hidden=16, memory=memory,
-                      memory_norm=memory_norm, memory_out_norm=memory_out_norm)  # fmt: skip
+                      env.action_dim, centralised=centralised, hidden=16, memory=memory,
+                      critic_memory=critic_memory, memory_norm=memory_norm,
+                      memory_out_norm=memory_out_norm)  # fmt: skip
     return env, ActorCritic(spec)
 
 
-def _chunk_logp(model, batch, obs: dict | None = None) -> torch.Tensor:
-    """The batch's actions' log-probabilities from whole 4-step chunks, each started from the
-    state stored in ``obs`` (default the batch's own) and reset where acting reset."""
+def _chunk_pass(model, batch, obs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's actions' log-probabilities and the raw values from whole 4-step chunks,
+    each started from the state stored in ``obs`` (default the batch's own) and reset where
+    acting reset."""
     t_len, b = batch.rewards.shape[:2]
     steps = _Steps(torch.arange(t_len // 4), 4)
     keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
     with torch.no_grad():
-        dist, _ = model(steps.obs(batch.obs if obs is None else obs, model.input_keys, keep))
-        return steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+        dist, v = model(steps.obs(batch.obs if obs is None else obs, model.input_keys, keep))
+        logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+        return logp, steps.untake(model.value_norm.denormalize(v), (t_len, b))
+
+
+def _chunk_logp(model, batch, obs: dict | None = None) -> torch.Tensor:
+    return _chunk_pass(model, batch, obs)[0]
 
 
 @pytest.mark.parametrize("memory", ["gru", "lstm"])
@@ -57,6 +66,56 @@ def test_whole_chunks_give_what_acting_step_by_step_gave(kind: str, memory: str)
     # The states carried matter: the same chunks from zero states act differently.
     zeros = {**batch.obs, MEMORY: torch.zeros_like(batch.obs[MEMORY])}
     assert not torch.allclose(_chunk_logp(model, batch, zeros), batch.logp, atol=1e-4)
+
+
+@pytest.mark.parametrize("critic_memory", ["gru", "lstm"])
+@pytest.mark.parametrize(("kind", "memory"), [("mlp", "none"), ("mlp", "gru"), ("gnn", "lstm"),
+                                              ("transformer", "gru")])  # fmt: skip
+def test_a_recurrent_critic_gives_in_chunks_the_values_acting_gave(
+    kind: str, memory: str, critic_memory: str
+) -> None:
+    # The critic's state follows the actor's in the same memory rows; whole chunks reproduce
+    # acting's values (and log-probabilities) across the resets inside them, and the carried
+    # critic state matters.
+    env, model = _cue_policy(kind, memory, critic_memory=critic_memory, centralised=False)
+    actor_size = 0 if memory == "none" else (16 if memory == "gru" else 32)
+    assert model.memory_size == actor_size + (16 if critic_memory == "gru" else 32)
+    batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
+    assert batch.obs[MEMORY].shape[-1] == model.memory_size
+    logp, values = _chunk_pass(model, batch)
+    torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, batch.values, atol=1e-5, rtol=0)
+    zeros = {**batch.obs, MEMORY: torch.zeros_like(batch.obs[MEMORY])}
+    assert not torch.allclose(_chunk_pass(model, batch, zeros)[1], batch.values, atol=1e-4)
+    # The actor reads only its own columns: the critic's do not move its actions.
+    obs = env.reset(seed=2).as_dict()
+    obs[MEMORY] = torch.randn(6, 2, model.memory_size)
+    other = {**obs, MEMORY: obs[MEMORY].clone()}
+    other[MEMORY][..., actor_size:] = torch.randn(6, 2, model.memory_size - actor_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.dist(other).logits, model.dist(obs).logits)
+        assert not torch.allclose(model.value(other), model.value(obs))
+    # PPO trains it on those chunks.
+    stats = Learner(model, PPOConfig(minibatches=3)).update(batch)
+    assert stats["minibatches_done"] > 0 and torch.isfinite(torch.tensor(stats["value_loss"]))
+
+
+def test_a_finished_episode_is_bootstrapped_from_the_critic_state_it_reached() -> None:
+    # rollout_len 4 on 3-step episodes: step 3's value bootstraps step 2's truncation from
+    # the final observation read with the state the critic carried there (not zeros).
+    env, model = _cue_policy("mlp", "none", critic_memory="gru", centralised=False)
+    seen: list[dict] = []
+    raw_value = model.raw_value
+    model.raw_value = lambda batch: (seen.append(batch), raw_value(batch))[1]  # type: ignore[method-assign]
+    batch = RolloutWorker(env, model, rollout_len=4, seed=6).collect()
+    assert len(seen) == 1 and MEMORY in seen[0]
+    carried = seen[0][MEMORY]
+    assert carried.shape == batch.obs[MEMORY][2].shape and (carried != 0).all()
+    # It is the state after step 2 (what step 3 would have entered without the reset).
+    with torch.no_grad():
+        _, after = model.step({**{k: v[2] for k, v in batch.obs.items()}})
+    torch.testing.assert_close(carried, after)
+    assert (batch.obs[MEMORY][3] == 0).all()  # the next episode starts from zeros
 
 
 def test_states_reset_exactly_where_episodes_end_and_agents_die() -> None:
@@ -124,6 +183,15 @@ def test_chunk_length_and_the_config_errors() -> None:
     )
     assert plain.memory_size == 0 and MEMORY not in plain.input_keys
     assert not any("core" in k for k in plain.state_dict())
+    # A critic with memory is memory too: chunks, their checks, and only for actor-critics.
+    critic = load_config("spread-gnn", ["model.critic_memory=gru"])
+    assert critic.uses_memory() and not critic.uses_memory(("memory",))
+    with pytest.raises(ConfigError, match=r"train.chunk_len \(7\) must divide"):
+        load_config("spread-gnn", ["model.critic_memory=lstm", "train.chunk_len=7"])
+    with pytest.raises(ConfigError, match=r"model.critic_memory: train.algorithm=qmix has no"):
+        load_config("lbf-8x8-2p-2f-coop-qmix", ["model.critic_memory=gru"])
+    with pytest.raises(ConfigError, match=r"model.critic_memory"):
+        load_config("spread-gnn", ["model.critic_memory=rnn"])
 
 
 @pytest.mark.parametrize(
@@ -133,8 +201,10 @@ def test_chunk_length_and_the_config_errors() -> None:
         ["groups.adversary.model.memory=lstm", "groups.agent.model.kind=gnn"],
         ["model.memory=gru", "groups.agent.pool.size=2", "groups.agent.pool.share=0.5",
          "groups.adversary.model.kind=transformer", "model.hidden=16", "model.heads=2"],
+        ["groups.adversary.model.critic_memory=gru", "groups.agent.model.memory=lstm",
+         "model.critic=independent"],
     ],
-    ids=["every-group", "one-group-lstm", "self-play-pool"],
+    ids=["every-group", "one-group-lstm", "self-play-pool", "critic-memory"],
 )  # fmt: skip
 def test_agent_groups_carry_and_train_their_own_memory(groups: list[str]) -> None:
     # Each group's states live in its agents' slots (a group without memory keeps zeros); an
@@ -154,9 +224,11 @@ def test_agent_groups_carry_and_train_their_own_memory(groups: list[str]) -> Non
     steps = _Steps(torch.arange(2), 5)
     keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
     with torch.no_grad():
-        dist, _ = model(steps.obs(batch.obs, model.input_keys, keep))
+        dist, v = model(steps.obs(batch.obs, model.input_keys, keep))
         logp = steps.untake(dist.log_prob(steps.take(batch.actions)), (t_len, b))
+        values = steps.untake(model.value_norm.denormalize(v), (t_len, b))
     torch.testing.assert_close(logp, batch.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, batch.values, atol=1e-5, rtol=0)
     stats = Learner(model, cfg.train).update(batch)
     assert stats["minibatches_done"] > 0
 
