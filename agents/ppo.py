@@ -297,17 +297,50 @@ class Learner(OptimizerState):
                 memory[t + 1] = state
         return memory
 
+    @torch.no_grad()
+    def burn_in_states(
+        self, obs: dict[str, Tensor], keep: Tensor, length: int, burn: int
+    ) -> Tensor:
+        """``obs[MEMORY]`` with each chunk's first state burnt in under the current weights.
+
+        R2D2's burn-in, for PPO's chunks: a chunk starting at step ``s`` starts from the
+        state the current weights reach after ``min(burn, s)`` steps from the state acting
+        stored at ``s - burn`` (resets where ``keep`` says acting reset). The batch's first
+        chunk keeps its stored state; rows inside chunks keep acting's (never read). Chunks
+        with the same burn-in length unroll together, one ``model.step`` per burn-in step.
+        """
+        model = self.model
+        memory = obs[MEMORY].clone()
+        keys = [k for k in model.input_keys if k != MEMORY and k in obs]
+        by_burn: dict[int, list[int]] = {}
+        for s in range(length, memory.shape[0], length):
+            by_burn.setdefault(min(burn, s), []).append(s)
+        for b, starts in by_burn.items():
+            first = torch.tensor([s - b for s in starts], device=memory.device)
+            state = memory[first].flatten(0, 1)
+            for i in range(b):
+                t = first + i
+                _, nxt = model.step({**{k: obs[k][t].flatten(0, 1) for k in keys}, MEMORY: state})
+                assert nxt is not None
+                state = nxt * keep[t + 1].flatten(0, 1).unsqueeze(-1).to(nxt.dtype)
+            memory[first + b] = state.view(len(starts), *memory.shape[1:])
+        return memory
+
     def _current_obs(
         self, batch: RolloutBatch, keep: Tensor | None, length: int
     ) -> dict[str, Tensor]:
         """The batch's inputs as the current weights see them.
 
         With ``train.refresh_memory`` each chunk starts from the state the current weights
-        compute (:meth:`chunk_states`); otherwise ``batch.obs`` itself.
+        compute from the batch's start (:meth:`chunk_states`); with ``train.burn_in`` from
+        that many steps before it (:meth:`burn_in_states`); otherwise ``batch.obs`` itself.
         """
-        if keep is None or not self.cfg.refresh_memory:
+        burn = int(getattr(self.cfg, "burn_in", 0))
+        if keep is None or not (self.cfg.refresh_memory or burn):
             return batch.obs
-        return {**batch.obs, MEMORY: self.chunk_states(batch.obs, keep, length)}
+        if self.cfg.refresh_memory:
+            return {**batch.obs, MEMORY: self.chunk_states(batch.obs, keep, length)}
+        return {**batch.obs, MEMORY: self.burn_in_states(batch.obs, keep, length, burn)}
 
     @torch.no_grad()
     def refresh(

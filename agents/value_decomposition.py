@@ -67,8 +67,11 @@ class QConfig(BaseModel):
     burn_in: int = Field(0, ge=0)
     """With ``model.memory``: steps each replayed sequence first unrolls without loss or
     gradient, from the stored state, so the steps it learns from start from a state of the
-    current weights (R2D2's burn-in; ``qmix``/``vdn`` only). They come before the
-    ``train.chunk_len`` steps, in the same batch."""
+    current weights (R2D2's burn-in). ``qmix``/``vdn``: they come before the
+    ``train.chunk_len`` steps, in the same batch. ``ppo``: before every epoch whose weights
+    differ from acting's, each chunk after the batch's first starts from the state the
+    current weights reach over the ``burn_in`` steps before it (``train.refresh_memory``,
+    which unrolls from the batch's start, takes precedence)."""
     standardise_rewards: bool = True
     """Learn from team rewards standardised by their running mean and deviation over every
     collected step (EPyMARL's ``standardise_rewards``): sparse rewards such as LBF's (a few

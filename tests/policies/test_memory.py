@@ -272,6 +272,28 @@ def test_refreshed_chunk_states_follow_the_current_weights(memory: str) -> None:
     assert learner.update(batch, staleness=1)["minibatches_done"] == 1.0
 
 
+@pytest.mark.parametrize("memory", ["gru", "lstm"])
+def test_burnt_in_chunk_states_are_actings_then_the_current_weights(memory: str) -> None:
+    # train.burn_in for PPO: unchanged weights give back acting's states at every chunk start
+    # (resets inside the burn-in included: the cue's episodes are 3 steps); after an update a
+    # burn-in that reaches the batch's start equals the full refresh, a short one differs.
+    from orchestrator.config.sections import TrainConfig
+
+    env, model = _cue_policy("mlp", memory, critic_memory="gru", centralised=False)
+    batch = RolloutWorker(env, model, rollout_len=12, seed=4).collect()
+    learner = Learner(model, TrainConfig(minibatches=3, burn_in=2))
+    keep = chunk_keep(batch.terminated, batch.truncated, batch.obs["alive"])
+    for burn in (1, 2, 5):
+        burnt = learner.burn_in_states(batch.obs, keep, 4, burn)
+        torch.testing.assert_close(burnt, batch.obs[MEMORY], atol=1e-5, rtol=0)
+    assert learner.update(batch)["minibatches_done"] == 1.0
+    full = learner.chunk_states(batch.obs, keep, 4)
+    torch.testing.assert_close(learner.burn_in_states(batch.obs, keep, 4, 12), full)
+    short = learner.burn_in_states(batch.obs, keep, 4, 1)
+    assert torch.equal(short[0], batch.obs[MEMORY][0])
+    assert not torch.allclose(short[8], batch.obs[MEMORY][8], atol=1e-4)
+
+
 def test_refreshed_chunk_states_of_grouped_policies_match_acting() -> None:
     cfg = load_config(
         "tag-mlp",
