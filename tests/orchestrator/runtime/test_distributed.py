@@ -206,16 +206,24 @@ def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch
 
 @pytest.mark.parametrize(
     "grouping",
-    [[], GROUPED, ["imagined"], ["model.memory=gru"], QMIX, QMIX_MEMORY, MASAC],
+    [
+        [],
+        GROUPED,
+        ["imagined"],
+        ["model.memory=gru", "model.critic_memory=gru"],
+        QMIX,
+        QMIX_MEMORY,
+        MASAC,
+    ],  # fmt: skip
     ids=["shared", "groups", "imagined", "memory", "qmix", "qmix-memory", "masac"],
 )
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
     # With a world model each rank imagines from its own shard's start states: its imagined
     # updates are all-reduced like real ones, so K=2 learns what K=1 learns from both. With
-    # memory, minibatches are chunks cut along time, whole on each rank's envs. QMIX ranks
-    # draw the same replayed transitions (with memory: chunks) and each learns from those on
-    # its own envs; MASAC's ranks too, averaging each loss's gradients (critics, actor,
-    # temperature) themselves.
+    # memory (actor and critic), minibatches are chunks cut along time, whole on each rank's
+    # envs. QMIX ranks draw the same replayed transitions (with memory: chunks) and each
+    # learns from those on its own envs; MASAC's ranks too, averaging each loss's gradients
+    # (critics, actor, temperature) themselves.
     dreamed = grouping == ["imagined"]
     cfg = tiny("train.epochs=2", "train.minibatches=2", *([] if dreamed else grouping))
     env = cfg.env.make(8, seed=5, device=torch.device("cpu"))
@@ -295,17 +303,19 @@ def test_groups_with_self_play_train_on_workers_and_two_ranks(ray_instance, tmp_
 
 
 def test_memory_trains_on_workers_and_two_ranks_and_evaluates(ray_instance, tmp_path) -> None:
-    # Workers keep their envs' recurrent states across batches and ship every step's state
-    # through Redis; each rank trains whole chunks of its own envs.
-    cfg = tiny("model.memory=gru", "rollout.num_workers=2", "learner.num_ranks=2",
-               "train.total_env_steps=1600")  # fmt: skip
+    # Workers keep their envs' recurrent states (actor's and critic's) across batches and
+    # ship every step's state through Redis; each rank trains whole chunks of its own envs.
+    cfg = tiny("model.memory=gru", "model.critic_memory=lstm", "rollout.num_workers=2",
+               "learner.num_ranks=2", "train.total_env_steps=1600")  # fmt: skip
     run_dir = new_run_dir(tmp_path, "memory")
     summary = run_training(cfg, run_dir)
     assert summary["reason"] == "total_env_steps reached"
     assert_monotonic_progress(rows(run_dir), max_staleness=1)
     ckpt = load_checkpoint(run_dir)
     assert ckpt["meta"]["policy_spec"]["memory"] == "gru"
-    assert any(".core." in k for k in ckpt["model"])
+    assert ckpt["meta"]["policy_spec"]["critic_memory"] == "lstm"
+    assert any(k.startswith("actor.core.") for k in ckpt["model"])
+    assert any(k.startswith("critic.core.") for k in ckpt["model"])
     assert math.isfinite(evaluate(run_dir, episodes=8)["mean"])
 
 
