@@ -84,13 +84,13 @@ TASKS: dict[str, Task] = {
         epymarl_key="lbforaging:Foraging-10x10-3p-3f-v3",
     ),
     "rware_tiny_2ag": Task(
-        "rware-tiny-2ag", budget=2_000_000, every=200_000,
+        "rware-tiny-2ag", budget=6_000_000, every=1_000_000,
         what="deliveries per 500-step episode, rware 2.0 rware-tiny-2ag-v2",
         epymarl_key="rware:rware-tiny-2ag-v2", epymarl_time_limit=500,
         published="EPyMARL, MAPPO, Table 3 (40M steps, rware v1): not checked here",
     ),
     "rware_tiny_4ag": Task(
-        "rware-tiny-2ag", ["env.name=rware:rware-tiny-4ag-v2"], 2_000_000, 200_000,
+        "rware-tiny-2ag", ["env.name=rware:rware-tiny-4ag-v2"], 6_000_000, 1_000_000,
         "deliveries per 500-step episode, rware 2.0 rware-tiny-4ag-v2",
     ),
     "smax_3m": Task(
