@@ -216,11 +216,14 @@ class Policy(nn.Module):
         self, batch: dict[str, Tensor], deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Sample actions; return ``(action, log_prob, raw value, next memory or None)``."""
-        batch = self.prepare(batch)
-        d, memory = self.step(batch)
+        d, memory, value = self.step_value(self.prepare(batch))
         action = d.mode() if deterministic else d.sample()
-        value = self.value_norm.denormalize(self.value(batch))
-        return action, d.log_prob(action), value, memory
+        return action, d.log_prob(action), self.value_norm.denormalize(value), memory
+
+    def step_value(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None, Tensor]:
+        """:meth:`step` and the normalised values of one step (what acting needs of it)."""
+        d, memory = self.step(batch)
+        return d, memory, self.value(batch)
 
     @torch.no_grad()
     def raw_value(self, batch: dict[str, Tensor]) -> Tensor:
@@ -333,19 +336,13 @@ class ActorCritic(Policy):
             return self.actor.step(batch)
         return self.actor(batch), None
 
-    @torch.no_grad()
-    def act(
-        self, batch: dict[str, Tensor], deterministic: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """As :meth:`Policy.act`; a recurrent critic runs once for its value and its state."""
+    def step_value(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None, Tensor]:
+        """See :meth:`Policy.step_value`; a recurrent critic runs once for value and state."""
         if not isinstance(self.critic, RecurrentCritic):
-            return super().act(batch, deterministic)
-        batch = self.prepare(batch)
+            return super().step_value(batch)
         d, state = self._actor_step(batch)
         value, critic_state = self.critic.step(batch)
-        action = d.mode() if deterministic else d.sample()
-        value = self.value_norm.denormalize(value)
-        return action, d.log_prob(action), value, _joined(state, critic_state)
+        return d, _joined(state, critic_state), value
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]`` (what the critic is trained on)."""
