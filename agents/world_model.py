@@ -120,11 +120,11 @@ class TransitionBuffer:
     def append(self, rows: dict[str, Tensor]) -> int:
         """Append transitions as :func:`transitions` lays them out; returns how many."""
         n = int(rows["actions"].shape[0])
-        if not self.data:
-            self.data = {
-                k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
-                for k, v in rows.items()
-            }
+        for k, v in rows.items():  # a field first seen now is zero for the rows before it
+            if k not in self.data:
+                self.data[k] = torch.zeros(
+                    (self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device
+                )
         for start in range(0, n, self.capacity):  # a batch larger than the buffer wraps
             chunk = {k: v[start : start + self.capacity].to(self.device) for k, v in rows.items()}
             m = chunk["actions"].shape[0]

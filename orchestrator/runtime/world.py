@@ -28,6 +28,7 @@ from envs import EnvError, VecMultiAgentEnv
 from orchestrator.config import Config
 from orchestrator.runtime.fit_process import FitProcess
 from policies.actor_critic import Policy
+from policies.memory import MEMORY
 from policies.observation_model import ObservationWorldModel
 from policies.world_model import EntityWorldModel
 
@@ -314,11 +315,16 @@ REPLAY_KEPT = 20_000
 
 
 def state_dict(practice: Practice) -> dict[str, Any]:
-    """The model, its optimiser and the newest replay, for a checkpoint's ``world_model.pt``."""
+    """The model, its optimiser and the newest replay, for a checkpoint's ``world_model.pt``.
+
+    Without the policy's recurrent states: a resumed run's memory restarts at zero, and so
+    do imagined branches from the restored transitions.
+    """
+    replay = practice.buffer.newest(REPLAY_KEPT)
     return {
         "model": practice.model.state_dict(),
         "trainer": practice.trainer.state_dict(),
-        "replay": practice.buffer.newest(REPLAY_KEPT),
+        "replay": {k: v for k, v in replay.items() if k != MEMORY},
     }
 
 

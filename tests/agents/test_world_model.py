@@ -109,6 +109,16 @@ def test_imagination_starts_from_the_recurrent_states_acting_stored() -> None:
     batch = imagine(policy, EntityWorld(LearnedDynamics(model), env.observe_entities), starts, 4)
     torch.testing.assert_close(batch.obs[MEMORY][0], starts[MEMORY])
     assert (batch.obs[MEMORY][1] != 0).all()
+    # A checkpoint keeps transitions without the states (a resumed run's memory restarts at
+    # zero): the restored rows start from zeros, new rows bring their states again.
+    kept = {k: v for k, v in buffer.newest(50).items() if k != MEMORY}
+    resumed = TransitionBuffer(capacity=1000)
+    resumed.restore(kept)
+    resumed.add(real)
+    assert (resumed.data[MEMORY][:50] == 0).all()
+    torch.testing.assert_close(
+        resumed.data[MEMORY][50 : len(resumed)], buffer.data[MEMORY][: len(buffer)]
+    )
     stats = Learner(policy, PPOConfig(minibatches=2)).update(batch)
     assert stats["minibatches_done"] > 0
 

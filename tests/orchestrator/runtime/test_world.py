@@ -185,7 +185,7 @@ def test_a_next_reward_head_on_the_entity_model_is_refused(tmp_path, capsys) -> 
             ["groups.speaker.share=true", "groups.listener.share=true"],
         ),
         ("vmas:navigation", ["env.num_envs=8", "train.total_env_steps=320"]),
-        ("tag", ["world_model.fit_process=true"]),
+        ("tag", ["world_model.fit_process=true", "model.memory=gru"]),
         ("tag", ["world_model.fit_process=true", "world_model.reward_from=next"]),
     ],
     ids=[
@@ -193,7 +193,7 @@ def test_a_next_reward_head_on_the_entity_model_is_refused(tmp_path, capsys) -> 
         "speaker-listener",
         "speaker-listener-groups",
         "vmas-navigation",
-        "tag-fit-behind",
+        "tag-fit-behind-memory",
         "tag-next-reward-fit-behind",
     ],  # fmt: skip
 )
@@ -207,6 +207,7 @@ def test_every_formerly_refused_env_practises_in_an_observation_model(tmp_path, 
     assert float(rows[-1]["wm_delta_mse"]) > 0 and float(rows[-1]["wm_reward_mse"]) > 0
     saved = load_checkpoint(run_dir)["extra"]["world_model"]
     assert "next_obs" in saved["replay"] and "agent_cont" in saved["replay"]
+    assert "memory" not in saved["replay"]  # a resumed run's memory restarts at zero
     assert summary["counters"]["env_steps"] == cfg.train.total_env_steps
 
 
