@@ -326,12 +326,13 @@ class ActorCritic(Policy):
 
         The state is the actor's and then the critic's (each where it has memory).
         """
-        d, state = self._actor_step(batch)
+        d, state = self.actor_step(batch)
         if isinstance(self.critic, RecurrentCritic):
-            state = _joined(state, self.critic.step(batch)[1])
+            state = joined_state(state, self.critic.step(batch)[1])
         return d, state
 
-    def _actor_step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
+    def actor_step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
+        """The actor's distribution and, with actor memory, its next state."""
         if isinstance(self.actor, RecurrentActor):
             return self.actor.step(batch)
         return self.actor(batch), None
@@ -340,15 +341,15 @@ class ActorCritic(Policy):
         """See :meth:`Policy.step_value`; a recurrent critic runs once for value and state."""
         if not isinstance(self.critic, RecurrentCritic):
             return super().step_value(batch)
-        d, state = self._actor_step(batch)
+        d, state = self.actor_step(batch)
         value, critic_state = self.critic.step(batch)
-        return d, _joined(state, critic_state), value
+        return d, joined_state(state, critic_state), value
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]`` (what the critic is trained on)."""
         return self.critic(batch)  # type: ignore[no-any-return]
 
 
-def _joined(actor_state: Tensor | None, critic_state: Tensor) -> Tensor:
+def joined_state(actor_state: Tensor | None, critic_state: Tensor) -> Tensor:
     """One ``memory`` row per agent: the actor's state, then the critic's."""
     return critic_state if actor_state is None else torch.cat([actor_state, critic_state], -1)

@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policies.actor_critic import ARCHITECTURES, ActorCritic, Policy, PolicySpec, ValueNorm
+from policies.actor_critic import (
+    ARCHITECTURES,
+    ActorCritic,
+    Policy,
+    PolicySpec,
+    ValueNorm,
+    joined_state,
+)
 from policies.distributions import (
     Categorical,
     DiagGaussian,
@@ -41,7 +48,7 @@ from policies.distributions import (
     GroupedDistribution,
     agent_rows,
 )
-from policies.memory import KEEP, MEMORY, zero_state
+from policies.memory import KEEP, MEMORY, RecurrentCritic, zero_state
 
 #: Batch key: ``[B, N]`` bool, the agent acted with its group's past version (self-play).
 PAST = "past_agents"
@@ -305,7 +312,7 @@ class GroupedActorCritic(Policy):
 
     def dist(self, batch: dict[str, Tensor]) -> GroupedDistribution:
         """Every group's distribution over its own agents, read as one ``[B, N]``."""
-        return self._act(batch, states=False)[0]
+        return self._act(batch, states=False, values=False)[0]
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None]:
         """The distribution and, with memory, every slot's next state.
@@ -315,41 +322,71 @@ class GroupedActorCritic(Policy):
         """
         if not self.memory_size:
             return self.dist(batch), None
-        return self._act(batch, states=True)
+        d, memory, _ = self._act(batch, states=True, values=False)
+        return d, memory
+
+    def step_value(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor | None, Tensor]:
+        """See :meth:`Policy.step_value`; each group's critic runs once, on its own view."""
+        d, memory, values = self._act(batch, states=bool(self.memory_size), values=True)
+        assert values is not None
+        return d, memory, values
 
     def _act(
-        self, batch: dict[str, Tensor], states: bool
-    ) -> tuple[GroupedDistribution, Tensor | None]:
+        self, batch: dict[str, Tensor], states: bool, values: bool
+    ) -> tuple[GroupedDistribution, Tensor | None, Tensor | None]:
         parts: list[Categorical | DiagGaussian] = []
-        agents, memory = [], []
+        agents, memory, value = [], [], []
         for u, unit in enumerate(self._units):
-            own = self._rows[u][0] is self._mlp
-            view = self._view(batch, u, own)
             idx = self.unit_agents(u)
-            d: Any
-            old: Any
-            d, m = unit.step(view) if states else (unit.actor(view), None)
-            d = d if own else agent_rows(d, idx)
-            m = None if m is None else _rows(m, idx, own)
+            d, m, v = self._unit_step(unit, batch, u, states, values)
             if PAST in batch and str(u) in self.past:
                 past = batch[PAST].index_select(-1, idx)
-                old, old_m = (
-                    self._past(u).step(view) if states else (self._past(u).actor(view), None)
-                )
-                old = old if own else agent_rows(old, idx)
+                old, old_m, _ = self._unit_step(self._past(u), batch, u, states, False)
                 d = _where(past, old, d)
                 if m is not None and old_m is not None:
-                    m = torch.where(past.unsqueeze(-1), _rows(old_m, idx, own), m)
+                    m = torch.where(past.unsqueeze(-1), old_m, m)
             parts.append(d)
             agents.append(idx)
             if states:
                 memory.append(self._slot_state(batch, m, len(idx)))
+            if v is not None:
+                value.append(v)
         dist = GroupedDistribution(
             parts, agents, self.action_kind, self.action_dim, inverse=self._inverse
         )
-        if not states:
-            return dist, None
-        return dist, torch.cat(memory, dim=-2).index_select(-2, self._inverse)
+        slots = torch.cat(memory, dim=-2).index_select(-2, self._inverse) if states else None
+        v_slots = torch.cat(value, dim=-1).index_select(-1, self._inverse) if values else None
+        return dist, slots, v_slots
+
+    def _unit_step(
+        self, unit: ActorCritic, batch: dict[str, Tensor], u: int, states: bool, values: bool
+    ) -> tuple[Any, Tensor | None, Tensor | None]:
+        """Unit ``u``'s distribution, next states and normalised values over its agents.
+
+        The states (``states``) are the actor's, then a recurrent critic's; the values are
+        computed only when ``values``.
+
+        The actor and the critic each read their own view (a unit's own rows, or the whole
+        graph for an entity network), so the critic runs once for its value and its state.
+        """
+        idx = self.unit_agents(u)
+        own_actor, own_critic = (rows is self._mlp for rows in self._rows[u])
+        view = self._view(batch, u, own_actor)
+        d: Any
+        d, m = unit.actor_step(view) if states else (unit.actor(view), None)
+        d = d if own_actor else agent_rows(d, idx)
+        m = None if m is None else _rows(m, idx, own_actor)
+        critic = unit.critic
+        v = None
+        if values or (states and isinstance(critic, RecurrentCritic)):
+            critic_view = view if own_critic == own_actor else self._view(batch, u, own_critic)
+            if isinstance(critic, RecurrentCritic):
+                v, critic_state = critic.step(critic_view)
+                m = joined_state(m, _rows(critic_state, idx, own_critic))
+            else:
+                v = critic(critic_view)
+            v = v if own_critic else v.index_select(-1, idx)
+        return d, m, v if values else None
 
     def _slot_state(self, batch: dict[str, Tensor], m: Tensor | None, n: int) -> Tensor:
         """A unit's next states ``[B, n, memory_size]`` from its agents' rows ``m``.

@@ -203,8 +203,12 @@ def test_chunk_length_and_the_config_errors() -> None:
          "groups.adversary.model.kind=transformer", "model.hidden=16", "model.heads=2"],
         ["groups.adversary.model.critic_memory=gru", "groups.agent.model.memory=lstm",
          "model.critic=independent"],
+        ["groups.adversary.model.critic_memory=gru", "groups.adversary.model.critic_kind=gnn",
+         "groups.agent.model.memory=gru", "groups.agent.model.critic_kind=transformer",
+         "model.heads=2", "groups.agent.pool.size=2", "groups.agent.pool.share=0.5"],
     ],
-    ids=["every-group", "one-group-lstm", "self-play-pool", "critic-memory"],
+    ids=["every-group", "one-group-lstm", "self-play-pool", "critic-memory",
+         "critic-memory-graph-critic"],
 )  # fmt: skip
 def test_agent_groups_carry_and_train_their_own_memory(groups: list[str]) -> None:
     # Each group's states live in its agents' slots (a group without memory keeps zeros); an
@@ -231,6 +235,31 @@ def test_agent_groups_carry_and_train_their_own_memory(groups: list[str]) -> Non
     torch.testing.assert_close(values, batch.values, atol=1e-5, rtol=0)
     stats = Learner(model, cfg.train).update(batch)
     assert stats["minibatches_done"] > 0
+
+
+def test_grouped_acting_runs_each_critic_once_on_its_own_view() -> None:
+    # A recurrent critic gives the value and its next state in one pass, whichever rows it
+    # reads (an MLP actor's own rows, a graph critic's whole graph).
+    cfg = load_config("tag-mlp", ["env.num_envs=4", "model.critic_memory=gru",
+                                  "groups.agent.model.critic_kind=gnn"])  # fmt: skip
+    env = cfg.env.make(4, 0, torch.device("cpu"))
+    model = cfg.build_policy(env)
+    calls = [0]
+    for unit in model._units:
+        unit.critic.critic.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        original = unit.critic.critic.features
+
+        def counted(batch, original=original):
+            calls[0] += 1
+            return original(batch)
+
+        unit.critic.critic.features = counted
+    obs = env.reset().as_dict()
+    obs[MEMORY] = torch.zeros(*obs["alive"].shape, model.memory_size)
+    _, _, value, memory = model.act(model.prepare(obs))
+    assert calls[0] == len(model._units)
+    assert memory is not None and memory.shape == (*obs["alive"].shape, model.memory_size)
+    torch.testing.assert_close(model.value_norm.normalize(value), model.value(obs))
 
 
 def test_a_stale_batch_is_refreshed_chunk_by_chunk() -> None:
