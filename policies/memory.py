@@ -106,7 +106,43 @@ class MemoryCore(nn.Module):
         return torch.stack(out).flatten(0, 1), state
 
 
-class RecurrentActor(nn.Module):
+class _Recurrent(nn.Module):
+    """A feed-forward network's ``features`` -> :class:`MemoryCore` -> its ``head``.
+
+    Its state is ``memory[..., offset : offset + size]``. Subclasses name the network and
+    say how its head reads the core's output (:meth:`_features`, :meth:`_head`).
+    """
+
+    def __init__(self, kind: str, hidden: int, offset: int, norm: bool, out_norm: bool) -> None:
+        super().__init__()
+        self.core = MemoryCore(kind, hidden, norm, out_norm)
+        self.offset = offset
+
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _head(self, h: Tensor, batch: dict[str, Tensor]) -> Any:
+        raise NotImplementedError
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[Any, Tensor]:
+        """The head's output and the next state ``[B, N, size]`` of one step.
+
+        It starts from ``batch["memory"]`` (zeros when the batch has none).
+        """
+        h, state = self.core.step(self._features(batch), batch, self.offset)
+        return self._head(h, batch), state
+
+    def sequence(self, batch: dict[str, Tensor]) -> Any:
+        """Whole chunks: the encoder runs once over every step, the core step by step."""
+        h, _ = self.core.unroll(self._features(batch), batch, self.offset)
+        return self._head(h, batch)
+
+    def forward(self, batch: dict[str, Tensor]) -> Any:
+        """The output of a step or, given ``memory_keep``, of whole chunks."""
+        return self.sequence(batch) if KEEP in batch else self.step(batch)[0]
+
+
+class RecurrentActor(_Recurrent):
     """An actor with memory: ``actor.features`` -> :class:`MemoryCore` -> ``actor.head``.
 
     Args:
@@ -127,26 +163,17 @@ class RecurrentActor(nn.Module):
     def __init__(
         self, actor: nn.Module, kind: str, hidden: int, norm: bool = False, out_norm: bool = False
     ) -> None:
-        super().__init__()
+        super().__init__(kind, hidden, 0, norm, out_norm)
         self.actor: Any = actor
-        self.core = MemoryCore(kind, hidden, norm, out_norm)
 
-    def step(self, batch: dict[str, Tensor]) -> tuple[Distribution, Tensor]:
-        """One step from ``batch["memory"]`` (zeros when the batch has none)."""
-        h, state = self.core.step(self.actor.features(batch), batch)
-        return self.actor.head(h, batch.get("action_mask")), state
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.actor.features(batch)  # type: ignore[no-any-return]
 
-    def sequence(self, batch: dict[str, Tensor]) -> Distribution:
-        """Whole chunks: the encoder runs once over every step, the core step by step."""
-        h, _ = self.core.unroll(self.actor.features(batch), batch)
-        return self.actor.head(h, batch.get("action_mask"))
-
-    def forward(self, batch: dict[str, Tensor]) -> Any:
-        """The distribution of a step or, given ``memory_keep``, of whole chunks."""
-        return self.sequence(batch) if KEEP in batch else self.step(batch)[0]
+    def _head(self, h: Tensor, batch: dict[str, Tensor]) -> Distribution:
+        return self.actor.head(h, batch.get("action_mask"))  # type: ignore[no-any-return]
 
 
-class RecurrentCritic(nn.Module):
+class RecurrentCritic(_Recurrent):
     """A critic with memory: ``critic.features`` -> :class:`MemoryCore` -> ``critic.head``.
 
     Its state is ``memory[..., offset : offset + size]``: the columns after the actor's.
@@ -172,24 +199,14 @@ class RecurrentCritic(nn.Module):
         norm: bool = False,
         out_norm: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(kind, hidden, offset, norm, out_norm)
         self.critic: Any = critic
-        self.core = MemoryCore(kind, hidden, norm, out_norm)
-        self.offset = offset
 
-    def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Values ``[B, N]`` and the critic's next state ``[B, N, size]``."""
-        h, state = self.core.step(self.critic.features(batch), batch, self.offset)
-        return self.critic.head(h), state
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.critic.features(batch)  # type: ignore[no-any-return]
 
-    def sequence(self, batch: dict[str, Tensor]) -> Tensor:
-        """Whole chunks' values ``[L * b, N]``."""
-        h, _ = self.core.unroll(self.critic.features(batch), batch, self.offset)
+    def _head(self, h: Tensor, batch: dict[str, Tensor]) -> Tensor:
         return self.critic.head(h)  # type: ignore[no-any-return]
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Values of a step or, given ``memory_keep``, of whole chunks."""
-        return self.sequence(batch) if KEEP in batch else self.step(batch)[0]
 
 
 class MemoryState:
