@@ -306,24 +306,27 @@ class Learner(OptimizerState):
         R2D2's burn-in, for PPO's chunks: a chunk starting at step ``s`` starts from the
         state the current weights reach after ``min(burn, s)`` steps from the state acting
         stored at ``s - burn`` (resets where ``keep`` says acting reset). The batch's first
-        chunk keeps its stored state; rows inside chunks keep acting's (never read). Chunks
-        with the same burn-in length unroll together, one ``model.step`` per burn-in step.
+        chunk keeps its stored state; rows inside chunks keep acting's (never read). Every
+        chunk unrolls together, ``burn`` calls of ``model.step`` in all: a chunk with fewer
+        steps before it waits at the batch's first state until its own steps come.
         """
         model = self.model
         memory = obs[MEMORY].clone()
         keys = [k for k in model.input_keys if k != MEMORY and k in obs]
-        by_burn: dict[int, list[int]] = {}
-        for s in range(length, memory.shape[0], length):
-            by_burn.setdefault(min(burn, s), []).append(s)
-        for b, starts in by_burn.items():
-            first = torch.tensor([s - b for s in starts], device=memory.device)
-            state = memory[first].flatten(0, 1)
-            for i in range(b):
-                t = first + i
-                _, nxt = model.step({**{k: obs[k][t].flatten(0, 1) for k in keys}, MEMORY: state})
-                assert nxt is not None
-                state = nxt * keep[t + 1].flatten(0, 1).unsqueeze(-1).to(nxt.dtype)
-            memory[first + b] = state.view(len(starts), *memory.shape[1:])
+        starts = torch.arange(length, memory.shape[0], length, device=memory.device)
+        if not len(starts):
+            return memory
+        state = memory[(starts - burn).clamp(min=0)].flatten(0, 1)
+        rows = state.shape[0] // len(starts)
+        for i in range(burn):
+            t = starts - burn + i
+            started = (t >= 0).repeat_interleave(rows).view(-1, *([1] * (state.dim() - 1)))
+            t = t.clamp(min=0)
+            _, nxt = model.step({**{k: obs[k][t].flatten(0, 1) for k in keys}, MEMORY: state})
+            assert nxt is not None
+            nxt = nxt * keep[t + 1].flatten(0, 1).unsqueeze(-1).to(nxt.dtype)
+            state = torch.where(started, nxt, state)
+        memory[starts] = state.view(len(starts), *memory.shape[1:])
         return memory
 
     def _current_obs(
