@@ -76,6 +76,12 @@ class QConfig(BaseModel):
     """Learn from team rewards standardised by their running mean and deviation over every
     collected step (EPyMARL's ``standardise_rewards``): sparse rewards such as LBF's (a few
     hundredths) otherwise give targets too small for the mixer's gradients to move."""
+    reward_center: bool = True
+    """With ``standardise_rewards``: subtract the running mean before dividing by the
+    deviation (EPyMARL's). Off: divide only. Subtracting a constant from every step's reward
+    changes an episodic task's optimum — each step then costs the mean, so once the mean is
+    high (a team that deals damage every step) ending an episode sooner, by losing it too,
+    pays — while a division keeps every policy's order."""
 
 
 def epsilon_at(cfg: QConfig, env_steps: int) -> float:
@@ -197,7 +203,7 @@ class ValueDecomposition(ReplayLearner):
             return reward
         mean = total / count
         std = max(squares / count - mean * mean, 0.0) ** 0.5
-        return (reward - mean) / max(std, 1e-6)
+        return (reward - (mean if self.cfg.reward_center else 0.0)) / max(std, 1e-6)
 
     def _step(self, width: int, device: torch.device) -> dict[str, float]:
         cfg, model = self.cfg, self.model

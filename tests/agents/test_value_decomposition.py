@@ -189,6 +189,18 @@ def test_targets_are_in_units_of_the_standardised_team_reward() -> None:
     torch.testing.assert_close(restored.reward_moments, learner.reward_moments)
 
 
+def test_uncentred_rewards_are_only_divided_by_their_deviation() -> None:
+    # train.reward_center=false: a step with no reward stays at zero (no per-step cost that
+    # would make ending an episode sooner pay), and rewards keep their signs and ratios.
+    _, learner, batch = _vdn_learner(4, gamma=0.0, reward_center=False)
+    team = torch.arange(20.0).view(5, 4)
+    batch.rewards = team.unsqueeze(-1).expand(5, 4, 3) / 3
+    learner.observe(batch)
+    scaled = learner._scaled(team)
+    torch.testing.assert_close(scaled, team / team.std(unbiased=False))
+    assert scaled[0, 0] == 0
+
+
 def test_a_fresh_qmix_mixer_is_near_zero_whatever_the_state_scale() -> None:
     torch.manual_seed(0)
     mixer = QMixer(n_agents=3, state_dim=24, embed=32)
