@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from agents.rollout import RolloutBatch
 from policies.actor_critic import Policy, PolicySpec
+from policies.groups import AgentGroup
 
 #: What acting records per step today (``Policy.act``): an algorithm may ask for no more.
 ACTING_OUTPUTS = frozenset({"logp", "value"})
@@ -73,6 +74,9 @@ the ranks (``None`` on one), so global statistics make K ranks reproduce one."""
 MakePolicy = Callable[[PolicySpec, int, BaseModel], Policy]
 """``policy(spec, n_agents, train_config)``: the policy an algorithm learns, when it is not the
 actor-critic ``model`` describes (``spec``: ``model``'s architecture sized for the env)."""
+MakeGroupedPolicy = Callable[[list[AgentGroup], int, BaseModel], Policy]
+"""``grouped_policy(groups, action_dim, train_config)``: that policy over agent groups (each
+group's spec at its own widths; ``action_dim``: the env's widest)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class AlgorithmSpec:
             (``model.memory`` is refused for an algorithm that does not).
         policy: builds the policy it learns (``None``: the actor-critic ``model`` describes).
         groups: it trains agent groups (``groups``; refused for an algorithm that does not).
+            With its own ``policy``, ``grouped_policy`` builds the grouped one.
+        grouped_policy: builds the policy it learns over agent groups.
         world_model: it learns from imagined batches (``world_model.enabled``).
     """
 
@@ -106,6 +112,7 @@ class AlgorithmSpec:
     policy: MakePolicy | None = None
     groups: bool = True
     world_model: bool = True
+    grouped_policy: MakeGroupedPolicy | None = None
 
     def check(
         self,
@@ -138,8 +145,9 @@ class AlgorithmSpec:
                 f"train.algorithm={self.name} does not train policies with memory on "
                 f"sequence chunks; use model.memory=none or train.algorithm=ppo"
             )
+        grouped = self.groups and (self.policy is None or self.grouped_policy is not None)
         for asked, able, key in (
-            (groups, self.groups, "groups"),
+            (groups, grouped, "groups"),
             (world_model, self.world_model, "world_model"),
         ):
             if asked and not able:
@@ -184,28 +192,33 @@ def _value_decomposition(
     all_reduce_mean: Callable[[Tensor], Tensor] | None,
 ) -> Algorithm:
     from agents.value_decomposition import ValueDecomposition
-    from policies.q import QPolicy
+    from policies.q import MixingPolicy
 
-    assert isinstance(model, QPolicy)
+    assert isinstance(model, MixingPolicy)
     return ValueDecomposition(model, cfg, train_model, all_reduce_mean)
 
 
 def _value_decomposition_spec(mixer: str) -> AlgorithmSpec:
-    """QMIX or VDN, which differ only in the ``QPolicy``'s mixer."""
+    """QMIX or VDN, which differ only in the mixer (``QPolicy``, or ``GroupedQPolicy``)."""
+
+    def mixing(cfg: BaseModel) -> tuple[int, float]:
+        return int(getattr(cfg, "mixer_embed", 32)), float(getattr(cfg, "mixer_init_scale", 0.1))
 
     def policy(spec: PolicySpec, n_agents: int, cfg: BaseModel) -> Policy:
         from policies.q import QPolicy
 
-        return QPolicy(
-            spec, mixer, n_agents, int(getattr(cfg, "mixer_embed", 32)),
-            float(getattr(cfg, "mixer_init_scale", 0.1)),
-        )  # fmt: skip
+        return QPolicy(spec, mixer, n_agents, *mixing(cfg))
+
+    def grouped(groups: list[AgentGroup], action_dim: int, cfg: BaseModel) -> Policy:
+        from policies.q import GroupedQPolicy
+
+        return GroupedQPolicy(groups, mixer, action_dim, *mixing(cfg))
 
     return AlgorithmSpec(
         mixer, _value_decomposition, continuous=False, on_policy=False, layout="transitions",
         metrics=("q_loss", "q_taken", "q_target", "grad_norm", "epsilon", "replay_transitions",
                  "gradient_steps", "lr"),
-        memory=True, policy=policy, groups=False, world_model=False,
+        memory=True, policy=policy, world_model=False, grouped_policy=grouped,
     )  # fmt: skip
 
 

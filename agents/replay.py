@@ -197,8 +197,8 @@ class ReplayLearner(OptimizerState):
         self.updates += 1
         self.observe(batch)
         for opt in self.optimizers():
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_frac
+            for group in opt.param_groups:  # an agent group's own rate, else the run's
+                group["lr"] = group.get("base_lr", cfg.lr) * lr_frac
         steps = cfg.updates_per_batch if self.env_steps >= cfg.learning_starts else 0
         sums = dict.fromkeys(self.step_stats, 0.0)
         for _ in range(steps):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from agents.replay import ReplayLearner
 from agents.rollout import RolloutBatch
 from policies.memory import KEEP, MEMORY
-from policies.q import TAKEN, QPolicy
+from policies.q import TAKEN, GroupedQPolicy, MixingPolicy
 
 
 class QConfig(BaseModel):
@@ -92,8 +92,8 @@ def epsilon_at(cfg: QConfig, env_steps: int) -> float:
 
 @torch.no_grad()
 def td_targets(
-    target: QPolicy,
-    online: QPolicy | None,
+    target: MixingPolicy,
+    online: MixingPolicy | None,
     nxt: dict[str, Tensor],
     reward: Tensor,
     ended: Tensor,
@@ -155,7 +155,8 @@ class ValueDecomposition(ReplayLearner):
     """QMIX / VDN learner for one rank (an ``agents.algorithm.Algorithm``).
 
     Args:
-        model: the :class:`policies.q.QPolicy` the rank acts and learns with.
+        model: the :class:`policies.q.MixingPolicy` the rank acts and learns with (shared
+            utilities, or a network per agent group at the group's own rate).
         cfg: the ``train`` section (:class:`QConfig` and ``lr``, ``gamma``,
             ``max_grad_norm``, ``seed``).
         train_model: the module to call in training (the DDP wrapper on K ranks).
@@ -166,16 +167,21 @@ class ValueDecomposition(ReplayLearner):
 
     def __init__(
         self,
-        model: QPolicy,
+        model: MixingPolicy,
         cfg: Any,
         train_model: nn.Module | None = None,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(model, cfg, all_reduce_mean)
-        self.model: QPolicy = model
+        self.model: MixingPolicy = model
         self.train_model = train_model if train_model is not None else model
         self.target = copy.deepcopy(model).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-5)
+        params: Any = (
+            model.optimizer_groups(cfg.lr)
+            if isinstance(model, GroupedQPolicy)
+            else model.parameters()
+        )
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
         # Team rewards seen over all ranks: count, sum, sum of squares.
         self.reward_moments = torch.zeros(3, dtype=torch.float64)
         model.epsilon.fill_(epsilon_at(cfg, 0))

@@ -221,19 +221,8 @@ class GroupedActorCritic(Policy):
 
     def _view(self, batch: dict[str, Tensor], u: int, own_rows: bool) -> dict[str, Tensor]:
         """What unit ``u``'s actor or critic reads: its agents' rows at its own widths."""
-        spec = self._units[u].spec
-        view = dict(batch)
-        idx = self.unit_agents(u)
-        if "action_mask" in batch:
-            view["action_mask"] = batch["action_mask"][..., : spec.action_dim]
-        if own_rows:
-            for key, dim in _AGENT_DIM.items():
-                if key in view:
-                    view[key] = view[key].index_select(dim, idx)
-            view["obs"] = view["obs"][..., : spec.obs_dim]
-        if MEMORY in view:
-            view[MEMORY] = view[MEMORY][..., : self._units[u].memory_size]
-        return view
+        unit = self._units[u]
+        return unit_view(batch, self.unit_agents(u), unit.spec, unit.memory_size, own_rows)
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Neighbour lists once for every unit (groups share the run's edge settings).
@@ -407,6 +396,28 @@ class GroupedActorCritic(Policy):
         return torch.cat(values, dim=-1).index_select(-1, self._inverse)
 
 
+def unit_view(
+    batch: dict[str, Tensor], idx: Tensor, spec: PolicySpec, memory_size: int, own_rows: bool
+) -> dict[str, Tensor]:
+    """What a network of agents ``idx`` reads of ``batch``, at ``spec``'s own widths.
+
+    Its agents' rows (``own_rows``: an MLP) or the whole graph (an entity network, whose
+    caller keeps its agents' output rows), the action mask cut to its actions and the
+    recurrent states to ``memory_size``.
+    """
+    view = dict(batch)
+    if "action_mask" in batch:
+        view["action_mask"] = batch["action_mask"][..., : spec.action_dim]
+    if own_rows:
+        for key, dim in _AGENT_DIM.items():
+            if key in view:
+                view[key] = view[key].index_select(dim, idx)
+        view["obs"] = view["obs"][..., : spec.obs_dim]
+    if MEMORY in view:
+        view[MEMORY] = view[MEMORY][..., :memory_size]
+    return view
+
+
 def _rows(m: Tensor, idx: Tensor, own: bool) -> Tensor:
     """A unit's agents' rows of per-agent states ``[..., N, S]`` (as they are when ``own``)."""
     return m if own else m.index_select(-2, idx)
@@ -433,6 +444,11 @@ def policy_from_meta(meta: dict[str, Any], **spec_overrides: Any) -> Policy:
     """The (untrained) policy :func:`policy_meta` describes."""
     if "policy_groups" in meta:
         groups = [AgentGroup.from_dict(g) for g in meta["policy_groups"]]
+        if "q_policy" in meta:
+            from policies.q import GroupedQPolicy
+
+            q = meta["q_policy"]
+            return GroupedQPolicy(groups, q["mixer"], meta["action_dim"], q["mixer_embed"])
         return GroupedActorCritic(groups, meta["action_kind"], meta["action_dim"])
     spec = PolicySpec(**{**meta["policy_spec"], **spec_overrides})
     if "q_policy" in meta:

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from policies.actor_critic import ARCHITECTURES, POLICY_KINDS, Policy, PolicySpec
 from policies.distributions import Categorical
+from policies.groups import AgentGroup, unit_view
 from policies.memory import KEEP, MEMORY, MemoryCore
 
 #: The batch key a training pass reads the actions taken from (``QPolicy.forward``).
@@ -124,90 +125,39 @@ class QMixer(nn.Module):
 MIXERS = ("qmix", "vdn")
 
 
-class QPolicy(Policy):
-    """Shared per-agent utilities with a mixer; acts ε-greedily, evaluates greedily.
+class MixingPolicy(Policy):
+    """Per-agent utilities mixed into the team's value; acts ε-greedily, evaluates greedily.
 
-    Args:
-        spec: the encoder (``spec.kind``), its widths and the env's dimensions (discrete
-            actions only) and ``spec.memory``.
-        mixer: ``qmix`` or ``vdn``.
-        n_agents: the team size QMIX's mixer is built for.
-        mixer_embed: QMIX's mixing width.
-        mixer_init_scale: the factor on QMIX's initial mixer weights (:class:`QMixer`).
-
-    Shapes:
-        - input: a batch dict (``Observation.as_dict()``, ``[B, N, ...]``); with memory, the
-          state each agent enters the step with, ``memory [B, N, S]`` (zeros when absent).
-        - :meth:`utilities`: ``[B, N, A]``, illegal actions at ``-inf``.
-        - sequence (with memory): ``L`` steps of ``b`` chunks flattened time-major
-          (``[L * b, ...]``), the chunks' first states ``memory [b, N, S]`` and
-          ``memory_keep [L, b, N]`` (``policies.memory.chunk_keep``) -> ``[L * b, N, A]``.
+    What :class:`QPolicy` (one utility network for every agent) and :class:`GroupedQPolicy`
+    (one per agent group) share: the mixer, ε-greedy acting and the training pass. A subclass
+    computes the utilities (:meth:`step_utilities`, :meth:`utilities`, :meth:`state_after`)
+    and calls :meth:`_mixing` last in its constructor (after its own layers, so a run's
+    initial weights do not depend on this split).
     """
 
     epsilon: Tensor
     """The ε of ε-greedy acting (a buffer: it travels with the weights)."""
+    memory_size: int
+    mixer_kind: str
+    n_agents: int
+    mixer_embed: int
 
-    def __init__(
-        self,
-        spec: PolicySpec,
-        mixer: str,
-        n_agents: int,
-        mixer_embed: int = 32,
-        mixer_init_scale: float = 0.1,
-    ):
-        super().__init__()
-        if spec.kind not in ARCHITECTURES:
-            raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
-        if spec.action_kind != "discrete" or mixer not in MIXERS:
-            raise ValueError(
-                f"a {mixer} policy has discrete actions (got {spec.action_kind}); mixers: {MIXERS}"
-            )
-        self.spec, self.mixer_kind = spec, mixer
-        self.n_agents, self.mixer_embed = n_agents, mixer_embed
-        arch = ARCHITECTURES[spec.kind]
-        encoder = arch.actor(spec)
-        del encoder.head  # its features feed the utility head instead
-        self.encoder = encoder
-        self.core = (
-            MemoryCore(spec.memory, spec.hidden, spec.memory_norm, spec.memory_out_norm)
-            if spec.memory != "none"
-            else None
-        )
-        self.memory_size = self.core.size if self.core is not None else 0
-        self.q_head = nn.Linear(spec.hidden, spec.action_dim)
+    def _mixing(
+        self, mixer: str, n_agents: int, state_dim: int, mixer_embed: int, init_scale: float
+    ) -> None:
+        """Build the mixer over ``n_agents`` utilities and ε (1 until the learner moves it)."""
+        self.mixer_kind, self.n_agents, self.mixer_embed = mixer, n_agents, mixer_embed
         self.mixer: nn.Module = (
-            QMixer(n_agents, spec.state_dim, mixer_embed, init_scale=mixer_init_scale)
+            QMixer(n_agents, state_dim, mixer_embed, init_scale=init_scale)
             if mixer == "qmix"
             else VDNMixer()
         )
         self.value_norm = Identity()
         self.register_buffer("epsilon", torch.ones(()))
-        self.input_keys = frozenset(
-            {"alive", "action_mask", "state"}
-            | arch.inputs(spec)
-            | ({MEMORY} if self.memory_size else set())
-        )
-
-    def meta(self) -> dict[str, Any]:
-        """What a checkpoint records to rebuild this policy."""
-        return {
-            "policy_spec": asdict(self.spec),
-            "q_policy": {"mixer": self.mixer_kind, "n_agents": self.n_agents,
-                         "mixer_embed": self.mixer_embed},
-        }  # fmt: skip
-
-    def _masked(self, h: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        q = self.q_head(h)
-        mask = batch.get("action_mask")
-        return q if mask is None else q.masked_fill(~mask.bool(), float("-inf"))
 
     def step_utilities(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """One step's utilities ``[B, N, A]`` and, with memory, the state after it."""
-        h = self.encoder.features(batch)  # type: ignore[operator]
-        if self.core is None:
-            return self._masked(h, batch), None
-        h, state = self.core.step(h, batch)
-        return self._masked(h, batch), state
+        raise NotImplementedError
 
     def utilities(self, batch: dict[str, Tensor]) -> Tensor:
         """Every agent's utility of every action ``[B, N, A]``; illegal ones ``-inf``.
@@ -216,19 +166,11 @@ class QPolicy(Policy):
         over every step, the core step by step from each chunk's stored state, reset where
         ``memory_keep`` is false, exactly as acting reset it.
         """
-        if self.core is None or KEEP not in batch:
-            return self.step_utilities(batch)[0]
-        return self._masked(self._unroll(batch)[0], batch)
+        raise NotImplementedError
 
-    @torch.no_grad()
     def state_after(self, batch: dict[str, Tensor]) -> Tensor:
         """The state each of a sequence batch's chunks ends with ``[b, N, S]`` (burn-in)."""
-        return self._unroll(batch)[1]
-
-    def _unroll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The core's outputs over whole chunks ``[L * b, N, H]`` and the state after them."""
-        assert self.core is not None
-        return self.core.unroll(self.encoder.features(batch), batch)  # type: ignore[operator]
+        raise NotImplementedError
 
     def mix(self, chosen: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``Q_tot [B]`` from the agents' chosen utilities ``[B, N]`` (dead agents add 0)."""
@@ -288,6 +230,238 @@ class QPolicy(Policy):
             yield
         finally:
             self.epsilon.copy_(kept)
+
+
+class QPolicy(MixingPolicy):
+    """Shared per-agent utilities with a mixer; acts ε-greedily, evaluates greedily.
+
+    Args:
+        spec: the encoder (``spec.kind``), its widths and the env's dimensions (discrete
+            actions only) and ``spec.memory``.
+        mixer: ``qmix`` or ``vdn``.
+        n_agents: the team size QMIX's mixer is built for.
+        mixer_embed: QMIX's mixing width.
+        mixer_init_scale: the factor on QMIX's initial mixer weights (:class:`QMixer`).
+
+    Shapes:
+        - input: a batch dict (``Observation.as_dict()``, ``[B, N, ...]``); with memory, the
+          state each agent enters the step with, ``memory [B, N, S]`` (zeros when absent).
+        - :meth:`utilities`: ``[B, N, A]``, illegal actions at ``-inf``.
+        - sequence (with memory): ``L`` steps of ``b`` chunks flattened time-major
+          (``[L * b, ...]``), the chunks' first states ``memory [b, N, S]`` and
+          ``memory_keep [L, b, N]`` (``policies.memory.chunk_keep``) -> ``[L * b, N, A]``.
+    """
+
+    def __init__(
+        self,
+        spec: PolicySpec,
+        mixer: str,
+        n_agents: int,
+        mixer_embed: int = 32,
+        mixer_init_scale: float = 0.1,
+    ):
+        super().__init__()
+        if spec.kind not in ARCHITECTURES:
+            raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
+        if spec.action_kind != "discrete" or mixer not in MIXERS:
+            raise ValueError(
+                f"a {mixer} policy has discrete actions (got {spec.action_kind}); mixers: {MIXERS}"
+            )
+        self.spec = spec
+        arch = ARCHITECTURES[spec.kind]
+        encoder = arch.actor(spec)
+        del encoder.head  # its features feed the utility head instead
+        self.encoder = encoder
+        self.core = (
+            MemoryCore(spec.memory, spec.hidden, spec.memory_norm, spec.memory_out_norm)
+            if spec.memory != "none"
+            else None
+        )
+        self.memory_size = self.core.size if self.core is not None else 0
+        self.q_head = nn.Linear(spec.hidden, spec.action_dim)
+        self._mixing(mixer, n_agents, spec.state_dim, mixer_embed, mixer_init_scale)
+        self.input_keys = frozenset(
+            {"alive", "action_mask", "state"}
+            | arch.inputs(spec)
+            | ({MEMORY} if self.memory_size else set())
+        )
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild this policy."""
+        return {
+            "policy_spec": asdict(self.spec),
+            "q_policy": {"mixer": self.mixer_kind, "n_agents": self.n_agents,
+                         "mixer_embed": self.mixer_embed},
+        }  # fmt: skip
+
+    def _masked(self, h: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        q = self.q_head(h)
+        mask = batch.get("action_mask")
+        return q if mask is None else q.masked_fill(~mask.bool(), float("-inf"))
+
+    def step_utilities(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """One step's utilities ``[B, N, A]`` and, with memory, the state after it."""
+        h = self.encoder.features(batch)  # type: ignore[operator]
+        if self.core is None:
+            return self._masked(h, batch), None
+        h, state = self.core.step(h, batch)
+        return self._masked(h, batch), state
+
+    def utilities(self, batch: dict[str, Tensor]) -> Tensor:
+        """See :meth:`MixingPolicy.utilities`."""
+        if self.core is None or KEEP not in batch:
+            return self.step_utilities(batch)[0]
+        return self._masked(self._unroll(batch)[0], batch)
+
+    @torch.no_grad()
+    def state_after(self, batch: dict[str, Tensor]) -> Tensor:
+        """The state each of a sequence batch's chunks ends with ``[b, N, S]`` (burn-in)."""
+        return self._unroll(batch)[1]
+
+    def _unroll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The core's outputs over whole chunks ``[L * b, N, H]`` and the state after them."""
+        assert self.core is not None
+        return self.core.unroll(self.encoder.features(batch), batch)  # type: ignore[operator]
+
+
+class GroupedQPolicy(MixingPolicy):
+    """Value decomposition over agent groups: a utility network per group, one mixer.
+
+    Each group (or each agent of an unshared group) has its own :class:`QPolicy`'s utility
+    network at the group's own widths, encoder and memory (``policies.groups.unit_view``: an
+    MLP reads its agents' rows, an entity network the whole graph); its utilities are padded
+    to the env's widest action width with ``-inf``, so a group never takes another's extra
+    actions. One mixer over every agent turns them into the team's value: the groups are one
+    team sharing one reward. Frozen groups and self-play pools belong to competitive setups,
+    which a team value does not describe; they are refused.
+
+    Args:
+        groups: the groups; together they hold every agent slot ``0 .. N-1`` once.
+        mixer: ``qmix`` or ``vdn``.
+        action_dim: the env's widest action width.
+        mixer_embed, mixer_init_scale: as :class:`QPolicy`'s.
+
+    Raises:
+        ValueError: a frozen group or one with a self-play pool, naming it.
+    """
+
+    _inverse: Tensor
+
+    def __init__(
+        self,
+        groups: list[AgentGroup],
+        mixer: str,
+        action_dim: int,
+        mixer_embed: int = 32,
+        mixer_init_scale: float = 0.1,
+    ):
+        super().__init__()
+        slots = sorted(i for g in groups for i in g.agents)
+        if slots != list(range(len(slots))):
+            raise ValueError(f"groups must hold every agent slot once, got {slots}")
+        for g in groups:
+            if not g.train or g.past_share > 0:
+                key = "train=false" if not g.train else "pool.size"
+                raise ValueError(
+                    f"groups.{g.name}.{key}: {mixer} learns one team's value over every "
+                    "group, so it has no frozen groups or self-play pools; remove it or use "
+                    "train.algorithm=ppo"
+                )
+        self.groups, self.action_dim = groups, action_dim
+        self.units = nn.ModuleList()
+        self._units: list[QPolicy] = []  # the same modules, typed
+        self.unit_group: list[int] = []
+        agents: list[Tensor] = []
+        for gi, g in enumerate(groups):
+            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
+                unit = QPolicy(g.spec, "vdn", len(members))
+                self.units.append(unit)
+                self._units.append(unit)
+                self.unit_group.append(gi)
+                agents.append(torch.tensor(members, dtype=torch.long))
+        for u, idx in enumerate(agents):
+            self.register_buffer(f"_agents_{u}", idx, persistent=False)
+        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
+        self._own = [ARCHITECTURES[u.spec.kind] is ARCHITECTURES["mlp"] for u in self._units]
+        self.memory_size = max(u.memory_size for u in self._units)
+        self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
+        spec = groups[0].spec
+        self._mixing(mixer, len(slots), spec.state_dim, mixer_embed, mixer_init_scale)
+
+    def unit_agents(self, u: int) -> Tensor:
+        """Agent slots of unit ``u``."""
+        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
+
+    def group_agents(self) -> dict[str, list[int]]:
+        """Each group's agent slots, by name."""
+        return {g.name: list(g.agents) for g in self.groups}
+
+    def group_units(self, name: str) -> list[int]:
+        """The units of group ``name``."""
+        gi = [g.name for g in self.groups].index(name)
+        return [u for u, i in enumerate(self.unit_group) if i == gi]
+
+    def meta(self) -> dict[str, Any]:
+        """Every group's settings (``policy_groups``), the action width and the mixer."""
+        return {
+            "policy_groups": [g.as_dict() for g in self.groups],
+            "action_kind": "discrete",
+            "action_dim": self.action_dim,
+            "q_policy": {"mixer": self.mixer_kind, "n_agents": self.n_agents,
+                         "mixer_embed": self.mixer_embed},
+        }  # fmt: skip
+
+    def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam parameter groups: each unit at its group's rate, the mixer at ``lr``."""
+        out = []
+        for unit, gi in zip(self._units, self.unit_group, strict=True):
+            rate = self.groups[gi].lr or lr
+            out.append({"params": list(unit.parameters()), "lr": rate, "base_lr": rate})
+        mixer = list(self.mixer.parameters())
+        return out + ([{"params": mixer, "lr": lr, "base_lr": lr}] if mixer else [])
+
+    def _view(self, batch: dict[str, Tensor], u: int) -> dict[str, Tensor]:
+        unit = self._units[u]
+        return unit_view(batch, self.unit_agents(u), unit.spec, unit.memory_size, self._own[u])
+
+    def _slots(self, parts: list[Tensor], fill: float, width: int) -> Tensor:
+        """Units' per-agent rows ``[..., n_u, w_u]`` padded to ``width``, in slot order."""
+        padded = [F.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts]
+        return torch.cat(padded, dim=-2).index_select(-2, self._inverse)
+
+    def _rows(self, x: Tensor, u: int) -> Tensor:
+        return x if self._own[u] else x.index_select(-2, self.unit_agents(u))
+
+    def step_utilities(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """See :meth:`MixingPolicy.step_utilities`; a unit without memory keeps zeros."""
+        qs, states = [], []
+        for u, unit in enumerate(self._units):
+            q, state = unit.step_utilities(self._view(batch, u))
+            qs.append(self._rows(q, u))
+            if state is None:
+                state = q.new_zeros(*q.shape[:-1], 0)
+            states.append(self._rows(state, u))
+        q = self._slots(qs, float("-inf"), self.action_dim)
+        return q, self._slots(states, 0.0, self.memory_size) if self.memory_size else None
+
+    def utilities(self, batch: dict[str, Tensor]) -> Tensor:
+        """See :meth:`MixingPolicy.utilities`."""
+        qs = [self._rows(unit.utilities(self._view(batch, u)), u)
+              for u, unit in enumerate(self._units)]  # fmt: skip
+        return self._slots(qs, float("-inf"), self.action_dim)
+
+    @torch.no_grad()
+    def state_after(self, batch: dict[str, Tensor]) -> Tensor:
+        """See :meth:`MixingPolicy.state_after`; a unit without memory keeps zeros."""
+        states = []
+        for u, unit in enumerate(self._units):
+            view = self._view(batch, u)
+            if unit.core is None:
+                first = view[MEMORY]
+                states.append(self._rows(first.new_zeros(*first.shape[:-1], 0), u))
+            else:
+                states.append(self._rows(unit.state_after(view), u))
+        return self._slots(states, 0.0, self.memory_size)
 
 
 def _greedy(q: Tensor) -> Tensor:

@@ -167,9 +167,20 @@ def build_policy(
     Raises:
         GroupError: a group that does not fit the env.
     """
-    base = model.spec(env)
     if not groups:
-        return ActorCritic(base)
+        return ActorCritic(model.spec(env))
+    return GroupedActorCritic(build_groups(model, groups, env), env.action_kind, env.action_dim)
+
+
+def build_groups(
+    model: ModelConfig, groups: dict[str, GroupConfig], env: VecMultiAgentEnv
+) -> list[AgentGroup]:
+    """Each group of ``groups`` with its agents and its policy spec at its own widths.
+
+    Raises:
+        GroupError: a group that does not fit the env.
+    """
+    base = model.spec(env)
     infos = env.agent_info()
     built = []
     for gname, slots in assign_agents(groups, infos).items():
@@ -200,7 +211,7 @@ def build_policy(
             )
         share = g.pool.share if g.pool.size else 0.0
         built.append(AgentGroup(gname, tuple(slots), spec, g.train, g.share, g.lr, share))
-    return GroupedActorCritic(built, env.action_kind, env.action_dim)
+    return built
 
 
 def check_inits(groups: dict[str, GroupConfig]) -> None:

@@ -20,7 +20,7 @@ from agents.soft_actor_critic import SACConfig
 from agents.value_decomposition import QConfig, sequence_length
 from agents.world_model import ModelTrainer, trainer_for
 from envs import EnvSettings, VecMultiAgentEnv
-from orchestrator.config.groups import GroupConfig, GroupError, build_policy
+from orchestrator.config.groups import GroupConfig, GroupError, build_groups, build_policy
 from policies import EDGE_MODES, ActorCritic, PolicySpec
 from policies.actor_critic import ARCHITECTURES, Policy
 from policies.observation_model import ObservationWorldModel, layout
@@ -495,10 +495,18 @@ class Config(_Section):
                            self.world_model.enabled)  # fmt: skip
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            return spec.policy(self.model.spec(env), env.n_agents, self.train)
+            if not self.groups:
+                return spec.policy(self.model.spec(env), env.n_agents, self.train)
         try:
-            return build_policy(self.model, self.groups, env)
+            if spec.policy is None:
+                return build_policy(self.model, self.groups, env)
+            groups = build_groups(self.model, self.groups, env)
         except GroupError as e:
+            raise ConfigError(str(e)) from None
+        assert spec.grouped_policy is not None  # spec.check refused groups otherwise
+        try:  # what the algorithm's groups cannot be (frozen, self-play), naming the key
+            return spec.grouped_policy(groups, env.action_dim, self.train)
+        except ValueError as e:
             raise ConfigError(str(e)) from None
 
     def reserved_cpus(self) -> float:

@@ -21,6 +21,7 @@ import torch
 
 from policies.actor_critic import Policy
 from policies.groups import GroupedActorCritic, policy_from_meta, policy_meta
+from policies.q import GroupedQPolicy
 
 CKPT_PREFIX = "step-"
 # Counted per run, not restored from a checkpoint older than them.
@@ -284,7 +285,8 @@ def copy_group(model: Policy, source: Policy, group: str) -> None:
     Raises:
         ValueError: either has no such group, or the two policies differ in shape; one line.
     """
-    if not isinstance(model, GroupedActorCritic) or not isinstance(source, GroupedActorCritic):
+    grouped = (GroupedActorCritic, GroupedQPolicy)
+    if not isinstance(model, grouped) or not isinstance(source, grouped):
         raise ValueError("copying a group's weights needs agent groups on both sides")
     names = [g.name for g in source.groups]
     if group not in names:
@@ -298,9 +300,12 @@ def copy_group(model: Policy, source: Policy, group: str) -> None:
             raise ValueError(f"{len(src)} policies there, {len(dst)} here")
         for a, b in zip(dst, src, strict=True):
             a.load_state_dict(b.state_dict())
+        past: dict[str, torch.nn.Module] = (
+            dict(model.past.items()) if isinstance(model, GroupedActorCritic) else {}
+        )
         for u in model.group_units(group):  # a self-play past version starts from it too
-            if str(u) in model.past:
-                model.past[str(u)].load_state_dict(model.units[u].state_dict())
+            if str(u) in past:
+                past[str(u)].load_state_dict(model.units[u].state_dict())
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"its '{group}' policy does not fit this one: {first}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.runtime.checkpoint import load_checkpoint, policy_from_checkpoint
 from orchestrator.runtime.driver import preflight, run_training
 from policies.actor_critic import PolicySpec
+from policies.groups import AgentGroup
 from policies.memory import KEEP, MEMORY, chunk_keep
-from policies.q import TAKEN, QMixer, QPolicy, VDNMixer
+from policies.q import TAKEN, GroupedQPolicy, QMixer, QPolicy, VDNMixer
 from tests.agents.relay import RELAY, RUN, train_on_relay
 
 
@@ -402,3 +404,95 @@ def test_the_cue_task_is_learned_with_recurrent_utilities_and_stays_at_chance_wi
         results[memory] = evaluate(run, episodes=400, which="latest")["mean"]  # carries memory
     assert results["gru"] > 1.8, results
     assert abs(results["none"] - 0.5) < 0.15, results
+
+
+# -- agent groups: a utility network per group, one mixer --------------------------------
+
+SPEAKER_LISTENER = "pettingzoo:mpe2.simple_speaker_listener_v4"
+
+
+def test_grouped_utilities_keep_each_groups_widths_actions_and_rate() -> None:
+    # speaker: 3 observations, 3 actions; listener: 11 and 5 (the adapter pads to the widest).
+    cfg = load_config("spread-mlp", [
+        *RUN, f"env.name={SPEAKER_LISTENER}", "env.num_envs=4", "train.algorithm=qmix",
+        "groups.speaker.lr=0.01", "groups.listener.model.hidden=24", "model.hidden=16",
+        "train.rollout_len=8", "train.learning_starts=0", "train.replay_batch=16",
+    ])  # fmt: skip
+    env = cfg.env.make(4, 0, torch.device("cpu"))
+    model = cfg.build_policy(env)
+    assert isinstance(model, GroupedQPolicy) and model.n_agents == 2
+    speaker, listener = model.units
+    assert speaker.encoder.body[0].in_features == 3 and speaker.q_head.out_features == 3
+    assert listener.encoder.body[0].in_features == 11 and listener.q_head.out_features == 5
+    assert listener.q_head.in_features == 24
+
+    obs = env.reset(seed=1).as_dict()
+    q = model.utilities(obs)
+    assert q.shape == (4, 2, 5) and bool((q[:, 0, 3:] == float("-inf")).all())
+    padded = {**obs, "obs": obs["obs"].clone()}
+    padded["obs"][:, 0, 3:] = 7.0  # the speaker's padding: its utilities must not read it
+    padded["obs"][:, 1] += 1.0  # the listener's observation moves only the listener's
+    moved = model.utilities(padded)
+    torch.testing.assert_close(moved[:, 0], q[:, 0])
+    assert not torch.allclose(moved[:, 1], q[:, 1])
+    for _ in range(10):  # ε = 1 at first: the speaker's random actions stay in its own 3
+        action = model.act(obs)[0]
+        assert int(action[:, 0].max()) < 3
+        obs = env.step(action).observation.as_dict()
+
+    learner = ValueDecomposition(model, cfg.train)
+    worker = RolloutWorker(env, model, cfg.train.rollout_len, seed=0)
+    stats = learner.update(worker.collect(), lr_frac=0.5)
+    assert stats["gradient_steps"] > 0 and all(v == v for v in stats.values())
+    rates = [g["lr"] for g in learner.optimizer.param_groups]
+    assert rates == [0.005, cfg.train.lr * 0.5, cfg.train.lr * 0.5]  # speaker, listener, mixer
+    env.close()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("second", ["none", "lstm"])
+def test_grouped_recurrent_chunks_unroll_to_what_acting_gave(kind: str, second: str) -> None:
+    # Two groups with different memories (a GRU beside no memory or a wider LSTM state): each
+    # slot's state is padded to the widest, and each unit unrolls its own part of it.
+    torch.manual_seed(0)
+    env = envs.make("cue", num_envs=6, n_agents=2, max_cycles=3, seed=0)
+    spec = PolicySpec(kind, env.obs_dim, env.state_dim, env.node_dim, "discrete",
+                      env.action_dim, hidden=16, memory="gru")  # fmt: skip
+    groups = [AgentGroup("first", (0,), spec),
+              AgentGroup("second", (1,), replace(spec, memory=second))]  # fmt: skip
+    model = GroupedQPolicy(groups, "qmix", env.action_dim)
+    assert model.memory_size == max(u.memory_size for u in model.units)
+    batch = RolloutWorker(env, model, rollout_len=12, seed=1).collect()
+    replay = Replay(10_000, model.input_keys)
+    replay.add(batch)
+    at = (torch.zeros(6, dtype=torch.long), torch.tensor([0, 1, 2, 3, 2, 1]), torch.arange(6))
+    obs, _ = replay.take_chunks(*at, 8)
+    with torch.no_grad():
+        greedy = model.utilities(obs).amax(-1).view(9, 6, 2)
+        for burn in (1, 2):
+            head, tail, keep = split_chunks(obs, burn)
+            rest = model.utilities({**tail, MEMORY: model.state_after(head) * keep})
+            torch.testing.assert_close(rest.amax(-1).view(-1, 6, 2), greedy[burn:], atol=1e-6,
+                                       rtol=0)  # fmt: skip
+    starts = at[1].tolist()
+    acted = torch.stack([batch.values[t : t + 9, i] for i, t in enumerate(starts)], dim=1)
+    torch.testing.assert_close(greedy, acted, atol=1e-5, rtol=0)
+
+
+def test_grouped_qmix_learns_checkpoints_and_refuses_what_a_team_value_cannot_be(
+    tmp_path: Path,
+) -> None:
+    groups = ["groups.pair.agents=a[01]", "groups.pair.share=false", "groups.last.agents=a2"]
+    run_dir, ckpt = train_on_relay(tmp_path, "qmix", 12000, "train.epsilon_steps=4000",
+                                   *groups)  # fmt: skip
+    assert [g["name"] for g in ckpt["meta"]["policy_groups"]] == ["pair", "last"]
+    model = policy_from_checkpoint(ckpt)
+    assert isinstance(model, GroupedQPolicy) and len(model.units) == 3  # a0, a1 unshared
+    assert evaluate(run_dir, episodes=16)["mean"] >= 10.0
+
+    frozen = [*groups, "groups.last.train=false", "train.algorithm=qmix"]
+    with pytest.raises(ConfigError, match=r"groups.last.train=false: qmix learns one team"):
+        preflight(load_config("spread-mlp", [*RUN, f"env.name={RELAY}", *frozen]))
+    with pytest.raises(ConfigError, match=r"train.algorithm=masac does not train with groups"):
+        preflight(load_config("spread-mlp", [*RUN, f"env.name={RELAY}", *groups,
+                                             "train.algorithm=masac"]))  # fmt: skip
