@@ -235,9 +235,10 @@ def _soft_actor_critic(
     all_reduce_mean: Callable[[Tensor], Tensor] | None,
 ) -> Algorithm:
     from agents.soft_actor_critic import SoftActorCritic
-    from policies.sac import SACPolicy
+    from policies.sac import GroupedSACPolicy, SACPolicy
 
-    assert isinstance(model, SACPolicy)  # gradients are averaged by the learner itself
+    # gradients are averaged by the learner itself
+    assert isinstance(model, (SACPolicy, GroupedSACPolicy))
     return SoftActorCritic(model, cfg, all_reduce_mean)
 
 
@@ -249,11 +250,17 @@ def _soft_actor_critic_spec(name: str) -> AlgorithmSpec:
 
         return SACPolicy(spec, n_agents, centralised=name == "masac")
 
+    def grouped(groups: list[AgentGroup], action_dim: int, cfg: BaseModel) -> Policy:
+        from policies.sac import GroupedSACPolicy
+
+        kind = groups[0].spec.action_kind
+        return GroupedSACPolicy(groups, name == "masac", kind, action_dim)
+
     return AlgorithmSpec(
         name, _soft_actor_critic, on_policy=False, layout="transitions",
         metrics=("q_loss", "actor_loss", "q_taken", "entropy", "grad_norm", "alpha",
                  "replay_transitions", "gradient_steps", "lr"),
-        policy=policy, groups=False, world_model=False,
+        policy=policy, world_model=False, grouped_policy=grouped,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from agents.replay import ReplayLearner
-from policies.sac import SACPolicy, discrete_probs
+from policies.sac import GroupedSACPolicy, SACPolicy, discrete_probs
 
 
 class SACConfig(BaseModel):
@@ -58,7 +58,7 @@ class SACConfig(BaseModel):
 
 @torch.no_grad()
 def soft_targets(
-    model: SACPolicy,
+    model: SACPolicy | GroupedSACPolicy,
     target: nn.ModuleList,
     nxt: dict[str, Tensor],
     rewards: Tensor,
@@ -71,13 +71,13 @@ def soft_targets(
 
     ``a' ~ π`` of ``model``'s current actor (an exact expectation over discrete actions; for
     continuous ones ``noise`` is the sample's standard normal draw); ``target`` holds the
-    target critics.
+    target critics; ``alpha`` is each agent's temperature ``[N]`` (or one for all).
     """
     following = model.policy(nxt)
     if model.discrete:
         probs, logp = discrete_probs(following)  # type: ignore[arg-type]
         q_next = torch.min(*model.q(nxt, critics=target))
-        v_next = (probs * (q_next - alpha * logp)).sum(-1)
+        v_next = (probs * (q_next - alpha.unsqueeze(-1) * logp)).sum(-1)
     else:
         a_next, logp_next = following.rsample(noise)  # type: ignore[union-attr]
         v_next = torch.min(*model.q(nxt, a_next, target)) - alpha * logp_next
@@ -88,7 +88,9 @@ class SoftActorCritic(ReplayLearner):
     """MASAC / ISAC learner for one rank (an ``agents.algorithm.Algorithm``).
 
     Args:
-        model: the :class:`policies.sac.SACPolicy` the rank acts and learns with.
+        model: the :class:`policies.sac.SACPolicy` the rank acts and learns with, or a
+            :class:`policies.sac.GroupedSACPolicy` (one temperature per group's policy, a
+            frozen group's agents weigh nothing).
         cfg: the ``train`` section (:class:`SACConfig`, the replay's settings, ``lr``,
             ``gamma``, ``max_grad_norm``, ``seed``).
         all_reduce_mean: averages a tensor over ranks (``None`` on one).
@@ -98,23 +100,35 @@ class SoftActorCritic(ReplayLearner):
 
     def __init__(
         self,
-        model: SACPolicy,
+        model: SACPolicy | GroupedSACPolicy,
         cfg: Any,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(model, cfg, all_reduce_mean)
-        self.model: SACPolicy = model
-        self.target = copy.deepcopy(model.critics).requires_grad_(False)
-        self.actor_params = [*model.encoder.parameters(), *model.pi.parameters()]
-        self.critic_params = list(model.critics.parameters())
+        self.model: SACPolicy | GroupedSACPolicy = model
+        self.critics = model.critic_list()
+        self.target = copy.deepcopy(self.critics).requires_grad_(False)
+        self.actor_params = model.actor_parameters()
+        self.critic_params = [p for p in self.critics.parameters() if p.requires_grad]
+        if not self.actor_params:
+            raise ValueError("every agent group is frozen (train=false): nothing to train")
         device = next(model.parameters()).device
-        self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.alpha_init), device=device))
+        # One temperature per policy (per group's with groups), each agent slot's in ``units``.
+        units, widths = model.temperatures()
+        self.units = units.to(device)
+        self.log_alpha = nn.Parameter(
+            torch.full((len(widths),), math.log(cfg.alpha_init), device=device)
+        )
         self.optimizer = torch.optim.Adam(self.actor_params, lr=cfg.lr, eps=1e-5)
         self.critic_optimizer = torch.optim.Adam(self.critic_params, lr=cfg.lr, eps=1e-5)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=cfg.lr, eps=1e-5)
-        a = model.spec.action_dim
-        auto = cfg.target_entropy_scale * math.log(a) if model.discrete else -float(a)
-        self.target_entropy = auto if cfg.target_entropy is None else float(cfg.target_entropy)
+        auto = [cfg.target_entropy_scale * math.log(a) if model.discrete else -float(a)
+                for a in widths]  # fmt: skip
+        fixed = cfg.target_entropy
+        self.target_entropy = torch.tensor(
+            auto if fixed is None else [float(fixed)] * len(widths), device=device
+        )
+        self.learns = getattr(model, "train_mask", torch.ones(len(units), dtype=torch.bool))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The actor's, the critics' and the temperature's."""
@@ -122,7 +136,7 @@ class SoftActorCritic(ReplayLearner):
 
     def after_batch(self) -> dict[str, float]:
         """The temperature now."""
-        return {"alpha": float(self.log_alpha.detach().exp())}
+        return {"alpha": float(self.log_alpha.detach().exp().mean())}
 
     def _descend(self, opt: torch.optim.Optimizer, loss: Tensor, params: list[Any]) -> Tensor:
         opt.zero_grad(set_to_none=True)
@@ -136,9 +150,10 @@ class SoftActorCritic(ReplayLearner):
         cfg, model = self.cfg, self.model
         now, nxt, rest = self.replay.take(*self.draw(width, device))
         dtype = rest["rewards"].dtype
-        weight = rest["valid"].unsqueeze(-1).to(dtype) * now["alive"].to(dtype)
+        live = now["alive"] & self.learns.to(device)
+        weight = rest["valid"].unsqueeze(-1).to(dtype) * live.to(dtype)
         total = self.rank_count(weight.sum())
-        alpha = self.log_alpha.detach().exp()
+        alpha = self.log_alpha.detach().exp()[self.units]  # [N]
 
         noise: list[Tensor | None] = [None, None]
         if not model.discrete:  # drawn for all ranks' transitions: K ranks sample as one
@@ -155,13 +170,14 @@ class SoftActorCritic(ReplayLearner):
         q_loss = (weight * ((q1 - y).square() + (q2 - y).square())).sum() / total
         critic_norm = self._descend(self.critic_optimizer, q_loss, self.critic_params)
 
-        model.critics.requires_grad_(False)
+        for p in self.critic_params:
+            p.requires_grad_(False)
         try:
             d = model.policy(now)
             if model.discrete:
                 probs, logp = discrete_probs(d)  # type: ignore[arg-type]
                 q_now = torch.min(*model.q(now))
-                per_agent = (probs * (alpha * logp - q_now)).sum(-1)
+                per_agent = (probs * (alpha.unsqueeze(-1) * logp - q_now)).sum(-1)
                 entropy = -(probs * logp).sum(-1)
             else:
                 action, logp_a = d.rsample(noise[1])  # type: ignore[union-attr]
@@ -170,14 +186,22 @@ class SoftActorCritic(ReplayLearner):
             actor_loss = (weight * per_agent).sum() / total
             actor_norm = self._descend(self.optimizer, actor_loss, self.actor_params)
         finally:
-            model.critics.requires_grad_(True)
+            for p in self.critic_params:
+                p.requires_grad_(True)
 
-        mean_entropy = (weight * entropy.detach()).sum() / total
-        if cfg.autotune_alpha:
-            alpha_loss = self.log_alpha * (mean_entropy - self.target_entropy)
+        weighted = weight * entropy.detach()
+        mean_entropy = weighted.sum() / total
+        if cfg.autotune_alpha:  # each temperature by its own agents' mean entropy
+            n = len(self.log_alpha)
+            sums = weighted.new_zeros(n).index_add_(0, self.units, weighted.sum(0))
+            counts = weight.new_zeros(n).index_add_(0, self.units, weight.sum(0))
+            counts = self.all_reduce_mean(counts) if self.all_reduce_mean else counts
+            learnt = (counts > 0).to(dtype)  # a frozen group's temperature stays
+            gap = (sums / counts.clamp_min(1.0) - self.target_entropy) * learnt
+            alpha_loss = (self.log_alpha * gap).sum()
             self._descend(self.alpha_optimizer, alpha_loss, [self.log_alpha])
         self.gradient_steps += 1
-        self.follow(model.critics, self.target)
+        self.follow(self.critics, self.target)
         with torch.no_grad():
             stats = torch.stack([
                 q_loss.detach(), actor_loss.detach(), (weight * q1.detach()).sum() / total,
@@ -201,6 +225,6 @@ class SoftActorCritic(ReplayLearner):
         """Restore :meth:`state_dict`'s (a checkpoint without a replay: it starts empty)."""
         super().load_state_dict(state)
         self.target.load_state_dict(state["target"])
-        self.log_alpha.data.copy_(state["log_alpha"])
+        self.log_alpha.data.copy_(state["log_alpha"].reshape(self.log_alpha.shape))
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])

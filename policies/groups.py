@@ -449,6 +449,11 @@ def policy_from_meta(meta: dict[str, Any], **spec_overrides: Any) -> Policy:
 
             q = meta["q_policy"]
             return GroupedQPolicy(groups, q["mixer"], meta["action_dim"], q["mixer_embed"])
+        if "sac_policy" in meta:
+            from policies.sac import GroupedSACPolicy
+
+            centralised = meta["sac_policy"]["centralised"]
+            return GroupedSACPolicy(groups, centralised, meta["action_kind"], meta["action_dim"])
         return GroupedActorCritic(groups, meta["action_kind"], meta["action_dim"])
     spec = PolicySpec(**{**meta["policy_spec"], **spec_overrides})
     if "q_policy" in meta:

@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from policies.actor_critic import ARCHITECTURES, POLICY_KINDS, Policy, PolicySpec
-from policies.distributions import Categorical
+from policies.distributions import _MASKED_LOGIT, Categorical
+from policies.groups import AgentGroup, unit_view
 from policies.q import Identity
 
 #: log-std bounds of the squashed Gaussian (SAC's usual ``[-5, 2]``).
@@ -193,20 +195,215 @@ class SACPolicy(Policy):
         ``critics``: another pair of the same shape (a learner's target critics) in place of
         the policy's own.
         """
-        extra = [batch["state"].unsqueeze(-2).expand(*batch["alive"].shape, -1)] if (
-            self.uses_state) else []  # fmt: skip
+        rows = batch["alive"].shape  # the agents whose values come out (a group's own rows)
+        extra = [batch["state"].unsqueeze(-2).expand(*rows, -1)] if self.uses_state else []
         if not self.discrete:
             assert actions is not None
-            if self.centralised:
-                joint = actions.flatten(-2).unsqueeze(-2).expand(*actions.shape[:-1], -1)
-                extra.append(joint)
+            if self.centralised:  # every agent's action, whichever rows are valued
+                extra.append(actions.flatten(-2).unsqueeze(-2).expand(*rows, -1))
             else:
                 extra.append(actions)
         out = [critic(batch, extra) for critic in (self.critics if critics is None else critics)]
         return out if self.discrete else [q.squeeze(-1) for q in out]
 
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """The actor's parameters (the encoder and the policy head)."""
+        return [*self.encoder.parameters(), *self.pi.parameters()]
+
+    def critic_list(self) -> nn.ModuleList:
+        """The twin critics (a learner keeps a target copy of them)."""
+        return self.critics
+
+    def temperatures(self) -> tuple[Tensor, list[int]]:
+        """Which entropy temperature each agent slot uses ``[N]`` and each one's action width.
+
+        One for every agent of a shared policy.
+        """
+        return torch.zeros(self.n_agents, dtype=torch.long), [self.spec.action_dim]
+
     def dist(self, batch: dict[str, Tensor]) -> Any:
         """The actor's distribution; its mode inside :meth:`evaluating`."""
+        d = self.policy(batch)
+        return _Mode(d) if self.greedy else d
+
+    def value(self, batch: dict[str, Tensor]) -> Tensor:
+        """Zeros ``[B, N]``: rollouts do not bootstrap a replay learner."""
+        return torch.zeros(batch["alive"].shape, device=batch["alive"].device)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Act with the mode inside."""
+        kept, self.greedy = self.greedy, True
+        try:
+            yield
+        finally:
+            self.greedy = kept
+
+
+class GroupedSACPolicy(Policy):
+    """Soft actor-critic over agent groups: an actor and twin critics per group.
+
+    Each group (or each agent of a group with ``share=false``) has its own
+    :class:`SACPolicy` at the group's own widths, read through the same views as
+    ``GroupedActorCritic``'s (``policies.groups.unit_view``); every agent learns from its own
+    reward, so groups may compete. A frozen group (``train=false``) acts with its weights and
+    learns nothing. MASAC's critics of every group read the state and, for continuous actions,
+    every agent's action. Discrete actions may differ in number between groups (a group's
+    extra actions get no probability); continuous ones must have the env's width, as the
+    joint action a critic reads is one row of the env's width per agent.
+
+    Args:
+        groups: the groups; together they hold every agent slot ``0 .. N-1`` once.
+        centralised: MASAC or ISAC.
+        action_kind, action_dim: the env's (its widest action width).
+
+    Raises:
+        ValueError: a group with a self-play pool, or with a continuous action width of its
+            own, naming it.
+    """
+
+    unit_of_agent: Tensor
+    train_mask: Tensor
+    _inverse: Tensor
+
+    def __init__(
+        self, groups: list[AgentGroup], centralised: bool, action_kind: str, action_dim: int
+    ) -> None:
+        super().__init__()
+        slots = sorted(i for g in groups for i in g.agents)
+        if slots != list(range(len(slots))):
+            raise ValueError(f"groups must hold every agent slot once, got {slots}")
+        name = "masac" if centralised else "isac"
+        for g in groups:
+            if g.past_share > 0:
+                raise ValueError(
+                    f"groups.{g.name}.pool.size: {name} does not play past versions yet; "
+                    "remove it or use train.algorithm=ppo"
+                )
+            if action_kind != "discrete" and g.spec.action_dim != action_dim:
+                raise ValueError(
+                    f"groups.{g.name}: its {g.spec.action_dim} continuous actions differ from "
+                    f"the env's {action_dim}; {name} with groups needs one continuous width"
+                )
+        self.groups, self.centralised = groups, centralised
+        self.action_kind, self.action_dim = action_kind, action_dim
+        self.discrete = action_kind == "discrete"
+        self.n_agents = len(slots)
+        self.units = nn.ModuleList()
+        self._units: list[SACPolicy] = []  # the same modules, typed
+        self.unit_group: list[int] = []
+        agents: list[Tensor] = []
+        for gi, g in enumerate(groups):
+            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
+                unit = SACPolicy(g.spec, self.n_agents, centralised)
+                unit.requires_grad_(g.train)
+                self.units.append(unit)
+                self._units.append(unit)
+                self.unit_group.append(gi)
+                agents.append(torch.tensor(members, dtype=torch.long))
+        unit_of_agent = torch.empty(self.n_agents, dtype=torch.long)
+        for u, idx in enumerate(agents):
+            unit_of_agent[idx] = u
+            self.register_buffer(f"_agents_{u}", idx, persistent=False)
+        self.register_buffer("unit_of_agent", unit_of_agent, persistent=False)
+        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
+        train = torch.tensor([groups[self.unit_group[int(u)]].train for u in unit_of_agent])
+        self.register_buffer("train_mask", train, persistent=False)
+        self._own = [ARCHITECTURES[u.spec.kind] is ARCHITECTURES["mlp"] for u in self._units]
+        self.value_norm = Identity()
+        self.greedy = False
+        self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
+
+    def unit_agents(self, u: int) -> Tensor:
+        """Agent slots of unit ``u``."""
+        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
+
+    def group_agents(self) -> dict[str, list[int]]:
+        """Each group's agent slots, by name."""
+        return {g.name: list(g.agents) for g in self.groups}
+
+    def group_units(self, name: str) -> list[int]:
+        """The units of group ``name``."""
+        gi = [g.name for g in self.groups].index(name)
+        return [u for u, i in enumerate(self.unit_group) if i == gi]
+
+    def meta(self) -> dict[str, Any]:
+        """Every group's settings (``policy_groups``), the action space and the critics."""
+        return {
+            "policy_groups": [g.as_dict() for g in self.groups],
+            "action_kind": self.action_kind,
+            "action_dim": self.action_dim,
+            "sac_policy": {"n_agents": self.n_agents, "centralised": self.centralised},
+        }
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """The trained groups' actors' parameters."""
+        return [p for u in self._units for p in u.actor_parameters() if p.requires_grad]
+
+    def critic_list(self) -> nn.ModuleList:
+        """Every unit's twin critics, unit by unit (frozen ones take no gradient)."""
+        return nn.ModuleList([u.critics for u in self._units])
+
+    def temperatures(self) -> tuple[Tensor, list[int]]:
+        """One temperature per unit: each agent slot's ``[N]`` and each one's action width."""
+        return self.unit_of_agent.cpu(), [u.spec.action_dim for u in self._units]
+
+    def _view(self, batch: dict[str, Tensor], u: int) -> dict[str, Tensor]:
+        return unit_view(batch, self.unit_agents(u), self._units[u].spec, 0, self._own[u])
+
+    def _rows(self, x: Tensor, u: int, dim: int) -> Tensor:
+        return x if self._own[u] else x.index_select(dim, self.unit_agents(u))
+
+    def _slots(self, parts: list[Tensor], dim: int) -> Tensor:
+        return torch.cat(parts, dim=dim).index_select(dim, self._inverse)
+
+    def policy(self, batch: dict[str, Tensor]) -> Categorical | SquashedGaussian:
+        """Every agent's distribution from its unit's actor ``[B, N]``."""
+        parts = [unit.policy(self._view(batch, u)) for u, unit in enumerate(self._units)]
+        if self.discrete:
+            cats = [d for d in parts if isinstance(d, Categorical)]
+            logits = [
+                F.pad(self._rows(d.logits, u, -2), (0, self.action_dim - d.logits.shape[-1]),
+                      value=_MASKED_LOGIT)
+                for u, d in enumerate(cats)
+            ]  # fmt: skip
+            return Categorical(self._slots(logits, -2))
+        gauss = [d for d in parts if isinstance(d, SquashedGaussian)]
+        mean = self._slots([self._rows(d.mean, u, -2) for u, d in enumerate(gauss)], -2)
+        log_std = self._slots([self._rows(d.log_std, u, -2) for u, d in enumerate(gauss)], -2)
+        spec = self._units[0].spec
+        return SquashedGaussian(mean, log_std, spec.action_low, spec.action_high)
+
+    def q(
+        self,
+        batch: dict[str, Tensor],
+        actions: Tensor | None = None,
+        critics: nn.ModuleList | None = None,
+    ) -> list[Tensor]:
+        """Both critics' values, each agent's from its unit's (see :meth:`SACPolicy.q`).
+
+        ``critics``: a copy of :meth:`critic_list` (a learner's target critics).
+        """
+        ones: list[Tensor] = []
+        twos: list[Tensor] = []
+        dim = -2 if self.discrete else -1  # the agent axis of [B, N, A] or [B, N]
+        for u, unit in enumerate(self._units):
+            view = self._view(batch, u)
+            own = actions
+            if actions is not None and not self.centralised and self._own[u]:
+                own = actions.index_select(-2, self.unit_agents(u))
+            pair = None if critics is None else critics[u]
+            assert pair is None or isinstance(pair, nn.ModuleList)
+            q1, q2 = unit.q(view, own, pair)
+            if self.discrete:  # a group's missing actions have no probability: value 0
+                width = (0, self.action_dim - q1.shape[-1])
+                q1, q2 = F.pad(q1, width), F.pad(q2, width)
+            ones.append(self._rows(q1, u, dim))
+            twos.append(self._rows(q2, u, dim))
+        return [self._slots(ones, dim), self._slots(twos, dim)]
+
+    def dist(self, batch: dict[str, Tensor]) -> Any:
+        """Every agent's distribution; its mode inside :meth:`evaluating`."""
         d = self.policy(batch)
         return _Mode(d) if self.greedy else d
 

@@ -22,6 +22,7 @@ import torch
 from policies.actor_critic import Policy
 from policies.groups import GroupedActorCritic, policy_from_meta, policy_meta
 from policies.q import GroupedQPolicy
+from policies.sac import GroupedSACPolicy
 
 CKPT_PREFIX = "step-"
 # Counted per run, not restored from a checkpoint older than them.
@@ -285,7 +286,7 @@ def copy_group(model: Policy, source: Policy, group: str) -> None:
     Raises:
         ValueError: either has no such group, or the two policies differ in shape; one line.
     """
-    grouped = (GroupedActorCritic, GroupedQPolicy)
+    grouped = (GroupedActorCritic, GroupedQPolicy, GroupedSACPolicy)
     if not isinstance(model, grouped) or not isinstance(source, grouped):
         raise ValueError("copying a group's weights needs agent groups on both sides")
     names = [g.name for g in source.groups]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from agents.algorithm import ALGORITHMS
-from agents.rollout import RolloutBatch
+from agents.rollout import RolloutBatch, RolloutWorker
 from agents.soft_actor_critic import SACConfig, SoftActorCritic, soft_targets
 from agents.value_decomposition import QConfig
 from orchestrator.cli.evaluate import evaluate
@@ -19,8 +20,9 @@ from orchestrator.config import ConfigError, load_config
 from orchestrator.runtime.checkpoint import policy_from_checkpoint
 from orchestrator.runtime.driver import preflight
 from policies.actor_critic import PolicySpec
-from policies.sac import SACPolicy, SquashedGaussian
-from tests.agents.relay import train_on_relay
+from policies.groups import AgentGroup
+from policies.sac import GroupedSACPolicy, SACPolicy, SquashedGaussian
+from tests.agents.relay import RELAY, RUN, train_on_relay
 
 
 def _spec(kind: str = "mlp", action_kind: str = "continuous", a: int = 2) -> PolicySpec:
@@ -99,7 +101,7 @@ def test_the_temperature_falls_while_the_policy_is_more_random_than_its_target()
     torch.manual_seed(0)
     model = SACPolicy(_spec(action_kind="discrete", a=5), n_agents=3)
     learner = SoftActorCritic(model, _train())
-    assert learner.target_entropy == pytest.approx(0.89 * math.log(5))
+    assert learner.target_entropy.tolist() == pytest.approx([0.89 * math.log(5)])
     batch = _batch(torch.randint(5, (5, 8, 3)), torch.zeros(5, 8, 3))
     alphas = [learner.update(batch)["alpha"] for _ in range(5)]
     assert alphas[-1] < alphas[0] < 0.2  # a fresh policy is near uniform: entropy log 5
@@ -173,3 +175,89 @@ def test_a_restored_learner_takes_the_same_next_step() -> None:
     for name, value in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)
     assert second.log_alpha.item() == first.log_alpha.item()
+
+
+# -- agent groups: an actor and twin critics per group ------------------------------------
+
+
+@pytest.mark.parametrize("centralised", [True, False], ids=["masac", "isac"])
+@pytest.mark.parametrize("action_kind", ["discrete", "continuous"])
+def test_one_group_of_every_agent_learns_as_the_shared_policy(
+    action_kind: str, centralised: bool
+) -> None:
+    a = 4 if action_kind == "discrete" else 2
+    torch.manual_seed(0)
+    shared = SACPolicy(_spec(action_kind=action_kind, a=a), n_agents=3, centralised=centralised)
+    grouped = GroupedSACPolicy([AgentGroup("team", (0, 1, 2), shared.spec)], centralised,
+                               action_kind, a)  # fmt: skip
+    grouped.units[0].load_state_dict(shared.state_dict())
+    if action_kind == "discrete":
+        actions = torch.randint(a, (5, 8, 3))
+        rewards = (actions == 1).float()
+    else:
+        actions = torch.rand(5, 8, 3, a)
+        rewards = -(actions - 0.8).square().sum(-1)
+    batch = _batch(actions, rewards)
+    learners = [SoftActorCritic(m, _train(updates_per_batch=2)) for m in (shared, grouped)]
+    for _ in range(3):
+        stats = [one.update(batch) for one in learners]
+    assert stats[0] == pytest.approx(stats[1], rel=1e-5, abs=1e-6)
+    for name, value in shared.state_dict().items():
+        torch.testing.assert_close(grouped.units[0].state_dict()[name], value, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
+
+
+def test_groups_act_in_their_own_actions_and_a_frozen_group_learns_nothing() -> None:
+    # speaker: 3 observations, 3 actions; listener: 11 and 5 (the adapter pads to the widest).
+    cfg = load_config("spread-mlp", [
+        *RUN, "env.name=pettingzoo:mpe2.simple_speaker_listener_v4", "env.num_envs=4",
+        "train.algorithm=masac", "groups.speaker.train=false", "groups.listener.share=true",
+        "model.hidden=16", "train.rollout_len=8", "train.learning_starts=0",
+        "train.replay_batch=32", "train.updates_per_batch=2",
+    ])  # fmt: skip
+    env = cfg.env.make(4, 0, torch.device("cpu"))
+    model = cfg.build_policy(env)
+    assert isinstance(model, GroupedSACPolicy)
+    speaker, listener = model.units
+    assert speaker.pi.out_features == 3 and listener.pi.out_features == 5
+    obs = env.reset(seed=1).as_dict()
+    with torch.no_grad():
+        probs = model.policy(obs).logits.exp()
+    assert probs.shape == (4, 2, 5) and float(probs[:, 0, 3:].max()) == 0.0
+    q1, q2 = model.q(obs)
+    assert q1.shape == q2.shape == (4, 2, 5)
+
+    frozen = copy.deepcopy(speaker.state_dict())
+    trained = copy.deepcopy(listener.state_dict())
+    learner = SoftActorCritic(model, cfg.train)
+    worker = RolloutWorker(env, model, cfg.train.rollout_len, seed=0)
+    for _ in range(3):
+        stats = learner.update(worker.collect())
+    assert all(math.isfinite(v) for v in stats.values())
+    for name, value in speaker.state_dict().items():
+        assert torch.equal(value, frozen[name]), name
+    assert any(not torch.equal(v, trained[k]) for k, v in listener.state_dict().items())
+    alphas = learner.log_alpha.detach().exp()
+    assert alphas[0].item() == pytest.approx(0.2) and alphas[1].item() != pytest.approx(0.2)
+    assert learner.target_entropy.tolist() == pytest.approx([0.89 * math.log(3),
+                                                             0.89 * math.log(5)])  # fmt: skip
+    env.close()
+
+
+def test_grouped_masac_learns_checkpoints_and_refuses_what_it_cannot_be(tmp_path: Path) -> None:
+    groups = ["groups.pair.agents=a[01]", "groups.pair.share=false", "groups.last.agents=a2"]
+    run_dir, ckpt = train_on_relay(tmp_path, "masac", 8000, *groups)  # best 12, chance 4
+    model = policy_from_checkpoint(ckpt)
+    assert isinstance(model, GroupedSACPolicy) and len(model.units) == 3
+    assert ckpt["learner"]["log_alpha"].shape == (3,)  # a temperature per policy
+    assert evaluate(run_dir, episodes=16)["mean"] >= 10.0
+
+    with pytest.raises(ConfigError, match=r"groups.last.pool.size: masac does not play past"):
+        preflight(load_config("spread-mlp", [*RUN, f"env.name={RELAY}", *groups,
+                                             "train.algorithm=masac",
+                                             "groups.last.pool.size=2"]))  # fmt: skip
+    spec = _spec()
+    one = AgentGroup("one", (0,), spec)
+    narrow = AgentGroup("narrow", (1,), replace(spec, action_dim=1))
+    with pytest.raises(ValueError, match=r"groups.narrow: its 1 continuous actions differ"):
+        GroupedSACPolicy([one, narrow], True, "continuous", 2)
