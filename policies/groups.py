@@ -26,9 +26,9 @@ agents acted with a past version travels with the rollout (key ``past_agents``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,76 @@ class GroupValueNorm(nn.Module):
                 norm.update_from_moments(mean[u], mean_sq[u])
 
 
-class GroupedActorCritic(Policy):
+U = TypeVar("U", bound=nn.Module)
+
+
+class GroupLayout(nn.Module):
+    """Which agent slots each unit of a grouped policy acts for.
+
+    A unit is a group's one policy, or one per agent of a group with ``shared=False``. The
+    grouped policies (:class:`GroupedActorCritic`, ``policies.q.GroupedQPolicy``,
+    ``policies.sac.GroupedSACPolicy``) lay their units out with :meth:`_lay_out` and put the
+    units' per-agent outputs back in slot order with :meth:`_slots`.
+    """
+
+    groups: list[AgentGroup]
+    unit_group: list[int]
+    """Each unit's group (an index into ``groups``)."""
+    n_agents: int
+    unit_of_agent: Tensor
+    """``[N]`` long: which unit acts for each slot."""
+    train_mask: Tensor
+    """``[N]`` bool: the slot's group is trained."""
+    _inverse: Tensor
+
+    def _lay_out(
+        self, groups: list[AgentGroup], make: Callable[[AgentGroup, tuple[int, ...]], U]
+    ) -> list[U]:
+        """Build every unit with ``make(group, its agents)``, in group order.
+
+        Raises:
+            ValueError: the groups do not hold every agent slot ``0 .. N-1`` once.
+        """
+        slots = sorted(i for g in groups for i in g.agents)
+        if slots != list(range(len(slots))):
+            raise ValueError(f"groups must hold every agent slot once, got {slots}")
+        self.groups, self.n_agents, self.unit_group = groups, len(slots), []
+        units, agents = [], []
+        for gi, g in enumerate(groups):
+            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
+                units.append(make(g, members))
+                self.unit_group.append(gi)
+                agents.append(torch.tensor(members, dtype=torch.long))
+        unit_of_agent = torch.empty(self.n_agents, dtype=torch.long)
+        for u, idx in enumerate(agents):
+            unit_of_agent[idx] = u
+            self.register_buffer(f"_agents_{u}", idx, persistent=False)
+        self.register_buffer("unit_of_agent", unit_of_agent, persistent=False)
+        # Units' outputs concatenated, then put back in slot order.
+        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
+        train = torch.tensor([groups[self.unit_group[int(u)]].train for u in unit_of_agent])
+        self.register_buffer("train_mask", train, persistent=False)
+        return units
+
+    def unit_agents(self, u: int) -> Tensor:
+        """Agent slots of unit ``u``."""
+        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
+
+    def group_agents(self) -> dict[str, list[int]]:
+        """Each group's agent slots, by name."""
+        return {g.name: list(g.agents) for g in self.groups}
+
+    def group_units(self, name: str) -> list[int]:
+        """The units of group ``name``."""
+        gi = [g.name for g in self.groups].index(name)
+        return [u for u, i in enumerate(self.unit_group) if i == gi]
+
+    def _slots(self, parts: list[Tensor], dim: int) -> Tensor:
+        """The units' per-agent rows (concatenated along ``dim``, unit by unit) in slot order."""
+        return torch.cat(parts, dim=dim).index_select(dim, self._inverse)
+
+
+class GroupedActorCritic(GroupLayout, Policy):
     """A policy per agent group behind one ``Policy`` interface.
 
     Args:
@@ -144,40 +213,16 @@ class GroupedActorCritic(Policy):
         train_mask: ``[N]`` bool, the slot's group is trained.
     """
 
-    unit_of_agent: Tensor
-    train_mask: Tensor
-    _inverse: Tensor
-
     def __init__(self, groups: list[AgentGroup], action_kind: str, action_dim: int) -> None:
         super().__init__()
-        slots = sorted(i for g in groups for i in g.agents)
-        if slots != list(range(len(slots))):
-            raise ValueError(f"groups must hold every agent slot once, got {slots}")
-        self.groups = groups
         self.action_kind, self.action_dim = action_kind, action_dim
-        self.n_agents = len(slots)
-        self.units = nn.ModuleList()
-        self._units: list[ActorCritic] = []  # the same modules, typed
-        self.unit_group: list[int] = []
-        agents: list[Tensor] = []
-        for gi, g in enumerate(groups):
-            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
-                unit = ActorCritic(g.spec)
-                unit.requires_grad_(g.train)
-                self.units.append(unit)
-                self._units.append(unit)
-                self.unit_group.append(gi)
-                agents.append(torch.tensor(members, dtype=torch.long))
-        unit_of_agent = torch.empty(self.n_agents, dtype=torch.long)
-        for u, idx in enumerate(agents):
-            unit_of_agent[idx] = u
-        for u, idx in enumerate(agents):
-            self.register_buffer(f"_agents_{u}", idx, persistent=False)
-        self.register_buffer("unit_of_agent", unit_of_agent, persistent=False)
-        # Units' outputs concatenated, then put back in slot order.
-        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
-        train = torch.tensor([groups[self.unit_group[int(u)]].train for u in unit_of_agent])
-        self.register_buffer("train_mask", train, persistent=False)
+
+        def unit(g: AgentGroup, members: tuple[int, ...]) -> ActorCritic:
+            return ActorCritic(g.spec).requires_grad_(g.train)
+
+        self._units: list[ActorCritic] = self._lay_out(groups, unit)  # typed
+        self.units = nn.ModuleList(self._units)
+        unit_of_agent = self.unit_of_agent
         # Past versions (self-play): a frozen copy of each unit of a group with past_share > 0.
         self.past = nn.ModuleDict()
         for u, unit in enumerate(self._units):
@@ -200,14 +245,6 @@ class GroupedActorCritic(Policy):
             for g in (groups[i] for i in self.unit_group)
         ]
         self._mlp = ARCHITECTURES["mlp"]
-
-    def unit_agents(self, u: int) -> Tensor:
-        """Agent slots of unit ``u``."""
-        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
-
-    def group_agents(self) -> dict[str, list[int]]:
-        """Each group's agent slots, by name."""
-        return {g.name: list(g.agents) for g in self.groups}
 
     def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups: one per trained unit, at its group's rate (``base_lr``)."""
@@ -279,11 +316,6 @@ class GroupedActorCritic(Policy):
         assert isinstance(past, ActorCritic)
         return past
 
-    def group_units(self, name: str) -> list[int]:
-        """The units of group ``name``."""
-        gi = [g.name for g in self.groups].index(name)
-        return [u for u, i in enumerate(self.unit_group) if i == gi]
-
     def snapshot(self, name: str) -> dict[str, Tensor]:
         """A copy of group ``name``'s current weights (an opponent-pool entry)."""
         return {
@@ -343,8 +375,8 @@ class GroupedActorCritic(Policy):
         dist = GroupedDistribution(
             parts, agents, self.action_kind, self.action_dim, inverse=self._inverse
         )
-        slots = torch.cat(memory, dim=-2).index_select(-2, self._inverse) if states else None
-        v_slots = torch.cat(value, dim=-1).index_select(-1, self._inverse) if values else None
+        slots = self._slots(memory, -2) if states else None
+        v_slots = self._slots(value, -1) if values else None
         return dist, slots, v_slots
 
     def _unit_step(
@@ -393,7 +425,7 @@ class GroupedActorCritic(Policy):
             own = self._rows[u][1] is self._mlp
             v = unit.critic(self._view(batch, u, own))
             values.append(v if own else v.index_select(-1, self.unit_agents(u)))
-        return torch.cat(values, dim=-1).index_select(-1, self._inverse)
+        return self._slots(values, -1)
 
 
 def unit_view(

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from policies.actor_critic import ARCHITECTURES, POLICY_KINDS, Policy, PolicySpec
 from policies.distributions import Categorical
-from policies.groups import AgentGroup, unit_view
+from policies.groups import AgentGroup, GroupLayout, unit_view
 from policies.memory import KEEP, MEMORY, MemoryCore
 
 #: The batch key a training pass reads the actions taken from (``QPolicy.forward``).
@@ -324,7 +324,7 @@ class QPolicy(MixingPolicy):
         return self.core.unroll(self.encoder.features(batch), batch)  # type: ignore[operator]
 
 
-class GroupedQPolicy(MixingPolicy):
+class GroupedQPolicy(GroupLayout, MixingPolicy):
     """Value decomposition over agent groups: a utility network per group, one mixer.
 
     Each group (or each agent of an unshared group) has its own :class:`QPolicy`'s utility
@@ -345,8 +345,6 @@ class GroupedQPolicy(MixingPolicy):
         ValueError: a frozen group or one with a self-play pool, naming it.
     """
 
-    _inverse: Tensor
-
     def __init__(
         self,
         groups: list[AgentGroup],
@@ -356,9 +354,6 @@ class GroupedQPolicy(MixingPolicy):
         mixer_init_scale: float = 0.1,
     ):
         super().__init__()
-        slots = sorted(i for g in groups for i in g.agents)
-        if slots != list(range(len(slots))):
-            raise ValueError(f"groups must hold every agent slot once, got {slots}")
         for g in groups:
             if not g.train or g.past_share > 0:
                 key = "train=false" if not g.train else "pool.size"
@@ -367,39 +362,16 @@ class GroupedQPolicy(MixingPolicy):
                     "group, so it has no frozen groups or self-play pools; remove it or use "
                     "train.algorithm=ppo"
                 )
-        self.groups, self.action_dim = groups, action_dim
-        self.units = nn.ModuleList()
-        self._units: list[QPolicy] = []  # the same modules, typed
-        self.unit_group: list[int] = []
-        agents: list[Tensor] = []
-        for gi, g in enumerate(groups):
-            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
-                unit = QPolicy(g.spec, "vdn", len(members))
-                self.units.append(unit)
-                self._units.append(unit)
-                self.unit_group.append(gi)
-                agents.append(torch.tensor(members, dtype=torch.long))
-        for u, idx in enumerate(agents):
-            self.register_buffer(f"_agents_{u}", idx, persistent=False)
-        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
+        self.action_dim = action_dim
+        self._units: list[QPolicy] = self._lay_out(  # typed
+            groups, lambda g, members: QPolicy(g.spec, "vdn", len(members))
+        )
+        self.units = nn.ModuleList(self._units)
         self._own = [ARCHITECTURES[u.spec.kind] is ARCHITECTURES["mlp"] for u in self._units]
         self.memory_size = max(u.memory_size for u in self._units)
         self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
         spec = groups[0].spec
-        self._mixing(mixer, len(slots), spec.state_dim, mixer_embed, mixer_init_scale)
-
-    def unit_agents(self, u: int) -> Tensor:
-        """Agent slots of unit ``u``."""
-        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
-
-    def group_agents(self) -> dict[str, list[int]]:
-        """Each group's agent slots, by name."""
-        return {g.name: list(g.agents) for g in self.groups}
-
-    def group_units(self, name: str) -> list[int]:
-        """The units of group ``name``."""
-        gi = [g.name for g in self.groups].index(name)
-        return [u for u, i in enumerate(self.unit_group) if i == gi]
+        self._mixing(mixer, self.n_agents, spec.state_dim, mixer_embed, mixer_init_scale)
 
     def meta(self) -> dict[str, Any]:
         """Every group's settings (``policy_groups``), the action width and the mixer."""
@@ -424,10 +396,9 @@ class GroupedQPolicy(MixingPolicy):
         unit = self._units[u]
         return unit_view(batch, self.unit_agents(u), unit.spec, unit.memory_size, self._own[u])
 
-    def _slots(self, parts: list[Tensor], fill: float, width: int) -> Tensor:
+    def _padded(self, parts: list[Tensor], fill: float, width: int) -> Tensor:
         """Units' per-agent rows ``[..., n_u, w_u]`` padded to ``width``, in slot order."""
-        padded = [F.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts]
-        return torch.cat(padded, dim=-2).index_select(-2, self._inverse)
+        return self._slots([F.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts], -2)
 
     def _rows(self, x: Tensor, u: int) -> Tensor:
         return x if self._own[u] else x.index_select(-2, self.unit_agents(u))
@@ -441,14 +412,14 @@ class GroupedQPolicy(MixingPolicy):
             if state is None:
                 state = q.new_zeros(*q.shape[:-1], 0)
             states.append(self._rows(state, u))
-        q = self._slots(qs, float("-inf"), self.action_dim)
-        return q, self._slots(states, 0.0, self.memory_size) if self.memory_size else None
+        q = self._padded(qs, float("-inf"), self.action_dim)
+        return q, self._padded(states, 0.0, self.memory_size) if self.memory_size else None
 
     def utilities(self, batch: dict[str, Tensor]) -> Tensor:
         """See :meth:`MixingPolicy.utilities`."""
         qs = [self._rows(unit.utilities(self._view(batch, u)), u)
               for u, unit in enumerate(self._units)]  # fmt: skip
-        return self._slots(qs, float("-inf"), self.action_dim)
+        return self._padded(qs, float("-inf"), self.action_dim)
 
     @torch.no_grad()
     def state_after(self, batch: dict[str, Tensor]) -> Tensor:
@@ -461,7 +432,7 @@ class GroupedQPolicy(MixingPolicy):
                 states.append(self._rows(first.new_zeros(*first.shape[:-1], 0), u))
             else:
                 states.append(self._rows(unit.state_after(view), u))
-        return self._slots(states, 0.0, self.memory_size)
+        return self._padded(states, 0.0, self.memory_size)
 
 
 def _greedy(q: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from policies.actor_critic import ARCHITECTURES, POLICY_KINDS, Policy, PolicySpec
 from policies.distributions import _MASKED_LOGIT, Categorical
-from policies.groups import AgentGroup, unit_view
+from policies.groups import AgentGroup, GroupLayout, unit_view
 from policies.q import Identity
 
 #: log-std bounds of the squashed Gaussian (SAC's usual ``[-5, 2]``).
@@ -240,7 +240,7 @@ class SACPolicy(Policy):
             self.greedy = kept
 
 
-class GroupedSACPolicy(Policy):
+class GroupedSACPolicy(GroupLayout, Policy):
     """Soft actor-critic over agent groups: an actor and twin critics per group.
 
     Each group (or each agent of a group with ``share=false``) has its own
@@ -262,17 +262,11 @@ class GroupedSACPolicy(Policy):
             own, naming it.
     """
 
-    unit_of_agent: Tensor
-    train_mask: Tensor
-    _inverse: Tensor
-
     def __init__(
         self, groups: list[AgentGroup], centralised: bool, action_kind: str, action_dim: int
     ) -> None:
         super().__init__()
-        slots = sorted(i for g in groups for i in g.agents)
-        if slots != list(range(len(slots))):
-            raise ValueError(f"groups must hold every agent slot once, got {slots}")
+        n_agents = len({i for g in groups for i in g.agents})
         name = "masac" if centralised else "isac"
         for g in groups:
             if g.past_share > 0:
@@ -285,47 +279,19 @@ class GroupedSACPolicy(Policy):
                     f"groups.{g.name}: its {g.spec.action_dim} continuous actions differ from "
                     f"the env's {action_dim}; {name} with groups needs one continuous width"
                 )
-        self.groups, self.centralised = groups, centralised
+        self.centralised = centralised
         self.action_kind, self.action_dim = action_kind, action_dim
         self.discrete = action_kind == "discrete"
-        self.n_agents = len(slots)
-        self.units = nn.ModuleList()
-        self._units: list[SACPolicy] = []  # the same modules, typed
-        self.unit_group: list[int] = []
-        agents: list[Tensor] = []
-        for gi, g in enumerate(groups):
-            for members in [g.agents] if g.shared else [(i,) for i in g.agents]:
-                unit = SACPolicy(g.spec, self.n_agents, centralised)
-                unit.requires_grad_(g.train)
-                self.units.append(unit)
-                self._units.append(unit)
-                self.unit_group.append(gi)
-                agents.append(torch.tensor(members, dtype=torch.long))
-        unit_of_agent = torch.empty(self.n_agents, dtype=torch.long)
-        for u, idx in enumerate(agents):
-            unit_of_agent[idx] = u
-            self.register_buffer(f"_agents_{u}", idx, persistent=False)
-        self.register_buffer("unit_of_agent", unit_of_agent, persistent=False)
-        self.register_buffer("_inverse", torch.argsort(torch.cat(agents)), persistent=False)
-        train = torch.tensor([groups[self.unit_group[int(u)]].train for u in unit_of_agent])
-        self.register_buffer("train_mask", train, persistent=False)
+
+        def unit(g: AgentGroup, members: tuple[int, ...]) -> SACPolicy:
+            return SACPolicy(g.spec, n_agents, centralised).requires_grad_(g.train)
+
+        self._units: list[SACPolicy] = self._lay_out(groups, unit)  # typed
+        self.units = nn.ModuleList(self._units)
         self._own = [ARCHITECTURES[u.spec.kind] is ARCHITECTURES["mlp"] for u in self._units]
         self.value_norm = Identity()
         self.greedy = False
         self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
-
-    def unit_agents(self, u: int) -> Tensor:
-        """Agent slots of unit ``u``."""
-        return getattr(self, f"_agents_{u}")  # type: ignore[no-any-return]
-
-    def group_agents(self) -> dict[str, list[int]]:
-        """Each group's agent slots, by name."""
-        return {g.name: list(g.agents) for g in self.groups}
-
-    def group_units(self, name: str) -> list[int]:
-        """The units of group ``name``."""
-        gi = [g.name for g in self.groups].index(name)
-        return [u for u, i in enumerate(self.unit_group) if i == gi]
 
     def meta(self) -> dict[str, Any]:
         """Every group's settings (``policy_groups``), the action space and the critics."""
@@ -353,9 +319,6 @@ class GroupedSACPolicy(Policy):
 
     def _rows(self, x: Tensor, u: int, dim: int) -> Tensor:
         return x if self._own[u] else x.index_select(dim, self.unit_agents(u))
-
-    def _slots(self, parts: list[Tensor], dim: int) -> Tensor:
-        return torch.cat(parts, dim=dim).index_select(dim, self._inverse)
 
     def policy(self, batch: dict[str, Tensor]) -> Categorical | SquashedGaussian:
         """Every agent's distribution from its unit's actor ``[B, N]``."""

@@ -493,6 +493,16 @@ def test_grouped_qmix_learns_checkpoints_and_refuses_what_a_team_value_cannot_be
     frozen = [*groups, "groups.last.train=false", "train.algorithm=qmix"]
     with pytest.raises(ConfigError, match=r"groups.last.train=false: qmix learns one team"):
         preflight(load_config("spread-mlp", [*RUN, f"env.name={RELAY}", *frozen]))
-    with pytest.raises(ConfigError, match=r"train.algorithm=masac does not train with groups"):
-        preflight(load_config("spread-mlp", [*RUN, f"env.name={RELAY}", *groups,
-                                             "train.algorithm=masac"]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"groups.last.pool.size: qmix learns one team"):
+        preflight(
+            load_config(
+                "spread-mlp",
+                [
+                    *RUN,
+                    f"env.name={RELAY}",
+                    *groups,
+                    "train.algorithm=qmix",
+                    "groups.last.pool.size=2",
+                ],
+            )
+        )
