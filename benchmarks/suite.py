@@ -105,6 +105,7 @@ TASKS: dict[str, Task] = {
         "smax-3m", ["env.name=jaxmarl:smax:2s3z"], 5_000_000, 500_000,
         "allies' summed team reward, SMAX 2s3z vs the heuristic enemy (JaxMARL 0.2)",
         win_above=7.5, jaxmarl_map="2s3z",
+        replay_presets=dict.fromkeys(("qmix", "vdn"), "smax-3m-qmix"),
     ),
     "vmas_balance": Task(
         "navigation-wm",
