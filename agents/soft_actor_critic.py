@@ -119,8 +119,12 @@ class SoftActorCritic(ReplayLearner):
         self.log_alpha = nn.Parameter(
             torch.full((len(widths),), math.log(cfg.alpha_init), device=device)
         )
-        self.optimizer = torch.optim.Adam(self.actor_params, lr=cfg.lr, eps=1e-5)
-        self.critic_optimizer = torch.optim.Adam(self.critic_params, lr=cfg.lr, eps=1e-5)
+        actor: Any = self.actor_params
+        critic: Any = self.critic_params
+        if isinstance(model, GroupedSACPolicy):  # each group at its own rate
+            actor, critic = (model.optimizer_groups(cfg.lr, part) for part in (False, True))
+        self.optimizer = torch.optim.Adam(actor, lr=cfg.lr, eps=1e-5)
+        self.critic_optimizer = torch.optim.Adam(critic, lr=cfg.lr, eps=1e-5)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=cfg.lr, eps=1e-5)
         auto = [cfg.target_entropy_scale * math.log(a) if model.discrete else -float(a)
                 for a in widths]  # fmt: skip

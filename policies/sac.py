@@ -310,6 +310,18 @@ class GroupedSACPolicy(GroupLayout, Policy):
         """Every unit's twin critics, unit by unit (frozen ones take no gradient)."""
         return nn.ModuleList([u.critics for u in self._units])
 
+    def optimizer_groups(self, lr: float, critics: bool) -> list[dict[str, Any]]:
+        """Adam parameter groups of the trained units' actors (or critics), each at its
+        group's rate (``base_lr``; ``lr`` where the group sets none)."""
+        out = []
+        for unit, gi in zip(self._units, self.unit_group, strict=True):
+            g = self.groups[gi]
+            if g.train:
+                rate = g.lr if g.lr is not None else lr
+                params = unit.critics.parameters() if critics else unit.actor_parameters()
+                out.append({"params": list(params), "lr": rate, "base_lr": rate})
+        return out
+
     def temperatures(self) -> tuple[Tensor, list[int]]:
         """One temperature per unit: each agent slot's ``[N]`` and each one's action width."""
         return self.unit_of_agent.cpu(), [u.spec.action_dim for u in self._units]

@@ -211,7 +211,7 @@ def test_groups_act_in_their_own_actions_and_a_frozen_group_learns_nothing() -> 
     # speaker: 3 observations, 3 actions; listener: 11 and 5 (the adapter pads to the widest).
     cfg = load_config("spread-mlp", [
         *RUN, "env.name=pettingzoo:mpe2.simple_speaker_listener_v4", "env.num_envs=4",
-        "train.algorithm=masac", "groups.speaker.train=false", "groups.listener.share=true",
+        "train.algorithm=masac", "groups.speaker.train=false", "groups.listener.lr=0.01",
         "model.hidden=16", "train.rollout_len=8", "train.learning_starts=0",
         "train.replay_batch=32", "train.updates_per_batch=2",
     ])  # fmt: skip
@@ -237,6 +237,8 @@ def test_groups_act_in_their_own_actions_and_a_frozen_group_learns_nothing() -> 
     for name, value in speaker.state_dict().items():
         assert torch.equal(value, frozen[name]), name
     assert any(not torch.equal(v, trained[k]) for k, v in listener.state_dict().items())
+    for opt in (learner.optimizer, learner.critic_optimizer):  # the listener's own rate
+        assert [g["lr"] for g in opt.param_groups] == [0.01]
     alphas = learner.log_alpha.detach().exp()
     assert alphas[0].item() == pytest.approx(0.2) and alphas[1].item() != pytest.approx(0.2)
     assert learner.target_entropy.tolist() == pytest.approx([0.89 * math.log(3),
