@@ -311,8 +311,10 @@ class GroupedSACPolicy(GroupLayout, Policy):
         return nn.ModuleList([u.critics for u in self._units])
 
     def optimizer_groups(self, lr: float, critics: bool) -> list[dict[str, Any]]:
-        """Adam parameter groups of the trained units' actors (or critics), each at its
-        group's rate (``base_lr``; ``lr`` where the group sets none)."""
+        """Adam parameter groups of the trained units' actors (or ``critics``).
+
+        Each at its group's rate (``base_lr``; ``lr`` where the group sets none).
+        """
         out = []
         for unit, gi in zip(self._units, self.unit_group, strict=True):
             g = self.groups[gi]
