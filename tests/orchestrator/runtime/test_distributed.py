@@ -191,6 +191,9 @@ QMIX = ["train.algorithm=qmix", "train.learning_starts=0", "train.replay_batch=6
 QMIX_MEMORY = [*QMIX, "model.memory=gru", "train.chunk_len=4"]
 MASAC = ["train.algorithm=masac", "env.continuous_actions=true", "train.learning_starts=0",
          "train.replay_batch=64", "train.updates_per_batch=2"]  # fmt: skip
+# Replay learners over the same groups: a utility network, or an actor and critics, per group.
+QMIX_GROUPS = [*QMIX, *GROUPED]
+MASAC_GROUPS = [*MASAC[:1], *MASAC[2:], *GROUPED]
 
 
 def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch]:
@@ -214,8 +217,20 @@ def _imagined(env: Any, source: Any, worker: RolloutWorker) -> list[RolloutBatch
         QMIX,
         QMIX_MEMORY,
         MASAC,
+        QMIX_GROUPS,
+        MASAC_GROUPS,
     ],  # fmt: skip
-    ids=["shared", "groups", "imagined", "memory", "qmix", "qmix-memory", "masac"],
+    ids=[
+        "shared",
+        "groups",
+        "imagined",
+        "memory",
+        "qmix",
+        "qmix-memory",
+        "masac",
+        "qmix-groups",
+        "masac-groups",
+    ],  # fmt: skip
 )
 def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grouping) -> None:
     # With a world model each rank imagines from its own shard's start states: its imagined
@@ -263,7 +278,8 @@ def test_two_ranks_end_with_the_weights_of_one_rank(ray_instance, tmp_path, grou
 
     assert set(one) == set(two[0])
     marker = {id(QMIX): "mixer.v.0.weight", id(QMIX_MEMORY): "core.cell.weight_hh",
-              id(MASAC): "critics.1.mlp.0.weight"}  # fmt: skip
+              id(MASAC): "critics.1.mlp.0.weight", id(QMIX_GROUPS): "units.1.q_head.weight",
+              id(MASAC_GROUPS): "units.1.critics.1.mlp.0.weight"}  # fmt: skip
     assert any(k.endswith(marker.get(id(grouping), "value_norm.debias")) for k in one)
     for name, value in one.items():
         for replica in two:
