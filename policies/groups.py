@@ -26,7 +26,7 @@ agents acted with a past version travels with the rollout (key ``past_agents``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
@@ -193,6 +193,21 @@ class GroupLayout(nn.Module):
         gi = [g.name for g in self.groups].index(name)
         return [u for u, i in enumerate(self.unit_group) if i == gi]
 
+    def _rated(
+        self, lr: float, params: Callable[[int], Iterable[nn.Parameter]]
+    ) -> list[dict[str, Any]]:
+        """Adam parameter groups: ``params(u)`` of every trained unit ``u``.
+
+        Each at its group's rate (``base_lr``; ``lr`` where the group sets none).
+        """
+        out = []
+        for u, gi in enumerate(self.unit_group):
+            g = self.groups[gi]
+            if g.train:
+                rate = g.lr if g.lr is not None else lr
+                out.append({"params": list(params(u)), "lr": rate, "base_lr": rate})
+        return out
+
     def _slots(self, parts: list[Tensor], dim: int) -> Tensor:
         """The units' per-agent rows (concatenated along ``dim``, unit by unit) in slot order."""
         return torch.cat(parts, dim=dim).index_select(dim, self._inverse)
@@ -248,13 +263,7 @@ class GroupedActorCritic(GroupLayout, Policy):
 
     def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups: one per trained unit, at its group's rate (``base_lr``)."""
-        out = []
-        for unit, gi in zip(self._units, self.unit_group, strict=True):
-            g = self.groups[gi]
-            if g.train:
-                rate = g.lr if g.lr is not None else lr
-                out.append({"params": list(unit.parameters()), "lr": rate, "base_lr": rate})
-        return out
+        return self._rated(lr, lambda u: self._units[u].parameters())
 
     def _view(self, batch: dict[str, Tensor], u: int, own_rows: bool) -> dict[str, Tensor]:
         """What unit ``u``'s actor or critic reads: its agents' rows at its own widths."""

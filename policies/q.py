@@ -385,10 +385,7 @@ class GroupedQPolicy(GroupLayout, MixingPolicy):
 
     def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
         """Adam parameter groups: each unit at its group's rate, the mixer at ``lr``."""
-        out = []
-        for unit, gi in zip(self._units, self.unit_group, strict=True):
-            rate = self.groups[gi].lr or lr
-            out.append({"params": list(unit.parameters()), "lr": rate, "base_lr": rate})
+        out = self._rated(lr, lambda u: self._units[u].parameters())
         mixer = list(self.mixer.parameters())
         return out + ([{"params": mixer, "lr": lr, "base_lr": lr}] if mixer else [])
 

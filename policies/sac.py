@@ -126,7 +126,39 @@ class Critic(nn.Module):
         return self.mlp(torch.cat([h, *extra], -1))  # type: ignore[no-any-return]
 
 
-class SACPolicy(Policy):
+class SoftPolicy(Policy):
+    """What the soft actor-critic policies share: acting samples the actor, evaluation its mode.
+
+    A subclass gives :meth:`policy` (every agent's distribution ``[B, N]``).
+    """
+
+    greedy: bool
+    """Act with the mode (inside :meth:`evaluating`)."""
+
+    def policy(self, batch: dict[str, Tensor]) -> Categorical | SquashedGaussian:
+        """The actor's distribution ``[B, N]`` (legal actions only)."""
+        raise NotImplementedError
+
+    def dist(self, batch: dict[str, Tensor]) -> Any:
+        """The actor's distribution; its mode inside :meth:`evaluating`."""
+        d = self.policy(batch)
+        return _Mode(d) if self.greedy else d
+
+    def value(self, batch: dict[str, Tensor]) -> Tensor:
+        """Zeros ``[B, N]``: rollouts do not bootstrap a replay learner."""
+        return torch.zeros(batch["alive"].shape, device=batch["alive"].device)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Act with the mode inside."""
+        kept, self.greedy = self.greedy, True
+        try:
+            yield
+        finally:
+            self.greedy = kept
+
+
+class SACPolicy(SoftPolicy):
     """A stochastic actor shared by every agent and twin critics (MASAC or ISAC).
 
     Args:
@@ -221,26 +253,8 @@ class SACPolicy(Policy):
         """
         return torch.zeros(self.n_agents, dtype=torch.long), [self.spec.action_dim]
 
-    def dist(self, batch: dict[str, Tensor]) -> Any:
-        """The actor's distribution; its mode inside :meth:`evaluating`."""
-        d = self.policy(batch)
-        return _Mode(d) if self.greedy else d
 
-    def value(self, batch: dict[str, Tensor]) -> Tensor:
-        """Zeros ``[B, N]``: rollouts do not bootstrap a replay learner."""
-        return torch.zeros(batch["alive"].shape, device=batch["alive"].device)
-
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """Act with the mode inside."""
-        kept, self.greedy = self.greedy, True
-        try:
-            yield
-        finally:
-            self.greedy = kept
-
-
-class GroupedSACPolicy(GroupLayout, Policy):
+class GroupedSACPolicy(GroupLayout, SoftPolicy):
     """Soft actor-critic over agent groups: an actor and twin critics per group.
 
     Each group (or each agent of a group with ``share=false``) has its own
@@ -315,14 +329,10 @@ class GroupedSACPolicy(GroupLayout, Policy):
 
         Each at its group's rate (``base_lr``; ``lr`` where the group sets none).
         """
-        out = []
-        for unit, gi in zip(self._units, self.unit_group, strict=True):
-            g = self.groups[gi]
-            if g.train:
-                rate = g.lr if g.lr is not None else lr
-                params = unit.critics.parameters() if critics else unit.actor_parameters()
-                out.append({"params": list(params), "lr": rate, "base_lr": rate})
-        return out
+        units = self._units
+        if critics:
+            return self._rated(lr, lambda u: units[u].critics.parameters())
+        return self._rated(lr, lambda u: units[u].actor_parameters())
 
     def temperatures(self) -> tuple[Tensor, list[int]]:
         """One temperature per unit: each agent slot's ``[N]`` and each one's action width."""
@@ -378,24 +388,6 @@ class GroupedSACPolicy(GroupLayout, Policy):
             ones.append(self._rows(q1, u, dim))
             twos.append(self._rows(q2, u, dim))
         return [self._slots(ones, dim), self._slots(twos, dim)]
-
-    def dist(self, batch: dict[str, Tensor]) -> Any:
-        """Every agent's distribution; its mode inside :meth:`evaluating`."""
-        d = self.policy(batch)
-        return _Mode(d) if self.greedy else d
-
-    def value(self, batch: dict[str, Tensor]) -> Tensor:
-        """Zeros ``[B, N]``: rollouts do not bootstrap a replay learner."""
-        return torch.zeros(batch["alive"].shape, device=batch["alive"].device)
-
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """Act with the mode inside."""
-        kept, self.greedy = self.greedy, True
-        try:
-            yield
-        finally:
-            self.greedy = kept
 
 
 def discrete_probs(d: Categorical) -> tuple[Tensor, Tensor]:
