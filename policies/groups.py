@@ -142,6 +142,8 @@ class GroupLayout(nn.Module):
     """
 
     groups: list[AgentGroup]
+    units: nn.ModuleList
+    """The units (a subclass sets them from :meth:`_lay_out`'s list)."""
     unit_group: list[int]
     """Each unit's group (an index into ``groups``)."""
     n_agents: int

@@ -20,9 +20,7 @@ import numpy as np
 import torch
 
 from policies.actor_critic import Policy
-from policies.groups import GroupedActorCritic, policy_from_meta, policy_meta
-from policies.q import GroupedQPolicy
-from policies.sac import GroupedSACPolicy
+from policies.groups import GroupedActorCritic, GroupLayout, policy_from_meta, policy_meta
 
 CKPT_PREFIX = "step-"
 # Counted per run, not restored from a checkpoint older than them.
@@ -286,8 +284,7 @@ def copy_group(model: Policy, source: Policy, group: str) -> None:
     Raises:
         ValueError: either has no such group, or the two policies differ in shape; one line.
     """
-    grouped = (GroupedActorCritic, GroupedQPolicy, GroupedSACPolicy)
-    if not isinstance(model, grouped) or not isinstance(source, grouped):
+    if not isinstance(model, GroupLayout) or not isinstance(source, GroupLayout):
         raise ValueError("copying a group's weights needs agent groups on both sides")
     names = [g.name for g in source.groups]
     if group not in names:
