@@ -411,14 +411,31 @@ class GroupedActorCritic(GroupLayout, Policy):
         critic = unit.critic
         v = None
         if values or (states and isinstance(critic, RecurrentCritic)):
-            critic_view = view if own_critic == own_actor else self._view(batch, u, own_critic)
+            critic_view = self._critic_view(batch, u, view, own_actor)
             if isinstance(critic, RecurrentCritic):
                 v, critic_state = critic.step(critic_view)
                 m = joined_state(m, _rows(critic_state, idx, own_critic))
             else:
                 v = critic(critic_view)
-            v = v if own_critic else v.index_select(-1, idx)
+            v = self._critic_rows(v, u)
         return d, m, v if values else None
+
+    def _critic_view(
+        self,
+        batch: dict[str, Tensor],
+        u: int,
+        actor_view: dict[str, Tensor] | None = None,
+        own_actor: bool = False,
+    ) -> dict[str, Tensor]:
+        """What unit ``u``'s critic reads: the actor's view where the two read alike."""
+        own = self._rows[u][1] is self._mlp
+        return (
+            actor_view if actor_view is not None and own == own_actor else self._view(batch, u, own)
+        )
+
+    def _critic_rows(self, v: Tensor, u: int) -> Tensor:
+        """Unit ``u``'s critic values ``[B, n_u]``, its agents' own (the graph's otherwise)."""
+        return v if self._rows[u][1] is self._mlp else v.index_select(-1, self.unit_agents(u))
 
     def _slot_state(self, batch: dict[str, Tensor], m: Tensor | None, n: int) -> Tensor:
         """A unit's next states ``[B, n, memory_size]`` from its agents' rows ``m``.
@@ -431,11 +448,8 @@ class GroupedActorCritic(GroupLayout, Policy):
 
     def value(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised values ``[B, N]``, each agent's from its group's critic."""
-        values = []
-        for u, unit in enumerate(self._units):
-            own = self._rows[u][1] is self._mlp
-            v = unit.critic(self._view(batch, u, own))
-            values.append(v if own else v.index_select(-1, self.unit_agents(u)))
+        values = [self._critic_rows(unit.critic(self._critic_view(batch, u)), u)
+                  for u, unit in enumerate(self._units)]  # fmt: skip
         return self._slots(values, -1)
 
 

@@ -238,7 +238,8 @@ class QPolicy(MixingPolicy):
     Args:
         spec: the encoder (``spec.kind``), its widths and the env's dimensions (discrete
             actions only) and ``spec.memory``.
-        mixer: ``qmix`` or ``vdn``.
+        mixer: ``qmix`` or ``vdn``; ``None`` builds the utility network alone (no mixer and
+            no ε: a unit of :class:`GroupedQPolicy`, which mixes and explores for it).
         n_agents: the team size QMIX's mixer is built for.
         mixer_embed: QMIX's mixing width.
         mixer_init_scale: the factor on QMIX's initial mixer weights (:class:`QMixer`).
@@ -255,7 +256,7 @@ class QPolicy(MixingPolicy):
     def __init__(
         self,
         spec: PolicySpec,
-        mixer: str,
+        mixer: str | None,
         n_agents: int,
         mixer_embed: int = 32,
         mixer_init_scale: float = 0.1,
@@ -263,7 +264,7 @@ class QPolicy(MixingPolicy):
         super().__init__()
         if spec.kind not in ARCHITECTURES:
             raise ValueError(f"policy kind {spec.kind!r} is not one of {POLICY_KINDS}")
-        if spec.action_kind != "discrete" or mixer not in MIXERS:
+        if spec.action_kind != "discrete" or mixer not in (*MIXERS, None):
             raise ValueError(
                 f"a {mixer} policy has discrete actions (got {spec.action_kind}); mixers: {MIXERS}"
             )
@@ -279,7 +280,8 @@ class QPolicy(MixingPolicy):
         )
         self.memory_size = self.core.size if self.core is not None else 0
         self.q_head = nn.Linear(spec.hidden, spec.action_dim)
-        self._mixing(mixer, n_agents, spec.state_dim, mixer_embed, mixer_init_scale)
+        if mixer is not None:
+            self._mixing(mixer, n_agents, spec.state_dim, mixer_embed, mixer_init_scale)
         self.input_keys = frozenset(
             {"alive", "action_mask", "state"}
             | arch.inputs(spec)
@@ -364,7 +366,7 @@ class GroupedQPolicy(GroupLayout, MixingPolicy):
                 )
         self.action_dim = action_dim
         self._units: list[QPolicy] = self._lay_out(  # typed
-            groups, lambda g, members: QPolicy(g.spec, "vdn", len(members))
+            groups, lambda g, members: QPolicy(g.spec, None, len(members))
         )
         self.units = nn.ModuleList(self._units)
         self._own = [ARCHITECTURES[u.spec.kind] is ARCHITECTURES["mlp"] for u in self._units]
@@ -372,6 +374,7 @@ class GroupedQPolicy(GroupLayout, MixingPolicy):
         self.input_keys = frozenset().union(*(u.input_keys for u in self._units))
         spec = groups[0].spec
         self._mixing(mixer, self.n_agents, spec.state_dim, mixer_embed, mixer_init_scale)
+        self.register_load_state_dict_pre_hook(_drop_unit_epsilons)
 
     def meta(self) -> dict[str, Any]:
         """Every group's settings (``policy_groups``), the action width and the mixer."""
@@ -430,6 +433,12 @@ class GroupedQPolicy(GroupLayout, MixingPolicy):
             else:
                 states.append(self._rows(unit.state_after(view), u))
         return self._padded(states, 0.0, self.memory_size)
+
+
+def _drop_unit_epsilons(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Drop the ``units.<u>.epsilon`` that grouped checkpoints carried before units lost ε."""
+    for key in [k for k in state if k.startswith(f"{prefix}units.") and k.endswith(".epsilon")]:
+        del state[key]
 
 
 def _greedy(q: Tensor) -> Tensor:

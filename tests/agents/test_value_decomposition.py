@@ -425,6 +425,14 @@ def test_grouped_utilities_keep_each_groups_widths_actions_and_rate() -> None:
     assert speaker.encoder.body[0].in_features == 3 and speaker.q_head.out_features == 3
     assert listener.encoder.body[0].in_features == 11 and listener.q_head.out_features == 5
     assert listener.q_head.in_features == 24
+    # One ε and one mixer for the team; a checkpoint whose units still carried ε loads.
+    assert [k for k in model.state_dict() if k.endswith("epsilon")] == ["epsilon"]
+    older = {
+        **model.state_dict(),
+        "units.0.epsilon": torch.ones(()),
+        "units.1.epsilon": torch.ones(()),
+    }
+    model.load_state_dict(older)
 
     obs = env.reset(seed=1).as_dict()
     q = model.utilities(obs)
