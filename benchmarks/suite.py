@@ -10,8 +10,9 @@ wall seconds, and the published figure this task is compared with where one is c
 ``--budget-scale`` shortens every budget (a smoke run; the marks move).
 Peers run on the same machine after shoal's arms, for the same wall clock a seed: JaxMARL's
 recurrent MAPPO on SMAX (``--jaxmarl-repo``), EPyMARL's MAPPO on LBF/rware
-(``--epymarl-repo``), BenchMARL's MASAC on VMAS balance (``--benchmarl-python``), each in its
-own Python environment.
+(``--epymarl-repo``), BenchMARL's MASAC on VMAS balance (``--benchmarl-python``; or to
+``--benchmarl-env-steps``, the same env steps as shoal's arms), each in its own Python
+environment.
 
 Returns are what each env gives summed over the agents (LBF: 1.0 when every food is loaded;
 rware: deliveries per 500-step episode; SMAX: each ally's team reward, damage dealt plus 1.0
@@ -182,7 +183,7 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
             emit(f"{label}_throughput_vs_epymarl", sps / peer_sps, "ratio", **line)
     if task.benchmarl_task and args.benchmarl_python:
         # The peer trains as long as the longest arm's training loop ran a seed (setup and
-        # evaluation excluded on both sides).
+        # evaluation excluded on both sides), or to --benchmarl-env-steps.
         seconds = max(train for _, _, train in done.values())
         peer_sps = peer_benchmarl(name, task.benchmarl_task, seconds, args, line)
         for label, (_, sps, _) in done.items():
@@ -192,12 +193,19 @@ def run_task(name: str, task: Task, args: argparse.Namespace, ctx: dict[str, Any
 def peer_benchmarl(
     name: str, vmas_task: str, seconds: float, args: argparse.Namespace, line: dict[str, Any]
 ) -> float:
-    """BenchMARL's own MASAC on a VMAS task (continuous) for ``seconds`` of training a seed."""
+    """BenchMARL's own MASAC on a VMAS task (continuous) for ``seconds`` of training a seed.
+
+    With ``args.benchmarl_env_steps``, to that many env steps a seed instead (evaluated every
+    30k, as shoal's arms are about every 30k).
+    """
     speeds, finals = [], []
+    budget = (["--max-env-steps", str(args.benchmarl_env_steps), "--eval-every", "30000"]
+              if args.benchmarl_env_steps else
+              ["--max-env-steps", "100000000", "--eval-every", "6000",
+               "--seconds", f"{seconds:.1f}"])  # fmt: skip
     for seed in range(args.seeds):
         cmd = [args.benchmarl_python, "-m", "benchmarks.peers.benchmarl_masac",
-               "--seeds", str(seed), "--max-env-steps", "100000000", "--eval-every", "6000",
-               "--continuous-actions", "--seconds", f"{seconds:.1f}",
+               "--seeds", str(seed), *budget, "--continuous-actions",
                "--task", vmas_task]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
@@ -361,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the Python of an environment with benchmarl 1.5.2 and vmas: BenchMARL's "
                    "own MASAC runs on VMAS balance for shoal's training wall clock "
                    "(benchmarks.peers.benchmarl_masac)")  # fmt: skip
+    p.add_argument("--benchmarl-env-steps", type=int, default=None, metavar="N",
+                   help="BenchMARL's MASAC runs to N env steps a seed instead, evaluated "
+                   "every 30k (the equal-sample comparison)")  # fmt: skip
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     ctx = {"machine": platform.machine()}
