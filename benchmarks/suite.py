@@ -218,8 +218,10 @@ def peer_benchmarl(
              seed=seed, env_steps=res["env_steps"], train_wall_s=res["train_wall_s"],
              env_steps_per_s=round(speeds[-1]), curve=[[r["env_steps"], r["train_wall_s"],
              round(r["team_return"], 3)] for r in recs], **line)  # fmt: skip
+    per_seed = ({"env_steps_per_seed": args.benchmarl_env_steps} if args.benchmarl_env_steps
+                else {"seconds_per_seed": round(seconds, 1)})  # fmt: skip
     emit(f"{name}_benchmarl_masac_env_steps_per_s", statistics.median(speeds), "env_steps/s",
-         seconds_per_seed=round(seconds, 1), **line)  # fmt: skip
+         **per_seed, **line)  # fmt: skip
     emit(f"{name}_benchmarl_masac_final_return_median", statistics.median(finals), "return",
          seeds=finals, **line)  # fmt: skip
     return statistics.median(speeds)

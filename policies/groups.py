@@ -411,7 +411,7 @@ class GroupedActorCritic(GroupLayout, Policy):
         critic = unit.critic
         v = None
         if values or (states and isinstance(critic, RecurrentCritic)):
-            critic_view = self._critic_view(batch, u, view, own_actor)
+            critic_view = view if own_critic == own_actor else self._critic_view(batch, u)
             if isinstance(critic, RecurrentCritic):
                 v, critic_state = critic.step(critic_view)
                 m = joined_state(m, _rows(critic_state, idx, own_critic))
@@ -420,18 +420,9 @@ class GroupedActorCritic(GroupLayout, Policy):
             v = self._critic_rows(v, u)
         return d, m, v if values else None
 
-    def _critic_view(
-        self,
-        batch: dict[str, Tensor],
-        u: int,
-        actor_view: dict[str, Tensor] | None = None,
-        own_actor: bool = False,
-    ) -> dict[str, Tensor]:
-        """What unit ``u``'s critic reads: the actor's view where the two read alike."""
-        own = self._rows[u][1] is self._mlp
-        return (
-            actor_view if actor_view is not None and own == own_actor else self._view(batch, u, own)
-        )
+    def _critic_view(self, batch: dict[str, Tensor], u: int) -> dict[str, Tensor]:
+        """What unit ``u``'s critic reads: its agents' rows, or the whole graph."""
+        return self._view(batch, u, self._rows[u][1] is self._mlp)
 
     def _critic_rows(self, v: Tensor, u: int) -> Tensor:
         """Unit ``u``'s critic values ``[B, n_u]``, its agents' own (the graph's otherwise)."""
